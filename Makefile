@@ -1,0 +1,129 @@
+# The user interface. Every variable can be set on the command line:
+#   make train MODEL=mlx-community/Mistral-7B-Instruct-v0.3-4bit NAME=farense ITERS=2000
+# `make help` lists the targets.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON3 ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+BACKEND ?= cpu
+REQ_HASH := $(shell cat requirements.txt requirements-cuda.txt 2>/dev/null | sha1sum | cut -c1-12)
+STAMP   := $(VENV)/.setup-$(BACKEND)-$(REQ_HASH)
+NODE_STAMP := examples/express/node_modules/.setup-stamp clients/node/node_modules/.setup-stamp
+
+# Data
+RAW           ?=
+DATA          ?= data
+SEED          ?=
+VALID_FRACTION ?=
+SKIP_INVALID  ?=
+# Training
+CONFIG        ?= train/config.yaml
+MODEL         ?=
+NAME          ?= farense
+ITERS         ?=
+BATCH_SIZE    ?=
+LEARNING_RATE ?=
+SAVE_EVERY    ?=
+EVAL_EVERY    ?=
+PATIENCE      ?=
+LORA_RANK     ?=
+LORA_LAYERS   ?=
+FRESH         ?=
+RESUME        ?=
+NPROC         ?=
+HOSTFILE      ?=
+# Benchmarks
+QUICK         ?=
+
+opt = $(if $(strip $(2)),$(1) $(2))
+flag = $(if $(filter 1 yes true,$(2)),$(1))
+
+TRAIN_ARGS = --config $(CONFIG) --name $(NAME) \
+  $(call opt,--model,$(MODEL)) $(call opt,--data,$(DATA)) $(call opt,--iters,$(ITERS)) \
+  $(call opt,--batch-size,$(BATCH_SIZE)) $(call opt,--learning-rate,$(LEARNING_RATE)) \
+  $(call opt,--save-every,$(SAVE_EVERY)) $(call opt,--eval-every,$(EVAL_EVERY)) \
+  $(call opt,--seed,$(SEED)) $(call opt,--patience,$(PATIENCE)) \
+  $(call opt,--lora-rank,$(LORA_RANK)) $(call opt,--lora-layers,$(LORA_LAYERS)) \
+  $(call flag,--fresh,$(FRESH)) $(call opt,--resume,$(RESUME))
+
+DEMO_NAME := demo
+DEMO_CONFIG := train/demo.yaml
+
+.PHONY: help setup node-setup tiny-model bench-model data train eval fuse worker demo test test-all bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## Create .venv and install pinned dependencies (BACKEND=cpu|cuda); idempotent
+
+$(STAMP): requirements.txt requirements-cuda.txt
+	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@if [ "$(BACKEND)" = cuda ]; then $(PY) -m pip install --quiet --disable-pip-version-check -r requirements-cuda.txt; fi
+	@bash .ci/install-blas.sh
+	@rm -f $(VENV)/.setup-*
+	@touch $@
+
+node-setup: $(NODE_STAMP) ## Install the Node packages (express for the example, test tools)
+
+%/node_modules/.setup-stamp: %/package.json %/package-lock.json
+	cd $* && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+tiny-model: $(STAMP) ## Build the offline test/demo base model in models/tiny-mistral (deterministic)
+	$(PY) -m train.tiny_model --out models/tiny-mistral
+
+bench-model: $(STAMP) ## Build the ~100M-parameter benchmark model in models/bench-mistral
+	$(PY) -m bench.bench_model --out models/bench-mistral
+
+data: $(STAMP) ## Prepare DATA/train.jsonl and DATA/valid.jsonl from RAW (default data/raw, else data/sample)
+	$(PY) -m train.prepare_data --config $(CONFIG) --out $(DATA) $(call opt,--raw,$(RAW)) \
+	  $(call opt,--seed,$(SEED)) $(call opt,--valid-fraction,$(VALID_FRACTION)) \
+	  $(call flag,--skip-invalid,$(SKIP_INVALID))
+
+train: $(STAMP) ## Fine-tune MODEL on DATA into models/NAME (resumes after an interruption)
+	$(if $(strip $(NPROC)$(HOSTFILE)),$(PY) -m train.launch $(call opt,--nproc,$(NPROC)) $(call opt,--hostfile,$(HOSTFILE)) --,$(PY) -m train.train) $(TRAIN_ARGS)
+
+eval: $(STAMP) ## Compare base and fine-tuned models/NAME on the validation set (eval.json, eval.md)
+	$(PY) -m train.evaluate --name $(NAME) $(call opt,--data,$(DATA)) $(call opt,--model,$(MODEL))
+
+fuse: $(STAMP) ## Fuse models/NAME into a standalone model (and GGUF where supported)
+	$(PY) -m train.fuse --name $(NAME)
+
+worker: $(STAMP) ## Run the NDJSON worker on models/NAME (stdin/stdout)
+	$(PY) -m worker --adapter models/$(NAME) $(call opt,--model,$(MODEL))
+
+demo: $(STAMP) ## The whole job on the tiny model: data, train, eval, a worker round trip
+	@test -f models/tiny-mistral/config.json || $(MAKE) --no-print-directory tiny-model
+	$(MAKE) --no-print-directory data
+	$(MAKE) --no-print-directory train CONFIG=$(DEMO_CONFIG) NAME=$(DEMO_NAME) MODEL=models/tiny-mistral
+	$(MAKE) --no-print-directory eval NAME=$(DEMO_NAME)
+	@echo "--- worker round trip (python -m worker --adapter models/$(DEMO_NAME)) ---"
+	printf '%s\n' '{"id":"demo-1","prompt":"Em que ano foi fundado o Sporting Clube Farense?"}' \
+	  '{"id":"demo-2","prompt":"Qual é o estádio do Farense?","stream":true}' \
+	  | $(PY) -m worker --adapter models/$(DEMO_NAME)
+
+test: $(STAMP) node-setup ## Run the test suite (Python, shell, Node); sets everything up itself
+	@test -f models/tiny-mistral/config.json || $(MAKE) --no-print-directory tiny-model
+	$(PY) -m pytest -q -m "not slow" tests
+	bash tests/shell/run.sh
+	cd clients/node && PYTHON=$(CURDIR)/$(PY) node --test
+	cd examples/express && PYTHON=$(CURDIR)/$(PY) node --test
+
+test-all: $(STAMP) node-setup ## The test suite plus the slow soak and fault tests
+	@test -f models/tiny-mistral/config.json || $(MAKE) --no-print-directory tiny-model
+	$(PY) -m pytest -q tests
+	bash tests/shell/run.sh
+	cd clients/node && PYTHON=$(CURDIR)/$(PY) node --test
+	cd examples/express && PYTHON=$(CURDIR)/$(PY) node --test
+
+bench: $(STAMP) ## Benchmarks side by side with mlx-lm (QUICK=1 for a short run)
+	@test -f models/tiny-mistral/config.json || $(MAKE) --no-print-directory tiny-model
+	@test -f models/bench-mistral/config.json || $(MAKE) --no-print-directory bench-model
+	$(PY) -m bench.run $(call flag,--quick,$(QUICK))
+
+clean: ## Remove built models, runs and logs (keeps .venv and your data)
+	rm -rf models/tiny-mistral models/bench-mistral models/$(DEMO_NAME) logs
