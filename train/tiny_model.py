@@ -94,6 +94,12 @@ def build_tokenizer(texts, out_dir):
         tok.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]"]})
         tok.chat_template = CHAT_TEMPLATE
         tok.save_pretrained(str(out_dir))
+        # Drop keys that record how *this* process loaded it (they vary with HF_HUB_OFFLINE).
+        cfg_path = Path(out_dir) / "tokenizer_config.json"
+        tok_cfg = orjson.loads(cfg_path.read_bytes())
+        for key in ("local_files_only", "is_local"):
+            tok_cfg.pop(key, None)
+        cfg_path.write_bytes(orjson.dumps(tok_cfg, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
         # The trainer records its (temporary) output path in the model: blank it so the file
         # is byte-identical from build to build.
         from sentencepiece import sentencepiece_model_pb2 as sp_pb2

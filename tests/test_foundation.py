@@ -1,0 +1,161 @@
+"""The foundation: the tiny model, its tokenizer, the shared prompt function, the config
+loader and the optimised BLAS in real entry-point processes."""
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tests.conftest import ROOT
+
+PORTUGUESE = [
+    "Olá! O Sporting Clube Farense foi fundado em 1910, em Faro.",
+    "Estádio de São Luís — «Leões de Faro», preto e branco. Açúcar, pão, coração!",
+    "  espaços  à esquerda e à direita  ",
+    "linha 1\nlinha 2\r\n\ttabulação",
+    "emoji 🦁⚽ e CJK 法鲁 e árabe فارو",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+def test_tiny_model_shape(tiny_model):
+    import mlx.core as mx
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    model, tok = mlx_lm.load(str(tiny_model))
+    import json
+
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert config["model_type"] == "mistral"
+    params = dict(tree_flatten(model.parameters()))
+    n = sum(v.size for v in params.values())
+    assert 300_000 <= n <= 5_000_000
+    assert all(v.dtype == mx.float32 for v in params.values())
+    assert "[INST]" in tok.apply_chat_template([{"role": "user", "content": "Olá"}], tokenize=False,
+                                               add_generation_prompt=True)
+
+
+def test_tiny_model_build_is_deterministic(tiny_model, tmp_path):
+    out = tmp_path / "tiny"
+    subprocess.run([sys.executable, "-m", "train.tiny_model", "--out", str(out)], cwd=ROOT,
+                   check=True, capture_output=True)
+    built = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.iterdir()}
+    shipped = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in tiny_model.iterdir()}
+    assert built == shipped
+
+
+def test_tokenizer_loads_offline_with_transformers(tiny_model):
+    code = ("from transformers import AutoTokenizer; "
+            f"t = AutoTokenizer.from_pretrained({str(tiny_model)!r}); "
+            "print(t.decode(t.encode('São Luís', add_special_tokens=False)))")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "São Luís"
+
+
+@pytest.mark.parametrize("text", PORTUGUESE)
+def test_tokenizer_round_trips_portuguese(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(codec="utf-8"), max_size=60))
+def test_tokenizer_round_trips_any_utf8(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_prompt_folds_system_into_first_user_turn(tiny_model):
+    import mlx_lm
+
+    from train import prompt
+
+    _, tok = mlx_lm.load(str(tiny_model))
+    assert not prompt.accepts_system_role(tok)  # the tiny template rejects it, like old Mistral
+    messages = [{"role": "user", "content": "Quem somos?"}]
+    text = prompt.render(tok, prompt.with_system_prompt(messages, "És o assistente."), True)
+    assert text == "<s>[INST] És o assistente.\n\nQuem somos? [/INST]"
+
+
+def test_training_example_starts_with_the_served_prompt(tiny_model):
+    import mlx_lm
+
+    from train import prompt
+
+    _, tok = mlx_lm.load(str(tiny_model))
+    conv = [{"role": "user", "content": "Qual é o estádio?"},
+            {"role": "assistant", "content": "Estádio de São Luís."},
+            {"role": "user", "content": "E as cores?"},
+            {"role": "assistant", "content": "Preto e branco."}]
+    ids, n = prompt.encode_example(tok, conv, system_prompt="Sê breve.")
+    served = prompt.encode_prompt(tok, conv[:-1], system_prompt="Sê breve.")
+    assert ids[:n] == served
+    assert tok.decode(ids[n:]) == " Preto e branco.</s>"
+
+
+def test_config_rejects_unknown_key_naming_file(tmp_path):
+    from train.config import ConfigError, load_config
+
+    bad = tmp_path / "c.yaml"
+    bad.write_text("iters: 10\nlora_parameters:\n  rnak: 4\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: lora_parameters: unknown key 'rnak'"):
+        load_config(bad)
+    good = tmp_path / "g.yaml"
+    good.write_text("learning_rate: 1e-4\ntrain: true\n")  # an mlx-lm key is ignored
+    cfg = load_config(good, {"iters": "7", "lora_parameters.rank": "4"})
+    assert cfg["learning_rate"] == 1e-4 and cfg["iters"] == 7 and cfg["lora_parameters"]["rank"] == 4
+
+
+# --- optimised BLAS in real entry-point processes ---------------------------------------
+
+def _openblas_installed():
+    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    return "libopenblas.so.0" in out or "libmkl_rt" in out
+
+
+def _maps_when_mlx_loaded(proc, timeout=60):
+    """The process's memory map once libmlx.so is mapped (so BLAS loading is decided)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            maps = open(f"/proc/{proc.pid}/maps").read()
+        except FileNotFoundError:
+            break
+        if "libmlx" in maps:
+            return maps
+        time.sleep(0.05)
+    raise AssertionError("the process never loaded mlx")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BLAS loading is Linux-only")
+@pytest.mark.parametrize("disable", [False, True])
+def test_trainer_process_maps_optimised_blas(tiny_model, tmp_path, disable):
+    if not _openblas_installed():
+        pytest.skip("no optimised BLAS installed (apt-get install libopenblas0-pthread)")
+    env = dict(os.environ, FAST_BLAS="0" if disable else "1")
+    # tiny_model's builder is a real training entry point (it pretrains with mlx).
+    proc = subprocess.Popen([sys.executable, "-m", "train.tiny_model", "--out", str(tmp_path / "m"),
+                             "--steps", "200"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        maps = _maps_when_mlx_loaded(proc)
+    finally:
+        proc.kill()
+        stderr = proc.communicate()[1]
+    loaded = "libopenblas" in maps or "libmkl" in maps
+    if disable:
+        assert not loaded and "disabled by FAST_BLAS=0" in stderr
+    else:
+        assert loaded, "an optimised BLAS is installed but was not loaded into the process"
+        assert "fast-blas: loaded" in stderr
