@@ -40,6 +40,7 @@ def write_text(path, text: str):
 def replace_dir(tmp_dir, final_dir):
     """Move a fully written (and fsynced) directory into place, replacing any old one."""
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
     old = None
     if final_dir.exists():
         old = final_dir.with_name(f".{final_dir.name}.old")
