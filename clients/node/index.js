@@ -1,0 +1,1003 @@
+// Node client for the NDJSON inference worker (`python -m worker`), protocol v1.
+// Contract: docs/PROTOCOL.md and docs/protocol.schema.json at the repository root.
+// No runtime dependencies.
+
+import { spawn } from 'node:child_process';
+import { EventEmitter } from 'node:events';
+import { StringDecoder } from 'node:string_decoder';
+import { randomBytes } from 'node:crypto';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+/** Repository root, resolved from this file's location (clients/node/../..). */
+export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+/** The protocol version this client speaks. */
+export const PROTOCOL_VERSION = 1;
+
+/**
+ * Default Python interpreter: env PYTHON, else <repo>/.venv/bin/python.
+ * @returns {string}
+ */
+export function defaultPython() {
+  return process.env.PYTHON || path.join(REPO_ROOT, '.venv', 'bin', 'python');
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+
+/** A failure reported by (or about) the worker. `code` is the protocol error code. */
+export class WorkerError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   * @param {{ id?: string | null, cause?: unknown }} [extra]
+   */
+  constructor(code, message, extra = {}) {
+    super(message, extra.cause === undefined ? undefined : { cause: extra.cause });
+    this.name = 'WorkerError';
+    /** @type {string} */
+    this.code = code;
+    /** @type {string | null} */
+    this.id = extra.id ?? null;
+  }
+}
+
+/** The request did not finish within its timeout; it was cancelled in the worker. */
+export class TimeoutError extends WorkerError {
+  /** @param {string} message @param {{ id?: string | null }} [extra] */
+  constructor(message, extra = {}) {
+    super('timeout', message, extra);
+    this.name = 'TimeoutError';
+  }
+}
+
+/** The worker process exited (crash, kill, or close()) while the request was pending. */
+export class WorkerExitedError extends WorkerError {
+  /**
+   * @param {string} message
+   * @param {{ id?: string | null, exitCode?: number | null, signal?: string | null, closed?: boolean }} [extra]
+   */
+  constructor(message, extra = {}) {
+    super('worker_exited', message, extra);
+    this.name = 'WorkerExitedError';
+    /** @type {number | null} */
+    this.exitCode = extra.exitCode ?? null;
+    /** @type {string | null} */
+    this.signal = extra.signal ?? null;
+    /** True when the worker was closed with close(). */
+    this.closed = Boolean(extra.closed);
+  }
+}
+
+/** The request was aborted through its AbortSignal. */
+export class AbortError extends Error {
+  /** @param {string} [message] @param {{ id?: string | null, cause?: unknown }} [extra] */
+  constructor(message = 'The operation was aborted', extra = {}) {
+    super(message, extra.cause === undefined ? undefined : { cause: extra.cause });
+    this.name = 'AbortError';
+    this.code = 'ABORT_ERR';
+    /** @type {string | null} */
+    this.id = extra.id ?? null;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Small pure helpers (exported for unit tests)
+
+/**
+ * Incremental splitter of a byte stream into lines. Handles chunks that split lines and
+ * UTF-8 characters; strips a trailing '\r'; skips blank lines.
+ */
+export class LineSplitter {
+  /** @param {{ maxLineChars?: number }} [opts] */
+  constructor(opts = {}) {
+    this._decoder = new StringDecoder('utf8');
+    this._buf = '';
+    this._max = opts.maxLineChars ?? 64 * 1024 * 1024;
+    /** Number of lines dropped because they exceeded maxLineChars. */
+    this.overflows = 0;
+    this._skipping = false;
+  }
+
+  /**
+   * @param {Buffer | string} chunk
+   * @returns {string[]} complete lines found so far
+   */
+  push(chunk) {
+    const text = typeof chunk === 'string' ? chunk : this._decoder.write(chunk);
+    return this._split(text, false);
+  }
+
+  /** @returns {string[]} the last line if the stream did not end with '\n' */
+  end() {
+    return this._split(this._decoder.end(), true);
+  }
+
+  /** @param {string} text @param {boolean} final */
+  _split(text, final) {
+    const out = [];
+    let start = 0;
+    let nl;
+    while ((nl = text.indexOf('\n', start)) !== -1) {
+      const piece = text.slice(start, nl);
+      start = nl + 1;
+      if (this._skipping) {
+        this._skipping = false;
+        this._buf = '';
+        continue;
+      }
+      this._emit(this._buf + piece, out);
+      this._buf = '';
+    }
+    if (!this._skipping) {
+      this._buf += text.slice(start);
+      if (this._buf.length > this._max) {
+        this.overflows += 1;
+        this._skipping = true;
+        this._buf = '';
+      }
+    }
+    if (final) {
+      if (!this._skipping) this._emit(this._buf, out);
+      this._buf = '';
+      this._skipping = false;
+    }
+    return out;
+  }
+
+  /** @param {string} line @param {string[]} out */
+  _emit(line, out) {
+    if (line.endsWith('\r')) line = line.slice(0, -1);
+    if (line.trim() !== '') out.push(line);
+  }
+}
+
+/**
+ * Bounded exponential backoff: baseDelayMs * 2^attempt, capped at maxDelayMs.
+ * @param {number} attempt 0 for the first retry
+ * @param {{ baseDelayMs?: number, maxDelayMs?: number }} [opts]
+ */
+export function backoffDelay(attempt, opts = {}) {
+  const base = opts.baseDelayMs ?? 250;
+  const max = opts.maxDelayMs ?? 10_000;
+  const n = Math.max(0, Math.min(attempt, 30));
+  return Math.min(max, base * 2 ** n);
+}
+
+// Every live child, so they are killed if this process exits without close().
+const liveChildren = new Set();
+let exitHookInstalled = false;
+function trackChild(child) {
+  liveChildren.add(child);
+  if (!exitHookInstalled) {
+    exitHookInstalled = true;
+    process.once('exit', () => {
+      for (const c of liveChildren) {
+        try { c.kill('SIGKILL'); } catch { /* already gone */ }
+      }
+    });
+  }
+}
+
+const noop = () => {};
+
+// ---------------------------------------------------------------------------
+// One worker process
+
+/**
+ * @typedef {import('./index.d.ts').WorkerOptions} WorkerOptions
+ * @typedef {import('./index.d.ts').GenerateRequest} GenerateRequest
+ * @typedef {import('./index.d.ts').RequestOptions} RequestOptions
+ * @typedef {import('./index.d.ts').DoneMessage} DoneMessage
+ * @typedef {import('./index.d.ts').ReadyMessage} ReadyMessage
+ * @typedef {import('./index.d.ts').StatsMessage} StatsMessage
+ * @typedef {import('./index.d.ts').CompletionStream} CompletionStream
+ */
+
+/**
+ * A long-lived worker process. Events: 'ready' (ready message), 'exit' ({code, signal, pid}),
+ * 'stderr' (line), 'restart' ({attempt, delayMs}), 'message' (every parsed stdout message),
+ * 'send' (every request object written), 'error' (protocol violations, spawn failures,
+ * giving up; emitted only when an 'error' listener is attached).
+ */
+export class Worker extends EventEmitter {
+  /** @param {WorkerOptions} [options] */
+  constructor(options = {}) {
+    super();
+    const restart = options.restart ?? {};
+    this.options = {
+      python: options.python ?? defaultPython(),
+      model: options.model,
+      adapter: options.adapter,
+      cwd: options.cwd ?? REPO_ROOT,
+      env: options.env,
+      args: options.args ?? [],
+      readyTimeoutMs: options.readyTimeoutMs ?? 180_000,
+      requestTimeoutMs: options.requestTimeoutMs,
+      queueTimeoutMs: options.queueTimeoutMs ?? 120_000,
+      closeGraceMs: options.closeGraceMs ?? 3_000,
+      restart: {
+        maxRetries: restart.maxRetries ?? 5,
+        baseDelayMs: restart.baseDelayMs ?? 250,
+        maxDelayMs: restart.maxDelayMs ?? 10_000,
+      },
+    };
+    if (options.onMessage) this.on('message', options.onMessage);
+    if (options.onStderr) this.on('stderr', options.onStderr);
+
+    this._prefix = randomBytes(4).toString('hex');
+    this._counter = 0;
+    /** @type {Map<string, any>} requests the worker owes a terminal message (or not yet sent) */
+    this._requests = new Map();
+    /** @type {Set<any>} requests waiting for a ready worker */
+    this._waiting = new Set();
+    /** @type {Map<string, any>} ping id -> waiter */
+    this._pings = new Map();
+    /** @type {any[]} FIFO of stats waiters (stats replies carry no id) */
+    this._statsWaiters = [];
+    /** @type {Set<any>} ping/stats waiting for a ready worker */
+    this._controlWaiting = new Set();
+    this._proc = null;
+    this._state = 'idle'; // idle | starting | ready | restarting | failed | closing | closed
+    this._failures = 0;
+    this._restartTimer = null;
+    this._startPromise = null;
+    this._closePromise = null;
+    /** @type {ReadyMessage | null} */
+    this.info = null;
+    this.restarts = 0;
+    /** How many times a stdin write had to wait for 'drain'. */
+    this.backpressureWaits = 0;
+    this._stderrTail = [];
+  }
+
+  /** 'idle' | 'starting' | 'ready' | 'restarting' | 'failed' | 'closing' | 'closed' */
+  get state() { return this._state; }
+  /** True while a worker process is up and has sent `ready`. */
+  get ready() { return this._state === 'ready'; }
+  /** pid of the current worker process, or null. */
+  get pid() { return this._proc?.child.pid ?? null; }
+  /** Requests the worker still owes a terminal message for, plus those waiting to be sent. */
+  get inFlight() { return this._requests.size; }
+
+  /**
+   * Spawns the worker and resolves with the `ready` message. A failure to start (exit before
+   * ready, ready timeout) rejects; there is no retry on the first start.
+   * @returns {Promise<ReadyMessage>}
+   */
+  start() {
+    if (this._startPromise) return this._startPromise;
+    if (this._state === 'closing' || this._state === 'closed') {
+      return Promise.reject(new WorkerExitedError('worker closed', { closed: true }));
+    }
+    this._startPromise = new Promise((resolve, reject) => {
+      this._initial = { resolve, reject };
+    });
+    this._startPromise.catch(noop);
+    this._spawn();
+    return this._startPromise;
+  }
+
+  _spawn() {
+    const o = this.options;
+    const args = ['-m', 'worker'];
+    if (o.model) args.push('--model', String(o.model));
+    if (o.adapter) args.push('--adapter', String(o.adapter));
+    args.push(...o.args.map(String));
+    this._state = this._proc === null && this.restarts === 0 ? 'starting' : 'restarting';
+    this._stderrTail = [];
+
+    const child = spawn(o.python, args, {
+      cwd: o.cwd,
+      env: { ...process.env, PYTHONUNBUFFERED: '1', ...(o.env ?? {}) },
+      stdio: ['pipe', 'pipe', 'pipe'],
+      windowsHide: true,
+    });
+    const proc = {
+      child,
+      ready: false,
+      exited: false,
+      out: [], // lines waiting to be written
+      blocked: false,
+      readyTimer: null,
+      spawnError: null,
+    };
+    this._proc = proc;
+    trackChild(child);
+
+    const lines = new LineSplitter();
+    child.stdout.on('data', (chunk) => {
+      for (const line of lines.push(chunk)) this._onLine(proc, line);
+    });
+    child.stdout.on('end', () => {
+      for (const line of lines.end()) this._onLine(proc, line);
+    });
+    const errLines = new LineSplitter();
+    const onErrLine = (line) => {
+      this._stderrTail.push(line);
+      if (this._stderrTail.length > 20) this._stderrTail.shift();
+      this.emit('stderr', line);
+    };
+    child.stderr.on('data', (chunk) => { for (const l of errLines.push(chunk)) onErrLine(l); });
+    child.stderr.on('end', () => { for (const l of errLines.end()) onErrLine(l); });
+    child.stdin.on('error', noop); // EPIPE when the worker dies; handled through 'close'
+    child.stdout.on('error', noop);
+    child.stderr.on('error', noop);
+    child.stdin.on('drain', () => {
+      proc.blocked = false;
+      this._flush(proc);
+    });
+
+    let finalized = false;
+    const finalize = (code, signal) => {
+      if (finalized) return;
+      finalized = true;
+      this._onExit(proc, code, signal);
+    };
+    child.on('error', (err) => {
+      proc.spawnError = err;
+      this._emitError(new WorkerError('spawn_failed', `worker process error: ${err.message}`, { cause: err }));
+      // A spawn failure may not be followed by 'close'.
+      if (child.pid === undefined) setImmediate(() => finalize(null, null));
+    });
+    child.on('close', (code, signal) => finalize(code, signal));
+
+    proc.readyTimer = setTimeout(() => {
+      if (!proc.ready && !proc.exited) {
+        proc.readyTimeout = true;
+        try { child.kill('SIGKILL'); } catch { /* gone */ }
+      }
+    }, o.readyTimeoutMs);
+    proc.readyTimer.unref?.();
+  }
+
+  /** @param {any} err */
+  _emitError(err) {
+    if (this.listenerCount('error') > 0) this.emit('error', err);
+  }
+
+  _onLine(proc, line) {
+    let msg;
+    try {
+      msg = JSON.parse(line);
+    } catch (err) {
+      this._emitError(new WorkerError('protocol', `worker wrote a non-JSON line on stdout: ${line.slice(0, 200)}`, { cause: err }));
+      return;
+    }
+    if (msg === null || typeof msg !== 'object' || Array.isArray(msg)) {
+      this._emitError(new WorkerError('protocol', 'worker wrote a line that is not a JSON object'));
+      return;
+    }
+    if (proc !== this._proc) return; // a stale process (should not happen: one at a time)
+    this.emit('message', msg);
+    switch (msg.type) {
+      case 'ready': return this._onReady(proc, msg);
+      case 'token': {
+        const r = this._requests.get(msg.id);
+        if (r && r.proc === proc && !r.settled && r.onToken) r.onToken(msg.text);
+        return;
+      }
+      case 'done': {
+        const r = this._requests.get(msg.id);
+        if (!r || r.proc !== proc) return;
+        this._finish(r);
+        r.onDone(msg);
+        return;
+      }
+      case 'error': {
+        const err = new WorkerError(String(msg.code), String(msg.message), { id: msg.id ?? null });
+        const r = msg.id != null ? this._requests.get(msg.id) : undefined;
+        if (r && r.proc === proc) {
+          this._finish(r);
+          r.onError(err);
+        } else {
+          this._emitError(err);
+        }
+        return;
+      }
+      case 'pong': {
+        const w = msg.id != null ? this._pings.get(msg.id) : undefined;
+        if (w) w.resolve(msg);
+        return;
+      }
+      case 'stats': {
+        const w = this._statsWaiters.shift();
+        if (w) w.resolve(msg);
+        return;
+      }
+      default:
+        this._emitError(new WorkerError('protocol', `unknown message type ${JSON.stringify(msg.type)}`));
+    }
+  }
+
+  _onReady(proc, msg) {
+    if (proc.ready) return;
+    if (msg.protocol !== PROTOCOL_VERSION) {
+      this._emitError(new WorkerError('protocol', `worker speaks protocol ${msg.protocol}, client ${PROTOCOL_VERSION}`));
+    }
+    proc.ready = true;
+    clearTimeout(proc.readyTimer);
+    this.info = msg;
+    this._failures = 0;
+    if (this._state === 'closing' || this._state === 'closed') return;
+    this._state = 'ready';
+    this.emit('ready', msg);
+    if (this._initial) {
+      this._initial.resolve(msg);
+      this._initial = null;
+    }
+    for (const r of [...this._waiting]) this._dispatch(r);
+    for (const w of [...this._controlWaiting]) w.send();
+  }
+
+  _onExit(proc, code, signal) {
+    proc.exited = true;
+    clearTimeout(proc.readyTimer);
+    liveChildren.delete(proc.child);
+    proc.out = [];
+    const pid = proc.child.pid ?? null;
+    if (this._proc === proc) this._proc = null;
+    this.emit('exit', { code, signal, pid });
+
+    const how = proc.spawnError
+      ? `could not be started (${proc.spawnError.message})`
+      : proc.readyTimeout
+        ? `did not become ready within ${this.options.readyTimeoutMs} ms and was killed`
+        : signal ? `was killed by signal ${signal}` : `exited with code ${code}`;
+    const closing = this._state === 'closing' || this._state === 'closed';
+    const tail = this._stderrTail.slice(-3).join(' | ');
+    const message = `worker process ${pid ?? ''} ${how}`.replace(/\s+/g, ' ') + (tail && !proc.ready ? `; stderr: ${tail}` : '');
+    const mkErr = (id) => new WorkerExitedError(message, { id, exitCode: code, signal, closed: closing });
+
+    // Requests sent to this process can no longer finish.
+    for (const r of [...this._requests.values()]) {
+      if (r.proc !== proc) continue;
+      this._finish(r);
+      r.onError(mkErr(r.id));
+    }
+    for (const w of this._pings.values()) if (w.proc === proc) w.reject(mkErr(w.id));
+    for (const w of this._statsWaiters.splice(0)) w.reject(mkErr(null));
+
+    if (closing) return;
+
+    if (this._initial) {
+      // The first start failed: report it, no retry.
+      this._state = 'failed';
+      this._initial.reject(mkErr(null));
+      this._initial = null;
+      this._failWaiting(mkErr(null));
+      return;
+    }
+
+    if (!proc.ready) this._failures += 1;
+    const maxRetries = this.options.restart.maxRetries;
+    if (this._failures >= maxRetries) {
+      this._state = 'failed';
+      const err = new WorkerExitedError(
+        `worker gave up restarting after ${this._failures} consecutive failed restart(s) (maxRetries ${maxRetries}); last: ${message}`,
+        { exitCode: code, signal });
+      this._failWaiting(err);
+      this._emitError(err);
+      return;
+    }
+    const delayMs = backoffDelay(this._failures, this.options.restart);
+    this._state = 'restarting';
+    this.restarts += 1;
+    this.emit('restart', { attempt: this._failures + 1, delayMs, code, signal });
+    this._restartTimer = setTimeout(() => {
+      this._restartTimer = null;
+      if (this._state === 'restarting') this._spawn();
+    }, delayMs);
+  }
+
+  _failWaiting(err) {
+    for (const r of [...this._waiting]) {
+      this._finish(r);
+      r.onError(err);
+    }
+    for (const w of [...this._controlWaiting]) w.reject(err);
+  }
+
+  /** Drops a request from the bookkeeping (it got, or will never get, its terminal message). */
+  _finish(r) {
+    this._requests.delete(r.id);
+    this._waiting.delete(r);
+    clearTimeout(r.queueTimer);
+  }
+
+  _write(proc, obj) {
+    if (!proc || proc.exited) return false;
+    this.emit('send', obj);
+    proc.out.push(JSON.stringify(obj) + '\n');
+    this._flush(proc);
+    return true;
+  }
+
+  _flush(proc) {
+    const stdin = proc.child.stdin;
+    while (!proc.blocked && proc.out.length > 0 && !proc.exited) {
+      if (!stdin.writable) { proc.out = []; return; }
+      const line = proc.out.shift();
+      if (!stdin.write(line)) {
+        proc.blocked = true; // wait for 'drain'
+        this.backpressureWaits += 1;
+      }
+    }
+  }
+
+  _nextId() {
+    this._counter += 1;
+    return `${this._prefix}-${this._counter}`;
+  }
+
+  /**
+   * Registers a generation request. `handlers`: onToken, onDone, onError (called once),
+   * onAbort (called when the signal fires).
+   */
+  _submit(payload) {
+    if (payload === null || typeof payload !== 'object' || Array.isArray(payload)) {
+      throw new TypeError('request must be an object with messages or prompt');
+    }
+    const id = this._nextId();
+    const { id: _ignored, ...rest } = payload;
+    const r = {
+      id,
+      body: { ...rest, id },
+      proc: null,
+      settled: false,
+      onToken: null,
+      onDone: noop,
+      onError: noop,
+      queueTimer: null,
+    };
+    return r;
+  }
+
+  /** Sends r now if a ready process exists, else queues it until ready (bounded). */
+  _dispatch(r) {
+    const proc = this._proc;
+    if (this._state === 'closing' || this._state === 'closed') {
+      this._finish(r);
+      r.onError(new WorkerExitedError('worker closed', { id: r.id, closed: true }));
+      return;
+    }
+    if (this._state === 'failed' && !this._initial) {
+      this._finish(r);
+      r.onError(new WorkerExitedError('worker is not running (gave up restarting)', { id: r.id }));
+      return;
+    }
+    if (!proc || !proc.ready) {
+      this._requests.set(r.id, r);
+      if (!this._waiting.has(r)) {
+        this._waiting.add(r);
+        r.queueTimer = setTimeout(() => {
+          if (!this._waiting.has(r)) return;
+          this._finish(r);
+          r.onError(new TimeoutError(`worker not ready within ${this.options.queueTimeoutMs} ms`, { id: r.id }));
+        }, this.options.queueTimeoutMs);
+        r.queueTimer.unref?.();
+      }
+      return;
+    }
+    this._waiting.delete(r);
+    clearTimeout(r.queueTimer);
+    const line = JSON.stringify(r.body);
+    const maxBytes = this.info?.max_line_bytes;
+    if (maxBytes && Buffer.byteLength(line) + 1 > maxBytes) {
+      this._finish(r);
+      r.onError(new WorkerError('too_large',
+        `request is ${Buffer.byteLength(line) + 1} bytes, over the worker's max_line_bytes (${maxBytes})`, { id: r.id }));
+      return;
+    }
+    r.proc = proc;
+    this._requests.set(r.id, r);
+    this._write(proc, r.body);
+  }
+
+  /** Sends a cancel for r if it was sent; drops it if it was still waiting. @returns {boolean} sent */
+  _cancel(r) {
+    if (r.proc && !r.proc.exited && this._requests.get(r.id) === r) {
+      this._write(r.proc, { op: 'cancel', id: r.id });
+      return true;
+    }
+    if (this._waiting.has(r) || (this._requests.get(r.id) === r && !r.proc)) {
+      this._finish(r);
+    }
+    return false;
+  }
+
+  /**
+   * Common plumbing for complete() and stream(): timeout + abort signal.
+   * @returns {{ cleanup: () => void, timeoutMs: number | undefined }}
+   */
+  _track(r, opts, onAbort, onTimeout) {
+    const signal = opts.signal;
+    const timeoutMs = opts.timeoutMs ?? this.options.requestTimeoutMs;
+    let timer = null;
+    const abortListener = () => onAbort(signal.reason);
+    if (signal) signal.addEventListener('abort', abortListener, { once: true });
+    if (timeoutMs != null && Number.isFinite(timeoutMs)) {
+      timer = setTimeout(onTimeout, timeoutMs);
+    }
+    const cleanup = () => {
+      clearTimeout(timer);
+      if (signal) signal.removeEventListener('abort', abortListener);
+    };
+    return { cleanup, timeoutMs };
+  }
+
+  /**
+   * Generates a reply and resolves with the worker's `done` message.
+   * Abort: sends `cancel` to the worker and rejects at once with an AbortError (the worker's
+   * `done` with finish_reason 'cancelled' is still observable through the 'message' event).
+   * Timeout: cancels in the worker and rejects with a TimeoutError.
+   * @param {GenerateRequest} request
+   * @param {RequestOptions} [opts]
+   * @returns {Promise<DoneMessage>}
+   */
+  complete(request, opts = {}) {
+    return new Promise((resolve, reject) => {
+      let r;
+      try {
+        r = this._submit({ ...request, stream: false });
+      } catch (err) {
+        reject(err);
+        return;
+      }
+      if (opts.signal?.aborted) {
+        reject(new AbortError(undefined, { id: r.id, cause: opts.signal.reason }));
+        return;
+      }
+      let tracked;
+      const settle = (fn, value) => {
+        if (r.settled) return;
+        r.settled = true;
+        tracked.cleanup();
+        fn(value);
+      };
+      r.onDone = (msg) => settle(resolve, msg);
+      r.onError = (err) => settle(reject, err);
+      tracked = this._track(r, opts,
+        (reason) => {
+          if (r.settled) return;
+          this._cancel(r);
+          settle(reject, new AbortError(undefined, { id: r.id, cause: reason }));
+        },
+        () => {
+          if (r.settled) return;
+          this._cancel(r);
+          settle(reject, new TimeoutError(`request ${r.id} timed out after ${tracked.timeoutMs} ms`, { id: r.id }));
+        });
+      this._dispatch(r);
+    });
+  }
+
+  /**
+   * Streams the reply: an async iterable of token texts that ends after the worker's `done`.
+   * `.done` resolves with the `done` message. Abort (signal) or leaving the loop early
+   * (break) sends `cancel`: the iteration ends at once without error, and `.done` resolves
+   * with the worker's `done` message (finish_reason 'cancelled') once the worker confirms.
+   * Worker errors, timeouts and worker exits are thrown by the iterator and reject `.done`.
+   * @param {GenerateRequest} request
+   * @param {RequestOptions} [opts]
+   * @returns {CompletionStream}
+   */
+  stream(request, opts = {}) {
+    const r = this._submit({ ...request, stream: true });
+    const queue = [];
+    let waiter = null; // { resolve, reject } of a pending next()
+    let ended = false; // iteration over (done received, aborted, or error delivered)
+    let error = null;
+    let doneMsg;
+    /** @type {(msg: DoneMessage) => void} */
+    let resolveDone = noop;
+    /** @type {(err: Error) => void} */
+    let rejectDone = noop;
+    const done = new Promise((res, rej) => { resolveDone = res; rejectDone = rej; });
+    done.catch(noop); // callers need not await .done
+
+    const wake = () => {
+      if (!waiter) return;
+      const w = waiter;
+      if (queue.length > 0) { waiter = null; w.resolve({ value: queue.shift(), done: false }); }
+      else if (error) { waiter = null; const e = error; error = null; ended = true; w.reject(e); }
+      else if (ended) { waiter = null; w.resolve({ value: doneMsg, done: true }); }
+    };
+
+    let tracked;
+    let finished = false; // terminal message (or final error) received
+    const cleanupOnce = () => { tracked?.cleanup(); };
+
+    const stopEarly = (reason) => {
+      // abort or break: cancel in the worker, end iteration now, .done waits for confirmation
+      if (finished || ended) return;
+      ended = true;
+      queue.length = 0;
+      cleanupOnce();
+      const sent = this._cancel(r);
+      if (!sent) {
+        finished = true;
+        r.settled = true;
+        rejectDone(new AbortError(undefined, { id: r.id, cause: reason }));
+      }
+      wake();
+    };
+
+    r.onToken = (text) => {
+      if (ended) return;
+      queue.push(text);
+      wake();
+    };
+    r.onDone = (msg) => {
+      if (finished) return;
+      finished = true;
+      r.settled = true;
+      cleanupOnce();
+      doneMsg = msg;
+      resolveDone(msg);
+      ended = true;
+      wake();
+    };
+    r.onError = (err) => {
+      if (finished) return;
+      finished = true;
+      r.settled = true;
+      cleanupOnce();
+      rejectDone(err);
+      if (!ended) error = err;
+      wake();
+    };
+
+    const iterator = {
+      next: () => new Promise((resolve, reject) => {
+        if (waiter) { reject(new Error('stream: concurrent next() calls are not supported')); return; }
+        waiter = { resolve, reject };
+        wake();
+      }),
+      return: async (value) => {
+        stopEarly(new AbortError('stream closed by the consumer', { id: r.id }));
+        if (waiter) { const w = waiter; waiter = null; w.resolve({ value: undefined, done: true }); }
+        return { value, done: true };
+      },
+      [Symbol.asyncIterator]() { return this; },
+    };
+
+    const result = {
+      id: r.id,
+      done,
+      cancel: () => stopEarly(new AbortError('stream cancelled', { id: r.id })),
+      [Symbol.asyncIterator]: () => iterator,
+    };
+
+    if (opts.signal?.aborted) {
+      finished = true;
+      ended = true;
+      r.settled = true;
+      rejectDone(new AbortError(undefined, { id: r.id, cause: opts.signal.reason }));
+      return result;
+    }
+    tracked = this._track(r, opts,
+      (reason) => stopEarly(reason),
+      () => {
+        if (finished) return;
+        this._cancel(r);
+        // r stays tracked (if it was sent) until the worker's cancelled `done`
+        r.onError(new TimeoutError(`request ${r.id} timed out after ${tracked.timeoutMs} ms`, { id: r.id }));
+      });
+    this._dispatch(r);
+    return result;
+  }
+
+  /**
+   * Round trip to the worker. Resolves with the latency in ms.
+   * @param {{ timeoutMs?: number }} [opts]
+   * @returns {Promise<number>}
+   */
+  ping(opts = {}) {
+    const timeoutMs = opts.timeoutMs ?? 10_000;
+    const id = `${this._nextId()}-ping`;
+    return this._control({ op: 'ping', id }, timeoutMs, (w) => {
+      this._pings.set(id, w);
+      return () => this._pings.delete(id);
+    });
+  }
+
+  /**
+   * Asks the worker for its `stats` message.
+   * @param {{ timeoutMs?: number }} [opts]
+   * @returns {Promise<StatsMessage>}
+   */
+  stats(opts = {}) {
+    const timeoutMs = opts.timeoutMs ?? 10_000;
+    return this._control({ op: 'stats' }, timeoutMs, (w) => {
+      this._statsWaiters.push(w);
+      return () => {
+        const i = this._statsWaiters.indexOf(w);
+        if (i !== -1) this._statsWaiters.splice(i, 1);
+      };
+    }, true);
+  }
+
+  _control(body, timeoutMs, register, returnMessage = false) {
+    return new Promise((resolve, reject) => {
+      const started = performance.now();
+      let unregister = noop;
+      let timer;
+      const w = {
+        id: body.id ?? null,
+        proc: null,
+        resolve: (msg) => { clearTimeout(timer); unregister(); resolve(returnMessage ? msg : performance.now() - started); },
+        reject: (err) => { clearTimeout(timer); unregister(); reject(err); },
+      };
+      timer = setTimeout(() => w.reject(new TimeoutError(`${body.op} timed out after ${timeoutMs} ms`, { id: w.id })), timeoutMs);
+      w.send = () => {
+        const proc = this._proc;
+        if (this._state === 'closing' || this._state === 'closed') {
+          w.reject(new WorkerExitedError('worker closed', { closed: true }));
+          return;
+        }
+        if (!proc || !proc.ready) {
+          if (this._state === 'failed') { w.reject(new WorkerExitedError('worker is not running (gave up restarting)')); return; }
+          this._controlWaiting.add(w);
+          unregister = () => this._controlWaiting.delete(w);
+          return;
+        }
+        unregister();
+        w.proc = proc;
+        unregister = register(w);
+        this._write(proc, body);
+      };
+      w.send();
+    });
+  }
+
+  /**
+   * Shuts the worker down: pending requests reject with WorkerExitedError (closed: true),
+   * `{"op":"shutdown"}` is sent and stdin ended, then after `graceMs` (default
+   * closeGraceMs, 3 s) the process is SIGKILLed. Resolves once the process is gone.
+   * Idempotent; no restart afterwards.
+   * @param {{ graceMs?: number }} [opts]
+   * @returns {Promise<void>}
+   */
+  close(opts = {}) {
+    if (this._closePromise) return this._closePromise;
+    const graceMs = opts.graceMs ?? this.options.closeGraceMs;
+    this._state = 'closing';
+    clearTimeout(this._restartTimer);
+    this._restartTimer = null;
+    const closedErr = (id) => new WorkerExitedError('worker closed', { id, closed: true });
+    if (this._initial) {
+      this._initial.reject(closedErr(null));
+      this._initial = null;
+    }
+    for (const r of [...this._requests.values()]) {
+      this._finish(r);
+      r.onError(closedErr(r.id));
+    }
+    for (const w of [...this._pings.values()]) w.reject(closedErr(w.id));
+    for (const w of this._statsWaiters.splice(0)) w.reject(closedErr(null));
+    for (const w of [...this._controlWaiting]) w.reject(closedErr(null));
+
+    const proc = this._proc;
+    this._closePromise = new Promise((resolve) => {
+      if (!proc || proc.exited) { resolve(); return; }
+      const child = proc.child;
+      let killTimer;
+      const onGone = () => { clearTimeout(killTimer); resolve(); };
+      child.once('close', onGone);
+      try {
+        // Requests not yet written were rejected above; shutdown goes out now, whatever the
+        // backpressure state (the stream buffers it), then EOF.
+        proc.out = [];
+        if (child.stdin.writable) {
+          const shutdown = { op: 'shutdown' };
+          this.emit('send', shutdown);
+          child.stdin.write(JSON.stringify(shutdown) + '\n');
+          child.stdin.end();
+        }
+      } catch { /* stdin gone */ }
+      killTimer = setTimeout(() => {
+        try { child.kill('SIGKILL'); } catch { /* gone */ }
+      }, graceMs);
+    }).then(() => { this._state = 'closed'; });
+    return this._closePromise;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Factories and pool
+
+/**
+ * Creates a worker without starting it (call `.start()`); requests made before it is ready
+ * wait for `ready` (bounded by queueTimeoutMs).
+ * @param {WorkerOptions} [options]
+ */
+export function createWorker(options = {}) {
+  return new Worker(options);
+}
+
+/**
+ * Spawns a worker and resolves once it has sent `ready`.
+ * @param {WorkerOptions} [options]
+ * @returns {Promise<Worker>}
+ */
+export async function startWorker(options = {}) {
+  const w = new Worker(options);
+  try {
+    await w.start();
+  } catch (err) {
+    await w.close().catch(noop);
+    throw err;
+  }
+  return w;
+}
+
+/**
+ * N workers behind the same complete/stream/ping/stats/close API; each request goes to the
+ * ready worker with the fewest requests in flight. Re-emits the workers' events with the
+ * worker as last argument.
+ */
+export class Pool extends EventEmitter {
+  /** @param {Worker[]} workers */
+  constructor(workers) {
+    super();
+    this.workers = workers;
+    this._rr = 0;
+    for (const w of workers) {
+      for (const ev of ['ready', 'exit', 'stderr', 'restart', 'message', 'send']) {
+        w.on(ev, (arg) => this.emit(ev, arg, w));
+      }
+      w.on('error', (err) => { if (this.listenerCount('error') > 0) this.emit('error', err, w); });
+    }
+  }
+
+  get size() { return this.workers.length; }
+  get ready() { return this.workers.some((w) => w.ready); }
+  get inFlight() { return this.workers.reduce((n, w) => n + w.inFlight, 0); }
+
+  /** The worker the next request goes to. @returns {Worker} */
+  pick() {
+    let best = null;
+    const n = this.workers.length;
+    for (let k = 0; k < n; k++) {
+      const w = this.workers[(this._rr + k) % n];
+      if (w.state === 'closed' || w.state === 'closing') continue;
+      if (!best) { best = w; continue; }
+      const wr = w.ready ? 0 : w.state === 'failed' ? 2 : 1;
+      const br = best.ready ? 0 : best.state === 'failed' ? 2 : 1;
+      if (wr < br || (wr === br && w.inFlight < best.inFlight)) best = w;
+    }
+    this._rr = (this._rr + 1) % Math.max(1, n);
+    return best ?? this.workers[0];
+  }
+
+  /** @param {GenerateRequest} request @param {RequestOptions} [opts] */
+  complete(request, opts) { return this.pick().complete(request, opts); }
+  /** @param {GenerateRequest} request @param {RequestOptions} [opts] */
+  stream(request, opts) { return this.pick().stream(request, opts); }
+  /** Pings every worker. @returns {Promise<number[]>} */
+  ping(opts) { return Promise.all(this.workers.map((w) => w.ping(opts))); }
+  /** @returns {Promise<StatsMessage[]>} */
+  stats(opts) { return Promise.all(this.workers.map((w) => w.stats(opts))); }
+  /** @returns {Promise<void>} */
+  async close(opts) { await Promise.all(this.workers.map((w) => w.close(opts))); }
+}
+
+/**
+ * Starts `size` workers (in parallel) and resolves with a Pool once all are ready.
+ * @param {WorkerOptions & { size?: number }} [options]
+ * @returns {Promise<Pool>}
+ */
+export async function startPool(options = {}) {
+  const { size = 2, ...workerOptions } = options;
+  if (!Number.isInteger(size) || size < 1) throw new RangeError('pool size must be an integer >= 1');
+  const workers = Array.from({ length: size }, () => new Worker(workerOptions));
+  const results = await Promise.allSettled(workers.map((w) => w.start()));
+  const failed = results.find((x) => x.status === 'rejected');
+  if (failed) {
+    await Promise.all(workers.map((w) => w.close().catch(noop)));
+    throw failed.reason;
+  }
+  return new Pool(workers);
+}

@@ -1,0 +1,216 @@
+// The Express app: chat endpoints in front of the worker client (clients/node).
+// createApp(worker) takes a started-or-starting Worker (or Pool) so tests can listen(0).
+import express from 'express';
+import { AbortError, TimeoutError, WorkerError, WorkerExitedError } from '../../clients/node/index.js';
+
+export const LIMITS = Object.freeze({
+  body: '64kb',
+  maxMessages: 64,
+  maxTokens: 2048,
+  maxTemperature: 2,
+});
+
+const ROLES = new Set(['system', 'user', 'assistant']);
+
+/** Default logger: one JSON object per line on stderr. */
+export function defaultLog(level, msg, fields = {}) {
+  process.stderr.write(`${JSON.stringify({ time: new Date().toISOString(), level, msg, ...fields })}\n`);
+}
+
+const isPlainObject = (v) => v !== null && typeof v === 'object' && !Array.isArray(v);
+
+/**
+ * Validates a chat body: `{messages}` or `{message, history?}`, plus optional max_tokens and
+ * temperature. Returns { request } for the worker, or { error } (a short message for a 400).
+ */
+export function parseChatBody(body) {
+  if (!isPlainObject(body)) return { error: 'expected a JSON object body' };
+  const known = new Set(['messages', 'message', 'history', 'max_tokens', 'temperature']);
+  for (const k of Object.keys(body)) {
+    if (!known.has(k)) return { error: `unknown field "${String(k).slice(0, 40)}"` };
+  }
+  const checkList = (list, name) => {
+    if (!Array.isArray(list)) return `${name} must be an array`;
+    if (list.length > LIMITS.maxMessages) return `${name} has more than ${LIMITS.maxMessages} entries`;
+    for (let i = 0; i < list.length; i++) {
+      const m = list[i];
+      if (!isPlainObject(m) || Object.keys(m).some((k) => k !== 'role' && k !== 'content')) {
+        return `${name}[${i}] must be an object {role, content}`;
+      }
+      if (!ROLES.has(m.role)) return `${name}[${i}].role must be system, user or assistant`;
+      if (typeof m.content !== 'string') return `${name}[${i}].content must be a string`;
+    }
+    return null;
+  };
+
+  let messages;
+  if (body.messages !== undefined) {
+    if (body.message !== undefined || body.history !== undefined) {
+      return { error: 'send either messages or message (with optional history), not both' };
+    }
+    const e = checkList(body.messages, 'messages');
+    if (e) return { error: e };
+    if (body.messages.length === 0) return { error: 'messages must not be empty' };
+    messages = body.messages.map(({ role, content }) => ({ role, content }));
+  } else if (body.message !== undefined) {
+    if (typeof body.message !== 'string' || body.message.trim() === '') {
+      return { error: 'message must be a non-empty string' };
+    }
+    const history = body.history ?? [];
+    const e = checkList(history, 'history');
+    if (e) return { error: e };
+    if (history.length + 1 > LIMITS.maxMessages) return { error: `history has more than ${LIMITS.maxMessages - 1} entries` };
+    messages = [...history.map(({ role, content }) => ({ role, content })), { role: 'user', content: body.message }];
+  } else {
+    return { error: 'messages or message is required' };
+  }
+
+  const request = { messages };
+  if (body.max_tokens !== undefined) {
+    if (!Number.isInteger(body.max_tokens) || body.max_tokens < 1 || body.max_tokens > LIMITS.maxTokens) {
+      return { error: `max_tokens must be an integer from 1 to ${LIMITS.maxTokens}` };
+    }
+    request.max_tokens = body.max_tokens;
+  }
+  if (body.temperature !== undefined) {
+    if (typeof body.temperature !== 'number' || !(body.temperature >= 0 && body.temperature <= LIMITS.maxTemperature)) {
+      return { error: `temperature must be a number from 0 to ${LIMITS.maxTemperature}` };
+    }
+    request.temperature = body.temperature;
+  }
+  return { request };
+}
+
+/**
+ * Maps a client error to [status, public message]. Public messages never carry internals
+ * (paths, stack traces, worker messages); those go to the server log.
+ */
+export function publicError(err) {
+  if (err instanceof TimeoutError) return [504, 'the model took too long to answer'];
+  if (err instanceof WorkerExitedError) return [503, 'the model is restarting, try again shortly'];
+  if (err instanceof WorkerError) {
+    switch (err.code) {
+      case 'too_long': return [400, 'the conversation is too long for the model'];
+      case 'too_large': return [413, 'request too large'];
+      case 'invalid_request': return [400, 'invalid request'];
+      case 'overloaded': return [503, 'the model is busy, try again shortly'];
+      default: return [500, 'internal error'];
+    }
+  }
+  return [500, 'internal error'];
+}
+
+/** Resolves true when the chunk was written (waiting for 'drain' if needed), false if the client left. */
+function writeWithBackpressure(res, chunk) {
+  if (res.destroyed || res.writableEnded) return Promise.resolve(false);
+  if (res.write(chunk)) return Promise.resolve(true);
+  return new Promise((resolve) => {
+    const done = (ok) => { res.off('drain', onDrain); res.off('close', onClose); resolve(ok); };
+    const onDrain = () => done(true);
+    const onClose = () => done(false);
+    res.on('drain', onDrain);
+    res.on('close', onClose);
+  });
+}
+
+const sse = (event, data) => `${event ? `event: ${event}\n` : ''}data: ${JSON.stringify(data)}\n\n`;
+
+/**
+ * @param {import('../../clients/node/index.js').Worker | import('../../clients/node/index.js').Pool} worker
+ * @param {{ timeoutMs?: number, log?: typeof defaultLog }} [options]
+ */
+export function createApp(worker, options = {}) {
+  const log = options.log ?? defaultLog;
+  const timeoutMs = options.timeoutMs ?? 120_000;
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('trust proxy', false);
+
+  app.get('/healthz', (req, res) => {
+    if (worker.ready) res.json({ ok: true });
+    else res.status(503).json({ ok: false });
+  });
+
+  const json = express.json({ limit: LIMITS.body });
+
+  /** An AbortController aborted when the client goes away before the response is finished. */
+  const abortOnClose = (res) => {
+    const ac = new AbortController();
+    res.on('close', () => { if (!res.writableFinished) ac.abort(); });
+    return ac;
+  };
+
+  app.post('/api/chat', json, async (req, res) => {
+    const { request, error } = parseChatBody(req.body);
+    if (error) return res.status(400).json({ error });
+    const ac = abortOnClose(res);
+    try {
+      const done = await worker.complete(request, { signal: ac.signal, timeoutMs });
+      res.json({ reply: done.text, usage: done.usage, finish_reason: done.finish_reason });
+    } catch (err) {
+      if (err instanceof AbortError) {
+        log('info', 'client disconnected, generation cancelled', { id: err.id });
+        return;
+      }
+      const [status, message] = publicError(err);
+      log(status >= 500 ? 'error' : 'warn', 'chat request failed', { id: err.id, code: err.code, error: err.message, status });
+      if (!res.headersSent && !res.destroyed) res.status(status).json({ error: message });
+    }
+  });
+
+  app.post('/api/chat/stream', json, async (req, res) => {
+    const { request, error } = parseChatBody(req.body);
+    if (error) return res.status(400).json({ error });
+    const ac = abortOnClose(res);
+    res.status(200).set({
+      'Content-Type': 'text/event-stream; charset=utf-8',
+      'Cache-Control': 'no-cache, no-transform',
+      Connection: 'keep-alive',
+      'X-Accel-Buffering': 'no',
+    });
+    res.flushHeaders();
+    const stream = worker.stream(request, { signal: ac.signal, timeoutMs });
+    try {
+      for await (const text of stream) {
+        if (!(await writeWithBackpressure(res, sse(null, { text })))) break; // client gone: break cancels
+      }
+      if (ac.signal.aborted || res.destroyed) {
+        const done = await stream.done.catch(() => null);
+        log('info', 'client disconnected, generation cancelled', { id: stream.id, finish_reason: done?.finish_reason });
+        return;
+      }
+      const done = await stream.done;
+      await writeWithBackpressure(res, sse('done', { usage: done.usage, finish_reason: done.finish_reason }));
+      res.end();
+    } catch (err) {
+      const [status, message] = publicError(err);
+      log(status >= 500 ? 'error' : 'warn', 'chat stream failed', { id: stream.id, code: err.code, error: err.message, status });
+      if (!res.destroyed && !res.writableEnded) {
+        res.write(sse('error', { error: message, status }));
+        res.end();
+      }
+    }
+  });
+
+  app.use((req, res) => {
+    res.status(404).json({ error: 'not found' });
+  });
+
+  // Body parser errors and anything unexpected: short JSON, details only in the log.
+  // eslint-disable-next-line no-unused-vars
+  app.use((err, req, res, next) => {
+    let status = 500;
+    let message = 'internal error';
+    if (err && err.type === 'entity.too.large') { status = 413; message = 'request body too large'; }
+    else if (err && err.type === 'entity.parse.failed') { status = 400; message = 'invalid JSON'; }
+    else if (err && Number.isInteger(err.status) && err.status >= 400 && err.status < 500) {
+      status = err.status;
+      message = 'bad request';
+    }
+    log(status >= 500 ? 'error' : 'warn', 'request failed', { status, type: err?.type, error: err?.message, stack: status >= 500 ? err?.stack : undefined });
+    if (res.headersSent) { res.destroy(); return; }
+    res.status(status).json({ error: message });
+  });
+
+  return app;
+}

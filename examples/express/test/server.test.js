@@ -1,0 +1,56 @@
+// server.js as a real process: environment configuration, /healthz, a chat, clean SIGTERM.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { PYTHON, MODEL, alive, sleep } from '../testlib/helpers.js';
+
+const SERVER = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'server.js');
+
+test('node server.js: PORT/MODEL/PYTHON from the environment, healthz, chat, SIGTERM stops the worker', async (t) => {
+  const child = spawn(process.execPath, [SERVER], {
+    cwd: '/', // paths come from the environment and the module's location, not the cwd
+    env: { ...process.env, PORT: '0', MODEL, PYTHON },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  t.after(() => { if (child.exitCode === null) child.kill('SIGKILL'); });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.setEncoding('utf8').on('data', (d) => { stdout += d; });
+  child.stderr.setEncoding('utf8').on('data', (d) => { stderr += d; });
+  const waitFor = async (pred, what, ms = 60_000) => {
+    const end = Date.now() + ms;
+    for (;;) {
+      const m = pred();
+      if (m) return m;
+      if (Date.now() > end || child.exitCode !== null) throw new Error(`no ${what}; stdout: ${stdout}\nstderr: ${stderr}`);
+      await sleep(20);
+    }
+  };
+
+  const url = (await waitFor(() => stdout.match(/listening on (http:\/\/127\.0\.0\.1:\d+)/), 'listening line'))[1];
+  const first = await fetch(`${url}/healthz`);
+  assert.ok([200, 503].includes(first.status));
+  const readyLine = await waitFor(() => stderr.split('\n').find((l) => l.includes('"worker ready"')), 'worker ready log');
+  const { pid } = JSON.parse(readyLine);
+  assert.ok(alive(pid));
+  const health = await fetch(`${url}/healthz`);
+  assert.equal(health.status, 200);
+
+  const res = await fetch(`${url}/api/chat`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ message: 'Olá! Quem fundou o Farense?', max_tokens: 8 }),
+  });
+  assert.equal(res.status, 200);
+  const body = await res.json();
+  assert.equal(typeof body.reply, 'string');
+  assert.ok(body.usage.completion_tokens >= 1);
+
+  child.kill('SIGTERM');
+  const [code] = await once(child, 'exit');
+  assert.equal(code, 0);
+  assert.equal(alive(pid), false, 'the worker is gone');
+});

@@ -1,0 +1,81 @@
+# Shared helpers for tests/shell/test_*.sh (sourced, not run).
+# ROOT: the repository root, from this file's location. PY: the Python interpreter
+# (default .venv/bin/python at the root). Checks use jq, or Python when jq is missing
+# (or when NO_JQ=1).
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PY="${PY:-${PYTHON:-$ROOT/.venv/bin/python}}"
+MODEL="${MODEL:-models/tiny-mistral}"
+WORKER_TIMEOUT="${WORKER_TIMEOUT:-120}"
+cd "$ROOT" || exit 1
+shopt -s lastpipe  # `printf ... | run_worker` runs run_worker in this shell (keeps WORKER_RC)
+
+if [[ "${NO_JQ:-0}" != 1 ]] && command -v jq >/dev/null 2>&1; then HAVE_JQ=1; else HAVE_JQ=0; fi
+
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+FAILED=0
+
+fail() { echo "  FAIL: $*"; FAILED=1; }
+ok() { echo "  ok: $*"; }
+
+# run_worker FILE [worker args...]: stdin -> worker; stdout in FILE, stderr in FILE.err,
+# exit status in $WORKER_RC.
+run_worker() {
+  local out="$1"; shift
+  timeout "$WORKER_TIMEOUT" "$PY" -m worker --model "$MODEL" "$@" >"$out" 2>"$out.err"
+  WORKER_RC=$?
+}
+
+# check DESCRIPTION FILE JQ_EXPR PY_EXPR
+# JQ_EXPR runs with `jq -s` over FILE (one JSON value per line) and must print true.
+# PY_EXPR is the same check in Python over `msgs` (the list of parsed lines).
+check() {
+  local desc="$1" file="$2" jqexpr="$3" pyexpr="$4" res
+  if [[ $HAVE_JQ == 1 ]]; then
+    res="$(jq -s "$jqexpr" "$file" 2>&1)"
+  else
+    res="$("$PY" - "$file" "$pyexpr" <<'PYEOF' 2>&1
+import json, sys
+msgs = [json.loads(l) for l in open(sys.argv[1], encoding="utf-8") if l.strip()]
+print("true" if eval(sys.argv[2], {"msgs": msgs}) else "false")
+PYEOF
+)"
+  fi
+  if [[ "$res" == true ]]; then ok "$desc"; else fail "$desc (got: ${res:0:300})"; fi
+}
+
+# check_schema FILE: every stdout line is one JSON object valid against docs/protocol.schema.json
+check_schema() {
+  local res
+  res="$("$PY" - "$1" "$ROOT/docs/protocol.schema.json" <<'PYEOF' 2>&1
+import json, sys
+try:
+    import jsonschema
+except ImportError:
+    print("skip"); sys.exit(0)
+schema = json.load(open(sys.argv[2], encoding="utf-8"))
+v = jsonschema.Draft202012Validator(schema)
+bad = []
+for n, line in enumerate(open(sys.argv[1], encoding="utf-8"), 1):
+    try:
+        msg = json.loads(line)
+    except ValueError as e:
+        bad.append(f"line {n}: not JSON: {line[:80]!r}"); continue
+    errs = [e.message for e in v.iter_errors(msg)]
+    if errs: bad.append(f"line {n}: {errs[0][:200]}")
+print("\n".join(bad) if bad else "true")
+PYEOF
+)"
+  case "$res" in
+    true) ok "every stdout line validates against docs/protocol.schema.json" ;;
+    skip) ok "schema check skipped (no jsonschema)" ;;
+    *) fail "schema: $res" ;;
+  esac
+}
+
+check_rc() {
+  if [[ "$WORKER_RC" == "$1" ]]; then ok "exit status $1"; else fail "exit status $WORKER_RC, expected $1; stderr tail: $(tail -n 5 "$2.err" 2>/dev/null)"; fi
+}
+
+finish() { exit "$FAILED"; }
