@@ -1,0 +1,116 @@
+"""python -m worker --model M [--adapter models/NAME] ...: the long-lived NDJSON worker.
+
+See docs/PROTOCOL.md. stdin: one JSON request per line; stdout: protocol messages only;
+stderr: logs. Exit status 0 after stdin EOF (once everything read is answered), a
+`shutdown` request or SIGTERM; 2 when the model or adapter cannot be loaded.
+"""
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+import time
+
+import worker  # noqa: F401  (imports train first: fast BLAS before mlx)
+from train import blas
+from worker import io, loading
+
+PR_SET_PDEATHSIG = 1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="base model (path or HF id); overrides the adapter's base_model")
+    p.add_argument("--adapter", help="adapter folder written by training (models/NAME)")
+    p.add_argument("--system-prompt", default=None,
+                   help="system prompt for conversations without one (default: the adapter's, else none)")
+    p.add_argument("--max-line-bytes", type=int, default=1 << 20, help="longest request line (default 1 MiB)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests allowed to wait for a batch slot before `overloaded` (default 256)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--prefix-cache-bytes", type=int, default=256 << 20,
+                   help="byte budget of the prefix (KV) cache; 0 disables it (default 256 MiB)")
+    p.add_argument("--prefill-step-size", type=int, default=2048, help=argparse.SUPPRESS)
+    p.add_argument("--log-format", choices=("plain", "json"), default=None,
+                   help="stderr log format (default: LOG_FORMAT, else plain)")
+    args = p.parse_args(argv)
+    if not args.model and not args.adapter:
+        p.error("give --model (a base model) or --adapter (models/NAME)")
+    for name in ("max_line_bytes", "max_batch", "prefill_step_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_queue < 0 or args.prefix_cache_bytes < 0:
+        p.error("--max-queue and --prefix-cache-bytes must be >= 0")
+    return args
+
+
+def die_with_parent():
+    """Linux: SIGTERM when the parent dies, so the worker never outlives it."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except Exception:
+        return
+    if os.getppid() != parent:      # the parent died before prctl took effect
+        os._exit(0)
+
+
+def version():
+    import mlx.core as mx
+    import mlx_lm
+    return f"worker/1 mlx/{mx.__version__} mlx-lm/{mlx_lm.__version__}"
+
+
+def main(argv=None):
+    proto_fd = io.claim_stdout()                 # before anything can print
+    # Until the engine installs its own handler, SIGTERM just ends the (idle) process.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    die_with_parent()
+    args = parse_args(argv)
+    log = io.Logger(args.log_format)
+    t0 = time.perf_counter()
+    try:
+        settings = loading.settings_for(args.model, args.adapter, args.system_prompt)
+        log.info(f"loading {settings.model_path}" + (f" with adapter {settings.adapter_path}" if settings.adapter else ""))
+        model, tokenizer, config = loading.load(settings)
+    except loading.LoadError as e:
+        log.error(str(e))
+        return 2
+
+    from worker.engine import Engine   # mlx after train (fast BLAS)
+
+    writer = io.ProtocolWriter(proto_fd, on_broken_pipe=lambda: _broken_pipe(log))
+    engine = Engine(
+        model, tokenizer, settings, writer=writer, log=log,
+        context_length=loading.context_length(settings, config),
+        max_queue=args.max_queue, max_batch=args.max_batch,
+        prefix_cache_bytes=args.prefix_cache_bytes, prefill_step_size=args.prefill_step_size,
+    )
+    engine.install_signal_handlers()
+    engine.warm_up()
+    writer.add(engine.ready_message(args.max_line_bytes, blas=blas.loaded_path, version=version()))
+    writer.flush()
+    log.info(f"ready in {time.perf_counter() - t0:.1f}s", model=settings.model, adapter=settings.adapter,
+             context_length=engine.context_length, blas=blas.loaded_path)
+
+    events = io.make_event_queue()
+    reader = io.StdinReader(0, events, args.max_line_bytes, log)
+    reader.start()
+    return engine.run(events)
+
+
+def _broken_pipe(log):
+    log.warning("stdout closed (the parent is gone): exiting")
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    code = main()
+    try:
+        sys.stderr.flush()
+    finally:
+        os._exit(code or 0)

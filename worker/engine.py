@@ -1,0 +1,712 @@
+"""The generation loop: continuous batching with mlx-lm's BatchGenerator and a prefix cache.
+
+One thread (the caller of `Engine.run`) owns mlx, the BatchGenerator, the LRUPromptCache and
+all output. Each loop turn it takes the events the stdin reader has queued (without
+blocking while there is work), admits requests into the batch, runs one
+`BatchGenerator.next()` (a decode step for every sequence, plus prompt processing for
+newcomers), turns tokens into protocol messages, and writes them in one flushed write.
+
+Per request: its own sampler (temperature/top_p/top_k/min_p; a seeded one when `seed` is
+given), logits processors (repetition_penalty), stop strings (matched on the decoded text,
+with a held-back tail so streamed text never shows a stop string's beginning) and
+max_tokens. Prompts are formatted by train.prompt.encode_prompt, exactly as in training.
+
+The prefix cache follows mlx_lm.server: the nearest cached prefix is fetched at admission,
+the cache is stored at the end of the system-prompt and prompt segments, and at finish.
+
+Test-only hooks (environment variables, read once; documented in docs/PROTOCOL.md):
+  WORKER_TEST_IGNORE_EOS=1   generation ends only by max_tokens, a stop string or cancel
+  WORKER_TEST_FAULT=TEXT     a request whose last message contains TEXT raises inside the
+                             worker at its first token (exercises the `internal` error)
+  WORKER_TEST_PRINT=1        every admission print()s to sys.stdout and writes to fd 1
+                             (the protocol stream must stay clean)
+"""
+
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences, make_stop_sequences
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
+
+from train.prompt import encode_prompt, with_system_prompt
+from worker import protocol
+from worker.io import EOF
+
+CACHE_KEY = "model"          # one model per worker: one namespace in the prefix cache
+REPLACEMENT = "\ufffd"
+MAX_EVENTS_PER_TURN = 256
+
+
+def _ms(seconds):
+    return round(seconds * 1000.0, 3)
+
+
+class SeededSampler:
+    """make_sampler's chain with its own PRNG key: the same seed gives the same tokens."""
+
+    def __init__(self, seed, temperature, top_p, min_p, top_k):
+        self.key = mx.random.key(seed)
+        self.inv_temp = 1.0 / temperature
+        methods = []
+        if 0 < top_p < 1.0:
+            methods.append(lambda x: apply_top_p(x, top_p))
+        if min_p != 0.0:
+            methods.append(lambda x: apply_min_p(x, min_p, 1))
+        if top_k > 0:
+            methods.append(lambda x: apply_top_k(x, top_k))
+        self.methods = methods
+
+    def __call__(self, logprobs):
+        for method in self.methods:
+            logprobs = method(logprobs)
+        self.key, sub = mx.random.split(self.key)
+        return mx.random.categorical(logprobs * self.inv_temp, key=sub)
+
+
+class Active:
+    """One accepted generation request."""
+
+    __slots__ = ("req", "id", "stream", "stops", "ids", "sys_end", "max_tokens", "sampler",
+                 "processors", "uid", "cached", "detok", "parts", "tail", "n_tokens",
+                 "t_received", "t_admitted", "t_first", "t_last", "segment_types", "fault")
+
+    def __init__(self, req):
+        self.req = req
+        self.id = req.id
+        self.stream = req.stream
+        self.stops = req.stop
+        self.uid = None
+        self.cached = 0
+        self.parts = []
+        self.tail = ""
+        self.n_tokens = 0
+        self.t_received = req.received or time.perf_counter()
+        self.t_admitted = None
+        self.t_first = None
+        self.t_last = None
+        self.segment_types = []
+        self.fault = False
+        self.ids = None
+        self.sys_end = 0
+        self.max_tokens = 1
+        self.sampler = None
+        self.processors = None
+        self.detok = None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, settings, *, writer, log, context_length=None,
+                 max_queue=256, max_batch=32, prefix_cache_bytes=256 << 20,
+                 prefill_step_size=2048, hooks=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.gen_defaults = settings.generation
+        self.system_prompt = settings.system_prompt
+        self.writer = writer
+        self.log = log
+        self.context_length = context_length
+        self.max_queue = max_queue
+        self.max_batch = max(1, max_batch)
+        self.prefill_step_size = prefill_step_size
+        self.vocab_size = self._vocab_size()
+        hooks = os.environ if hooks is None else hooks
+        self.ignore_eos = hooks.get("WORKER_TEST_IGNORE_EOS") == "1"
+        self.fault_text = hooks.get("WORKER_TEST_FAULT") or None
+        self.test_print = hooks.get("WORKER_TEST_PRINT") == "1"
+
+        self.stop_sequences = StopSequences() if self.ignore_eos else make_stop_sequences(tokenizer)
+        self.prefix = LRUPromptCache(max_size=1 << 20, max_bytes=max(0, int(prefix_cache_bytes)))
+        self.prefix_budget = max(0, int(prefix_cache_bytes))
+        self.gen = self._new_generator()
+
+        self.by_id = {}          # id -> Active: accepted and not finished (batch + queue)
+        self.by_uid = {}         # BatchGenerator uid -> Active
+        self.pending = deque()   # accepted, waiting for a batch slot
+        self._samplers = {}
+        self._processors = {}
+        self._sys_probe = {}
+
+        self.eof = False
+        self.shutdown_reason = None
+        self.stop_signal = False
+        self.install_watchdog = False      # set by install_signal_handlers (the real worker)
+        self.started = time.time()
+        self.served = 0
+        self.errors = 0
+        self.hits = 0
+        self.misses = 0
+        self.gen_tokens = 0
+        self.decode_time = 0.0
+
+    # ----------------------------------------------------------------- setup
+    def _vocab_size(self):
+        try:
+            return int(self.model.args.vocab_size)
+        except Exception:
+            return len(self.tokenizer)
+
+    def _new_generator(self):
+        return BatchGenerator(
+            self.model,
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=min(8, self.max_batch),
+            prefill_step_size=self.prefill_step_size,
+            stop_tokens=None,
+        )
+
+    def warm_up(self):
+        """One short generation, so the first request doesn't pay for first-call setup."""
+        ids = encode_prompt(self.tokenizer, [{"role": "user", "content": "Olá"}], self.system_prompt)
+        (uid,) = self.gen.insert([ids], max_tokens=[3], stop_sequences=[StopSequences()])
+        for _ in range(64):
+            _, responses = self.gen.next()
+            if any(r.finish_reason for r in responses):
+                break
+        self.gen.remove([uid])
+
+    def ready_message(self, max_line_bytes, blas=None, version=None):
+        gen = self.gen_defaults
+        return {
+            "type": "ready",
+            "protocol": protocol.PROTOCOL_VERSION,
+            "model": self.settings.model,
+            "adapter": self.settings.adapter,
+            "pid": os.getpid(),
+            "max_tokens": int(gen["max_tokens"]),
+            "max_tokens_cap": int(gen["max_tokens_cap"]),
+            "max_line_bytes": int(max_line_bytes),
+            "context_length": self.context_length,
+            "backend": "gpu" if mx.default_device() == mx.gpu else "cpu",
+            "blas": blas,
+            "version": version or "",
+        }
+
+    # ----------------------------------------------------------------- loop
+    @staticmethod
+    def arm_exit_watchdog(seconds=1.7):
+        """Whatever happens next (a blocked stdout write, a long prompt), exit 0 in time."""
+        t = threading.Timer(seconds, lambda: os._exit(0))
+        t.daemon = True
+        t.start()
+
+    def install_signal_handlers(self):
+        def on_signal(signum, frame):
+            if not self.stop_signal:
+                self.stop_signal = True
+                self.log.info(f"signal {signum}: cancelling in-flight requests and exiting")
+                self.arm_exit_watchdog()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.install_watchdog = True
+
+    def run(self, events):
+        """Serve until EOF (after finishing everything read), shutdown or a signal. Returns 0."""
+        while True:
+            if self.stop_signal:
+                self.cancel_all("SIGTERM")
+                return 0
+            idle = not self.by_id
+            if idle and self.eof:
+                self.writer.flush()
+                self.log.info("stdin closed and all requests answered: exiting")
+                return 0
+            if idle:
+                try:
+                    event = events.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                self.handle(event)
+            for _ in range(MAX_EVENTS_PER_TURN):
+                if self.shutdown_reason or self.stop_signal:
+                    break
+                try:
+                    event = events.get_nowait()
+                except queue.Empty:
+                    break
+                self.handle(event)
+            if self.shutdown_reason:
+                self.cancel_all(self.shutdown_reason)
+                return 0
+            if self.pending:
+                self.admit()
+            if self.by_uid:
+                self.step()
+            self.writer.flush()
+
+    def handle(self, event):
+        try:
+            if isinstance(event, protocol.Generate):
+                self.accept(event)
+            elif isinstance(event, protocol.Control):
+                self.control(event)
+            elif isinstance(event, protocol.ParseError):
+                if event.id is not None and event.id in self.by_id:
+                    self.error(event.id, "duplicate_id",
+                               f"a request with id {event.id!r} is already in flight (and this one "
+                               f"was invalid: {event.message})")
+                else:
+                    self.error(event.id, event.code, event.message)
+            elif event == EOF:
+                self.eof = True
+                self.log.info("stdin closed: finishing requests already read",
+                              in_flight=len(self.by_id))
+        except Exception as e:  # never let one event take the loop down
+            self.log.error(f"handling an event failed: {type(e).__name__}: {e}")
+            rid = getattr(event, "id", None)
+            if isinstance(event, protocol.Generate) and rid not in self.by_id:
+                self.error(rid, "internal", f"{type(e).__name__}: {e}")
+
+    def control(self, c):
+        if c.op == "ping":
+            self.writer.add({"type": "pong", "id": c.id})
+        elif c.op == "stats":
+            self.writer.add(self.stats())
+        elif c.op == "cancel":
+            act = self.by_id.get(c.id)
+            if act is None:
+                self.log.info("cancel for an unknown or finished id: ignored", id=c.id)
+            else:
+                self.cancel(act)
+        elif c.op == "shutdown":
+            self.shutdown_reason = "shutdown"
+            self.log.info("shutdown requested")
+            if self.install_watchdog:
+                self.arm_exit_watchdog()
+
+    def error(self, rid, code, message):
+        self.errors += 1
+        self.writer.add({"type": "error", "id": rid, "code": code, "message": message})
+
+    # ----------------------------------------------------------------- admission
+    def accept(self, req):
+        if req.id in self.by_id:
+            self.error(req.id, "duplicate_id", f"a request with id {req.id!r} is already in flight")
+            return
+        try:
+            messages = with_system_prompt(list(req.messages), self.system_prompt)
+            ids = encode_prompt(self.tokenizer, messages, None)
+        except Exception as e:
+            if type(e).__name__ == "TemplateError" or "jinja" in type(e).__module__:
+                self.error(req.id, "invalid_request", f"messages: rejected by the chat template: {e}")
+            else:
+                self.error(req.id, "internal", f"formatting the prompt failed: {type(e).__name__}: {e}")
+            return
+        if not ids:
+            self.error(req.id, "invalid_request", "messages: the formatted prompt is empty")
+            return
+        if self.context_length and len(ids) + 1 > self.context_length:
+            self.error(req.id, "too_long", f"the prompt has {len(ids)} tokens; the context holds "
+                                           f"{self.context_length} including at least 1 to generate")
+            return
+        act = Active(req)
+        act.ids = ids
+        if self.fault_text and self.fault_text in messages[-1]["content"]:
+            act.fault = True
+        try:
+            self.prepare(act, messages)
+        except Exception as e:
+            self.error(req.id, "internal", f"{type(e).__name__}: {e}")
+            return
+        if len(self.by_uid) < self.max_batch and not self.pending:
+            self.by_id[act.id] = act
+            self.start(act)
+        elif len(self.pending) >= self.max_queue:
+            self.error(req.id, "overloaded", f"{len(self.pending)} requests are already waiting "
+                                             f"(--max-queue {self.max_queue})")
+        else:
+            self.by_id[act.id] = act
+            self.pending.append(act)
+
+    def prepare(self, act, messages):
+        req, gen = act.req, self.gen_defaults
+        cap = int(gen["max_tokens_cap"])
+        max_tokens = min(req.max_tokens if req.max_tokens is not None else int(gen["max_tokens"]), cap)
+        if self.context_length:
+            max_tokens = min(max_tokens, self.context_length - len(act.ids))
+        act.max_tokens = max(1, max_tokens)
+
+        temp = req.temperature if req.temperature is not None else float(gen["temperature"])
+        top_p = req.top_p if req.top_p is not None else float(gen["top_p"])
+        top_k = req.top_k if req.top_k is not None else int(gen["top_k"])
+        min_p = req.min_p if req.min_p is not None else float(gen["min_p"])
+        rep = req.repetition_penalty if req.repetition_penalty is not None else float(gen["repetition_penalty"])
+        if top_k >= self.vocab_size:
+            top_k = 0
+        if temp <= 0:
+            act.sampler = None                           # the batch's shared greedy sampler
+        elif req.seed is not None:
+            act.sampler = SeededSampler(req.seed, temp, top_p, min_p, top_k)
+        else:
+            key = (temp, top_p, min_p, top_k)            # shared object: batched sampling
+            act.sampler = self._samplers.get(key)
+            if act.sampler is None:
+                if len(self._samplers) > 256:
+                    self._samplers.clear()
+                act.sampler = self._samplers[key] = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+        if rep != 1.0:
+            act.processors = self._processors.get(rep)
+            if act.processors is None:
+                if len(self._processors) > 256:
+                    self._processors.clear()
+                act.processors = self._processors[rep] = make_logits_processors(repetition_penalty=rep)
+        else:
+            act.processors = None
+        act.sys_end = self._system_end(messages, act.ids)
+
+    def _system_end(self, messages, ids):
+        """Tokens of the prompt that belong to its leading system message(s) (0 if none)."""
+        n = 0
+        while n < len(messages) and messages[n]["role"] == "system":
+            n += 1
+        if n == 0:
+            return 0
+        key = tuple(m["content"] for m in messages[:n])
+        probe = self._sys_probe.get(key)
+        if probe is None:
+            probe = encode_prompt(self.tokenizer, list(messages[:n]) + [{"role": "user", "content": ""}], None)
+            if len(self._sys_probe) > 64:
+                self._sys_probe.clear()
+            self._sys_probe[key] = probe
+        end = 0
+        for a, b in zip(probe, ids):
+            if a != b:
+                break
+            end += 1
+        return end if 0 < end < len(ids) else 0
+
+    def admit(self):
+        while self.pending and len(self.by_uid) < self.max_batch:
+            self.start(self.pending.popleft())
+
+    def start(self, act):
+        try:
+            self._start(act)
+        except Exception as e:
+            self.log.error(f"starting {act.id!r} failed: {type(e).__name__}: {e}")
+            self.by_id.pop(act.id, None)
+            if act.uid is not None:
+                self.by_uid.pop(act.uid, None)
+                self._remove_uids([act.uid])
+            self.error(act.id, "internal", f"{type(e).__name__}: {e}")
+
+    def _start(self, act):
+        act.t_admitted = time.perf_counter()
+        if self.test_print:
+            print(f"test hook: print() to sys.stdout while admitting {act.id!r}")
+            os.write(1, b"test hook: raw write to fd 1\n")
+        ids = act.ids
+        cache, rest = self.prefix.fetch_nearest_cache(CACHE_KEY, ids)
+        if cache is not None and not rest:
+            # An exact hit: recompute the last token so there is something to feed the model.
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = ids[-1:]
+            else:
+                cache, rest = None, ids
+        act.cached = len(ids) - len(rest)
+        if act.cached > 0:
+            self.hits += 1
+        else:
+            self.misses += 1
+            cache = None
+
+        if act.sys_end:
+            segments, types = [ids[:act.sys_end], ids[act.sys_end:]], ["system", "user"]
+        else:
+            segments, types = [ids], ["user"]
+        n = act.cached
+        while n > 0:
+            if n >= len(segments[0]):
+                n -= len(segments.pop(0))
+                types.pop(0)
+            else:
+                segments[0] = segments[0][n:]
+                break
+        act.segment_types = types[::-1]
+        act.detok = self.tokenizer.detokenizer
+        (uid,) = self.gen.insert_segments(
+            segments=[segments],
+            max_tokens=[act.max_tokens],
+            caches=[cache],
+            all_tokens=[ids[:act.cached]],
+            samplers=[act.sampler],
+            logits_processors=[act.processors],
+            stop_sequences=[self.stop_sequences],
+        )
+        act.uid = uid
+        self.by_uid[uid] = act
+
+    # ----------------------------------------------------------------- decoding
+    def step(self):
+        tic = time.perf_counter()
+        try:
+            prompt_responses, responses = self.gen.next()
+        except Exception as e:
+            self._batch_failed(e)
+            return
+        if responses:
+            self.decode_time += time.perf_counter() - tic
+            self.gen_tokens += len(responses)
+
+        if prompt_responses:
+            self._segment_caches(prompt_responses)
+
+        by_uid = self.by_uid
+        stopped = []     # ended by a stop string: still in the batch
+        failed = []
+        for r in responses:
+            act = by_uid.get(r.uid)
+            if act is None:
+                continue
+            try:
+                if self._on_token(act, r):
+                    stopped.append(act)
+            except Exception as e:
+                self.log.error(f"request {act.id!r} failed: {type(e).__name__}: {e}")
+                self._drop(act)
+                if r.finish_reason is None:
+                    failed.append(act.uid)
+                self.error(act.id, "internal", f"{type(e).__name__}: {e}")
+        if failed:
+            self._remove_uids(failed)
+        if stopped:
+            caches = self._remove_uids([a.uid for a in stopped], return_caches=True)
+            for act in stopped:
+                self._finish(act, "stop", caches.get(act.uid))
+        if self.pending:
+            self.admit()
+
+    def _segment_caches(self, prompt_responses):
+        """Store the prompt cache at segment ends (system prompt, prompt minus its last token)."""
+        uids = [r.uid for r in prompt_responses
+                if r.end_of_segment and not r.end_of_prompt
+                and r.uid in self.by_uid and self.by_uid[r.uid].segment_types]
+        if not uids:
+            return
+        try:
+            caches = self.gen.extract_cache(uids)
+            for uid, (cache, tokens) in caches.items():
+                act = self.by_uid[uid]
+                self._store(list(tokens), cache, act.segment_types.pop())
+        except Exception as e:
+            self.log.warning(f"prefix cache insert failed: {type(e).__name__}: {e}")
+
+    def _store(self, tokens, cache, cache_type):
+        if not self.prefix_budget or not tokens or not cache:
+            return
+        if sum(c.nbytes for c in cache) > self.prefix_budget:
+            return
+        mx.async_eval([a for c in cache for a in (getattr(c, "keys", None), getattr(c, "values", None))
+                       if isinstance(a, mx.array)])
+        self.prefix.insert_cache(CACHE_KEY, tokens, cache, cache_type=cache_type)
+
+    def _on_token(self, act, r):
+        """Handle one generated token. Returns True when a stop string ended the request
+        (it must still be removed from the batch); finishes length/EOS itself."""
+        finish = r.finish_reason
+        now = time.perf_counter()
+        detok = act.detok
+        if finish == "stop":
+            # The end-of-sequence token: not part of the text.
+            detok.finalize()
+            seg = detok.last_segment
+            if seg:
+                self._push(act, seg)
+            self._finish(act, "stop", (r.prompt_cache, r.all_tokens))
+            return False
+        if act.fault:
+            raise RuntimeError("test fault (WORKER_TEST_FAULT)")
+        act.n_tokens += 1
+        if act.t_first is None:
+            act.t_first = now
+        act.t_last = now
+        detok.add_token(r.token)
+        if finish is not None:
+            detok.finalize()
+        seg = detok.last_segment
+        stopped = self._push(act, seg) if seg else False
+        if stopped:
+            if finish is None:
+                return True
+            self._finish(act, "stop", (r.prompt_cache, r.all_tokens))
+        elif finish is not None:
+            self._finish(act, finish, (r.prompt_cache, r.all_tokens))
+        return False
+
+    def _push(self, act, seg):
+        """Add decoded text; emit what can no longer be part of a stop string or a split
+        character. Returns True if a stop string completed (the text ends before it)."""
+        buf = act.tail + seg if act.tail else seg
+        hold = 0
+        stops = act.stops
+        if stops:
+            first = -1
+            for s in stops:
+                i = buf.find(s)
+                if i >= 0 and (first < 0 or i < first):
+                    first = i
+            if first >= 0:
+                act.tail = ""
+                self._emit(act, buf[:first])
+                act.tail = None  # a stop string ended the text: nothing more is added
+                return True
+            for s in stops:
+                for k in range(min(len(s) - 1, len(buf)), hold, -1):
+                    if buf.endswith(s[:k]):
+                        hold = k
+                        break
+        keep = len(buf) - hold
+        while keep > 0 and buf[keep - 1] == REPLACEMENT:
+            keep -= 1
+        if keep == len(buf):
+            act.tail = ""
+            self._emit(act, buf)
+        else:
+            act.tail = buf[keep:]
+            self._emit(act, buf[:keep])
+        return False
+
+    def _emit(self, act, text):
+        if text:
+            act.parts.append(text)
+            if act.stream:
+                self.writer.add({"type": "token", "id": act.id, "text": text})
+
+    # ----------------------------------------------------------------- finishing
+    def _finish(self, act, reason, cache_and_tokens=None):
+        if act.tail:  # not a stop: what was held back is text after all
+            tail, act.tail = act.tail, ""
+            self._emit(act, tail)
+        self._drop(act)
+        now = time.perf_counter()
+        n = act.n_tokens
+        # Decode rate after the first token (prompt processing is in ttft_ms); 0 below 2 tokens.
+        tps = (n - 1) / (act.t_last - act.t_first) if n > 1 and act.t_last > act.t_first else 0.0
+        admitted = act.t_admitted if act.t_admitted is not None else now
+        self.writer.add({
+            "type": "done",
+            "id": act.id,
+            "text": "".join(act.parts),
+            "finish_reason": reason,
+            "usage": {"prompt_tokens": len(act.ids), "completion_tokens": n,
+                      "cached_tokens": act.cached},
+            "timing": {
+                "queue_ms": _ms(max(0.0, admitted - act.t_received)),
+                "ttft_ms": _ms(act.t_first - act.t_received) if act.t_first is not None else None,
+                "total_ms": _ms(max(0.0, now - act.t_received)),
+                "tokens_per_s": round(tps, 3),
+            },
+        })
+        self.served += 1
+        if reason != "cancelled" and cache_and_tokens:
+            cache, tokens = cache_and_tokens
+            try:
+                if cache is not None and tokens:
+                    self._store(list(tokens), cache, "assistant")
+            except Exception as e:
+                self.log.warning(f"prefix cache insert failed: {type(e).__name__}: {e}")
+
+    def _drop(self, act):
+        self.by_id.pop(act.id, None)
+        if act.uid is not None:
+            self.by_uid.pop(act.uid, None)
+
+    def _remove_uids(self, uids, return_caches=False):
+        try:
+            return self.gen.remove(uids, return_prompt_caches=return_caches) or {}
+        except Exception as e:
+            self.log.error(f"removing from the batch failed: {type(e).__name__}: {e}; resetting it")
+            self._reset_generator("internal", f"batch reset after {type(e).__name__}: {e}")
+            return {}
+
+    def cancel(self, act):
+        if act.uid is not None:
+            self._remove_uids([act.uid])
+        else:
+            try:
+                self.pending.remove(act)
+            except ValueError:
+                pass
+        self._flush_detokenizer(act)
+        self._finish(act, "cancelled")
+
+    def _flush_detokenizer(self, act):
+        """Text still inside the streaming detokenizer (a cancelled request's last bytes)."""
+        if act.detok is None:
+            return
+        try:
+            act.detok.finalize()
+            seg = act.detok.last_segment
+            if seg and act.tail is not None:
+                self._push(act, seg)
+        except Exception as e:
+            self.log.warning(f"finalizing the text of {act.id!r} failed: {type(e).__name__}: {e}")
+
+    def cancel_all(self, why):
+        acts = list(self.by_id.values())
+        if acts:
+            self.log.info(f"{why}: cancelling {len(acts)} request(s)")
+        uids = [a.uid for a in acts if a.uid is not None]
+        if uids:
+            try:
+                self.gen.remove(uids)
+            except Exception:
+                pass
+        self.pending.clear()
+        for act in acts:
+            self._flush_detokenizer(act)
+            self._finish(act, "cancelled")
+        self.writer.flush()
+
+    def _batch_failed(self, e):
+        self.log.error(f"batch step failed: {type(e).__name__}: {e}")
+        self._reset_generator("internal", f"generation failed: {type(e).__name__}: {e}")
+
+    def _reset_generator(self, code, message):
+        """A failure of the whole batch: its requests get an error, a fresh batch takes over."""
+        for act in list(self.by_uid.values()):
+            self._drop(act)
+            self.error(act.id, code, message)
+        self.by_uid.clear()
+        try:
+            self.gen.close()
+        except Exception:
+            pass
+        self.gen = self._new_generator()
+
+    # ----------------------------------------------------------------- stats
+    def stats(self):
+        try:
+            import psutil
+            rss = int(psutil.Process().memory_info().rss)
+        except Exception:
+            rss = 0
+        return {
+            "type": "stats",
+            "in_flight": len(self.by_uid),
+            "queued": len(self.pending),
+            "served": self.served,
+            "errors": self.errors,
+            "tokens_per_s": round(self.gen_tokens / self.decode_time, 3) if self.decode_time > 0 else 0.0,
+            "prefix_cache": {
+                "hits": self.hits,
+                "misses": self.misses,
+                "entries": len(self.prefix),
+                "bytes": int(self.prefix.nbytes),
+                "budget_bytes": self.prefix_budget,
+            },
+            "memory": {
+                "rss_bytes": rss,
+                "active_bytes": int(mx.get_active_memory()),
+                "peak_bytes": int(mx.get_peak_memory()),
+            },
+            "uptime_s": round(time.time() - self.started, 3),
+        }
