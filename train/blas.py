@@ -82,5 +82,11 @@ def _resolve(name):
 
 
 def _log(enabled, message):
-    if enabled and os.environ.get("FAST_BLAS_QUIET") != "1":
-        print(message, file=sys.stderr, flush=True)
+    if not enabled or os.environ.get("FAST_BLAS_QUIET") == "1":
+        return
+    if os.environ.get("LOG_FORMAT") == "json":  # the worker's structured logs
+        import json
+        import time
+
+        message = json.dumps({"ts": round(time.time(), 3), "level": "info", "msg": message})
+    print(message, file=sys.stderr, flush=True)
