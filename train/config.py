@@ -30,11 +30,15 @@ DEFAULTS = {
     "optimizer": "adam",
     "optimizer_config": {"adam": {}, "adamw": {}, "sgd": {}, "adafactor": {}, "muon": {}},
     "batch_size": "auto",              # int, or auto: the largest that fits memory
+    "auto_batch": {"max_batch_size": 64, "memory_fraction": 0.8},   # how auto probes
     "grad_accumulation_steps": 1,
     "grad_checkpoint": False,
     "iters": 1000,
     "learning_rate": 1e-5,
-    "lr_schedule": {"name": "cosine", "warmup": 0, "min_lr": 0.0},
+    # cosine: linear warmup over `warmup` steps from warmup_init, then cosine decay to min_lr.
+    # An mlx-lm schedule ({name: cosine_decay, arguments: [...], warmup: N}) works as well.
+    "lr_schedule": {"name": "cosine", "warmup": 0, "min_lr": 0.0, "warmup_init": 0.0,
+                    "arguments": None},
     "max_seq_length": 2048,
     # --- evaluation, checkpoints, logging ---
     "val_batches": -1,                 # -1 = the whole validation set

@@ -1,17 +1,19 @@
 """Where everything lives. The one place that knows the repository's layout."""
 
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 RAW = DATA / "raw"
 SAMPLE = DATA / "sample"
-MODELS = ROOT / "models"
-LOGS = ROOT / "logs"
+# MODELS_DIR / LOGS_DIR move the run outputs (tests point them at temporary folders).
+MODELS = Path(os.environ.get("MODELS_DIR") or ROOT / "models")
+LOGS = Path(os.environ.get("LOGS_DIR") or ROOT / "logs")
 DOCS = ROOT / "docs"
 CONFIG = ROOT / "train" / "config.yaml"
-TINY_MODEL = MODELS / "tiny-mistral"
-BENCH_MODEL = MODELS / "bench-mistral"
+TINY_MODEL = ROOT / "models" / "tiny-mistral"     # built models stay in the repository
+BENCH_MODEL = ROOT / "models" / "bench-mistral"
 PROTOCOL_SCHEMA = DOCS / "protocol.schema.json"
 
 

@@ -1,0 +1,166 @@
+"""Examples, batches and their order: the data side of the training loop.
+
+Conversations become (ids, prompt_len) through train.prompt.encode_example, the same
+function the worker's prompts go through. Batches follow mlx-lm's iterate_batches: examples
+sorted by length, cut into batches (the last, shorter one included, so no example is left
+out), padded, with lengths as (offset, length) for mlx-lm's default_loss. The order of the
+batches is a permutation per epoch drawn from (seed, epoch) alone, so the position in the
+data is two integers and a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from train.checkpoint import sha256_file
+from train.prompt import encode_example
+
+
+@dataclass
+class Split:
+    """One data file: its conversations and what identifies it."""
+    path: str
+    conversations: list
+    sha256: str
+
+    @property
+    def info(self):
+        return {"path": self.path, "sha256": self.sha256, "count": len(self.conversations)}
+
+
+def read_split(path):
+    """A {"messages": [...]} JSONL file (prepare_data's output); a missing file is empty."""
+    path = Path(path)
+    if not path.is_file():
+        return Split(str(path), [], None)
+    conversations = []
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = orjson.loads(line)
+            messages = record["messages"]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{number}: not a {{\"messages\": [...]}} record ({e}); "
+                             "run `make data` to prepare the data") from None
+        conversations.append(messages)
+    return Split(str(path), conversations, sha256_file(path))
+
+
+def common_system_prompt(conversations):
+    """The system message every conversation starts with, if they all share one."""
+    prompts = {m[0]["content"] if m and m[0]["role"] == "system" else None for m in conversations}
+    return prompts.pop() if len(prompts) == 1 else None
+
+
+@dataclass
+class Encoded:
+    examples: list                 # [(ids, offset)]
+    truncated: int = 0
+    dropped: int = 0
+    notes: list = field(default_factory=list)
+
+
+def encode(tokenizer, conversations, system_prompt, mask_prompt, max_seq_length):
+    """Token ids and loss offsets. Over-long examples are cut to max_seq_length; one left
+    with no answer token to learn from is dropped (both counted)."""
+    out = Encoded([])
+    for messages in conversations:
+        ids, prompt_len = encode_example(tokenizer, messages, system_prompt)
+        if len(ids) > max_seq_length:
+            ids = ids[:max_seq_length]
+            out.truncated += 1
+        offset = prompt_len if mask_prompt else 0
+        if len(ids) - max(offset, 1) < 1:
+            out.dropped += 1
+            continue
+        out.examples.append((ids, offset))
+    return out
+
+
+def make_batches(examples, batch_size):
+    """Example indices grouped into batches of similar length (shortest first)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(examples, indices, pad_id=0):
+    """(batch, lengths, n_tokens) for mlx-lm's default_loss.
+
+    default_loss counts a target at position t (the token at index t) when
+    offset <= t <= length; with length = len(ids) it would also train the first padding
+    token after the end of the sequence, so we pass len(ids) - 1: the targets are exactly
+    the sequence's own tokens from `offset` on (the answer and its end-of-sequence token).
+    """
+    import mlx.core as mx
+
+    rows = [examples[i] for i in indices]
+    width = max(len(ids) for ids, _ in rows)
+    arr = np.full((len(rows), width), pad_id, np.int32)
+    lengths = np.zeros((len(rows), 2), np.int32)
+    for r, (ids, offset) in enumerate(rows):
+        arr[r, : len(ids)] = ids
+        lengths[r] = (offset, len(ids) - 1)
+    return mx.array(arr), mx.array(lengths), sum(len(ids) for ids, _ in rows)
+
+
+def epoch_order(seed, epoch, n_batches):
+    """The shuffled batch order of one epoch: a function of (seed, epoch) only."""
+    return [int(i) for i in np.random.default_rng([int(seed), int(epoch)]).permutation(n_batches)]
+
+
+class BatchOrder:
+    """Where the training loop is in the data: epoch, index into that epoch's order."""
+
+    def __init__(self, n_batches, seed, epoch=0, index=0):
+        self.n_batches, self.seed, self.epoch, self.index = n_batches, seed, epoch, index
+        self.order = epoch_order(seed, epoch, n_batches)
+
+    def next(self):
+        if self.index >= self.n_batches:
+            self.epoch, self.index = self.epoch + 1, 0
+            self.order = epoch_order(self.seed, self.epoch, self.n_batches)
+        batch = self.order[self.index]
+        self.index += 1
+        return batch
+
+    def state(self):
+        return {"epoch": self.epoch, "index": self.index, "n_batches": self.n_batches,
+                "order": list(self.order)}
+
+    @classmethod
+    def restore(cls, saved, n_batches, seed):
+        """Continue from a saved position; None if it does not fit these batches."""
+        if not saved or saved.get("n_batches") != n_batches:
+            return None
+        order = cls(n_batches, seed, saved["epoch"], saved["index"])
+        if order.order != saved.get("order"):
+            return None
+        return order
+
+
+def evaluate_loss(model, examples, batch_size, num_batches=-1, loss_fn=None):
+    """Token-weighted mean loss over the examples (all of them unless num_batches >= 0)."""
+    import mlx.core as mx
+    from mlx_lm.tuner.trainer import default_loss
+
+    loss_fn = loss_fn or default_loss
+    batches = make_batches(examples, batch_size)
+    if num_batches is not None and num_batches >= 0:
+        batches = batches[:num_batches]
+    total, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for indices in batches:
+            batch, lengths, _ = collate(examples, indices)
+            loss, ntoks = loss_fn(model, batch, lengths)
+            mx.eval(loss, ntoks)
+            total += loss.item() * ntoks.item()
+            tokens += ntoks.item()
+    finally:
+        model.train(was_training)
+    return (total / tokens if tokens else math.nan), tokens
