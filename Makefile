@@ -15,7 +15,7 @@ NODE_STAMP := examples/express/node_modules/.setup-stamp clients/node/node_modul
 
 # Data
 RAW           ?=
-DATA          ?= data
+DATA          ?=
 SEED          ?=
 VALID_FRACTION ?=
 SKIP_INVALID  ?=
@@ -80,7 +80,7 @@ bench-model: $(STAMP) ## Build the ~100M-parameter benchmark model in models/ben
 	$(PY) -m bench.bench_model --out models/bench-mistral
 
 data: $(STAMP) ## Prepare DATA/train.jsonl and DATA/valid.jsonl from RAW (default data/raw, else data/sample)
-	$(PY) -m train.prepare_data --config $(CONFIG) --out $(DATA) $(call opt,--raw,$(RAW)) \
+	$(PY) -m train.prepare_data --config $(CONFIG) --out $(or $(DATA),data) $(call opt,--raw,$(RAW)) \
 	  $(call opt,--seed,$(SEED)) $(call opt,--valid-fraction,$(VALID_FRACTION)) \
 	  $(call flag,--skip-invalid,$(SKIP_INVALID))
 
@@ -99,7 +99,7 @@ worker: $(STAMP) ## Run the NDJSON worker on models/NAME (stdin/stdout)
 demo: $(STAMP) ## The whole job on the tiny model: data, train, eval, a worker round trip
 	@test -f models/tiny-mistral/config.json || $(MAKE) --no-print-directory tiny-model
 	$(MAKE) --no-print-directory data
-	$(MAKE) --no-print-directory train CONFIG=$(DEMO_CONFIG) NAME=$(DEMO_NAME) MODEL=models/tiny-mistral
+	$(MAKE) --no-print-directory train CONFIG=$(DEMO_CONFIG) NAME=$(DEMO_NAME) MODEL=models/tiny-mistral FRESH=1
 	$(MAKE) --no-print-directory eval NAME=$(DEMO_NAME)
 	@echo "--- worker round trip (python -m worker --adapter models/$(DEMO_NAME)) ---"
 	printf '%s\n' '{"id":"demo-1","prompt":"Em que ano foi fundado o Sporting Clube Farense?"}' \
