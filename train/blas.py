@@ -4,7 +4,12 @@ The mlx[cpu] wheel links the unoptimised reference BLAS. Loading OpenBLAS or MKL
 RTLD_GLOBAL first makes their cblas_* symbols win when libmlx.so is loaded, which makes a
 float32 matmul 10-60x faster on x86-64. macOS (Accelerate) and CUDA need nothing.
 
-Opt out with FAST_BLAS=0; force a library with FAST_BLAS_LIB=/path/to/lib.so.
+OpenBLAS 0.3.21 (Debian 12) does not recognise recent x86 CPUs and falls back to its SSE3
+"Prescott" kernels; unless OPENBLAS_CORETYPE is already set, it is set from the CPU's flags
+before the library loads (measured: prefill 2x, 8 concurrent streams 1.4x; docs/PERFORMANCE.md).
+
+Opt out with FAST_BLAS=0; force a library with FAST_BLAS_LIB=/path/to/lib.so. Intel MKL
+(`pip install mkl`, which puts libmkl_rt.so.3 in the venv's lib/) is preferred when present.
 """
 
 import ctypes
@@ -13,6 +18,7 @@ import os
 import sys
 
 CANDIDATES = (
+    os.path.join(sys.prefix, "lib", "libmkl_rt.so.3"),   # the PyPI mkl wheel
     "libmkl_rt.so",
     "libmkl_rt.so.2",
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -34,6 +40,27 @@ def _find():
     return list(CANDIDATES) + ([found] if found else [])
 
 
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def openblas_coretype(flags=None):
+    """The OpenBLAS DYNAMIC_ARCH core for this CPU's instruction set (None: leave it)."""
+    flags = cpu_flags() if flags is None else flags
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags:
+        return "Cooperlake" if "avx512_bf16" in flags else "SkylakeX"
+    if {"avx2", "fma"} <= flags:
+        return "Haswell"
+    return None
+
+
 def load_fast_blas(log=True):
     """Idempotent. Returns the loaded library path, or None."""
     global loaded_path, status
@@ -50,6 +77,8 @@ def load_fast_blas(log=True):
         status = "too late: mlx was imported before train.blas"
         _log(log, f"fast-blas: {status}")
         return None
+    if "OPENBLAS_CORETYPE" not in os.environ and (core := openblas_coretype()):
+        os.environ["OPENBLAS_CORETYPE"] = core   # read by OpenBLAS when it is loaded
     for name in _find():
         try:
             lib = ctypes.CDLL(name, mode=os.RTLD_GLOBAL)
@@ -59,12 +88,23 @@ def load_fast_blas(log=True):
             continue
         loaded_path = _resolve(name)
         status = "loaded"
-        _log(log, f"fast-blas: loaded {loaded_path} (FAST_BLAS=0 to opt out)")
+        core = _corename(lib)
+        _log(log, f"fast-blas: loaded {loaded_path}{f' ({core} kernels)' if core else ''} "
+                  "(FAST_BLAS=0 to opt out)")
         return loaded_path
     status = "no optimised BLAS found"
     _log(log, "fast-blas: no optimised BLAS found; mlx uses its slow reference BLAS. "
               "Install one: apt-get install libopenblas0-pthread (or run `make setup` as root)")
     return None
+
+
+def _corename(lib):
+    try:
+        fn = lib.openblas_get_corename
+    except AttributeError:
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def _resolve(name):

@@ -1,0 +1,140 @@
+"""The benchmark's pure helpers, and one very short real measurement (never timings)."""
+
+import json
+import math
+
+import pytest
+
+from bench import report
+
+
+def test_statistics_helpers():
+    assert report.median([3, 1, 2]) == 2
+    assert report.median([1, None, float("nan"), 3]) == 2
+    assert report.median([]) is None
+    s = report.summarize([4.0, None, 2.0])
+    assert s["n"] == 2 and s["median"] == 3.0 and s["min"] == 2.0 and s["max"] == 4.0
+    assert s["samples"] == [4.0, None, 2.0]            # raw samples kept as they were
+    assert report.ratio(3.0, 2.0) == 1.5
+    assert report.ratio(1.0, 0) is None and report.ratio(None, 1.0) is None
+    assert report.ratio(float("inf"), 1.0) is None
+    assert report.meets(0.25, ("<=", 0.3)) is True
+    assert report.meets(0.95, (">=", 0.95)) is True
+    assert report.meets(0.5, (">=", 0.6)) is False
+    assert report.meets(None, (">=", 1)) is None
+
+
+def test_training_windows():
+    ours = [{"step": 0, "tokens_per_s": None, "tokens_seen": 0},
+            {"step": 10, "tokens_per_s": 100.0, "tokens_seen": 1000},
+            {"step": 20, "tokens_per_s": 200.0, "tokens_seen": 3000},
+            {"step": 30, "tokens_per_s": 400.0, "tokens_seen": 4000}]
+    w = report.train_windows_ours(ours)
+    assert w == [(1000, 100.0), (2000, 200.0), (1000, 400.0)]
+    # first window left out: (2000 + 1000) tokens / (10 s + 2.5 s)
+    assert math.isclose(report.window_rate(w), 3000 / 12.5)
+    assert math.isclose(report.window_rate(w, skip_first=False), 4000 / 22.5)
+    assert report.window_rate([(500, 50.0)]) == 50.0      # one window: kept
+    assert report.window_rate([]) is None
+    lora = [{"trained_tokens": 600, "tokens_per_second": 60.0},
+            {"trained_tokens": 1200, "tokens_per_second": 120.0}]
+    assert report.train_windows_lora(lora) == [(600, 60.0), (600, 120.0)]
+
+
+def test_rows_tables_and_files(tmp_path):
+    rows = [
+        report.row("training", 120.0, 100.0, "tok/s", target_key="training"),
+        report.row("ttft", 50.0, 1000.0, "ms", ours_label="cached", anchor_label="uncached",
+                   target_key="ttft_cached"),
+        report.row("bandwidth", 9.0, 20.0, "tok/s", target_key="bandwidth_fraction"),
+        report.row("info only", 1.0, None, "x"),
+    ]
+    assert rows[0]["met"] is True and math.isclose(rows[0]["ratio"], 1.2)
+    assert rows[1]["met"] is True and rows[1]["target"] == "<= 0.3"
+    assert rows[2]["met"] is False
+    assert rows[3]["met"] is None and rows[3]["ratio"] is None
+    md = report.markdown_table(rows)
+    assert md.count("\n") == len(rows) + 2 and "**NO**" in md and "1.2x" in md
+    assert report.paired_ratio([2.0, 4.0, 9.0], [1.0, 4.0, 3.0]) == 2.0
+    txt = report.text_table(rows)
+    assert "measurement" in txt.splitlines()[0] and "NO" in txt
+
+    path = report.write_json(tmp_path / "sub" / "r.json", {"rows": rows, "p": tmp_path})
+    assert json.loads(path.read_text())["rows"][0]["name"] == "training"
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]   # no temp left
+
+    doc = tmp_path / "PERFORMANCE.md"
+    report.append_markdown(doc, "## run 1\n\n" + md)
+    report.append_markdown(doc, "## run 2\n")
+    text = doc.read_text()
+    assert text.startswith("# Performance") and text.index("## run 1") < text.index("## run 2")
+
+    png = report.plot_concurrency(tmp_path / "c.png", [1, 2, 4], [10.0, 18.0, 30.0], [9.0, None, 25.0],
+                                  "test", single=10.0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_build_rows_and_section():
+    from bench import run
+
+    s = lambda *v: report.summarize(list(v))
+    res = {
+        "training": {"model": "models/tiny-mistral", "batch_size": 4, "lora_rank": 8, "lora_layers": 4,
+                     "iters": 15, "ours_summary": s(110.0), "mlx_lm_lora_summary": s(100.0),
+                     "ours_noblas": [{}], "ours_noblas_summary": s(50.0)},
+        "decode": {"model": "m", "max_tokens": 8, "worker": [{}], "worker_noblas": [],
+                   "worker_summary": s(10.0), "worker_own_summary": s(10.5),
+                   "stream_generate_summary": s(10.0), "stream_generate_own_summary": s(10.2),
+                   "worker_noblas_summary": s()},
+        "concurrency": {"levels": [1, 8], "worker_summary": {"1": s(10.0), "8": s(40.0)},
+                        "server_summary": {"1": s(10.0), "8": s(35.0)}},
+        "ttft": {"system_prompt_tokens": 520, "cached_summary": s(100.0), "uncached_summary": s(1000.0),
+                 "cached_worker_summary": s(95.0), "uncached_worker_summary": s(990.0)},
+        "bandwidth": {"limit_tokens_per_s": 20.0, "bytes_per_s": 8e9, "weights_bytes": 4e8},
+    }
+    rows = run.build_rows(res)
+    met = {r["target_key"]: r["met"] for r in rows if r["target_key"]}
+    assert met == {"training": True, "decode": True, "concurrency_vs_server": True,
+                   "concurrency_scaling": True, "ttft_cached": True, "bandwidth_fraction": False}
+    res.update(mode="quick", started="2026-01-01 00:00", command="x", make_command="make bench QUICK=1",
+               elapsed_s=1.0, load_start=[0.1, 0, 0], load_end=[2.0, 0, 0], models_note="tiny",
+               results_file="bench/results/x.json", errors={}, warnings=["server reset 2 connections"],
+               machine={"host": "h", "cpu": "c", "cores": 2, "backend": "cpu", "blas": "b"})
+    md = run.markdown_section(res, rows, "../bench/results/x.png")
+    assert "## 2026-01-01 00:00 — quick — h" in md and "noisy" in md and "x.png" in md
+    assert "Missed targets: decode vs bandwidth limit" in md
+    assert "Note: server reset 2 connections" in md
+
+
+def test_one_real_decode_measurement(tiny_model, tmp_path):
+    """The decode path end to end on the tiny model: the worker over stdio and
+    mlx_lm.stream_generate, 1 repetition of 4 tokens. Checks the plumbing, not the speed."""
+    from bench import run
+
+    plan = dict(run.PLANS["quick"], decode_model=tiny_model, decode_reps=1, decode_max_tokens=4,
+                decode_noblas_reps=0)
+    res = {}
+    workers = run.Workers(tmp_path)
+    try:
+        tokenizer = run.section_decode(plan, tmp_path, res, workers)
+        assert workers.get("main").ready["protocol"] == 1
+    finally:
+        workers.stop_all()
+    assert tokenizer is not None
+    dec = res["decode"]
+    (w,), (a,) = dec["worker"], dec["stream_generate"]
+    assert w["prompt_tokens"] == dec["prompt_tokens"]          # same prompt tokens on both sides
+    assert w["completion_tokens"] <= 4 and a["completion_tokens"] <= 4
+    assert w["finish_reason"] in ("length", "stop")
+    assert dec["worker_summary"]["n"] + dec["stream_generate_summary"]["n"] >= 0
+    assert "-m worker --model" in dec["worker_command"]
+
+
+def test_openblas_coretype_from_flags():
+    from train.blas import openblas_coretype
+
+    avx512 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
+    assert openblas_coretype(avx512 | {"avx512_bf16"}) == "Cooperlake"
+    assert openblas_coretype(avx512) == "SkylakeX"
+    assert openblas_coretype({"avx2", "fma", "sse3"}) == "Haswell"
+    assert openblas_coretype({"sse3"}) is None
