@@ -6,6 +6,11 @@ sorted by length, cut into batches (the last, shorter one included, so no exampl
 out), padded, with lengths as (offset, length) for mlx-lm's default_loss. The order of the
 batches is a permutation per epoch drawn from (seed, epoch) alone, so the position in the
 data is two integers and a resumed run sees exactly the batches an uninterrupted one would.
+
+In a run of several processes (train.launch) the batches are those of the global batch size
+(processes x batch_size) and process r takes examples r, r+k, r+2k... of each (shard); the
+losses are summed and divided by the target count of the whole batch (target_count), so k
+processes see, and average over, exactly what one process with k x batch_size would.
 """
 
 import math
@@ -87,6 +92,21 @@ def make_batches(examples, batch_size):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def shard(indices, rank, size):
+    """Process `rank`'s share of a batch: its examples rank, rank+size, ... (all if size 1)."""
+    return indices[rank::size] if size > 1 else indices
+
+
+def target_count(examples, indices):
+    """The loss targets of these examples, as default_loss counts them with collate's
+    lengths: positions max(offset, 1) .. len(ids) - 1."""
+    return sum(len(examples[i][0]) - max(examples[i][1], 1) for i in indices)
+
+
+def token_count(examples, indices):
+    return sum(len(examples[i][0]) for i in indices)
+
+
 def collate(examples, indices, pad_id=0):
     """(batch, lengths, n_tokens) for mlx-lm's default_loss.
 
@@ -142,8 +162,13 @@ class BatchOrder:
         return order
 
 
-def evaluate_loss(model, examples, batch_size, num_batches=-1, loss_fn=None):
-    """Token-weighted mean loss over the examples (all of them unless num_batches >= 0)."""
+def evaluate_loss(model, examples, batch_size, num_batches=-1, loss_fn=None, rank=0, size=1,
+                  all_sum=None):
+    """Token-weighted mean loss over the examples (all of them unless num_batches >= 0).
+
+    Several processes (size > 1): batch_size is the global batch size, each process evaluates
+    its shard of every batch and all_sum((loss sum, token count)) adds them up across the
+    processes, so every one returns what a single process would."""
     import mlx.core as mx
     from mlx_lm.tuner.trainer import default_loss
 
@@ -156,6 +181,9 @@ def evaluate_loss(model, examples, batch_size, num_batches=-1, loss_fn=None):
     model.eval()
     try:
         for indices in batches:
+            indices = shard(indices, rank, size)
+            if not indices:
+                continue
             batch, lengths, _ = collate(examples, indices)
             loss, ntoks = loss_fn(model, batch, lengths)
             mx.eval(loss, ntoks)
@@ -163,4 +191,7 @@ def evaluate_loss(model, examples, batch_size, num_batches=-1, loss_fn=None):
             tokens += ntoks.item()
     finally:
         model.train(was_training)
+    if size > 1 and all_sum is not None:
+        total, tokens = all_sum([total, tokens])
+        tokens = int(round(tokens))
     return (total / tokens if tokens else math.nan), tokens

@@ -16,8 +16,21 @@ write the bundle (bundle.py). Everything a step depends on is a function of the 
 so an interrupted run (Ctrl-C, kill -9, power loss) rerun with the same command ends where
 an uninterrupted one ends.
 
+Several processes (`make train NPROC=2`, `HOSTFILE=hosts.json`; train.launch starts them
+through mlx.launch): each process (rank) takes its share of every batch (batches.shard), the
+batch size is per process and the batches are those of the global batch (processes x
+batch_size); the summed per-token loss is divided by the target count of the whole global batch
+and the gradients are summed over the processes (mx.distributed.all_sum), so k processes with
+batch_size b train like one with k x b (up to float rounding; with LoRA dropout each process
+draws its own masks). Validation losses are summed the same way. batch_size auto: every
+process probes, those on one machine splitting its memory, and the smallest wins. Only rank 0
+writes checkpoints, logs, metrics and the bundle; every rank reads the same checkpoint
+(models/NAME on one machine, or on storage all machines share). The number of processes is
+part of the resume fingerprint. A process that crashes or loses its peers stops them all.
+
 Outputs: models/NAME/ (adapter, best/, checkpoints/, metadata.json, ...), logs/NAME/metrics.jsonl.
-Exit codes: 0 done; 2 bad configuration or refused resume; 3 non-finite loss; 130 interrupted.
+Exit codes: 0 done; 2 bad configuration or refused resume; 3 non-finite loss; 4 another
+process of a distributed run stopped or crashed (or its launcher is gone); 130 interrupted.
 Test hooks (environment): TRAIN_INJECT_NAN=train:STEP|val:STEP, TRAIN_STEP_DELAY_S=seconds.
 """
 
@@ -29,7 +42,9 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,7 +53,7 @@ import numpy as np
 from train import atomic, batches, bundle, checkpoint, memory, paths
 from train.config import ConfigError, load_config
 
-EXIT_CONFIG, EXIT_NAN, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_CONFIG, EXIT_NAN, EXIT_PEER, EXIT_INTERRUPTED = 2, 3, 4, 130
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor", "muon")
 # The config keys that decide the weights a run produces. A checkpoint made under other
@@ -61,8 +76,124 @@ class Stop(Exception):
         self.code = code
 
 
-def log(message):
-    print(f"train: {message}", file=sys.stderr, flush=True)
+def log(message, every_rank=False):
+    """Progress on stderr. In a distributed run rank 0 speaks for the run; the other ranks
+    only report errors and warnings (and what every_rank asks for), prefixed with their rank."""
+    if DIST.rank == 0:
+        print(f"train: {message}", file=sys.stderr, flush=True)
+    elif every_rank or message.startswith(("error", "warning")):
+        print(f"train[rank {DIST.rank}]: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- several processes
+
+class PeerLost(Exception):
+    """A collective operation failed: another process of the run is gone."""
+
+
+class Dist:
+    """The processes of this run: size 1 on its own, else mlx.launch's group (mx.distributed)."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank = group.rank() if group is not None else 0
+        self.size = group.size() if group is not None else 1
+
+    @classmethod
+    def from_environment(cls):
+        """Join the run mlx.launch started (it sets MLX_RANK); size 1 otherwise."""
+        if os.environ.get("MLX_RANK") is None:
+            return cls()
+        hostfile = os.environ.get("MLX_HOSTFILE")
+        if hostfile and Path(hostfile).is_file() and not Path(hostfile).read_text().strip():
+            return cls()                                  # mlx.launch -n 1: a ring of one
+        import mlx.core as mx
+        group = mx.distributed.init(strict=True)
+        return cls(group) if group.size() > 1 else cls()
+
+    def _eval(self, what, *arrays):
+        import mlx.core as mx
+        try:
+            mx.eval(*arrays)
+        except RuntimeError as e:
+            raise PeerLost(f"{what}: {e}") from None
+        return arrays
+
+    def all_sum_floats(self, values):
+        """Sums of a few Python numbers over the processes (float64)."""
+        import mlx.core as mx
+        if self.size == 1:
+            return list(values)
+        (out,) = self._eval("all_sum", mx.distributed.all_sum(mx.array(values, dtype=mx.float64),
+                                                             group=self.group, stream=mx.cpu))
+        return out.tolist()
+
+    def all_gather_ints(self, values):
+        """[[rank 0's values], [rank 1's], ...] of a few integers per process."""
+        import mlx.core as mx
+        if self.size == 1:
+            return [list(values)]
+        (out,) = self._eval("all_gather", mx.distributed.all_gather(
+            mx.array(values, dtype=mx.int64).reshape(1, -1), group=self.group, stream=mx.cpu))
+        return out.tolist()
+
+    def sum_tree(self, tree, group_bytes=32 << 20):
+        """The sum over the processes of a tree of arrays (the gradients), evaluated: arrays of
+        one dtype concatenated into a few all_sum calls, as nn.average_gradients does, without
+        its division by the number of processes."""
+        import mlx.core as mx
+        from mlx.utils import tree_flatten, tree_unflatten
+        if self.size == 1:
+            return tree
+        flat = tree_flatten(tree)
+        chunks, current, nbytes = [], [], 0
+        for key, value in flat:
+            if current and (nbytes >= group_bytes or current[-1][1].dtype != value.dtype):
+                chunks.append(current)
+                current, nbytes = [], 0
+            current.append((key, value))
+            nbytes += value.nbytes
+        if current:
+            chunks.append(current)
+        out = []
+        for chunk in chunks:
+            big = mx.distributed.all_sum(mx.concatenate([v.reshape(-1) for _, v in chunk]),
+                                         group=self.group)
+            offsets = np.cumsum([v.size for _, v in chunk])[:-1].tolist()
+            out.extend((k, part.reshape(v.shape)) for (k, v), part in zip(chunk, mx.split(big, offsets)))
+        summed = tree_unflatten(out)
+        self._eval("all_sum of the gradients", [v for _, v in out])
+        return summed
+
+    def watch_launcher(self):
+        """Exit when this process is orphaned (its launcher was killed): a rank left alone
+        would otherwise keep training, or wait, for nobody."""
+        parent = os.getppid()
+        launcher = os.environ.get("TRAIN_LAUNCH_PID")
+        same_host = os.environ.get("TRAIN_LAUNCH_HOST") == socket.gethostname()
+        launcher = int(launcher) if launcher and launcher.isdigit() and same_host else None
+
+        def alive(pid):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                pass
+            return True
+
+        def loop():
+            while True:
+                time.sleep(0.5)
+                if os.getppid() != parent or (launcher is not None and not alive(launcher)):
+                    log("error: the launcher (train.launch / mlx.launch) is gone; stopping. Run "
+                        "the same command to continue from the last checkpoint.", every_rank=True)
+                    os._exit(EXIT_PEER)
+
+        threading.Thread(target=loop, name="watch-launcher", daemon=True).start()
+
+
+DIST = Dist()
 
 
 # --------------------------------------------------------------------------- configuration
@@ -74,7 +205,7 @@ def parse_args(argv=None):
     p.add_argument("--model", help="base model: a local folder or a Hugging Face id")
     p.add_argument("--data", help="folder with train.jsonl and valid.jsonl")
     p.add_argument("--iters", help="optimizer steps")
-    p.add_argument("--batch-size", help="examples per batch, or auto")
+    p.add_argument("--batch-size", help="examples per batch (per process when distributed), or auto")
     p.add_argument("--learning-rate", help="peak learning rate")
     p.add_argument("--save-every", help="checkpoint every N steps")
     p.add_argument("--eval-every", help="validation loss every N steps (steps_per_eval)")
@@ -246,14 +377,75 @@ def step_seed(seed, step):
     return int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1, np.uint32)[0])
 
 
+def rank_step_seed(seed, step, rank):
+    """The same for process `rank` of a distributed run: each one draws its own dropout masks
+    for its share of the batch (so dropout differs from a single process's, and the runs
+    agree only in distribution when lora_parameters.dropout > 0)."""
+    if rank == 0:
+        return step_seed(seed, step)
+    return int(np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(1, np.uint32)[0])
+
+
+def sum_loss(model, batch, lengths, global_count):
+    """default_loss in its sum form: (this share's loss sum / the global batch's target count,
+    the loss sum). mlx-lm's default_loss returns the mean over this share's targets, which
+    would weigh the processes' shares equally instead of by their targets."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = model(inputs)
+    steps = mx.arange(1, targets.shape[1] + 1)
+    mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+    total = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
+    return total / global_count, total
+
+
 # --------------------------------------------------------------------------- resume helpers
 
-def fingerprint(cfg, train_split, valid_split, base_hash):
+def fingerprint(cfg, train_split, valid_split, base_hash, world_size=1):
     config = {k: cfg[k] for k in TRAJECTORY_KEYS}
     canonical = json.dumps(config, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return {"config": config, "config_sha256": hashlib.sha256(canonical).hexdigest(),
             "data": {"train": train_split.info, "valid": valid_split.info},
-            "base_model": {"name": cfg["model"], "hash": base_hash}}
+            "base_model": {"name": cfg["model"], "hash": base_hash},
+            "world_size": world_size}
+
+
+def fingerprint_id(fp):
+    """48 bits that differ when the trajectory differs (the processes of a run compare them)."""
+    key = [fp["config_sha256"], fp["data"]["train"]["sha256"], fp["data"]["valid"]["sha256"],
+           fp["base_model"]["hash"], fp.get("world_size", 1)]
+    return int(hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12], 16)
+
+
+def host_id():
+    return int(hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12], 16)
+
+
+def agree_on_start(current, start, warm, run_dir):
+    """All processes must start from the same setup and the same checkpoint (or none); a
+    process on another machine that sees another run folder would train something else."""
+    if start is not None:
+        manifest = json.loads((start.path / checkpoint.MANIFEST).read_text(encoding="utf-8"))
+        sha = manifest["files"][checkpoint.ADAPTERS]["sha256"]
+        mine = [fingerprint_id(current), start.step, int(sha[:12], 16)]
+    else:
+        mine = [fingerprint_id(current), -2 if warm else -1, 0]
+    views = DIST.all_gather_ints(mine)
+    if any(v[0] != views[0][0] for v in views):
+        odd = [r for r, v in enumerate(views) if v[0] != views[0][0]]
+        raise Stop(f"error: the processes do not have the same setup: rank(s) {odd} read other "
+                   "data, config or base model than rank 0. Every machine needs the same files at "
+                   "the same paths (data, config, base model).", EXIT_CONFIG)
+    if any(v[1:] != views[0][1:] for v in views):
+        def what(v):
+            return {-1: "no checkpoint", -2: "the --resume adapter"}.get(v[1], f"step_{v[1]:07d}")
+        seen = ", ".join(f"rank {r}: {what(v)}" for r, v in enumerate(views))
+        raise Stop(f"error: the processes do not resume from the same checkpoint ({seen}). Every "
+                   f"process reads {run_dir}: across machines it must be on storage they all share "
+                   "(at the same path), or copy rank 0's run folder to the other machines before "
+                   "running again.", EXIT_CONFIG)
 
 
 def describe_changes(old, new):
@@ -272,6 +464,10 @@ def describe_changes(old, new):
     if a.get("hash") != b.get("hash"):
         changes.append(f"base model changed: {a.get('name')} -> {b.get('name')} "
                        f"(hash {str(a.get('hash'))[:12]} -> {str(b.get('hash'))[:12]})")
+    a, b = old.get("world_size", 1), new.get("world_size", 1)
+    if a != b:
+        changes.append(f"processes (NPROC / HOSTFILE hosts): {a} -> {b} (batch_size is per "
+                       f"process, so each step's batch changes: {a} x batch_size -> {b} x batch_size)")
     return changes
 
 
@@ -309,6 +505,13 @@ def keep_metrics_until(path, step):
     atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+class NoMetrics:
+    """What the other processes of a distributed run write: nothing (rank 0 logs)."""
+
+    def write(self, record):
+        pass
+
+
 class Metrics:
     """logs/NAME/metrics.jsonl, one JSON object per report, each line flushed to disk."""
 
@@ -331,22 +534,65 @@ def fmt_time(seconds):
 # --------------------------------------------------------------------------- the run
 
 def main(argv=None):
+    global DIST
     args = parse_args(argv)
     if args.models_dir:
         paths.MODELS = Path(args.models_dir).resolve()
     if args.logs_dir:
         paths.LOGS = Path(args.logs_dir).resolve()
+    if os.environ.get("MLX_RANK") is not None:          # started by mlx.launch (train.launch)
+        # train.launch starts mlx.launch with Ctrl-C ignored (the ranks handle it), and the
+        # ranks inherit that: take it back.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            DIST = Dist.from_environment()
+        except Exception as e:
+            log(f"error: cannot join the distributed run (rank {os.environ.get('MLX_RANK')}): "
+                f"{type(e).__name__}: {e}", every_rank=True)
+            return EXIT_PEER
+        if DIST.size > 1:
+            DIST.watch_launcher()
+            log(f"process {DIST.rank} of {DIST.size}: pid {os.getpid()} on {socket.gethostname()}",
+                every_rank=True)
     try:
         return run(args)
     except ConfigError as e:
-        log(f"error: {e}")
+        leaving()
+        log(f"error: {e}", every_rank=True)
         return EXIT_CONFIG
     except Stop as e:
-        log(str(e))
+        leaving()
+        # NaN and interruptions are decided together (the loss and the stop flag are summed
+        # over the processes): rank 0 reports them for all.
+        if DIST.rank == 0 or e.code not in (EXIT_NAN, EXIT_INTERRUPTED):
+            log(str(e), every_rank=True)
+        if DIST.size > 1 and e.code in (EXIT_NAN, EXIT_INTERRUPTED):
+            # Leave together, once rank 0 has saved: mlx.launch stops the others when one
+            # exits with an error, and that must not cut rank 0's checkpoint short.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                DIST.all_sum_floats([0.0])
+            except PeerLost:
+                pass
         return e.code
+    except PeerLost as e:
+        leaving()
+        log(f"error: lost contact with the other processes of this run ({e}); another one "
+            "stopped or crashed (see the messages above). This process stops too; run the same "
+            "command to continue from the last checkpoint.", every_rank=True)
+        return EXIT_PEER
     except KeyboardInterrupt:
+        leaving()
         log("interrupted; run the same command to continue from the last checkpoint")
         return EXIT_INTERRUPTED
+
+
+def leaving():
+    """A distributed process on its way out with its message: when another process exits
+    first, mlx.launch sends the rest SIGTERM, which must not cut the message (or rank 0's
+    last checkpoint) short."""
+    if DIST.size > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def run(args):
@@ -359,9 +605,11 @@ def run(args):
 
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_map
+    from mlx.utils import tree_flatten, tree_map, tree_unflatten
     from mlx_lm import load
     from mlx_lm.tuner.trainer import default_loss
+
+    main_rank = DIST.rank == 0            # the one that writes (checkpoints, metrics, bundle)
 
     # ---- 1. the base model and the data -------------------------------------------------
     log(f"loading {cfg['model']}")
@@ -410,7 +658,7 @@ def run(args):
         f"{lora_info['total_parameters']:,} parameters ({len(lora_info['adapted_modules'])} modules)")
 
     # ---- 3. where to start: the newest intact checkpoint, --resume PATH, or step 0 ------
-    current = fingerprint(cfg, train_split, valid_split, base_hash)
+    current = fingerprint(cfg, train_split, valid_split, base_hash, DIST.size)
     start, warm_weights = None, None
     if args.resume:
         resume_path = Path(args.resume)
@@ -425,7 +673,8 @@ def run(args):
             for change in describe_changes(start.state["fingerprint"], current):
                 log(f"note: resuming {resume_path} although {change}")
     elif not args.fresh:
-        checkpoint.clean_temp(ckpt_root)
+        if main_rank:
+            checkpoint.clean_temp(ckpt_root)
         start = checkpoint.latest_valid(ckpt_root, log=lambda m: log(f"warning: {m}"))
         if start is not None and (changes := describe_changes(start.state["fingerprint"], current)):
             raise Stop(
@@ -436,7 +685,11 @@ def run(args):
                 EXIT_CONFIG)
         if start is None and checkpoint.list_steps(ckpt_root):
             log(f"no usable checkpoint in {ckpt_root}; starting over")
-    if start is None:
+    if DIST.size > 1:
+        agree_on_start(current, start, warm_weights is not None, run_dir)
+    if not main_rank:
+        pass                                                     # rank 0 tidies the run folder
+    elif start is None:
         if args.fresh or (run_dir / "metadata.json").exists() or ckpt_root.exists():
             log(f"starting over in {run_dir}")
         wipe_run(name)
@@ -445,7 +698,7 @@ def run(args):
     else:
         for removed in checkpoint.remove_newer(ckpt_root, start.step):
             log(f"removed checkpoint step_{removed:07d} (newer than the one resumed)")
-    for p in (run_dir.iterdir() if run_dir.is_dir() else []):
+    for p in (run_dir.iterdir() if run_dir.is_dir() and main_rank else []):
         if p.name.startswith(checkpoint.TMP_PREFIX):
             shutil.rmtree(p, ignore_errors=True)
 
@@ -456,18 +709,38 @@ def run(args):
         log(f"batch_size auto: {batch_size} (as chosen when this run started)")
     elif cfg["batch_size"] == "auto":
         extra = memory.optimizer_state_bytes(model, str(cfg["optimizer"]).lower())
+        max_batch_size = cfg["auto_batch"]["max_batch_size"]
+        memory_fraction = cfg["auto_batch"]["memory_fraction"]
+        if DIST.size > 1:
+            # Every process probes at once; those on one machine share its memory. The run
+            # takes the smallest choice, so it fits everywhere.
+            hosts = [h for (h,) in DIST.all_gather_ints([host_id()])]
+            here = hosts.count(host_id())
+            memory_fraction /= here
+            max_batch_size = max(1, min(max_batch_size, len(train_set) // DIST.size))
         batch_size, why = memory.probe(model, loss_and_grad, train_set, batches.collate,
-                                       max_batch_size=cfg["auto_batch"]["max_batch_size"],
-                                       memory_fraction=cfg["auto_batch"]["memory_fraction"],
+                                       max_batch_size=max_batch_size,
+                                       memory_fraction=memory_fraction,
                                        extra_bytes=extra, log=log)
+        if DIST.size > 1:
+            chosen = [b for (b,) in DIST.all_gather_ints([batch_size])]
+            batch_size = min(chosen)
+            why = (f"per process; {here} of the {DIST.size} processes share this machine's memory, "
+                   f"the smallest of the processes' choices {chosen}; rank 0: {why}")
         log(f"batch_size auto: {batch_size} ({why})")
     else:
         batch_size = int(cfg["batch_size"])
-    if batch_size > len(train_set):
-        log(f"note: batch_size {batch_size} is more than the {len(train_set)} training examples; "
-            f"using {len(train_set)}")
-        batch_size = len(train_set)
-    train_batches = batches.make_batches(train_set, batch_size)
+    if batch_size * DIST.size > len(train_set):
+        if DIST.size == 1:
+            log(f"note: batch_size {batch_size} is more than the {len(train_set)} training examples; "
+                f"using {len(train_set)}")
+        else:
+            log(f"note: batch_size {batch_size} x {DIST.size} processes is more than the "
+                f"{len(train_set)} training examples; using {max(1, len(train_set) // DIST.size)} "
+                "per process")
+        batch_size = max(1, len(train_set) // DIST.size)
+    global_batch_size = batch_size * DIST.size
+    train_batches = batches.make_batches(train_set, global_batch_size)
     accum = cfg["grad_accumulation_steps"]
 
     # ---- 5. optimizer; the state of a resumed run ----------------------------------------
@@ -517,13 +790,16 @@ def run(args):
             np.random.set_state(tuple(rng["numpy"]))
         if rng.get("python"):
             random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-        if start.path.parent.resolve() == ckpt_root.resolve():
+        if main_rank and start.path.parent.resolve() == ckpt_root.resolve():
             keep_metrics_until(paths.metrics_file(name), start.step)
-        restore_best(state["best"], start.path.parent, paths.best_dir(name))
+        if main_rank:
+            restore_best(state["best"], start.path.parent, paths.best_dir(name))
         log(f"resuming from {start.path} (step {start.step}/{cfg['iters']}, epoch {order.epoch}, "
             f"batch {order.index}/{order.n_batches})")
         if start.step >= cfg["iters"] or (saved.get("done") and not args.resume):
             log(f"this run is already complete ({saved.get('stop_reason')}); writing its outputs")
+            if not main_rank:
+                return 0
             meta = bundle.write(run_dir, start.path, cfg=adapter_config, state=state, tokenizer=tokenizer,
                                 system_prompt=system_prompt, data_info=current["data"], base_hash=base_hash,
                                 base_hash_method=base_hash_method, lora_info=lora_info,
@@ -533,10 +809,19 @@ def run(args):
         state["done"], state["stop_reason"] = False, None
 
     # ---- 6. the loop -------------------------------------------------------------------
-    metrics = Metrics(paths.metrics_file(name))
+    metrics = Metrics(paths.metrics_file(name)) if main_rank else NoMetrics()
     iters = cfg["iters"]
+    if DIST.size > 1:
+        # Every process starts from rank 0's weights (the same seed gives the same adapters,
+        # but a machine with another mlx would not): sum rank 0's with zeros from the others.
+        own = dict(tree_flatten(model.trainable_parameters()))
+        sent = own if main_rank else {k: mx.zeros_like(v) for k, v in own.items()}
+        model.load_weights(list(tree_flatten(DIST.sum_tree(tree_unflatten(list(sent.items()))))),
+                           strict=False)
+        sum_loss_and_grad = nn.value_and_grad(model, sum_loss)
+    per_process = f" per process x {DIST.size} processes = {global_batch_size}" if DIST.size > 1 else ""
     log(f"{len(train_set)} training / {len(valid_set)} validation examples, batch size {batch_size}"
-        f"{f' x {accum} accumulated' if accum > 1 else ''}, {len(train_batches)} batches per epoch, "
+        f"{per_process}{f' x {accum} accumulated' if accum > 1 else ''}, {len(train_batches)} batches per epoch, "
         f"{iters} steps, learning rate {cfg['learning_rate']:g} ({(cfg['lr_schedule'] or {}).get('name') or 'constant'})")
     log(f"checkpoints every {cfg['save_every']} steps in {ckpt_root}; metrics in {paths.metrics_file(name)}")
 
@@ -552,7 +837,8 @@ def run(args):
     signal.signal(signal.SIGTERM, on_signal)
 
     def validate(step):
-        loss, _ = batches.evaluate_loss(model, valid_set, batch_size, cfg["val_batches"])
+        loss, _ = batches.evaluate_loss(model, valid_set, global_batch_size, cfg["val_batches"],
+                                        rank=DIST.rank, size=DIST.size, all_sum=DIST.all_sum_floats)
         if inject == ("val", step):
             loss = math.nan
         return loss
@@ -603,22 +889,51 @@ def run(args):
 
     while step < iters:
         step += 1
-        mx.random.seed(step_seed(cfg["seed"], step))
-        grads, loss_tok, n_targets = None, mx.array(0.0), mx.array(0)
-        for _ in range(accum):
-            batch, lengths, n_tokens = batches.collate(train_set, train_batches[order.next()])
-            (loss, ntoks), g = loss_and_grad(model, batch, lengths)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            loss_tok, n_targets = loss_tok + loss * ntoks, n_targets + ntoks
-            mx.eval(grads, loss_tok, n_targets)
-            state["tokens_seen"] += n_tokens
-            window["tokens"] += n_tokens
-        if accum > 1:
-            grads = tree_map(lambda x: x / accum, grads)
-        grad_sq = sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads))
-        loss = loss_tok / n_targets
-        mx.eval(loss, grad_sq)
-        loss_value, grad_norm = loss.item(), math.sqrt(grad_sq.item())
+        if DIST.size == 1:
+            mx.random.seed(step_seed(cfg["seed"], step))
+            grads, loss_tok, n_targets = None, mx.array(0.0), mx.array(0)
+            for _ in range(accum):
+                batch, lengths, n_tokens = batches.collate(train_set, train_batches[order.next()])
+                (loss, ntoks), g = loss_and_grad(model, batch, lengths)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                loss_tok, n_targets = loss_tok + loss * ntoks, n_targets + ntoks
+                mx.eval(grads, loss_tok, n_targets)
+                state["tokens_seen"] += n_tokens
+                window["tokens"] += n_tokens
+            if accum > 1:
+                grads = tree_map(lambda x: x / accum, grads)
+            grad_sq = sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads))
+            loss = loss_tok / n_targets
+            mx.eval(loss, grad_sq)
+            loss_value, grad_norm = loss.item(), math.sqrt(grad_sq.item())
+        else:
+            # This process's share of each global batch; its loss sum is divided by the
+            # target count of the whole batch (known here: every process has all examples),
+            # so the sum of the processes' gradients is the gradient of the global mean.
+            mx.random.seed(rank_step_seed(cfg["seed"], step, DIST.rank))
+            grads, loss_sum, count = None, mx.array(0.0), 0
+            for _ in range(accum):
+                indices = train_batches[order.next()]
+                mine = batches.shard(indices, DIST.rank, DIST.size)
+                n = batches.target_count(train_set, indices)
+                if mine:
+                    batch, lengths, _ = batches.collate(train_set, mine)
+                    (_, local_sum), g = sum_loss_and_grad(model, batch, lengths, float(n))
+                else:                                   # a last batch smaller than the ranks
+                    g, local_sum = tree_map(mx.zeros_like, model.trainable_parameters()), mx.array(0.0)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                loss_sum, count = loss_sum + local_sum, count + n
+                mx.eval(grads, loss_sum)
+                n_tokens = batches.token_count(train_set, indices)
+                state["tokens_seen"] += n_tokens
+                window["tokens"] += n_tokens
+            if accum > 1:
+                grads = tree_map(lambda x: x / accum, grads)
+            grads = DIST.sum_tree(grads)
+            total, stops = DIST.all_sum_floats([loss_sum.item(), float(bool(stop_requested))])
+            grad_sq = sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads))
+            n_targets = mx.array(count)
+            loss_value, grad_norm = total / count, math.sqrt(grad_sq.item())
         if inject == ("train", step):
             loss_value = math.nan
         if not math.isfinite(loss_value):
@@ -688,11 +1003,14 @@ def run(args):
             state["done"], state["stop_reason"] = True, state["stop_reason"] or "completed"
         state["step"] = step
         state["elapsed_s"] = elapsed_before + time.perf_counter() - session_start
-        if step % cfg["save_every"] == 0 or new_best or state["done"] or stop_requested:
+        # Ctrl-C / SIGTERM: on its own, as soon as it came; in a distributed run, when any
+        # process had one at this step's all_sum, so that they all stop at the same step.
+        stopping = bool(stop_requested) if DIST.size == 1 else stops > 0
+        if main_rank and (step % cfg["save_every"] == 0 or new_best or state["done"] or stopping):
             save(step, new_best)
         if state["done"]:
             break
-        if stop_requested:
+        if stopping:
             raise Stop(f"interrupted at step {step}; checkpoint saved. Run the same command to "
                        "continue.", EXIT_INTERRUPTED)
 
@@ -700,6 +1018,8 @@ def run(args):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     # ---- 7. the bundle -----------------------------------------------------------------
+    if not main_rank:
+        return 0
     if not valid_set:
         final = checkpoint.list_steps(ckpt_root)[-1][1]
         checkpoint.write_adapter_dir(final, paths.best_dir(name), {"best.json": {"step": step, "val_loss": None}})
