@@ -41,7 +41,7 @@ RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 TINY = ROOT / "models" / "tiny-mistral"
 BENCH = ROOT / "models" / "bench-mistral"
-SECTIONS = ("bandwidth", "training", "decode", "concurrency", "ttft")
+SECTIONS = ("bandwidth", "training", "decode", "concurrency", "ttft", "distributed")
 SERVER_ATTEMPTS = 4
 
 PLANS = {
@@ -51,7 +51,7 @@ PLANS = {
         decode_model=BENCH, decode_reps=3, decode_max_tokens=24, decode_noblas_reps=1,
         conc_model=BENCH, conc_levels=[1, 8], conc_reps=2, conc_max_tokens=16,
         ttft_model=BENCH, ttft_reps=2, ttft_system_tokens=520,
-        bandwidth_gib=0.5, bandwidth_repeats=5,
+        bandwidth_gib=0.5, bandwidth_repeats=5, dist_repeats=0,
     ),
     "full": dict(
         train_model=TINY, train_reps=3, train_iters=30, train_report=10, train_batch=4,
@@ -59,7 +59,7 @@ PLANS = {
         decode_model=BENCH, decode_reps=5, decode_max_tokens=64, decode_noblas_reps=2,
         conc_model=BENCH, conc_levels=[1, 2, 4, 8, 16], conc_reps=3, conc_max_tokens=48,
         ttft_model=BENCH, ttft_reps=3, ttft_system_tokens=520,
-        bandwidth_gib=1.0, bandwidth_repeats=8,
+        bandwidth_gib=1.0, bandwidth_repeats=8, dist_repeats=2, dist_iters=20,
     ),
 }
 
@@ -474,6 +474,19 @@ def section_bandwidth(plan, tmp, res):
         f"-> decode limit {bw / wb:.1f} tokens/s")
 
 
+# =========================================================================== distributed
+
+def section_distributed(plan, tmp, res):
+    """Training tokens/s with NPROC=1 and NPROC=2 (mlx.launch) at the same global batch."""
+    if not plan["dist_repeats"]:
+        log("distributed: skipped in the quick run")
+        return
+    from bench import distributed
+
+    res["distributed"] = distributed.measure(nprocs=(1, 2), iters=plan["dist_iters"],
+                                             repeats=plan["dist_repeats"], log=log)
+
+
 # =========================================================================== workers
 
 class Workers:
@@ -527,6 +540,13 @@ def build_rows(res):
                                paired=report.paired_ratio(samples(tr, "ours"), samples(tr, "mlx_lm_lora")),
                                note=f"{tr['model']}, batch {tr['batch_size']}, rank {tr['lora_rank']}, "
                                     f"{tr['lora_layers']} layers, {tr['iters']} iters"))
+    dist = res.get("distributed")
+    if dist and len(dist.get("rows", [])) == 2:
+        one, two = dist["rows"]
+        rows.append(report.row("training tokens/s, NPROC=2 vs 1", two["median_tokens_per_s"],
+                               one["median_tokens_per_s"], "tok/s", ours_label="NPROC=2 (mlx.launch)",
+                               anchor_label="NPROC=1", note=f"global batch {dist['global_batch']}, "
+                               f"{dist['iters']} iters, {dist['model']}; one machine: no speed-up expected"))
     dec = res.get("decode")
     if dec:
         rows.append(report.row("decode tokens/s, 1 stream", med(dec, "worker_summary"),
@@ -679,6 +699,8 @@ def main(argv=None):
                     section_concurrency(plan, tmp, res, workers)
                 elif name == "ttft":
                     section_ttft(plan, tmp, res, workers, tokenizer)
+                elif name == "distributed":
+                    section_distributed(plan, tmp, res)
             except Exception as e:  # one failed section must not lose the others
                 import traceback
                 res["errors"][name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
