@@ -9,8 +9,9 @@ PYTHON3 ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 BACKEND ?= cpu
-REQ_HASH := $(shell cat requirements.txt requirements-cuda.txt 2>/dev/null | sha1sum | cut -c1-12)
-STAMP   := $(VENV)/.setup-$(BACKEND)-$(REQ_HASH)
+BLAS    ?=
+REQ_HASH := $(shell cat requirements.txt requirements-cuda.txt requirements-mkl.txt 2>/dev/null | sha1sum | cut -c1-12)
+STAMP   := $(VENV)/.setup-$(BACKEND)$(if $(BLAS),-$(BLAS))-$(REQ_HASH)
 NODE_STAMP := examples/express/node_modules/.setup-stamp clients/node/node_modules/.setup-stamp
 
 # Data
@@ -57,12 +58,13 @@ DEMO_CONFIG := train/demo.yaml
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv and install pinned dependencies (BACKEND=cpu|cuda); idempotent
+setup: $(STAMP) ## Create .venv and install pinned dependencies (BACKEND=cpu|cuda, BLAS=mkl); idempotent
 
-$(STAMP): requirements.txt requirements-cuda.txt
+$(STAMP): requirements.txt requirements-cuda.txt requirements-mkl.txt
 	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@if [ "$(BACKEND)" = cuda ]; then $(PY) -m pip install --quiet --disable-pip-version-check -r requirements-cuda.txt; fi
+	@if [ "$(BLAS)" = mkl ]; then $(PY) -m pip install --quiet --disable-pip-version-check -r requirements-mkl.txt; fi
 	@bash .ci/install-blas.sh
 	@rm -f $(VENV)/.setup-*
 	@touch $@
