@@ -30,7 +30,8 @@ part of the resume fingerprint. A process that crashes or loses its peers stops 
 
 Outputs: models/NAME/ (adapter, best/, checkpoints/, metadata.json, ...), logs/NAME/metrics.jsonl.
 Exit codes: 0 done; 2 bad configuration or refused resume; 3 non-finite loss; 4 another
-process of a distributed run stopped or crashed (or its launcher is gone); 130 interrupted.
+process of a distributed run stopped or crashed (or its launcher is gone); 5 a checkpoint
+could not be written (disk full, read-only folder); 130 interrupted.
 Test hooks (environment): TRAIN_INJECT_NAN=train:STEP|val:STEP, TRAIN_STEP_DELAY_S=seconds.
 """
 
@@ -53,7 +54,7 @@ import numpy as np
 from train import atomic, batches, bundle, checkpoint, memory, paths
 from train.config import ConfigError, load_config
 
-EXIT_CONFIG, EXIT_NAN, EXIT_PEER, EXIT_INTERRUPTED = 2, 3, 4, 130
+EXIT_CONFIG, EXIT_NAN, EXIT_PEER, EXIT_IO, EXIT_INTERRUPTED = 2, 3, 4, 5, 130
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor", "muon")
 # The config keys that decide the weights a run produces. A checkpoint made under other
@@ -851,10 +852,19 @@ def run(args):
                         schedule={"optimizer_step": int(optimizer.state["step"].item()),
                                   "learning_rate": float(optimizer.learning_rate.item())})
         weights = dict(tree_flatten(model.trainable_parameters()))
-        path = checkpoint.save(ckpt_root, step, weights, adapter_config,
-                               dict(tree_flatten(optimizer.state)), snapshot)
-        if new_best:
-            checkpoint.write_adapter_dir(path, paths.best_dir(name), {"best.json": state["best"]})
+        try:
+            path = checkpoint.save(ckpt_root, step, weights, adapter_config,
+                                   dict(tree_flatten(optimizer.state)), snapshot)
+            if new_best:
+                checkpoint.write_adapter_dir(path, paths.best_dir(name), {"best.json": state["best"]})
+        except OSError as e:   # a full disk, a read-only folder: the previous checkpoint stays
+            last = checkpoint.list_steps(ckpt_root)
+            raise Stop(
+                f"error: cannot write the checkpoint of step {step} in {ckpt_root}: "
+                f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}. Nothing is lost: "
+                f"the last complete checkpoint is {last[-1][1].name if last else 'none'}. Free "
+                "disk space (or make the folder writable) and run the same command to continue "
+                "from it.", EXIT_IO) from None
         keep = {state["best"]["step"]} if state["best"] else set()
         checkpoint.prune(ckpt_root, cfg["keep_last"], keep)
         return path
