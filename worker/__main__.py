@@ -91,7 +91,14 @@ def main(argv=None):
         prefix_cache_bytes=args.prefix_cache_bytes, prefill_step_size=args.prefill_step_size,
     )
     engine.install_signal_handlers()
-    engine.warm_up()
+    try:
+        engine.warm_up()
+    except Exception as e:     # e.g. the adapter's chat template cannot render: exit 2, clearly
+        log.error(f"cannot serve {settings.model_path!r}"
+                  f"{' with adapter ' + repr(settings.adapter_path) if settings.adapter else ''}: "
+                  f"the warm-up generation failed (a chat template that cannot render a "
+                  f"conversation?): {type(e).__name__}: {e}")
+        return 2
     writer.add(engine.ready_message(args.max_line_bytes, blas=blas.loaded_path, version=version()))
     writer.flush()
     log.info(f"ready in {time.perf_counter() - t0:.1f}s", model=settings.model, adapter=settings.adapter,

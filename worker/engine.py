@@ -41,6 +41,15 @@ from worker.io import EOF
 CACHE_KEY = "model"          # one model per worker: one namespace in the prefix cache
 REPLACEMENT = "\ufffd"
 MAX_EVENTS_PER_TURN = 256
+# Sampling runs on float32 log-probabilities. Beyond these bounds 1/temperature overflows to
+# inf or underflows to 0 (then -inf * 0 = NaN for the tokens a filter removed), and mlx-lm's
+# apply_top_p compares with top_p * mass rounded to 0 (then indexes past the vocabulary): the
+# sampled tokens fell outside top_k/top_p/min_p. Clamping keeps the meaning: a smaller
+# temperature is greedy, a larger one is uniform over the tokens the filters keep, and a
+# smaller top_p keeps only the most likely token (tests/test_reliability_worker.py).
+MIN_TEMPERATURE = 1e-30
+MAX_TEMPERATURE = 1e30
+MIN_TOP_P = 1e-6
 
 
 def _ms(seconds):
@@ -190,8 +199,10 @@ class Engine:
 
     # ----------------------------------------------------------------- loop
     @staticmethod
-    def arm_exit_watchdog(seconds=1.7):
-        """Whatever happens next (a blocked stdout write, a long prompt), exit 0 in time."""
+    def arm_exit_watchdog(seconds=1.2):
+        """Whatever happens next (a blocked stdout write, a long prompt), exit 0 in time.
+        1.2 s leaves the 2 s rule room for the process teardown on a loaded machine (1.7 s
+        measured 2.02 s end to end on 2 busy cores)."""
         t = threading.Timer(seconds, lambda: os._exit(0))
         t.daemon = True
         t.start()
@@ -200,8 +211,10 @@ class Engine:
         def on_signal(signum, frame):
             if not self.stop_signal:
                 self.stop_signal = True
-                self.log.info(f"signal {signum}: cancelling in-flight requests and exiting")
+                # The watchdog first: this handler may run inside a blocked write (stderr or
+                # stdout full) that holds the logger's lock; the exit must not depend on it.
                 self.arm_exit_watchdog()
+                self.log.info(f"signal {signum}: cancelling in-flight requests and exiting")
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -340,6 +353,11 @@ class Engine:
         rep = req.repetition_penalty if req.repetition_penalty is not None else float(gen["repetition_penalty"])
         if top_k >= self.vocab_size:
             top_k = 0
+        if temp < MIN_TEMPERATURE:
+            temp = 0.0
+        temp = min(temp, MAX_TEMPERATURE)
+        if 0.0 < top_p < MIN_TOP_P:
+            top_p = MIN_TOP_P
         if temp <= 0:
             act.sampler = None                           # the batch's shared greedy sampler
         elif req.seed is not None:

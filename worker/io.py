@@ -27,7 +27,8 @@ class Logger:
     def __init__(self, fmt=None, stream=None):
         self.json = (fmt or os.environ.get("LOG_FORMAT", "plain")).lower() == "json"
         self.stream = stream or sys.stderr
-        self.lock = threading.Lock()
+        # Reentrant: a signal handler that logs can run while this thread is inside a write.
+        self.lock = threading.RLock()
 
     def __call__(self, level, message, **fields):
         try:

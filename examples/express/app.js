@@ -17,6 +17,10 @@ export function defaultLog(level, msg, fields = {}) {
   process.stderr.write(`${JSON.stringify({ time: new Date().toISOString(), level, msg, ...fields })}\n`);
 }
 
+// JSON.parse accepts lone surrogates ("\ud800"); the worker refuses such a line as bad_json
+// with no id, so the request would only end at its timeout (test/security.test.js).
+const NOT_UNICODE = 'must be valid Unicode text (no lone surrogates)';
+
 const isPlainObject = (v) => v !== null && typeof v === 'object' && !Array.isArray(v);
 
 /**
@@ -39,6 +43,7 @@ export function parseChatBody(body) {
       }
       if (!ROLES.has(m.role)) return `${name}[${i}].role must be system, user or assistant`;
       if (typeof m.content !== 'string') return `${name}[${i}].content must be a string`;
+      if (!m.content.isWellFormed()) return `${name}[${i}].content ${NOT_UNICODE}`;
     }
     return null;
   };
@@ -56,6 +61,7 @@ export function parseChatBody(body) {
     if (typeof body.message !== 'string' || body.message.trim() === '') {
       return { error: 'message must be a non-empty string' };
     }
+    if (!body.message.isWellFormed()) return { error: `message ${NOT_UNICODE}` };
     const history = body.history ?? [];
     const e = checkList(history, 'history');
     if (e) return { error: e };
