@@ -27,6 +27,22 @@ export function defaultPython() {
 // Errors
 
 /** A failure reported by (or about) the worker. `code` is the protocol error code. */
+/**
+ * A lone surrogate (half of a UTF-16 pair) is not text: JSON.stringify escapes it, the worker
+ * cannot decode the line, and so it could not answer the request's id. Such requests are
+ * refused in the client, at once.
+ * @param {unknown} value
+ * @returns {boolean}
+ */
+function hasLoneSurrogate(value) {
+  if (typeof value === 'string') return !value.isWellFormed();
+  if (Array.isArray(value)) return value.some(hasLoneSurrogate);
+  if (value && typeof value === 'object') {
+    return Object.entries(value).some(([k, v]) => !k.isWellFormed() || hasLoneSurrogate(v));
+  }
+  return false;
+}
+
 export class WorkerError extends Error {
   /**
    * @param {string} code
@@ -583,6 +599,11 @@ export class Worker extends EventEmitter {
     this._waiting.delete(r);
     clearTimeout(r.queueTimer);
     const line = JSON.stringify(r.body);
+    if (hasLoneSurrogate(r.body)) {
+      this._finish(r);
+      r.onError(new WorkerError('invalid_request', 'request text contains a lone UTF-16 surrogate (not valid Unicode)', { id: r.id }));
+      return;
+    }
     const maxBytes = this.info?.max_line_bytes;
     if (maxBytes && Buffer.byteLength(line) + 1 > maxBytes) {
       this._finish(r);
