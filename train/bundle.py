@@ -249,18 +249,18 @@ def write(run_dir, final_checkpoint, *, cfg, state, tokenizer, system_prompt, da
     except Exception as e:  # a plot is not worth failing a finished run for
         print(f"train: could not draw loss.png: {type(e).__name__}: {e}", file=sys.stderr)
     atomic.write_text(run_dir / "INTEGRATION_GUIDE.md", integration_guide(name, run_dir, meta))
-    atomic.write_text(run_dir / "metadata.json", dumps(_finite(meta)))
+    atomic.write_text(run_dir / "metadata.json", dumps(finite(meta)))
     return meta
 
 
-def _finite(obj):
+def finite(obj):
     """JSON has no NaN: such values become null."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
 
 

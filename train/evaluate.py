@@ -20,7 +20,7 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from train import atomic, batches, paths
+from train import atomic, batches, bundle, paths
 from train.prompt import encode_prompt
 
 
@@ -156,7 +156,7 @@ def main(argv=None):
         "wall_time_s": round(time.perf_counter() - tic, 2),
     }
     stem = "eval" if args.split == "valid" else f"eval-{args.split}"
-    atomic.write_text(run_dir / f"{stem}.json", json.dumps(_finite(report), indent=2, ensure_ascii=False) + "\n")
+    atomic.write_text(run_dir / f"{stem}.json", json.dumps(bundle.finite(report), indent=2, ensure_ascii=False) + "\n")
     atomic.write_text(run_dir / f"{stem}.md", markdown(report))
     b, f = report["base"], report["fine_tuned"]
     print(f"{args.split} ({len(conversations)} conversations)   base -> fine-tuned\n"
@@ -172,16 +172,6 @@ def main(argv=None):
 def _question(messages):
     users = [m["content"] for m in messages[:-1] if m["role"] == "user"]
     return users[-1] if users else ""
-
-
-def _finite(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _cell(text):
