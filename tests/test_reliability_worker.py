@@ -25,8 +25,10 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -712,6 +714,11 @@ def _set_subreaper(on):
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
+def _unread(fd):
+    """Bytes waiting in a pipe (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
 def _wait_blocked_writing(pid, timeout=60):
     """Until the worker's main thread sleeps in a pipe write (stdout or stderr is full)."""
     wchan = Path(f"/proc/{pid}/wchan")
@@ -767,6 +774,10 @@ def test_worker_exits_within_2s_of_its_parent_being_killed(mode):
             worker_pid = int(parent.stdout.readline())
             assert json.loads(parent.stdout.readline())["type"] == "ready"
         assert parent.stdout.readline().strip() == b"go"
+        if mode == "held_stdout":          # the stdout pipe really is full (64 KiB)
+            deadline = time.monotonic() + 60
+            while _unread(held[1]) < 60 << 10 and time.monotonic() < deadline:
+                time.sleep(0.02)
         if mode != "idle":
             _wait_blocked_writing(worker_pid)
         worker = psutil.Process(worker_pid)

@@ -857,11 +857,14 @@ def run(args):
                                    dict(tree_flatten(optimizer.state)), snapshot)
             if new_best:
                 checkpoint.write_adapter_dir(path, paths.best_dir(name), {"best.json": state["best"]})
-        except OSError as e:   # a full disk, a read-only folder: the previous checkpoint stays
-            last = checkpoint.list_steps(ckpt_root)
+        except (OSError, RuntimeError) as e:   # a full disk, a read-only folder (mlx's writer
+            last = checkpoint.list_steps(ckpt_root)   # raises RuntimeError): the previous one stays
+            free = shutil.disk_usage(ckpt_root).free if ckpt_root.exists() else None
+            detail = (f"{e.strerror}{f' ({e.filename})' if e.filename else ''}"
+                      if isinstance(e, OSError) and e.strerror else str(e))
             raise Stop(
-                f"error: cannot write the checkpoint of step {step} in {ckpt_root}: "
-                f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}. Nothing is lost: "
+                f"error: cannot write the checkpoint of step {step} in {ckpt_root}: {detail}"
+                f"{f' ({free / 2**20:.0f} MiB free)' if free is not None else ''}. Nothing is lost: "
                 f"the last complete checkpoint is {last[-1][1].name if last else 'none'}. Free "
                 "disk space (or make the folder writable) and run the same command to continue "
                 "from it.", EXIT_IO) from None
