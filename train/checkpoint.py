@@ -66,8 +66,7 @@ def sha256_file(path, chunk=1 << 20):
 
 
 def _fsync_file(path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    atomic.fsync_file(path)
 
 
 def dumps(obj):

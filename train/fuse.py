@@ -15,7 +15,6 @@ renamed into place, so models/NAME/fused is whole or absent.
 import argparse
 import datetime
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -99,8 +98,7 @@ def main(argv=None):
         (tmp / "fused_from.json").write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n",
                                              encoding="utf-8")
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            atomic.fsync_file(f)
         atomic.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -523,7 +523,7 @@ class Metrics:
     def write(self, record):
         self.f.write(json.dumps(record) + "\n")
         self.f.flush()
-        os.fsync(self.f.fileno())
+        atomic.fsync(self.f.fileno())
 
 
 def fmt_time(seconds):
