@@ -9,6 +9,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -79,3 +80,32 @@ def replace_dir(tmp_dir, final_dir):
     fsync_dir(final_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+STAGED_PREFIX = ".tmp-"
+
+
+@contextmanager
+def staged_dir(final_dir):
+    """Write a folder atomically: yields an empty temporary folder next to `final_dir`
+    (.tmp-NAME-PID); when the block ends normally, every file in it and the folder itself are
+    fsynced and it is renamed into place (replace_dir), replacing an old one. When the block
+    raises, the temporary folder is removed. A reader sees the old folder or the new one."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_dir.with_name(f"{STAGED_PREFIX}{final_dir.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file() and not f.is_symlink():
+                fsync_file(f)
+        for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+            fsync_dir(d)
+        fsync_dir(tmp)
+        replace_dir(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
