@@ -5,12 +5,19 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-PYTHON3 ?= python3
+# PYTHON3: the interpreter .venv is made with (default: the newest python3.13..3.11, then
+# python3, that the pinned packages accept; .ci/find-python.sh chooses it)
+PYTHON3 ?=
 VENV    := .venv
 PY      := $(VENV)/bin/python
 BACKEND ?= cpu
-BLAS    ?=
-REQ_HASH := $(shell cat requirements.txt requirements-cuda.txt requirements-mkl.txt 2>/dev/null | sha1sum | cut -c1-12)
+# BLAS: mkl (Intel MKL, the default on Linux x86-64: ~2x faster decoding than OpenBLAS, +~940 MB
+# in .venv) or openblas (the small one: the system's libopenblas); elsewhere nothing to choose
+BLAS    ?= $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),mkl)
+# SHA-1 of the requirements (shasum on macOS, sha1sum elsewhere; POSIX cksum as a last resort)
+REQ_HASH := $(shell cat requirements.txt requirements-cuda.txt requirements-mkl.txt 2>/dev/null \
+  | { if command -v shasum >/dev/null 2>&1; then shasum; elif command -v sha1sum >/dev/null 2>&1; then sha1sum; else cksum; fi; } \
+  | tr -dc '0-9a-f\n' | cut -c1-12)
 STAMP   := $(VENV)/.setup-$(BACKEND)$(if $(BLAS),-$(BLAS))-$(REQ_HASH)
 NODE_STAMP := examples/express/node_modules/.setup-stamp clients/node/node_modules/.setup-stamp
 
@@ -58,13 +65,18 @@ DEMO_CONFIG := train/demo.yaml
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv and install pinned dependencies (BACKEND=cpu|cuda, BLAS=mkl); idempotent
+setup: $(STAMP) ## Create .venv and install pinned dependencies (BACKEND=cpu|cuda, BLAS=mkl|openblas); idempotent
 
 $(STAMP): requirements.txt requirements-cuda.txt requirements-mkl.txt
-	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	@if [ -x $(PY) ] && ! PYTHON3=$(PY) sh .ci/find-python.sh >/dev/null 2>&1; then \
+	  echo "setup: $(VENV) has $$($(PY) -V 2>&1), too old for the pinned packages: making it again"; rm -rf $(VENV); fi
+	@test -x $(PY) || { py="$$(PYTHON3='$(PYTHON3)' sh .ci/find-python.sh)" && echo "setup: $$py -m venv $(VENV)" \
+	  && "$$py" -m venv $(VENV); }
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@if [ "$(BACKEND)" = cuda ]; then $(PY) -m pip install --quiet --disable-pip-version-check -r requirements-cuda.txt; fi
 	@if [ "$(BLAS)" = mkl ]; then $(PY) -m pip install --quiet --disable-pip-version-check -r requirements-mkl.txt; fi
+	@if [ "$(BLAS)" != mkl ] && [ -e $(VENV)/lib/libmkl_rt.so.3 ]; then echo "setup: BLAS=$(BLAS): removing Intel MKL from $(VENV)"; \
+	  $(PY) -m pip uninstall --yes --quiet mkl intel-openmp tbb tcmlib umf intel-cmplr-lib-ur; fi
 	@bash .ci/install-blas.sh
 	@rm -f $(VENV)/.setup-*
 	@touch $@

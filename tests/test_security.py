@@ -52,6 +52,10 @@ def fifo_never_opened(path):
 
 
 def open_paths(pid):
+    """Every path the process holds open (Linux: /proc/PID/fd, FIFOs and folders included;
+    elsewhere psutil's regular files)."""
+    if not Path(f"/proc/{pid}/fd").is_dir():
+        return {f.path for f in psutil.Process(pid).open_files()}
     out = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:

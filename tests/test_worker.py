@@ -432,6 +432,7 @@ def test_many_concurrent_requests_are_each_answered_once(lw):
     assert s["in_flight"] == 0 and s["queued"] == 0
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an optimised BLAS is loaded on Linux only (reads /proc/PID/maps)")
 def test_fast_blas_is_loaded_in_the_worker(w):
     try:
         listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
@@ -444,6 +445,7 @@ def test_fast_blas_is_loaded_in_the_worker(w):
     assert w.ready["blas"] and ("openblas" in w.ready["blas"] or "mkl" in w.ready["blas"])
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/fd (Linux) to see where fd 1 points")
 def test_sys_stdout_is_not_the_protocol_pipe(w):
     # fd 1 of the worker points where fd 2 does (stderr), not at the protocol pipe.
     fd1 = Path(f"/proc/{w.proc.pid}/fd/1").resolve()

@@ -10,6 +10,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 import time
 
 import worker  # noqa: F401  (imports train first: fast BLAS before mlx)
@@ -45,18 +46,41 @@ def parse_args(argv=None):
     return args
 
 
-def die_with_parent():
-    """Linux: SIGTERM when the parent dies, so the worker never outlives it."""
-    if not sys.platform.startswith("linux"):
-        return
+PARENT_POLL_S = 0.2       # how often the watcher looks at getppid()
+PARENT_GRACE_S = 0.6      # after its SIGTERM, how long the watcher lets the worker wind down
+
+
+def die_with_parent(use_prctl=None):
+    """The worker never outlives its parent. Linux: PR_SET_PDEATHSIG (SIGTERM when the parent
+    dies). Elsewhere (macOS), or with WORKER_PARENT_WATCH=poll (use_prctl=False), a thread
+    watches getppid(): when it changes, SIGTERM to itself (the engine's graceful exit), then
+    os._exit after PARENT_GRACE_S whatever happens, all within a second of the death.
+    Returns "prctl" or "watch"."""
+    if use_prctl is None:
+        use_prctl = os.environ.get("WORKER_PARENT_WATCH", "") != "poll"
     parent = os.getppid()
+    if use_prctl and sys.platform.startswith("linux") and _set_pdeathsig():
+        if os.getppid() != parent:      # the parent died before prctl took effect
+            os._exit(0)
+        return "prctl"
+    threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    return "watch"
+
+
+def _set_pdeathsig():
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        return libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
     except Exception:
-        return
-    if os.getppid() != parent:      # the parent died before prctl took effect
-        os._exit(0)
+        return False
+
+
+def _watch_parent(parent):
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(PARENT_GRACE_S)
+    os._exit(0)
 
 
 def version():

@@ -1,7 +1,7 @@
 # Shared helpers for tests/shell/test_*.sh (sourced, not run).
 # ROOT: the repository root, from this file's location. PY: the Python interpreter
 # (default .venv/bin/python at the root). Checks use jq, or Python when jq is missing
-# (or when NO_JQ=1).
+# (or when NO_JQ=1). No GNU-only tools (macOS): timeouts go through with_timeout (Python).
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${PY:-${PYTHON:-$ROOT/.venv/bin/python}}"
@@ -19,11 +19,32 @@ FAILED=0
 fail() { echo "  FAIL: $*"; FAILED=1; }
 ok() { echo "  ok: $*"; }
 
+# with_timeout SECONDS CMD [ARGS...]: CMD with stdin/stdout/stderr inherited, killed after
+# SECONDS; exit status CMD's, 124 on timeout (as GNU timeout, which macOS does not have).
+with_timeout() {
+  "$PY" -c '
+import signal, subprocess, sys
+p = subprocess.Popen(sys.argv[2:])
+try:
+    rc = p.wait(timeout=float(sys.argv[1]))
+except subprocess.TimeoutExpired:
+    p.terminate()
+    try:
+        p.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        p.kill(); p.wait()
+    sys.exit(124)
+except KeyboardInterrupt:
+    p.send_signal(signal.SIGINT); rc = p.wait()
+sys.exit(128 - rc if rc < 0 else rc)
+' "$@"
+}
+
 # run_worker FILE [worker args...]: stdin -> worker; stdout in FILE, stderr in FILE.err,
 # exit status in $WORKER_RC.
 run_worker() {
   local out="$1"; shift
-  timeout "$WORKER_TIMEOUT" "$PY" -m worker --model "$MODEL" "$@" >"$out" 2>"$out.err"
+  with_timeout "$WORKER_TIMEOUT" "$PY" -m worker --model "$MODEL" "$@" >"$out" 2>"$out.err"
   WORKER_RC=$?
 }
 
