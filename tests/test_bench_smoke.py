@@ -117,7 +117,7 @@ def test_one_real_decode_measurement(tiny_model, tmp_path):
     workers = run.Workers(tmp_path)
     try:
         tokenizer = run.section_decode(plan, tmp_path, res, workers)
-        assert workers.get("main").ready["protocol"] == 1
+        assert workers.get("main").ready["protocol"] == 2
     finally:
         workers.stop_all()
     assert tokenizer is not None

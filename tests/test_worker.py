@@ -54,7 +54,7 @@ def streamed(worker, rid):
 def test_ready_is_first_and_describes_the_worker(w):
     r = w.ready
     assert w.messages[0] is r
-    assert r["protocol"] == 1 and r["pid"] == w.proc.pid
+    assert r["protocol"] == protocol.PROTOCOL_VERSION and r["pid"] == w.proc.pid
     assert r["model"].endswith("tiny-mistral") and r["adapter"] is None
     assert r["max_tokens"] == 256 and r["max_tokens_cap"] == 2048
     assert r["max_line_bytes"] == 1 << 20 and r["context_length"] == 2048

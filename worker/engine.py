@@ -28,15 +28,27 @@ import signal
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, StopSequences, make_stop_sequences
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
 from train.prompt import encode_prompt, with_system_prompt
-from worker import protocol
+from worker import context, protocol
 from worker.io import EOF
+from worker.mlxlm_api import (
+    BatchGenerator,
+    LRUPromptCache,
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    can_trim_prompt_cache,
+    eos_stop_sequences,
+    make_logits_processors,
+    make_sampler,
+    no_stop_sequences,
+    trim_prompt_cache,
+)
 
 CACHE_KEY = "model"          # one model per worker: one namespace in the prefix cache
 REPLACEMENT = "\ufffd"
@@ -78,35 +90,44 @@ class SeededSampler:
         return mx.random.categorical(logprobs * self.inv_temp, key=sub)
 
 
+@dataclass(eq=False, slots=True)
 class Active:
-    """One accepted generation request."""
+    """One accepted generation request and its state until its terminal message."""
 
-    __slots__ = ("req", "id", "stream", "stops", "ids", "sys_end", "max_tokens", "sampler",
-                 "processors", "uid", "cached", "detok", "parts", "tail", "n_tokens",
-                 "t_received", "t_admitted", "t_first", "t_last", "segment_types", "fault")
+    req: protocol.Generate
+    ids: Optional[list] = None                # prompt token ids (after the context policy)
+    dropped: int = 0                          # messages the context policy left out
+    sys_end: int = 0                          # prompt tokens of the leading system message(s)
+    max_tokens: int = 1
+    sampler: Any = None                       # None: the batch's shared greedy sampler
+    processors: Any = None
+    uid: Optional[int] = None                 # BatchGenerator uid once admitted
+    cached: int = 0                           # prompt tokens served from the prefix cache
+    detok: Any = None
+    parts: list = field(default_factory=list)
+    tail: Optional[str] = ""                  # text held back (stop string / split character)
+    n_tokens: int = 0
+    t_received: float = 0.0
+    t_admitted: Optional[float] = None
+    t_first: Optional[float] = None
+    t_last: Optional[float] = None
+    segment_types: list = field(default_factory=list)
+    fault: bool = False
 
-    def __init__(self, req):
-        self.req = req
-        self.id = req.id
-        self.stream = req.stream
-        self.stops = req.stop
-        self.uid = None
-        self.cached = 0
-        self.parts = []
-        self.tail = ""
-        self.n_tokens = 0
-        self.t_received = req.received or time.perf_counter()
-        self.t_admitted = None
-        self.t_first = None
-        self.t_last = None
-        self.segment_types = []
-        self.fault = False
-        self.ids = None
-        self.sys_end = 0
-        self.max_tokens = 1
-        self.sampler = None
-        self.processors = None
-        self.detok = None
+    def __post_init__(self):
+        self.t_received = self.req.received or time.perf_counter()
+
+    @property
+    def id(self):
+        return self.req.id
+
+    @property
+    def stream(self):
+        return self.req.stream
+
+    @property
+    def stops(self):
+        return self.req.stop
 
 
 class Engine:
@@ -130,7 +151,7 @@ class Engine:
         self.fault_text = hooks.get("WORKER_TEST_FAULT") or None
         self.test_print = hooks.get("WORKER_TEST_PRINT") == "1"
 
-        self.stop_sequences = StopSequences() if self.ignore_eos else make_stop_sequences(tokenizer)
+        self.stop_sequences = no_stop_sequences() if self.ignore_eos else eos_stop_sequences(tokenizer)
         self.prefix = LRUPromptCache(max_size=1 << 20, max_bytes=max(0, int(prefix_cache_bytes)))
         self.prefix_budget = max(0, int(prefix_cache_bytes))
         self.gen = self._new_generator()
@@ -173,7 +194,7 @@ class Engine:
     def warm_up(self):
         """One short generation, so the first request doesn't pay for first-call setup."""
         ids = encode_prompt(self.tokenizer, [{"role": "user", "content": "Olá"}], self.system_prompt)
-        (uid,) = self.gen.insert([ids], max_tokens=[3], stop_sequences=[StopSequences()])
+        (uid,) = self.gen.insert([ids], max_tokens=[3], stop_sequences=[no_stop_sequences()])
         for _ in range(64):
             _, responses = self.gen.next()
             if any(r.finish_reason for r in responses):
@@ -182,20 +203,18 @@ class Engine:
 
     def ready_message(self, max_line_bytes, blas=None, version=None):
         gen = self.gen_defaults
-        return {
-            "type": "ready",
-            "protocol": protocol.PROTOCOL_VERSION,
-            "model": self.settings.model,
-            "adapter": self.settings.adapter,
-            "pid": os.getpid(),
-            "max_tokens": int(gen["max_tokens"]),
-            "max_tokens_cap": int(gen["max_tokens_cap"]),
-            "max_line_bytes": int(max_line_bytes),
-            "context_length": self.context_length,
-            "backend": "gpu" if mx.default_device() == mx.gpu else "cpu",
-            "blas": blas,
-            "version": version or "",
-        }
+        return protocol.ready_message(
+            model=self.settings.model,
+            adapter=self.settings.adapter,
+            pid=os.getpid(),
+            max_tokens=int(gen["max_tokens"]),
+            max_tokens_cap=int(gen["max_tokens_cap"]),
+            max_line_bytes=int(max_line_bytes),
+            context_length=self.context_length,
+            backend="gpu" if mx.default_device() == mx.gpu else "cpu",
+            blas=blas,
+            version=version or "",
+        )
 
     # ----------------------------------------------------------------- loop
     @staticmethod
@@ -279,7 +298,7 @@ class Engine:
 
     def control(self, c):
         if c.op == "ping":
-            self.writer.add({"type": "pong", "id": c.id})
+            self.writer.add(protocol.pong_message(c.id))
         elif c.op == "stats":
             self.writer.add(self.stats())
         elif c.op == "cancel":
@@ -296,31 +315,18 @@ class Engine:
 
     def error(self, rid, code, message):
         self.errors += 1
-        self.writer.add({"type": "error", "id": rid, "code": code, "message": message})
+        self.writer.add(protocol.error_message(rid, code, message))
 
     # ----------------------------------------------------------------- admission
     def accept(self, req):
         if req.id in self.by_id:
             self.error(req.id, "duplicate_id", f"a request with id {req.id!r} is already in flight")
             return
-        try:
-            messages = with_system_prompt(list(req.messages), self.system_prompt)
-            ids = encode_prompt(self.tokenizer, messages, None)
-        except Exception as e:
-            if type(e).__name__ == "TemplateError" or "jinja" in type(e).__module__:
-                self.error(req.id, "invalid_request", f"messages: rejected by the chat template: {e}")
-            else:
-                self.error(req.id, "internal", f"formatting the prompt failed: {type(e).__name__}: {e}")
+        fitted = self.fit_context(req)
+        if fitted is None:
             return
-        if not ids:
-            self.error(req.id, "invalid_request", "messages: the formatted prompt is empty")
-            return
-        if self.context_length and len(ids) + 1 > self.context_length:
-            self.error(req.id, "too_long", f"the prompt has {len(ids)} tokens; the context holds "
-                                           f"{self.context_length} including at least 1 to generate")
-            return
-        act = Active(req)
-        act.ids = ids
+        act = Active(req, ids=fitted.ids, dropped=fitted.dropped, max_tokens=fitted.max_tokens)
+        messages = fitted.messages
         if self.fault_text and self.fault_text in messages[-1]["content"]:
             act.fault = True
         try:
@@ -338,14 +344,35 @@ class Engine:
             self.by_id[act.id] = act
             self.pending.append(act)
 
+    def fit_context(self, req):
+        """The prompt after the context policy (worker/context.py), or None after answering
+        the request with its error."""
+        gen = self.gen_defaults
+        wanted = req.max_tokens if req.max_tokens is not None else int(gen["max_tokens"])
+        wanted = min(wanted, int(gen["max_tokens_cap"]))
+        messages = with_system_prompt(list(req.messages), self.system_prompt)
+        try:
+            fitted = context.fit(lambda ms: encode_prompt(self.tokenizer, ms, None), messages,
+                                 wanted, self.context_length, req.overflow)
+        except context.TooLong as e:
+            self.error(req.id, "too_long", f"{e.message} (overflow: {req.overflow})")
+            return None
+        except Exception as e:
+            if type(e).__name__ == "TemplateError" or "jinja" in type(e).__module__:
+                self.error(req.id, "invalid_request", f"messages: rejected by the chat template: {e}")
+            else:
+                self.error(req.id, "internal", f"formatting the prompt failed: {type(e).__name__}: {e}")
+            return None
+        if not fitted.ids:
+            self.error(req.id, "invalid_request", "messages: the formatted prompt is empty")
+            return None
+        if fitted.dropped:
+            self.log.info(f"request {req.id!r}: left out the {fitted.dropped} oldest message(s) "
+                          f"to fit the context", prompt_tokens=len(fitted.ids))
+        return fitted
+
     def prepare(self, act, messages):
         req, gen = act.req, self.gen_defaults
-        cap = int(gen["max_tokens_cap"])
-        max_tokens = min(req.max_tokens if req.max_tokens is not None else int(gen["max_tokens"]), cap)
-        if self.context_length:
-            max_tokens = min(max_tokens, self.context_length - len(act.ids))
-        act.max_tokens = max(1, max_tokens)
-
         temp = req.temperature if req.temperature is not None else float(gen["temperature"])
         top_p = req.top_p if req.top_p is not None else float(gen["top_p"])
         top_k = req.top_k if req.top_k is not None else int(gen["top_k"])
@@ -596,7 +623,7 @@ class Engine:
         if text:
             act.parts.append(text)
             if act.stream:
-                self.writer.add({"type": "token", "id": act.id, "text": text})
+                self.writer.add(protocol.token_message(act.id, text))
 
     # ----------------------------------------------------------------- finishing
     def _finish(self, act, reason, cache_and_tokens=None):
@@ -609,20 +636,18 @@ class Engine:
         # Decode rate after the first token (prompt processing is in ttft_ms); 0 below 2 tokens.
         tps = (n - 1) / (act.t_last - act.t_first) if n > 1 and act.t_last > act.t_first else 0.0
         admitted = act.t_admitted if act.t_admitted is not None else now
-        self.writer.add({
-            "type": "done",
-            "id": act.id,
-            "text": "".join(act.parts),
-            "finish_reason": reason,
-            "usage": {"prompt_tokens": len(act.ids), "completion_tokens": n,
-                      "cached_tokens": act.cached},
-            "timing": {
+        self.writer.add(protocol.done_message(
+            act.id, "".join(act.parts), reason,
+            usage={"prompt_tokens": len(act.ids), "completion_tokens": n,
+                   "cached_tokens": act.cached, "dropped_messages": act.dropped},
+            timing={
                 "queue_ms": _ms(max(0.0, admitted - act.t_received)),
                 "ttft_ms": _ms(act.t_first - act.t_received) if act.t_first is not None else None,
                 "total_ms": _ms(max(0.0, now - act.t_received)),
                 "tokens_per_s": round(tps, 3),
             },
-        })
+            model=self.settings.model, adapter=self.settings.adapter,
+        ))
         self.served += 1
         if reason != "cancelled" and cache_and_tokens:
             cache, tokens = cache_and_tokens
@@ -707,8 +732,7 @@ class Engine:
             rss = int(psutil.Process().memory_info().rss)
         except Exception:
             rss = 0
-        return {
-            "type": "stats",
+        return protocol.stats_message(**{
             "in_flight": len(self.by_uid),
             "queued": len(self.pending),
             "served": self.served,
@@ -727,4 +751,5 @@ class Engine:
                 "peak_bytes": int(mx.get_peak_memory()),
             },
             "uptime_s": round(time.time() - self.started, 3),
-        }
+            **({"limits": self.limits} if getattr(self, "limits", None) else {}),   # worker/limits.py
+        })

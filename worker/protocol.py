@@ -1,4 +1,4 @@
-"""Request parsing and validation for the worker protocol (docs/PROTOCOL.md).
+"""The worker protocol (docs/PROTOCOL.md): request parsing and the response messages.
 
 Pure functions, no mlx: `parse_line(bytes)` turns one input line into exactly one of
   None          a blank line (ignored),
@@ -6,6 +6,10 @@ Pure functions, no mlx: `parse_line(bytes)` turns one input line into exactly on
   Control       a valid control request (cancel, ping, stats, shutdown),
   ParseError    an error to answer (code, message, id or None),
 and never raises. The fuzz tests in tests/test_protocol_parser.py hold it to that.
+
+Every message the worker writes is built by one function at the end of this file
+(ready_message, token_message, done_message, error_message, pong_message, stats_message),
+so the response side of the protocol is read in one place, next to the request side.
 """
 
 from dataclasses import dataclass, field
@@ -13,14 +17,17 @@ from typing import Optional, Tuple
 
 import orjson
 
-PROTOCOL_VERSION = 1
+from worker.context import OVERFLOW_POLICIES, TRUNCATE
+
+# 2: the context-window policy (request `overflow`, usage.dropped_messages), done.model/adapter
+PROTOCOL_VERSION = 2
 MAX_DEPTH = 32            # nesting levels of a request, the top-level object included
 ID_MAX_CHARS = 128
 MAX_STOP_STRINGS = 16
 CONTROL_OPS = ("cancel", "ping", "stats", "shutdown")
 
 GENERATE_FIELDS = ("id", "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k",
-                   "min_p", "repetition_penalty", "stop", "seed", "stream")
+                   "min_p", "repetition_penalty", "stop", "seed", "stream", "overflow")
 CONTROL_FIELDS = ("op", "id")
 ROLES = ("system", "user", "assistant")
 SEED_MODULUS = 1 << 64
@@ -39,6 +46,7 @@ class Generate:
     stop: Tuple[str, ...] = ()
     seed: Optional[int] = None                # already reduced to [0, 2**64)
     stream: bool = False
+    overflow: str = TRUNCATE                  # context-window policy: truncate | error
     received: float = field(default=0.0, compare=False)   # perf_counter() at arrival
 
 
@@ -56,7 +64,7 @@ class ParseError:
     id: Optional[str] = None
 
     def to_message(self):
-        return {"type": "error", "id": self.id, "code": self.code, "message": self.message}
+        return error_message(self.id, self.code, self.message)
 
 
 class _Invalid(Exception):
@@ -252,6 +260,10 @@ def _validate_generate(obj, rid, received):
     if not isinstance(stream, bool):
         raise _Invalid("stream: must be a boolean")
 
+    overflow = obj.get("overflow", TRUNCATE)
+    if not isinstance(overflow, str) or overflow not in OVERFLOW_POLICIES:
+        raise _Invalid(f"overflow: must be one of {', '.join(OVERFLOW_POLICIES)}")
+
     seed = _integer(obj, "seed")
     return Generate(
         id=rid,
@@ -265,5 +277,42 @@ def _validate_generate(obj, rid, received):
         stop=stop,
         seed=None if seed is None else seed % SEED_MODULUS,
         stream=stream,
+        overflow=overflow,
         received=received,
     )
+
+
+# ---------------------------------------------------------------------------- messages out
+# One function per message type of docs/protocol.schema.json.
+
+def ready_message(*, model, adapter, pid, max_tokens, max_tokens_cap, max_line_bytes,
+                  context_length, backend, blas, version, **extra):
+    """The first line: the worker is loaded and warm. `extra`: further schema fields."""
+    return {"type": "ready", "protocol": PROTOCOL_VERSION, "model": model, "adapter": adapter,
+            "pid": pid, "max_tokens": max_tokens, "max_tokens_cap": max_tokens_cap,
+            "max_line_bytes": max_line_bytes, "context_length": context_length,
+            "backend": backend, "blas": blas, "version": version, **extra}
+
+
+def token_message(rid, text):
+    return {"type": "token", "id": rid, "text": text}
+
+
+def done_message(rid, text, finish_reason, usage, timing, model, adapter):
+    """The terminal message of a generation. usage: prompt_tokens, completion_tokens,
+    cached_tokens, dropped_messages; timing: queue_ms, ttft_ms, total_ms, tokens_per_s;
+    model and adapter: what answered (they change across a client's reload)."""
+    return {"type": "done", "id": rid, "text": text, "finish_reason": finish_reason,
+            "usage": usage, "timing": timing, "model": model, "adapter": adapter}
+
+
+def error_message(rid, code, message):
+    return {"type": "error", "id": rid, "code": code, "message": message}
+
+
+def pong_message(rid):
+    return {"type": "pong", "id": rid}
+
+
+def stats_message(**fields):
+    return {"type": "stats", **fields}

@@ -1,8 +1,8 @@
-// Types for the worker client (protocol v1, docs/PROTOCOL.md).
+// Types for the worker client (protocol v2, docs/PROTOCOL.md).
 import { EventEmitter } from 'node:events';
 
 export declare const REPO_ROOT: string;
-export declare const PROTOCOL_VERSION: 1;
+export declare const PROTOCOL_VERSION: 2;
 export declare function defaultPython(): string;
 
 export type Role = 'system' | 'user' | 'assistant';
@@ -20,6 +20,10 @@ export interface GenerateRequest {
   repetition_penalty?: number;
   stop?: string | string[];
   seed?: number;
+  /** When the conversation does not fit the context: leave out the oldest whole turns
+   * (`'truncate'`, default; `usage.dropped_messages` says how many messages) or answer
+   * `too_long` only (`'error'`). See docs/PROTOCOL.md, "Context window". */
+  overflow?: 'truncate' | 'error';
 }
 
 export interface RequestOptions {
@@ -68,7 +72,7 @@ export interface WorkerOptions {
 
 export interface ReadyMessage {
   type: 'ready';
-  protocol: 1;
+  protocol: 2;
   model: string;
   adapter: string | null;
   pid: number;
@@ -82,7 +86,13 @@ export interface ReadyMessage {
   [k: string]: unknown;
 }
 export interface TokenMessage { type: 'token'; id: string; text: string; }
-export interface Usage { prompt_tokens: number; completion_tokens: number; cached_tokens?: number; }
+export interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  cached_tokens?: number;
+  /** Messages the worker's context policy left out (0 when the conversation fit). */
+  dropped_messages?: number;
+}
 export interface Timing { queue_ms: number; ttft_ms: number | null; total_ms: number; tokens_per_s: number; }
 export interface DoneMessage {
   type: 'done';
@@ -91,6 +101,9 @@ export interface DoneMessage {
   finish_reason: 'stop' | 'length' | 'cancelled';
   usage: Usage;
   timing: Timing;
+  /** The model and adapter of the worker that answered (they change across reload()). */
+  model: string;
+  adapter: string | null;
 }
 export type ErrorCode =
   | 'bad_json' | 'invalid_request' | 'too_large' | 'too_long' | 'duplicate_id' | 'overloaded' | 'internal';

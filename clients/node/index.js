@@ -1,4 +1,4 @@
-// Node client for the NDJSON inference worker (`python -m worker`), protocol v1.
+// Node client for the NDJSON inference worker (`python -m worker`), protocol v2.
 // Contract: docs/PROTOCOL.md and docs/protocol.schema.json at the repository root.
 // No runtime dependencies.
 
@@ -13,7 +13,7 @@ import path from 'node:path';
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 
 /** The protocol version this client speaks. */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 
 /**
  * Default Python interpreter: env PYTHON, else <repo>/.venv/bin/python.

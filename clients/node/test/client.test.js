@@ -1,7 +1,7 @@
 // The client against the real worker (python -m worker) on models/tiny-mistral.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startWorker, WorkerError, TimeoutError, AbortError } from '../index.js';
+import { startWorker, WorkerError, TimeoutError, AbortError, PROTOCOL_VERSION } from '../index.js';
 import { PYTHON, MODEL, TEST_ENV, FAULT, protocolRecorder } from '../testlib/helpers.js';
 
 const LONG = { prompt: 'Conta a história do Sporting Clube Farense.', max_tokens: 2000 };
@@ -21,7 +21,7 @@ after(async () => {
 test('ready message describes the worker', () => {
   assert.equal(worker.ready, true);
   assert.equal(worker.info.type, 'ready');
-  assert.equal(worker.info.protocol, 1);
+  assert.equal(worker.info.protocol, PROTOCOL_VERSION);
   assert.equal(worker.info.pid, worker.pid);
   assert.equal(rec.messages[0].type, 'ready');
 });
