@@ -17,7 +17,7 @@ TARGETS = {
     "concurrency_scaling": (">=", 3.0),
     "concurrency_vs_server": (">=", 1.0),
     "ttft_cached": ("<=", 0.3),
-    "bandwidth_fraction": (">=", 0.6),
+    "bandwidth_fraction": (">=", 0.8),
 }
 
 

@@ -261,7 +261,8 @@ def section_decode(plan, tmp, res, workers):
     wn = workers.start("noblas", model_dir, env_extra={"FAST_BLAS": "0"}) if plan["decode_noblas_reps"] else None
     out = {"model": rel(model_dir), "max_tokens": n, "prompt_tokens": len(ids),
            "worker_command": shlex.join(w.command), "anchor": "mlx_lm.stream_generate (in-process, greedy)",
-           "worker": [], "stream_generate": [], "worker_noblas": [],
+           "worker": [], "stream_generate": [], "worker_noblas": [], "limit_tokens_per_s": [],
+           "load": [],
            "worker_noblas_command": ("FAST_BLAS=0 " + shlex.join(wn.command)) if wn else None}
     res["decode"] = out
     # warm-up, unmeasured
@@ -269,7 +270,11 @@ def section_decode(plan, tmp, res, workers):
     stream_generate_once(model, tokenizer, ids, 4)
     if wn:
         decode_worker_once(wn, 2)
+    wb = weights_bytes(model_dir)
     for rep in range(plan["decode_reps"]):
+        # the machine's read bandwidth right before this rep: the limit it is paired with
+        bw = max(machine.memory_read_bandwidth(gib=0.25, repeats=3, samples=True))
+        out["limit_tokens_per_s"].append(bw / wb)
         order = ("worker", "anchor") if rep % 2 == 0 else ("anchor", "worker")
         for which in order:
             if which == "worker":
@@ -278,9 +283,11 @@ def section_decode(plan, tmp, res, workers):
             else:
                 r = stream_generate_once(model, tokenizer, ids, n)
                 out["stream_generate"].append(r)
+        out["load"].append(os.getloadavg()[0])
         log(f"decode rep {rep + 1}/{plan['decode_reps']}: worker {report.fmt(out['worker'][-1]['tokens_per_s'])} "
             f"(own {report.fmt(out['worker'][-1]['own_tokens_per_s'])}), stream_generate "
-            f"{report.fmt(out['stream_generate'][-1]['tokens_per_s'])} tokens/s")
+            f"{report.fmt(out['stream_generate'][-1]['tokens_per_s'])} tokens/s; limit {bw / wb:.1f} tokens/s "
+            f"({bw / 1e9:.1f} GB/s); load {out['load'][-1]:.2f}")
         if wn and rep < plan["decode_noblas_reps"]:
             r = decode_worker_once(wn, n)
             out["worker_noblas"].append(r)
@@ -590,9 +597,14 @@ def build_rows(res):
     bw = res.get("bandwidth")
     if bw and dec:
         lim = bw["limit_tokens_per_s"]
+        # judged: the median decode over the run's best bandwidth pass (what the memory can do).
+        # paired (shown only): each rep over a bandwidth probe taken right before it; under load
+        # the 2-thread probe suffers more than the 1-thread decode, so it flatters the ratio.
+        paired = report.paired_ratio(samples(dec, "worker"), dec.get("limit_tokens_per_s") or [])
         rows.append(report.row("decode vs bandwidth limit", med(dec, "worker_summary"), lim, "tok/s",
                                ours_label="worker", anchor_label=f"{bw['bytes_per_s'] / 1e9:.1f} GB/s / "
-                               f"{bw['weights_bytes'] / 1e6:.0f} MB", target_key="bandwidth_fraction"))
+                               f"{bw['weights_bytes'] / 1e6:.0f} MB", target_key="bandwidth_fraction",
+                               paired=paired))
         rows.append(report.row("stream_generate vs bandwidth limit", med(dec, "stream_generate_summary"), lim, "tok/s",
                                ours_label="stream_generate", anchor_label="limit"))
     return rows

@@ -138,3 +138,31 @@ def test_openblas_coretype_from_flags():
     assert openblas_coretype(avx512) == "SkylakeX"
     assert openblas_coretype({"avx2", "fma", "sse3"}) == "Haswell"
     assert openblas_coretype({"sse3"}) is None
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="train/blas.py acts on Linux only")
+def test_blas_threads_do_not_spin_unless_told(tmp_path):
+    """A process that imports train gets KMP_BLOCKTIME=0 (and the OpenBLAS equivalent) before
+    the BLAS loads; a value in the environment wins. With MKL loaded, Intel OpenMP itself
+    reports the block time it uses."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import ctypes, json, os, train\n"
+             "from train import blas\n"
+             "bt = None\n"
+             "if blas.loaded_path and 'mkl' in blas.loaded_path:\n"
+             "    import mlx.core as mx; mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))\n"
+             "    bt = ctypes.CDLL('libiomp5.so').kmp_get_blocktime()\n"
+             "print(json.dumps({k: os.environ.get(k) for k in blas.SHARED_MACHINE_THREADS} | {'omp': bt}))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("KMP_BLOCKTIME", "OPENBLAS_THREAD_TIMEOUT")}
+    env["FAST_BLAS_QUIET"] = "1"
+    run = lambda e: json.loads(subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True,
+                                              text=True, check=True, cwd=tmp_path.parent).stdout)
+    env["PYTHONPATH"] = str(__import__("pathlib").Path(__file__).resolve().parent.parent)
+    default = run(env)
+    assert default["KMP_BLOCKTIME"] == "0" and default["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    assert default["omp"] in (None, 0)
+    told = run(dict(env, KMP_BLOCKTIME="200"))
+    assert told["KMP_BLOCKTIME"] == "200" and told["omp"] in (None, 200)

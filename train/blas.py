@@ -9,7 +9,13 @@ OpenBLAS 0.3.21 (Debian 12) does not recognise recent x86 CPUs and falls back to
 before the library loads (measured: prefill 2x, 8 concurrent streams 1.4x; docs/PERFORMANCE.md).
 
 Opt out with FAST_BLAS=0; force a library with FAST_BLAS_LIB=/path/to/lib.so. Intel MKL
-(`pip install mkl`, which puts libmkl_rt.so.3 in the venv's lib/) is preferred when present.
+(`pip install mkl`, which puts libmkl_rt.so.3 in the venv's lib/; `make setup` does on Linux
+x86-64) is preferred when present: about 2x OpenBLAS 0.3.21 in decoding (docs/PERFORMANCE.md).
+
+Threads for a shared machine: unless already set, the BLAS threads go to sleep as soon as a
+call ends instead of spinning for the next one (KMP_BLOCKTIME=0 for MKL's Intel OpenMP,
+OPENBLAS_THREAD_TIMEOUT=4 for OpenBLAS); see SHARED_MACHINE_THREADS. Set any of them in the
+environment to override (e.g. KMP_BLOCKTIME=200, Intel's default, on a dedicated machine).
 """
 
 import ctypes
@@ -26,6 +32,14 @@ CANDIDATES = (
     "libopenblas.so.0",
     "libopenblas.so",
 )
+
+# Set (when unset) before the library loads: no BLAS thread spins between calls, so a worker
+# that is idle, or between two matmuls, leaves the cores to the other processes.
+SHARED_MACHINE_THREADS = {
+    "KMP_BLOCKTIME": "0",             # Intel OpenMP (MKL): sleep at once after a parallel region
+    "MKL_DYNAMIC": "TRUE",            # MKL may use fewer threads than cores for small products
+    "OPENBLAS_THREAD_TIMEOUT": "4",   # OpenBLAS pthreads: sleep after 2^4 cycles, not 2^28 (~0.1 s)
+}
 
 # What happened in this process: None (not tried), a path, or a reason string.
 loaded_path = None
@@ -79,6 +93,8 @@ def load_fast_blas(log=True):
         return None
     if "OPENBLAS_CORETYPE" not in os.environ and (core := openblas_coretype()):
         os.environ["OPENBLAS_CORETYPE"] = core   # read by OpenBLAS when it is loaded
+    for key, value in SHARED_MACHINE_THREADS.items():
+        os.environ.setdefault(key, value)        # read by the libraries when they load
     for name in _find():
         try:
             lib = ctypes.CDLL(name, mode=os.RTLD_GLOBAL)
