@@ -60,7 +60,7 @@ TRAIN_ARGS = --config $(CONFIG) --name $(NAME) \
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
-.PHONY: help setup node-setup tiny-model bench-model data train eval fuse worker demo test test-all bench clean
+.PHONY: help setup node-setup tiny-model bench-model data train eval fuse worker demo test test-all bench check-backend clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -138,6 +138,9 @@ bench: $(STAMP) ## Benchmarks side by side with mlx-lm (QUICK=1 for a short run)
 	@test -f models/tiny-mistral/config.json || $(MAKE) --no-print-directory tiny-model
 	@test -f models/bench-mistral/config.json || $(MAKE) --no-print-directory bench-model
 	$(PY) -m bench.run $(call flag,--quick,$(QUICK))
+
+check-backend: $(STAMP) ## Self-check of this machine's backend: train, resume, serve (worker, Node), speed, memory; one table
+	$(PY) -m bench.check_backend
 
 clean: ## Remove built models, runs and logs (keeps .venv and your data)
 	rm -rf models/tiny-mistral models/bench-mistral models/$(DEMO_NAME) logs
