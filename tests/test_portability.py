@@ -200,6 +200,21 @@ def test_shell_timeout_helper_kills_a_command_that_runs_too_long(tmp_path):
     assert proc.stdout.split() == ["rc=124", "rc=7", "hi"], (proc.stdout, proc.stderr)
 
 
+def test_shell_exit_status_survives_a_pipeline_without_lastpipe(tmp_path):
+    """macOS's bash 3.2 runs `printf ... | run_worker` in a subshell: check_rc still sees the
+    worker's exit status (2: the model cannot be loaded)."""
+    script = ('source tests/shell/lib.sh; shopt -u lastpipe 2>/dev/null; '
+              'printf "{}\\n" | run_worker "$TMP/o"; echo "outer=${WORKER_RC:-unset}"; check_rc 2 "$TMP/o"; '
+              'printf "{}\\n" | run_worker "$TMP/o"; check_rc 0 "$TMP/o"; finish')
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PY=sys.executable, MODEL=str(tmp_path / "no-model")))
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "outer=unset", proc.stdout          # the subshell's variable is lost...
+    assert lines[1] == "  ok: exit status 2", proc.stdout  # ...the recorded status is not
+    assert lines[2].startswith("  FAIL: exit status 2, expected 0"), proc.stdout
+    assert proc.returncode == 1
+
+
 # --------------------------------------------------------------------- parent death
 
 PARENT = r"""

@@ -8,7 +8,6 @@ PY="${PY:-${PYTHON:-$ROOT/.venv/bin/python}}"
 MODEL="${MODEL:-models/tiny-mistral}"
 WORKER_TIMEOUT="${WORKER_TIMEOUT:-120}"
 cd "$ROOT" || exit 1
-shopt -s lastpipe  # `printf ... | run_worker` runs run_worker in this shell (keeps WORKER_RC)
 
 if [[ "${NO_JQ:-0}" != 1 ]] && command -v jq >/dev/null 2>&1; then HAVE_JQ=1; else HAVE_JQ=0; fi
 
@@ -41,11 +40,13 @@ sys.exit(128 - rc if rc < 0 else rc)
 }
 
 # run_worker FILE [worker args...]: stdin -> worker; stdout in FILE, stderr in FILE.err,
-# exit status in $WORKER_RC.
+# exit status in FILE.rc and $WORKER_RC. (`printf ... | run_worker` runs it in a subshell, so
+# check_rc reads FILE.rc: macOS's bash 3.2 has no `shopt -s lastpipe`.)
 run_worker() {
   local out="$1"; shift
   with_timeout "$WORKER_TIMEOUT" "$PY" -m worker --model "$MODEL" "$@" >"$out" 2>"$out.err"
   WORKER_RC=$?
+  echo "$WORKER_RC" >"$out.rc"
 }
 
 # check DESCRIPTION FILE JQ_EXPR PY_EXPR
@@ -95,7 +96,9 @@ PYEOF
   esac
 }
 
+# check_rc EXPECTED FILE: the exit status run_worker FILE recorded (else $WORKER_RC)
 check_rc() {
+  [[ -f "$2.rc" ]] && WORKER_RC="$(cat "$2.rc")" && rm -f "$2.rc"
   if [[ "$WORKER_RC" == "$1" ]]; then ok "exit status $1"; else fail "exit status $WORKER_RC, expected $1; stderr tail: $(tail -n 5 "$2.err" 2>/dev/null)"; fi
 }
 
