@@ -94,6 +94,8 @@ def test_kill_9_then_rerun_matches_uninterrupted_run(shared, reference, tmp_path
     assert max_abs_diff(ref_w, got_w) <= 1e-5, f"kill at step {reached} (seed {seed})"
     assert max_abs_diff(load_weights(reference / "best" / "adapters.safetensors"),
                         load_weights(out / "best" / "adapters.safetensors")) <= 1e-5
+    assert max_abs_diff(load_weights(reference / "last" / "adapters.safetensors"),
+                        load_weights(out / "last" / "adapters.safetensors")) <= 1e-5
     ref_m, got_m = metrics(shared / "ref", "run"), metrics(tmp_path, "run")
     assert [r["step"] for r in got_m] == [r["step"] for r in ref_m]   # nothing logged twice
     assert len(assert_same_losses(ref_m, got_m)) == 31
@@ -300,8 +302,20 @@ def test_best_is_the_lowest_validation_loss_and_patience_stops_early(shared, tmp
     enc = batches.encode(tokenizer, split.conversations, meta["system_prompt"], True, meta["max_seq_length"])
     loss, _ = batches.evaluate_loss(model, enc.examples, meta["batch_size"])
     assert loss == pytest.approx(best_val, abs=1e-5)
+    # the bundle ships best/'s adapter (KEEP=best, the default); last/ holds the final one
+    assert (out / "adapters.safetensors").read_bytes() == (out / "best" / "adapters.safetensors").read_bytes()
+    assert meta["adapter_source"] == "best" and meta["adapter_step"] == best_step
+    assert json.loads((out / "last" / "last.json").read_text())["step"] == meta["steps"]
     assert max_abs_diff(load_weights(out / "best" / "adapters.safetensors"),
-                        load_weights(out / "adapters.safetensors")) > 1e-4
+                        load_weights(out / "last" / "adapters.safetensors")) > 1e-4
+    assert "the **best** adapter" in (out / "INTEGRATION_GUIDE.md").read_text()
+    # KEEP=last (--keep last): the final weights ship, from the same checkpoints
+    ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--iters", "20",
+                 "--learning-rate", "3e-3", "--eval-every", "2", "--save-every", "4",
+                 "--patience", "3", "--set", "lr_schedule.name=constant", "--keep", "last"))
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["adapter_source"] == "last" and meta["adapter_step"] == meta["steps"]
+    assert (out / "adapters.safetensors").read_bytes() == (out / "last" / "adapters.safetensors").read_bytes()
 
 
 def test_bundle_loads_in_mlx_lm_and_keeps_the_worker_contract(shared, reference):

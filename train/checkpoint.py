@@ -1,6 +1,6 @@
 """Training checkpoints: save, verify, find, load and prune them.
 
-A checkpoint is a folder models/NAME/checkpoints/step_XXXXXXX/ (paths.step_dir) holding
+A checkpoint is a folder models/NAME/checkpoints/step_XXXXXXX/ (paths.step_name) holding
 
     adapters.safetensors    the trainable weights (what mlx_lm.load_adapters reads)
     adapter_config.json     as mlx-lm writes it (fine_tune_type, num_layers, lora_parameters)
@@ -9,13 +9,12 @@ A checkpoint is a folder models/NAME/checkpoints/step_XXXXXXX/ (paths.step_dir) 
     manifest.json           size and sha256 of each file above; written last
 
 It is written into a temporary folder, every file fsynced, then renamed into place
-(atomic.replace_dir), so a reader sees a whole checkpoint or none. A checkpoint truncated or
+(atomic.staged_dir), so a reader sees a whole checkpoint or none. A checkpoint truncated or
 corrupted afterwards fails the manifest check and is skipped in favour of the previous one.
 """
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train import atomic
+from train.paths import STEP_PREFIX, step_name
 
 FORMAT = 1
 ADAPTERS = "adapters.safetensors"
@@ -31,8 +31,8 @@ OPTIMIZER = "optimizer.safetensors"
 STATE = "training_state.json"
 MANIFEST = "manifest.json"
 FILES = (ADAPTERS, ADAPTER_CONFIG, OPTIMIZER, STATE)
-STEP_RE = re.compile(r"^step_(\d{7,})$")
-TMP_PREFIX = ".tmp-"
+STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{7,}})$")
+TMP_PREFIX = atomic.STAGED_PREFIX
 
 
 class CheckpointError(Exception):
@@ -65,10 +65,6 @@ def sha256_file(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def _fsync_file(path):
-    atomic.fsync_file(path)
-
-
 def dumps(obj):
     return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
@@ -79,54 +75,28 @@ def save(root, step, adapter_weights, adapter_config, optimizer_flat, state):
     """Write checkpoint `step` under `root` atomically; returns its folder."""
     import mlx.core as mx
 
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    final = Path(root) / step_name(step)
+    with atomic.staged_dir(final) as tmp:
         mx.save_safetensors(str(tmp / ADAPTERS), adapter_weights, metadata={"format": "mlx"})
         mx.save_safetensors(str(tmp / OPTIMIZER), optimizer_flat)
         (tmp / ADAPTER_CONFIG).write_text(dumps(adapter_config), encoding="utf-8")
         (tmp / STATE).write_text(dumps(dict(state, format=FORMAT, step=step)), encoding="utf-8")
-        files = {}
-        for name in FILES:
-            _fsync_file(tmp / name)
-            files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+        files = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                 for name in FILES}
         manifest = {"format": FORMAT, "step": step, "created_at": time.time(), "files": files}
         (tmp / MANIFEST).write_text(dumps(manifest), encoding="utf-8")
-        _fsync_file(tmp / MANIFEST)
-        atomic.fsync_dir(tmp)
-        atomic.replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
 def write_adapter_dir(src_checkpoint, dst, extra=None):
-    """Copy a checkpoint's adapter (weights + config) into `dst` atomically (best/ and the
-    like); `extra` is {filename: json-able object} written alongside."""
+    """Copy a checkpoint's adapter (weights + config) into `dst` atomically (best/, last/);
+    `extra` is {filename: json-able object} written alongside."""
     src, dst = Path(src_checkpoint), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f"{TMP_PREFIX}{dst.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic.staged_dir(dst) as tmp:
         for name in (ADAPTERS, ADAPTER_CONFIG):
             shutil.copyfile(src / name, tmp / name)
-            _fsync_file(tmp / name)
         for name, obj in (extra or {}).items():
             (tmp / name).write_text(dumps(obj), encoding="utf-8")
-            _fsync_file(tmp / name)
-        atomic.fsync_dir(tmp)
-        atomic.replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -227,5 +197,5 @@ def clean_temp(root):
     root = Path(root)
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(TMP_PREFIX) or (p.name.startswith(".step_") and p.name.endswith(".old")):
+            if p.name.startswith(TMP_PREFIX) or (p.name.startswith(f".{STEP_PREFIX}") and p.name.endswith(".old")):
                 shutil.rmtree(p, ignore_errors=True)

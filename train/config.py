@@ -1,16 +1,24 @@
-"""The single config loader: defaults here, train/config.yaml over them, overrides last.
+"""Configuration in one place: the defaults, the YAML file over them, the command line over
+that, and the checks - for every entry point (train, prepare_data, evaluate, fuse, the worker's
+generation defaults).
+
+    load_config(path, overrides)   defaults <- YAML <- {dotted.key: value}
+    from_args(args, OPTION_KEYS)   the same from argparse options and --set KEY=VALUE
+    check_config(cfg, keys)        every value, or the named ones; raises ConfigError naming
+                                   the key, returns notes worth printing
 
 Keys are named like mlx_lm.lora's where they overlap, so an mlx-lm YAML config carries over.
 An unknown key is an error that names the file and the key.
 """
 
 import copy
+import math
 import re
 from pathlib import Path
 
 import yaml
 
-from train import paths
+from train import paths, schedules
 
 DEFAULTS = {
     # --- base model and data ---
@@ -26,6 +34,7 @@ DEFAULTS = {
     "num_layers": 16,                  # transformer blocks to adapt, from the top; -1 = all
     "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0, "keys": None},
     "mask_prompt": True,               # loss on assistant tokens only
+    "train_on": "last",                # last | all_assistant: the assistant turns trained
     # --- optimisation ---
     "optimizer": "adam",
     "optimizer_config": {"adam": {}, "adamw": {}, "sgd": {}, "adafactor": {}, "muon": {}},
@@ -35,8 +44,9 @@ DEFAULTS = {
     "grad_checkpoint": False,
     "iters": 1000,
     "learning_rate": 1e-5,
-    # cosine: linear warmup over `warmup` steps from warmup_init, then cosine decay to min_lr.
-    # An mlx-lm schedule ({name: cosine_decay, arguments: [...], warmup: N}) works as well.
+    # cosine: linear warmup over `warmup` steps from warmup_init, then cosine decay to min_lr
+    # (the names: train/schedules.py). An mlx-lm schedule ({name: cosine_decay, arguments:
+    # [...], warmup: N}) works as well.
     "lr_schedule": {"name": "cosine", "warmup": 0, "min_lr": 0.0, "warmup_init": 0.0,
                     "arguments": None},
     "max_seq_length": 2048,
@@ -48,6 +58,7 @@ DEFAULTS = {
     "keep_last": 3,
     "patience": 0,                     # evaluations without improvement before stopping; 0 = never
     "min_delta": 0.0,
+    "keep": "best",                    # best | last: the adapter the bundle ships (the other in best/ or last/)
     "clear_cache_threshold": 0,
     # --- generation defaults (saved to metadata.json, used by the worker) ---
     "generation": {
@@ -131,3 +142,106 @@ def load_config(path=None, overrides=None, defaults=DEFAULTS):
             raise ConfigError(f"override {dotted}: unknown key '{keys[-1]}'")
         node[keys[-1]] = parse_value(value)
     return cfg
+
+
+def from_args(args, option_keys, config_path=None):
+    """The config of an entry point: its --config file, its options (option_keys maps an
+    argparse dest to a dotted config key; None values are not given) and --set KEY=VALUE."""
+    config_path = config_path or getattr(args, "config", None)
+    if config_path and not Path(config_path).is_file():
+        raise ConfigError(f"{config_path}: no such config file")
+    overrides = {}
+    for item in getattr(args, "set", None) or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = value
+    for option, key in option_keys.items():
+        if getattr(args, option, None) is not None:
+            overrides[key] = getattr(args, option)
+    return load_config(config_path, overrides)
+
+
+# --------------------------------------------------------------------------- checks
+
+FINE_TUNE_TYPES = ("lora", "dora", "full")
+OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor", "muon")
+TRAIN_ON = ("last", "all_assistant")
+KEEP = ("best", "last")
+
+
+def _is_int(lo):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _one_of(names):
+    return lambda v: v in names
+
+
+POSITIVE = (_is_int(1), "a positive integer")
+# key -> (test, what it must be). Nested keys are dotted.
+RULES = {
+    "fine_tune_type": (_one_of(FINE_TUNE_TYPES), "one of " + ", ".join(FINE_TUNE_TYPES)),
+    "optimizer": (lambda v: str(v).lower() in OPTIMIZERS, "one of " + ", ".join(OPTIMIZERS)),
+    "batch_size": (lambda v: v == "auto" or _is_int(1)(v), "a positive integer or auto"),
+    **{k: POSITIVE for k in ("iters", "grad_accumulation_steps", "save_every", "steps_per_eval",
+                             "steps_per_report", "keep_last")},
+    "max_seq_length": (_is_int(2), "an integer >= 2"),
+    "patience": (_is_int(0), "an integer >= 0"),
+    "seed": (_is_int(0), "an integer >= 0"),
+    "val_batches": (_is_int(-1), "-1 (all) or an integer >= 0"),
+    "learning_rate": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "min_delta": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "num_layers": (lambda v: _is_int(-1)(v) and v != 0, "-1 (all) or a positive integer"),
+    "system_prompt": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "valid_fraction": (lambda v: _is_num(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
+    "train_on": (_one_of(TRAIN_ON), "one of " + ", ".join(TRAIN_ON)),
+    "keep": (_one_of(KEEP), "one of " + ", ".join(KEEP)),
+    "lora_parameters.rank": (_is_int(1), "a positive integer"),
+    "lora_parameters.scale": (_is_num, "a number"),
+    "lora_parameters.dropout": (lambda v: _is_num(v) and 0 <= v < 1, "in [0, 1)"),
+    "lr_schedule": (lambda v: v is None or isinstance(v, dict), "a mapping or null"),
+    "lr_schedule.name": (lambda v: v is None or v in schedules.SCHEDULES,
+                         " or ".join(sorted(schedules.SCHEDULES)) + " (or an mlx-lm schedule with arguments)"),
+    "lr_schedule.warmup": (lambda v: _is_int(0)(v or 0), "an integer >= 0"),
+    "auto_batch.max_batch_size": (_is_int(1), "a positive integer"),
+    "auto_batch.memory_fraction": (lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def get(cfg, dotted):
+    """cfg["a"]["b"] for "a.b"; None where a level is missing."""
+    node = cfg
+    for k in dotted.split("."):
+        node = node.get(k) if isinstance(node, dict) else None
+    return node
+
+
+def _applies(cfg, key):
+    """The rules that depend on other values: LoRA's parameters, our own schedules."""
+    if key.startswith("lora_parameters."):
+        return cfg.get("fine_tune_type") != "full"
+    if key.startswith("lr_schedule."):
+        sched = cfg.get("lr_schedule")
+        return bool(sched) and isinstance(sched, dict) and sched.get("arguments") is None
+    return True
+
+
+def check_config(cfg, keys=None):
+    """Check every rule (or those of `keys` and their sub-keys); raise ConfigError naming the
+    first bad value. Returns notes: settings that are valid but likely not meant."""
+    for key, (test, what) in RULES.items():
+        if keys is not None and key.split(".")[0] not in keys:
+            continue
+        if _applies(cfg, key) and not test(get(cfg, key)):
+            raise ConfigError(f"{key} must be {what}, got {get(cfg, key)!r}")
+    notes = []
+    warmup = (get(cfg, "lr_schedule.warmup") or 0) if _applies(cfg, "lr_schedule.warmup") else 0
+    if (keys is None or "lr_schedule" in keys) and warmup >= cfg["iters"]:
+        notes.append(f"note: lr_schedule.warmup ({warmup}) >= iters ({cfg['iters']}): the learning "
+                     "rate never reaches its peak")
+    return notes

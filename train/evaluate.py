@@ -87,15 +87,11 @@ def main(argv=None):
     p.add_argument("--limit", type=int, help="only the first N conversations")
     p.add_argument("--models-dir", help="where run folders are (default models/, or $MODELS_DIR)")
     args = p.parse_args(argv)
-    if args.models_dir:
-        paths.MODELS = Path(args.models_dir).resolve()
-
-    run_dir = paths.run_dir(args.name)
+    run_dir = paths.Layout.for_run(args.name, args.models_dir).run
     try:
-        meta = json.loads((run_dir / "metadata.json").read_text(encoding="utf-8"))
-        train_cfg = json.loads((run_dir / "training_config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        log(f"error: {e.filename} missing - train first (make train NAME={args.name})")
+        meta, train_cfg = bundle.read_run(run_dir)
+    except bundle.BundleError as e:
+        log(f"error: {e} - train first (make train NAME={args.name})")
         return 2
     model_name = args.model or meta.get("base_model_path") or meta["base_model"]
     if args.data:

@@ -1,6 +1,12 @@
-"""Where everything lives. The one place that knows the repository's layout."""
+"""Where everything lives. The one place that knows the repository's layout.
+
+Module constants are the repository's fixed places; `Layout` is one run's folders, built once
+(from --models-dir/--logs-dir, else $MODELS_DIR/$LOGS_DIR, else models/ and logs/) and passed
+down to whatever reads or writes them.
+"""
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,31 +19,72 @@ LOGS = Path(os.environ.get("LOGS_DIR") or ROOT / "logs")
 DOCS = ROOT / "docs"
 CONFIG = ROOT / "train" / "config.yaml"
 TINY_MODEL = ROOT / "models" / "tiny-mistral"     # built models stay in the repository
+TINY_MODEL_4BIT = ROOT / "models" / "tiny-mistral-4bit"
 BENCH_MODEL = ROOT / "models" / "bench-mistral"
 PROTOCOL_SCHEMA = DOCS / "protocol.schema.json"
 
+METADATA = "metadata.json"
+STEP_PREFIX = "step_"
 
-def run_dir(name):
+
+def step_name(step):
+    """step_0000200: a checkpoint folder's name (seven digits, more when needed)."""
+    return f"{STEP_PREFIX}{int(step):07d}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The folders and files of one training run:
+
+        models/NAME/                  the bundle (run)
+        models/NAME/checkpoints/      step_XXXXXXX/ (checkpoints, step(n))
+        models/NAME/best/             the adapter with the lowest validation loss
+        models/NAME/last/             the adapter of the last step
+        logs/NAME/metrics.jsonl       one record per report (metrics)
+    """
+
+    name: str
+    models: Path
+    logs: Path
+
+    @classmethod
+    def for_run(cls, name, models_dir=None, logs_dir=None):
+        models = Path(models_dir).resolve() if models_dir else MODELS
+        logs = Path(logs_dir).resolve() if logs_dir else LOGS
+        return cls(name=name, models=models, logs=logs)
+
+    @property
+    def run(self):
+        return self.models / self.name
+
+    @property
+    def checkpoints(self):
+        return self.run / "checkpoints"
+
+    def step(self, step):
+        return self.checkpoints / step_name(step)
+
+    @property
+    def best(self):
+        return self.run / "best"
+
+    @property
+    def last(self):
+        return self.run / "last"
+
+    @property
+    def metadata(self):
+        return self.run / METADATA
+
+    @property
+    def log_dir(self):
+        return self.logs / self.name
+
+    @property
+    def metrics(self):
+        return self.log_dir / "metrics.jsonl"
+
+
+def run_dir(name, models_dir=None):
     """models/NAME: the output bundle of one training run."""
-    return MODELS / name
-
-
-def checkpoints_dir(name):
-    return run_dir(name) / "checkpoints"
-
-
-def step_dir(name, step):
-    """models/NAME/checkpoints/step_0000200 (seven digits)."""
-    return checkpoints_dir(name) / f"step_{step:07d}"
-
-
-def best_dir(name):
-    return run_dir(name) / "best"
-
-
-def logs_dir(name):
-    return LOGS / name
-
-
-def metrics_file(name):
-    return logs_dir(name) / "metrics.jsonl"
+    return Layout.for_run(name, models_dir).run
