@@ -39,6 +39,7 @@ EVAL_EVERY    ?=
 PATIENCE      ?=
 LORA_RANK     ?=
 LORA_LAYERS   ?=
+KEEP          ?=
 FRESH         ?=
 RESUME        ?=
 NPROC         ?=
@@ -55,7 +56,7 @@ TRAIN_ARGS = --config $(CONFIG) --name $(NAME) \
   $(call opt,--save-every,$(SAVE_EVERY)) $(call opt,--eval-every,$(EVAL_EVERY)) \
   $(call opt,--seed,$(SEED)) $(call opt,--patience,$(PATIENCE)) \
   $(call opt,--lora-rank,$(LORA_RANK)) $(call opt,--lora-layers,$(LORA_LAYERS)) \
-  $(call flag,--fresh,$(FRESH)) $(call opt,--resume,$(RESUME))
+  $(call flag,--fresh,$(FRESH)) $(call opt,--resume,$(RESUME)) $(call opt,--keep,$(KEEP))
 
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
