@@ -44,6 +44,9 @@ FRESH         ?=
 RESUME        ?=
 NPROC         ?=
 HOSTFILE      ?=
+# Fuse
+QUANTIZE      ?=
+FORCE         ?=
 # Benchmarks
 QUICK         ?=
 
@@ -105,8 +108,8 @@ train: $(STAMP) ## Fine-tune MODEL on DATA into models/NAME (resumes after an in
 eval: $(STAMP) ## Compare base and fine-tuned models/NAME on the validation set (eval.json, eval.md)
 	$(PY) -m train.evaluate --name $(NAME) $(call opt,--data,$(DATA)) $(call opt,--model,$(MODEL))
 
-fuse: $(STAMP) ## Fuse models/NAME into a standalone model (and GGUF where supported)
-	$(PY) -m train.fuse --name $(NAME)
+fuse: $(STAMP) ## Fuse models/NAME (float; QUANTIZE=4 re-quantizes), checked against base + adapter (FORCE=1), GGUF
+	$(PY) -m train.fuse --name $(NAME) $(call opt,--data,$(DATA)) $(call opt,--quantize,$(QUANTIZE)) $(call flag,--force,$(FORCE))
 
 worker: $(STAMP) ## Run the NDJSON worker on models/NAME (stdin/stdout)
 	$(PY) -m worker --adapter models/$(NAME) $(call opt,--model,$(MODEL))

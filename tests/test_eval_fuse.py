@@ -1,4 +1,4 @@
-"""train/evaluate.py and train/fuse.py on a short LoRA run of the tiny model."""
+"""train/evaluate.py and train/fuse.py on short LoRA runs of the tiny model and its 4-bit copy."""
 
 import json
 import shutil
@@ -6,7 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers_train import TINY, metrics, ok, reference_run, run_module, shared_base
+from helpers_train import ROOT, TINY, metrics, ok, reference_run, run_module, shared_base
+
+GGUF = "ggml-model-f16.gguf"
 
 
 @pytest.fixture
@@ -51,12 +53,14 @@ def test_fuse_writes_a_standalone_model_equal_to_base_plus_adapter(run):
     base, run = run
     proc = ok(run_module(base, "train.fuse", "--name", "run"))
     fused = run / "fused"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "fused_from.json"):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "fused_from.json", "fuse_report.json",
+                 "tokenizer.model"):
         assert (fused / name).is_file(), name
-    gguf = fused / "ggml-model-f16.gguf"
-    assert gguf.is_file() and gguf.read_bytes()[:4] == b"GGUF", proc.stderr
     info = json.loads((fused / "fused_from.json").read_text())
-    assert info["gguf"] == "ggml-model-f16.gguf" and info["gguf_note"] is None
+    assert info["gguf"] == GGUF and info["gguf_note"].startswith("wrote"), proc.stderr
+    report = json.loads((run / "fuse_report.json").read_text())
+    assert report["check"]["passed"] and report["form"]["dtype"] == "float32", report
+    assert "fuse check:" in proc.stdout and "PASS" in proc.stdout
 
     tokens = mx.array([[1, 5, 17, 42, 99, 7]])
     fused_model, _ = load(str(fused))
@@ -65,6 +69,120 @@ def test_fuse_writes_a_standalone_model_equal_to_base_plus_adapter(run):
     a, b, c = (np.array(m(tokens)) for m in (fused_model, adapted, plain))
     assert np.abs(a - b).max() < 1e-3
     assert np.abs(b - c).max() > 1e-2          # the adapter does change the model
+    check_gguf_read_back(fused / GGUF, fused_model, fused)
+
+
+# --------------------------------------------------------------------------- GGUF, read back
+
+def check_gguf_read_back(path, model, model_dir):
+    """The GGUF file, read with llama.cpp's `gguf` package: llama.cpp's tensor names and shapes,
+    a real sentencepiece vocabulary (scores, types) equal to the model's tokenizer, and - run
+    through a numpy forward pass with llama.cpp's conventions - the fused model's logits."""
+    gguf = pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    reader = gguf.GGUFReader(str(path))
+    cfg = json.loads((model_dir / "config.json").read_text())
+    tensors = {t.name: t for t in reader.tensors}
+    per_layer = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm",
+                 "ffn_norm")
+    want = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{i}.{n}.weight" for i in range(cfg["num_hidden_layers"]) for n in per_layer}
+    assert set(tensors) == want
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    assert list(tensors["token_embd.weight"].shape) == [hidden, cfg["vocab_size"]]     # ggml order
+    assert list(tensors["blk.0.ffn_down.weight"].shape) == [inter, hidden]
+    assert tensors["blk.0.attn_k.weight"].tensor_type.name == "F16"
+    assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+
+    field = lambda k: reader.fields[k].contents()        # noqa: E731
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tokens, scores, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores"), field(
+        "tokenizer.ggml.token_type")
+    assert field("tokenizer.ggml.model") == "llama" and len(tokens) == cfg["vocab_size"]
+    assert tokens[: len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
+    assert len(set(scores)) > len(tokens) // 4, "scores are not a real sentencepiece vocabulary"
+    assert types[tok.bos_token_id] == types[tok.eos_token_id] == 3            # CONTROL
+    inst = tok.convert_tokens_to_ids("[INST]")
+    assert types[inst] == 3, "[INST] must be a control token for llama.cpp"
+    assert sum(t == 6 for t in types) == 256                                  # byte fallback pieces
+    assert field("tokenizer.ggml.bos_token_id") == tok.bos_token_id
+    assert "[INST]" in field("tokenizer.chat_template")
+
+    ids = [tok.bos_token_id] + tok.encode("Qual é o estádio do Farense?", add_special_tokens=False)
+    import mlx.core as mx
+    expected = np.array(model(mx.array([ids]))[0])
+    got = llama_cpp_forward(reader, ids, rope="norm")
+    err = np.abs(got - expected).max()
+    assert err < 0.02 * np.abs(expected).max(), f"GGUF logits differ by {err}"
+    # the check can fail: the same file read with the other rotary convention gives other logits
+    assert np.abs(llama_cpp_forward(reader, ids, rope="neox") - expected).max() > 10 * err
+
+
+def llama_cpp_forward(reader, ids, rope):
+    """A numpy forward pass of a GGUF 'llama' model as llama.cpp computes it (RMS norm, rotary
+    embedding on adjacent pairs - LLAMA_ROPE_TYPE_NORM - grouped-query attention, SwiGLU)."""
+    f = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
+    w = {t.name: np.asarray(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+         for t in reader.tensors}
+    n_head, n_kv = f["llama.attention.head_count"], f["llama.attention.head_count_kv"]
+    eps, theta = f["llama.attention.layer_norm_rms_epsilon"], f["llama.rope.freq_base"]
+    dim = f["llama.rope.dimension_count"]
+    norm = lambda x, g: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g      # noqa: E731
+    T = len(ids)
+    freqs = theta ** (-np.arange(0, dim, 2) / dim)
+    angles = np.arange(T)[:, None] * freqs[None, :]
+    cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+
+    def rotate(x):                     # x: [T, heads, dim]
+        if rope == "norm":
+            a, b = x[..., 0::2], x[..., 1::2]
+            out = np.empty_like(x)
+            out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+            return out
+        a, b = x[..., : dim // 2], x[..., dim // 2:]
+        return np.concatenate([a * cos - b * sin, a * sin + b * cos], -1)
+
+    x = w["token_embd.weight"][ids]
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for i in range(f["llama.block_count"]):
+        p = lambda n: w[f"blk.{i}.{n}.weight"]        # noqa: E731
+        h = norm(x, p("attn_norm"))
+        q = rotate((h @ p("attn_q").T).reshape(T, n_head, dim))
+        k = rotate((h @ p("attn_k").T).reshape(T, n_kv, dim))
+        v = (h @ p("attn_v").T).reshape(T, n_kv, dim)
+        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
+        att = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(dim) + mask
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        x = x + np.einsum("hqk,khd->qhd", att, v).reshape(T, n_head * dim) @ p("attn_output").T
+        h = norm(x, p("ffn_norm"))
+        g = h @ p("ffn_gate").T
+        x = x + ((g / (1 + np.exp(-g))) * (h @ p("ffn_up").T)) @ p("ffn_down").T
+    return norm(x, w["output_norm.weight"]) @ w["output.weight"].T
+
+
+def test_gguf_check_rejects_what_mlx_lm_alone_writes(tiny_model, tmp_path):
+    """mlx_lm.gguf.convert_to_gguf, as `mlx_lm fuse --export-gguf` runs it: every token score
+    -1000, which llama.cpp's sentencepiece tokenizer merges by. The read-back check says so."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.gguf import convert_to_gguf
+
+    from train import fuse_gguf
+
+    model, tok, config = load(str(TINY), return_config=True)
+    weights = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
+    path = tmp_path / "plain.gguf"
+    convert_to_gguf(TINY, weights, config, str(path))
+    vocab = fuse_gguf.vocabulary(TINY / "tokenizer.model", tok._tokenizer, rows=config["vocab_size"])
+    problems = fuse_gguf.verify(path, weights, config, tok._tokenizer, vocab, None)
+    assert any("same score" in p for p in problems), problems
+    assert not any(p.startswith(("blk.", "token_embd", "output", "tensor names")) for p in problems), problems
+    # and our writer, on the same weights, passes the same check
+    fuse_gguf.write(path, weights, config, vocab, None)
+    assert fuse_gguf.verify(path, weights, config, tok._tokenizer, vocab, None) == []
 
 
 def test_evaluate_and_fuse_without_a_run_say_so(tmp_path):
@@ -73,33 +191,110 @@ def test_evaluate_and_fuse_without_a_run_say_so(tmp_path):
         assert proc.returncode == 2 and "train first" in proc.stderr, proc.stderr
 
 
-def test_qlora_on_a_4bit_base_then_fuse_explains_the_gguf_limit(tmp_path_factory, tiny_model, tmp_path):
-    """A quantized base: LoRA becomes QLoRA; the fused model stays 4-bit and mlx-lm cannot
-    write GGUF from it (said clearly, fused model kept); --dequantize gives float + GGUF."""
-    import mlx.core as mx
-    from mlx_lm import convert, load
+# --------------------------------------------------------------------------- a 4-bit base (QLoRA)
 
-    from helpers_train import run_train, write_config
+def q4_base():
+    from train import paths
+    return getattr(paths, "TINY_MODEL_4BIT", ROOT / "models" / "tiny-mistral-4bit")
 
+
+@pytest.fixture
+def q4_run(tmp_path_factory, tiny_model, tmp_path):
+    """A copy of a short QLoRA run (10 steps) on models/tiny-mistral-4bit, trained once per session."""
+    from helpers_train import trained, write_config
+
+    q4 = q4_base()
+    if not (q4 / "config.json").is_file():
+        pytest.skip(f"{q4} is missing: `make tiny-model` builds it")
     shared = shared_base(tmp_path_factory)
-    q4 = tmp_path / "tiny-4bit"
-    convert(str(TINY), str(q4), quantize=True, q_group_size=64, q_bits=4)
-    cfg = write_config(tmp_path / "q.yaml", model=str(q4), iters=4, save_every=2, steps_per_eval=2)
-    proc = ok(run_train(tmp_path, cfg, "q", shared / "data"))
-    assert "QLoRA:" in proc.stderr
-    run = tmp_path / "models" / "q"
-    lora = json.loads((run / "lora_config.json").read_text())
-    assert lora["base_quantized"] is True
-    model, _ = load(str(q4), adapter_path=str(run))
-    assert model(mx.array([[1, 5, 17]])).shape[-1] == 1024
+    cfg = write_config(shared / "q4.yaml", model=str(q4), iters=10, save_every=5, steps_per_eval=5)
+    src, stderr = trained(shared / "q4", "q4", cfg, shared / "data")
+    assert "QLoRA" in stderr
+    shutil.copytree(src.parent, tmp_path / "models")
+    return tmp_path, tmp_path / "models" / "q4", q4
 
-    proc = ok(run_module(tmp_path, "train.fuse", "--name", "q"))
-    assert "GGUF not exported: the base is quantized" in proc.stderr and "--dequantize" in proc.stderr
+
+def test_fuse_of_a_4bit_base_is_a_float_model_equal_to_base_plus_adapter(q4_run):
+    """The fused model is de-quantized (float32: the base's scales are float32) and gives base +
+    adapter's logits; the comparison is printed and written next to it; the GGUF reads back."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    base, run, q4 = q4_run
+    proc = ok(run_module(base, "train.fuse", "--name", "q4"))
     fused = run / "fused"
-    assert (fused / "model.safetensors").is_file() and not (fused / "ggml-model-f16.gguf").exists()
-    assert "quantization" in json.loads((fused / "config.json").read_text())
-    load(str(fused))
+    config = json.loads((fused / "config.json").read_text())
+    assert "quantization" not in config and "quantization_config" not in config
+    weights = mx.load(str(fused / "model.safetensors"))
+    assert {str(v.dtype) for v in weights.values()} == {"mlx.core.float32"}
+    assert not any(k.endswith((".scales", ".biases")) for k in weights)
 
-    proc = ok(run_module(tmp_path, "train.fuse", "--name", "q", "--dequantize"))
-    assert (fused / "ggml-model-f16.gguf").read_bytes()[:4] == b"GGUF"
-    assert "quantization" not in json.loads((fused / "config.json").read_text())
+    report = json.loads((run / "fuse_report.json").read_text())
+    assert report == json.loads((fused / "fuse_report.json").read_text())
+    assert report["form"]["base_quantization"] == {"bits": 4, "group_size": 64, "mode": "affine"}
+    assert report["form"]["quantization"] is None and report["check"]["passed"]
+    lo, lg, g = report["loss"], report["logits"], report["greedy"]
+    assert lo["fused"] == pytest.approx(lo["base_plus_adapter"], rel=1e-4)
+    assert lg["fused_vs_adapter_max_abs"] < 1e-3 * lg["adapter_vs_base_max_abs"], lg
+    assert g["agree"] == g["of"] == 8, g
+    for line in ("validation loss", "logits max abs diff", "greedy answers        8/8 identical", "PASS"):
+        assert line in proc.stdout, proc.stdout
+
+    # independently of the report: the fused model against base + adapter and the base
+    tokens = mx.array([[1, 5, 17, 42, 99, 7, 300, 1200]])
+    fused_model, _ = load(str(fused))
+    adapted, _ = load(str(q4), adapter_path=str(run))
+    plain, _ = load(str(q4))
+    a, b, c = (np.array(m(tokens)) for m in (fused_model, adapted, plain))
+    assert np.abs(a - b).max() < 0.01 * np.abs(b - c).max(), (np.abs(a - b).max(), np.abs(b - c).max())
+    assert np.abs(b - c).max() > 0.1           # the adapter does change the model
+    info = json.loads((fused / "fused_from.json").read_text())
+    assert info["dequantized"] is True and info["gguf"] == GGUF, info
+    check_gguf_read_back(fused / GGUF, fused_model, fused)
+
+
+def test_requantizing_fails_the_check_unless_forced(q4_run):
+    """QUANTIZE=4 (the old behaviour: W + ΔW rounded back to 4 bits) loses much of the fine-tune:
+    exit 3 with the reason, nothing written; --force (make FORCE=1) writes it, group size and mode
+    of the base, and no GGUF."""
+    base, run, _ = q4_run
+    proc = run_module(base, "train.fuse", "--name", "q4", "--quantize", "4")
+    assert proc.returncode == 3, proc.stderr
+    assert "the fused model is not base + adapter" in proc.stderr and "FORCE=1" in proc.stderr
+    assert "of the adapter's own effect" in proc.stderr and "FAIL" in proc.stdout
+    assert not (run / "fused").exists()
+    report = json.loads((run / "fuse_report.json").read_text())
+    assert report["check"]["passed"] is False and report["logits"]["drift"] > 0.1, report["logits"]
+
+    proc = ok(run_module(base, "train.fuse", "--name", "q4", "--quantize", "4", "--force"))
+    assert "writing it anyway" in proc.stderr
+    fused = run / "fused"
+    q = json.loads((fused / "config.json").read_text())["quantization"]
+    assert (q["bits"], q["group_size"], q["mode"]) == (4, 64, "affine")
+    info = json.loads((fused / "fused_from.json").read_text())
+    assert info["check"]["forced"] is True and info["gguf"] is None
+    assert "re-quantized" in info["gguf_note"] and not (fused / GGUF).exists()
+
+
+def test_gguf_not_exported_without_a_sentencepiece_model_says_why(q4_run):
+    base, run, q4 = q4_run
+    bare = base / "bare-4bit"
+    shutil.copytree(q4, bare, ignore=shutil.ignore_patterns("tokenizer.model"))
+    out = base / "fused-bare"
+    proc = ok(run_module(base, "train.fuse", "--name", "q4", "--model", bare, "--out", out))
+    info = json.loads((out / "fused_from.json").read_text())
+    assert info["gguf"] is None and not (out / GGUF).exists()
+    assert info["gguf_note"].startswith(f"not exported: {bare} has no tokenizer.model (sentencepiece)")
+    assert "score -1000" in proc.stderr
+
+
+def test_make_fuse_passes_quantize_and_force(tmp_path):
+    import subprocess
+
+    proc = subprocess.run(["make", "-n", "fuse", "NAME=x", "QUANTIZE=4", "FORCE=1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    line = next(x for x in proc.stdout.splitlines() if "train.fuse" in x)
+    assert "--name x" in line and "--quantize 4" in line and "--force" in line, line
+    proc = subprocess.run(["make", "-n", "fuse", "NAME=x"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    line = next(x for x in proc.stdout.splitlines() if "train.fuse" in x)
+    assert "--quantize" not in line and "--force" not in line, line
