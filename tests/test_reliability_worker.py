@@ -115,7 +115,7 @@ def _soak_request(rnd, i):
     return req
 
 
-def soak(n, seed, max_outstanding=16, budget=1 << 20):
+def soak(n, seed, max_outstanding=16, budget=1 << 20, max_growth=0.10):
     """Drive n requests through one worker; returns the figures and does every check."""
     rnd = random.Random(seed)
     for line in GARBAGE:
@@ -241,7 +241,7 @@ def soak(n, seed, max_outstanding=16, budget=1 << 20):
                        cache_misses=final_stats["prefix_cache"]["misses"], fds_warm=fds_warm,
                        fds_end=fds_end, threads_end=threads_end, **evicted)
         report(**figures)
-        assert growth < 0.10, figures
+        assert growth < max_growth, figures          # the bounded buffer cache keeps RSS flat
         assert fds_end == fds_warm, figures          # no descriptor leaks
         w.close_stdin()
         assert w.wait_exit(60) == 0
@@ -275,7 +275,9 @@ def test_soak_short():
 
 @pytest.mark.slow
 def test_soak_long():
-    soak(3000, seed=7)
+    """3000 requests: 0 lost replies and RSS after the warm-up grows < 5% (worker/limits.py
+    bounds mlx's buffer cache; without the bound it grew +29% to +35%)."""
+    soak(3000, seed=7, max_growth=0.05)
 
 
 # =====================================================================================

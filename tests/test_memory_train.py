@@ -1,0 +1,110 @@
+"""Training inside the memory budget (train/memory.py through the real probe and train.py):
+the probe never tries a batch the model predicts over budget, turns on gradient
+checkpointing when batch 1 does not fit, and stops before allocating, naming settings that
+fit. The probe runs in a subprocess (gradient checkpointing patches the block class)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers_train import env_for, prepare_data, run_train, write_config  # noqa: E402
+
+SEQ = 384
+
+
+def probe_with_budget(where):
+    """Run choose_batch_size on the tiny model with LoRA, examples of SEQ tokens and a budget
+    between the model's batch-1 needs (where: 'between' checkpointed and not, 'below' both)."""
+    import train  # noqa: F401
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm import load
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from train import batches, memory
+
+    model, _ = load(str(ROOT / "models" / "tiny-mistral"))
+    model.freeze()
+    linear_to_lora_layers(model, 4, {"rank": 8, "scale": 20.0, "dropout": 0.0})
+    mx.eval(model.parameters())
+    shape, settings = memory.shape_from_model(model), memory.TrainSettings(num_layers=4)
+    plain = memory.training_peak(shape, settings, 1, SEQ, False)["total"]
+    ckpt = memory.training_peak(shape, settings, 1, SEQ, True)["total"]
+    budget = (plain + ckpt) // 2 if where == "between" else ckpt - (ckpt - shape_weights(memory, shape)) // 2
+    examples = [([5 + (i * 7 + j) % 1000 for j in range(SEQ)], 1) for i in range(8)]
+    lines, cfg, enabled = [], {"grad_checkpoint": False}, []
+
+    def enable():
+        memory.enable_grad_checkpoint(model, cfg)
+        enabled.append(True)
+
+    extra = memory.optimizer_state_bytes(model, "adamw")
+    try:
+        b, why, gc = memory.choose_batch_size(
+            model, nn.value_and_grad(model, default_loss), examples, batches.collate,
+            max_batch_size=8, memory_fraction=0.8, extra_bytes=extra, log=lines.append,
+            shape=shape, settings=settings, enable_grad_checkpoint=enable, budget_bytes=budget)
+        return {"batch": b, "why": why, "gc": gc, "enabled": bool(enabled), "log": lines,
+                "budget": budget, "plain": plain, "ckpt": ckpt}
+    except memory.DoesNotFit as e:
+        return {"error": str(e), "enabled": bool(enabled), "log": lines, "budget": budget,
+                "peak_since_load": int(mx.get_peak_memory())}
+
+
+def shape_weights(memory, shape):
+    return memory.weight_bytes(shape)
+
+
+def run_probe(where):
+    proc = subprocess.run([sys.executable, __file__, where], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_batch_1_over_budget_turns_on_gradient_checkpointing():
+    r = run_probe("between")
+    assert r["enabled"] and r["gc"], r
+    assert r["batch"] >= 1 and "gradient checkpointing turned on" in r["why"], r
+    assert any("not trying 1" in line for line in r["log"]), r["log"]     # never tried without it
+    peaks = [float(p.split(": ")[1].split()[0]) * 1e9 for p in r["why"].split("incl. optimizer state) ")[1]
+             .split(";")[0].split(", ")]
+    assert peaks and max(peaks[: r["batch"].bit_length()]) <= r["budget"], r
+
+
+def test_nothing_fits_stops_before_allocating_and_names_settings():
+    r = run_probe("below")
+    assert "error" in r and r["enabled"], r
+    assert "does not fit the memory budget" in r["error"] and "MAX_SEQ_LENGTH=" in r["error"], r
+    assert all("not trying" in line or "turning it on" in line for line in r["log"]), r["log"]
+    assert r["peak_since_load"] < r["budget"], r          # no step was run
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_data(tmp_path_factory.mktemp("memdata") / "data")
+
+
+def test_train_stops_with_exit_2_when_nothing_fits(data, tmp_path):
+    config = write_config(tmp_path / "c.yaml", batch_size="auto")
+    fraction = 6e6 / psutil.virtual_memory().total       # about the tiny model's weights
+    proc = run_train(tmp_path, config, "run", data, "--set", f"auto_batch.memory_fraction={fraction:.3g}",
+                     env=env_for(tmp_path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "does not fit the memory budget" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "models" / "run" / "checkpoints").exists()
+
+
+if __name__ == "__main__":
+    print(json.dumps(probe_with_budget(sys.argv[1])))
