@@ -33,6 +33,8 @@ MODEL         ?=
 NAME          ?= farense
 ITERS         ?=
 BATCH_SIZE    ?=
+MAX_SEQ_LENGTH ?=
+GRAD_CHECKPOINT ?=
 LEARNING_RATE ?=
 SAVE_EVERY    ?=
 EVAL_EVERY    ?=
@@ -59,7 +61,9 @@ TRAIN_ARGS = --config $(CONFIG) --name $(NAME) \
   $(call opt,--save-every,$(SAVE_EVERY)) $(call opt,--eval-every,$(EVAL_EVERY)) \
   $(call opt,--seed,$(SEED)) $(call opt,--patience,$(PATIENCE)) \
   $(call opt,--lora-rank,$(LORA_RANK)) $(call opt,--lora-layers,$(LORA_LAYERS)) \
-  $(call flag,--fresh,$(FRESH)) $(call opt,--resume,$(RESUME)) $(call opt,--keep,$(KEEP))
+  $(call flag,--fresh,$(FRESH)) $(call opt,--resume,$(RESUME)) $(call opt,--keep,$(KEEP)) \
+  $(call opt,--set,$(if $(MAX_SEQ_LENGTH),max_seq_length=$(MAX_SEQ_LENGTH))) \
+  $(call flag,--set grad_checkpoint=true,$(GRAD_CHECKPOINT))
 
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml

@@ -15,7 +15,7 @@ import time
 
 import worker  # noqa: F401  (imports train first: fast BLAS before mlx)
 from train import blas
-from worker import io, loading
+from worker import io, limits, loading
 
 PR_SET_PDEATHSIG = 1
 
@@ -29,19 +29,24 @@ def parse_args(argv=None):
     p.add_argument("--max-line-bytes", type=int, default=1 << 20, help="longest request line (default 1 MiB)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests allowed to wait for a batch slot before `overloaded` (default 256)")
-    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
-    p.add_argument("--prefix-cache-bytes", type=int, default=256 << 20,
-                   help="byte budget of the prefix (KV) cache; 0 disables it (default 256 MiB)")
-    p.add_argument("--prefill-step-size", type=int, default=2048, help=argparse.SUPPRESS)
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="sequences decoded together (default: what fits the memory budget, at most 32)")
+    p.add_argument("--prefix-cache-bytes", type=int, default=None,
+                   help="byte budget of the prefix (KV) cache; 0 disables it (default: from the memory budget)")
+    p.add_argument("--memory-fraction", type=float, default=0.8,
+                   help="share of the device's recommended working set the worker plans for (default 0.8)")
+    p.add_argument("--prefill-step-size", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-format", choices=("plain", "json"), default=None,
                    help="stderr log format (default: LOG_FORMAT, else plain)")
     args = p.parse_args(argv)
     if not args.model and not args.adapter:
         p.error("give --model (a base model) or --adapter (models/NAME)")
     for name in ("max_line_bytes", "max_batch", "prefill_step_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_queue < 0 or args.prefix_cache_bytes < 0:
+    if not 0 < args.memory_fraction <= 1:
+        p.error("--memory-fraction must be in (0, 1]")
+    if args.max_queue < 0 or (args.prefix_cache_bytes or 0) < 0:
         p.error("--max-queue and --prefix-cache-bytes must be >= 0")
     return args
 
@@ -108,12 +113,16 @@ def main(argv=None):
     from worker.engine import Engine   # mlx after train (fast BLAS)
 
     writer = io.ProtocolWriter(proto_fd, on_broken_pipe=lambda: _broken_pipe(log))
+    context_length = loading.context_length(settings, config)
+    chosen = limits.choose(config, context_length, memory_fraction=args.memory_fraction,
+                           max_batch=args.max_batch, prefix_cache_bytes=args.prefix_cache_bytes,
+                           prefill_step_size=args.prefill_step_size, log=log)
     engine = Engine(
-        model, tokenizer, settings, writer=writer, log=log,
-        context_length=loading.context_length(settings, config),
-        max_queue=args.max_queue, max_batch=args.max_batch,
-        prefix_cache_bytes=args.prefix_cache_bytes, prefill_step_size=args.prefill_step_size,
+        model, tokenizer, settings, writer=writer, log=log, context_length=context_length,
+        max_queue=args.max_queue, max_batch=chosen["max_batch"],
+        prefix_cache_bytes=chosen["prefix_cache_bytes"], prefill_step_size=chosen["prefill_step_size"],
     )
+    engine.limits = chosen
     engine.install_signal_handlers()
     try:
         engine.warm_up()
@@ -123,7 +132,8 @@ def main(argv=None):
                   f"the warm-up generation failed (a chat template that cannot render a "
                   f"conversation?): {type(e).__name__}: {e}")
         return 2
-    writer.add(engine.ready_message(args.max_line_bytes, blas=blas.loaded_path, version=version()))
+    writer.add(dict(engine.ready_message(args.max_line_bytes, blas=blas.loaded_path, version=version()),
+                    limits=chosen))
     writer.flush()
     log.info(f"ready in {time.perf_counter() - t0:.1f}s", model=settings.model, adapter=settings.adapter,
              context_length=engine.context_length, blas=blas.loaded_path)
