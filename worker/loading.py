@@ -11,16 +11,17 @@ this module.
 """
 
 import copy
-import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from train import paths
+from train import bundle, paths
 from train.config import DEFAULTS
 
-METADATA_FORMAT = 1
-ADAPTER_FILE = "adapters.safetensors"     # the name mlx_lm.load_adapters reads
+METADATA_FORMAT = bundle.METADATA_FORMAT
+ADAPTER_FILE = bundle.ADAPTERS             # the name mlx_lm.load_adapters reads
 GENERATION_KEYS = tuple(DEFAULTS["generation"])
 
 
@@ -39,45 +40,17 @@ class Settings:
     generation: dict = field(default_factory=lambda: copy.deepcopy(DEFAULTS["generation"]))
     max_seq_length: Optional[int] = None
     metadata: Optional[dict] = None
+    revision: Optional[str] = None             # the hub snapshot training used (metadata)
+    allow_base_mismatch: bool = False          # load a base other than the trained one
 
 
 def read_metadata(adapter_dir):
-    """models/NAME/metadata.json, checked against the contract; raises LoadError."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise LoadError(f"adapter folder not found: {adapter_dir}")
-    meta_file = adapter_dir / "metadata.json"
+    """models/NAME/metadata.json, checked against the contract (train.bundle.read_metadata,
+    the one reader); raises LoadError."""
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LoadError(f"{meta_file}: missing (an adapter folder is written by training)") from None
-    except (OSError, ValueError) as e:
-        raise LoadError(f"{meta_file}: unreadable: {e}") from None
-    if not isinstance(meta, dict):
-        raise LoadError(f"{meta_file}: expected a JSON object")
-    if meta.get("format") != METADATA_FORMAT:
-        raise LoadError(f"{meta_file}: unsupported format {meta.get('format')!r} (expected {METADATA_FORMAT})")
-    if not isinstance(meta.get("base_model"), str) or not meta["base_model"]:
-        raise LoadError(f"{meta_file}: base_model must be a non-empty string")
-    for key in ("chat_template", "system_prompt"):
-        if meta.get(key) is not None and not isinstance(meta[key], str):
-            raise LoadError(f"{meta_file}: {key} must be a string or null")
-    gen = meta.get("generation", {})
-    if not isinstance(gen, dict):
-        raise LoadError(f"{meta_file}: generation must be an object")
-    for key, value in gen.items():
-        if key in GENERATION_KEYS and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise LoadError(f"{meta_file}: generation.{key} must be a number")
-    msl = meta.get("max_seq_length")
-    if msl is not None and (isinstance(msl, bool) or not isinstance(msl, int) or msl < 2):
-        raise LoadError(f"{meta_file}: max_seq_length must be an integer >= 2")
-    adapter_file = meta.get("adapter_file", ADAPTER_FILE)
-    if adapter_file != ADAPTER_FILE:
-        raise LoadError(f"{meta_file}: adapter_file must be {ADAPTER_FILE!r} (got {adapter_file!r})")
-    for name in ("adapter_config.json", ADAPTER_FILE):
-        if not (adapter_dir / name).is_file():
-            raise LoadError(f"{adapter_dir / name}: missing")
-    return meta
+        return bundle.read_metadata(adapter_dir)
+    except bundle.BundleError as e:
+        raise LoadError(str(e)) from None
 
 
 def resolve_base(meta, override=None):
@@ -101,12 +74,16 @@ def _local_or_id(name):
     return name
 
 
-def settings_for(model=None, adapter=None, system_prompt=None):
-    """Everything the command line and metadata.json decide, before loading any weights."""
+def settings_for(model=None, adapter=None, system_prompt=None, allow_base_mismatch=None):
+    """Everything the command line and metadata.json decide, before loading any weights.
+    allow_base_mismatch: None reads WORKER_ALLOW_BASE_MISMATCH=1 from the environment."""
+    if allow_base_mismatch is None:
+        allow_base_mismatch = os.environ.get("WORKER_ALLOW_BASE_MISMATCH", "") in ("1", "yes", "true")
     if adapter:
         adapter_path = _local_or_id(adapter)
         meta = read_metadata(adapter_path)
         name, model_path = resolve_base(meta, model)
+        local = Path(model_path).exists()
         generation = copy.deepcopy(DEFAULTS["generation"])
         generation.update({k: v for k, v in meta.get("generation", {}).items() if k in GENERATION_KEYS})
         return Settings(
@@ -114,6 +91,8 @@ def settings_for(model=None, adapter=None, system_prompt=None):
             system_prompt=system_prompt if system_prompt is not None else meta.get("system_prompt"),
             chat_template=meta.get("chat_template"), generation=generation,
             max_seq_length=meta.get("max_seq_length"), metadata=meta,
+            revision=None if local else meta.get("base_model_revision"),
+            allow_base_mismatch=bool(allow_base_mismatch),
         )
     if not model:
         raise LoadError("give --model (a base model) or --adapter (models/NAME)")
@@ -124,6 +103,7 @@ def load(settings):
     """(model, tokenizer, config) for these settings, with the chat template set."""
     from mlx_lm import load as mlx_load   # mlx after `import train` (fast BLAS)
 
+    check_base(settings)
     try:
         model, tokenizer, config = mlx_load(
             settings.model_path,
@@ -131,6 +111,7 @@ def load(settings):
             adapter_path=settings.adapter_path,
             return_config=True,
             trust_remote_code=False,
+            revision=settings.revision,
         )
     except Exception as e:
         raise LoadError(f"cannot load model {settings.model_path!r}"
@@ -140,6 +121,41 @@ def load(settings):
         hf = getattr(tokenizer, "_tokenizer", tokenizer)
         hf.chat_template = settings.chat_template
     return model, tokenizer, config
+
+
+def check_base(settings):
+    """Refuse a base model other than the one the adapter was trained on (metadata.json's
+    base_model_hash: the hub revision, or the sha256 of a folder's weights and config),
+    unless allow_base_mismatch. A hub id is checked at the pinned revision when it is in
+    the local cache (otherwise mlx_lm.load fetches exactly that revision)."""
+    if not settings.metadata:
+        return
+    where = settings.model_path
+    if settings.revision:
+        where = _cached_snapshot(settings.model_path, settings.revision)
+        if where is None:
+            return
+    problem = bundle.base_mismatch(settings.metadata, where)
+    if problem is None:
+        return
+    message = (f"the base model {settings.model!r} ({where}) is not the one the adapter "
+               f"{settings.adapter!r} was trained on: {problem}. Serve the adapter with the base it "
+               "was trained on (--model), or pass --allow-base-mismatch "
+               "(WORKER_ALLOW_BASE_MISMATCH=1) to load it anyway")
+    if not settings.allow_base_mismatch:
+        raise LoadError(message)
+    print(f"worker: warning: {message} (allowed)", file=sys.stderr, flush=True)
+
+
+def _cached_snapshot(repo_id, revision):
+    """The hub cache's folder of repo_id at revision, or None when it is not cached."""
+    try:
+        from huggingface_hub import snapshot_download
+        from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+        return snapshot_download(repo_id, revision=revision, local_files_only=True,
+                                 allow_patterns=DEFAULT_ALLOW_PATTERNS)
+    except Exception:
+        return None
 
 
 def context_length(settings, config):
