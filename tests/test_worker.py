@@ -18,21 +18,24 @@ from worker_harness import ROOT, TINY, Worker  # noqa: E402
 
 from worker import protocol  # noqa: E402
 
-PROMPT = "Quando foi fundado o Farense?"
-OTHER = "Onde fica Faro e o clube?"
+# PROMPT: the tiny model's greedy answer is long (> 40 characters) and ends by end-of-sequence.
+PROMPT = "Onde fica Faro e o clube?"
+OTHER = "Fala-me do Farense e de Faro."
+# The tiny model's window is 32768 tokens; the context tests use 2048 (fast prefill).
+CONTEXT_2048 = ("--context-length", "2048")
 LONG_ENV = {"WORKER_TEST_IGNORE_EOS": "1", "WORKER_TEST_FAULT": "BOOM", "WORKER_TEST_PRINT": "1"}
 
 
 @pytest.fixture(scope="module")
 def w():
-    worker = Worker()
+    worker = Worker(*CONTEXT_2048)
     yield worker
     worker.close()
 
 
 @pytest.fixture(scope="module")
 def lw():
-    worker = Worker(env=LONG_ENV)
+    worker = Worker(*CONTEXT_2048, env=LONG_ENV)
     yield worker
     worker.close()
 
@@ -230,9 +233,10 @@ def test_stats(w):
     for key in ("in_flight", "queued", "served", "errors", "tokens_per_s", "prefix_cache", "memory", "uptime_s"):
         assert key in s
     assert s["in_flight"] == 0 and s["queued"] == 0 and s["served"] >= 1 and s["tokens_per_s"] > 0
-    assert s["prefix_cache"]["budget_bytes"] == 256 << 20
+    budget = w.ready["limits"]["prefix_cache_bytes"]       # chosen by worker/limits.py
+    assert s["prefix_cache"]["budget_bytes"] == budget > 0
     assert s["prefix_cache"]["hits"] + s["prefix_cache"]["misses"] >= 1
-    assert s["prefix_cache"]["entries"] >= 1 and 0 < s["prefix_cache"]["bytes"] <= 256 << 20
+    assert s["prefix_cache"]["entries"] >= 1 and 0 < s["prefix_cache"]["bytes"] <= budget
     assert s["memory"]["rss_bytes"] > 10 << 20 and s["memory"]["peak_bytes"] >= s["memory"]["active_bytes"] > 0
     assert s["uptime_s"] > 0
 

@@ -1,4 +1,4 @@
-"""The context-window policy through the real worker, at the exact boundary (tiny model: 2048).
+"""The context-window policy through the real worker, at the exact boundary (--context-length 2048).
 
 Prompt lengths come from the worker's own loading and prompt functions (worker.loading,
 train.prompt.encode_prompt) in this process, so the boundaries are exact whatever the tokenizer.
@@ -30,7 +30,7 @@ CONV = [SYSTEM, turn("user", 300), turn("assistant", 300), turn("user", 250), tu
 
 @pytest.fixture(scope="module")
 def w():
-    worker = Worker()
+    worker = Worker("--context-length", str(CONTEXT))     # the tiny model's own window: 32768
     assert worker.ready["context_length"] == CONTEXT
     yield worker
     worker.close()

@@ -27,6 +27,9 @@ export interface GenerateRequest {
 }
 
 export interface RequestOptions {
+  /** stream() only: called with each whole `token` message ({type, id, text}) as it arrives,
+   * before the iteration yields its text. Not called after abort/break/cancel. */
+  onToken?: (msg: TokenMessage) => void;
   /** Aborting sends {"op":"cancel"}; complete() rejects at once with AbortError, stream() ends. */
   signal?: AbortSignal;
   /** Cancels the request in the worker and rejects with TimeoutError. Counts from the call. */
@@ -134,7 +137,7 @@ export interface CompletionStream extends AsyncIterable<string> {
 
 export declare class WorkerError extends Error {
   constructor(code: string, message: string, extra?: { id?: string | null; cause?: unknown });
-  /** A protocol error code, or 'timeout', 'worker_exited', 'too_large' (checked client-side), 'spawn_failed', 'protocol'. */
+  /** A protocol error code, or 'timeout', 'worker_exited', 'too_large' (checked client-side), 'spawn_failed', 'protocol', 'reload_failed'. */
   code: string;
   id: string | null;
 }
@@ -163,6 +166,8 @@ export interface WorkerEvents {
   exit: [{ code: number | null; signal: string | null; pid: number | null }];
   stderr: [string];
   restart: [{ attempt: number; delayMs: number; code: number | null; signal: string | null }];
+  /** After reload(): the old and the new process's `ready` messages. */
+  reload: [{ from: ReadyMessage | null; to: ReadyMessage }];
   message: [WorkerMessage];
   send: [Record<string, unknown>];
   error: [Error];
@@ -178,6 +183,8 @@ export declare class Worker extends EventEmitter {
   /** The last `ready` message. */
   info: ReadyMessage | null;
   restarts: number;
+  /** Successful reload() calls. */
+  reloads: number;
   /** How many times a stdin write had to wait for 'drain'. */
   backpressureWaits: number;
   start(): Promise<ReadyMessage>;
@@ -187,6 +194,17 @@ export declare class Worker extends EventEmitter {
   ping(opts?: { timeoutMs?: number }): Promise<number>;
   stats(opts?: { timeoutMs?: number }): Promise<StatsMessage>;
   close(opts?: { graceMs?: number }): Promise<void>;
+  /**
+   * Zero-downtime switch: starts a worker process with the new adapter/model (null removes
+   * the option), waits for its `ready`, sends new requests there; requests in flight finish
+   * on the old process, which then stops. If the new process cannot start, the old one keeps
+   * serving and this rejects with a WorkerError, code 'reload_failed', naming the reason.
+   * `done.model` / `done.adapter` say which process answered.
+   */
+  reload(change?: ReloadChange): Promise<ReadyMessage>;
+  /** reload() in two steps: resolves once the new process is ready; commit() switches to it,
+   * abort() stops it (nothing changed). */
+  prepareReload(change?: ReloadChange): Promise<{ ready: ReadyMessage; commit(): ReadyMessage; abort(): Promise<void> }>;
   on<K extends keyof WorkerEvents>(event: K, listener: (...args: WorkerEvents[K]) => void): this;
   once<K extends keyof WorkerEvents>(event: K, listener: (...args: WorkerEvents[K]) => void): this;
   off<K extends keyof WorkerEvents>(event: K, listener: (...args: WorkerEvents[K]) => void): this;
@@ -205,7 +223,12 @@ export declare class Pool extends EventEmitter {
   ping(opts?: { timeoutMs?: number }): Promise<number[]>;
   stats(opts?: { timeoutMs?: number }): Promise<StatsMessage[]>;
   close(opts?: { graceMs?: number }): Promise<void>;
+  /** Every worker switches (each as Worker.reload), or none: if one new process fails to
+   * start, the others are stopped and this rejects with its reason. */
+  reload(change?: ReloadChange): Promise<ReadyMessage[]>;
 }
+
+export interface ReloadChange { adapter?: string | null; model?: string | null; }
 
 export declare function createWorker(options?: WorkerOptions): Worker;
 export declare function startWorker(options?: WorkerOptions): Promise<Worker>;
@@ -217,5 +240,14 @@ export declare class LineSplitter {
   overflows: number;
   push(chunk: Buffer | string): string[];
   end(): string[];
+}
+/** The queue behind CompletionStream (clients/node/queue.js). */
+export declare class AsyncQueue<T> implements AsyncIterator<T> {
+  readonly ended: boolean;
+  push(value: T): boolean;
+  end(value?: unknown): void;
+  fail(error: unknown): void;
+  close(value?: unknown): void;
+  next(): Promise<IteratorResult<T>>;
 }
 export declare function backoffDelay(attempt: number, opts?: { baseDelayMs?: number; maxDelayMs?: number }): number;

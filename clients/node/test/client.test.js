@@ -2,14 +2,14 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startWorker, WorkerError, TimeoutError, AbortError, PROTOCOL_VERSION } from '../index.js';
-import { PYTHON, MODEL, TEST_ENV, FAULT, protocolRecorder } from '../testlib/helpers.js';
+import { PYTHON, MODEL, TEST_ENV, TEST_ARGS, FAULT, protocolRecorder } from '../testlib/helpers.js';
 
 const LONG = { prompt: 'Conta a história do Sporting Clube Farense.', max_tokens: 2000 };
 const rec = protocolRecorder();
 let worker;
 
 before(async () => {
-  worker = await startWorker({ python: PYTHON, model: MODEL, env: TEST_ENV, onMessage: rec.onMessage });
+  worker = await startWorker({ python: PYTHON, model: MODEL, env: TEST_ENV, args: TEST_ARGS, onMessage: rec.onMessage });
   rec.attachSend(worker);
 });
 
@@ -181,4 +181,17 @@ test('ping() and stats()', async () => {
   const [a, b] = await Promise.all([worker.stats(), worker.ping()]);
   assert.equal(a.type, 'stats');
   assert.ok(b >= 0);
+});
+
+test('stream(): opts.onToken gets each whole token message, in order, matching the iteration', async () => {
+  const messages = [];
+  const s = worker.stream({ prompt: 'Olá', max_tokens: 12 }, { onToken: (m) => messages.push(m) });
+  const texts = [];
+  for await (const text of s) texts.push(text);
+  const done = await s.done;
+  assert.ok(messages.length > 1);
+  assert.deepEqual(messages.map((m) => Object.keys(m).sort()), messages.map(() => ['id', 'text', 'type']));
+  assert.ok(messages.every((m) => m.type === 'token' && m.id === s.id));
+  assert.deepEqual(messages.map((m) => m.text), texts);
+  assert.equal(texts.join(''), done.text);
 });

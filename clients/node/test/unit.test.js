@@ -1,7 +1,8 @@
-// Pure-logic unit tests (no worker process): line splitting and backoff computation.
+// Pure-logic unit tests (no worker process): line splitting, backoff, the async queue.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { LineSplitter, backoffDelay } from '../index.js';
+import { AsyncQueue } from '../queue.js';
 
 test('LineSplitter: lines split across chunks, \\r\\n, blank lines', () => {
   const s = new LineSplitter();
@@ -43,4 +44,31 @@ test('backoffDelay: exponential, capped', () => {
   const o = { baseDelayMs: 100, maxDelayMs: 1000 };
   assert.deepEqual([0, 1, 2, 3, 4, 5, 100].map((a) => backoffDelay(a, o)), [100, 200, 400, 800, 1000, 1000, 1000]);
   assert.equal(backoffDelay(0), 250);
+});
+
+test('AsyncQueue: values in order, then the end value; values pushed after end are refused', async () => {
+  const q = new AsyncQueue();
+  const first = q.next();
+  q.push('a');
+  q.push('b');
+  q.end('fim');
+  assert.equal(q.push('c'), false);
+  assert.deepEqual(await first, { value: 'a', done: false });
+  assert.deepEqual(await q.next(), { value: 'b', done: false });
+  assert.deepEqual(await q.next(), { value: 'fim', done: true });
+  assert.deepEqual(await q.next(), { value: 'fim', done: true });
+});
+
+test('AsyncQueue: fail() throws once after the queued values; close() drops them', async () => {
+  const q = new AsyncQueue();
+  q.push(1);
+  q.fail(new Error('boom'));
+  q.end('ignored');
+  assert.deepEqual(await q.next(), { value: 1, done: false });
+  await assert.rejects(q.next(), /boom/);
+  assert.deepEqual(await q.next(), { value: undefined, done: true });
+  const c = new AsyncQueue();
+  c.push(1);
+  c.close();
+  assert.deepEqual(await c.next(), { value: undefined, done: true });
 });

@@ -81,6 +81,9 @@ export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
  * requests surely still run when a test aborts them (worker/engine.py). */
 export const TEST_ENV = { WORKER_TEST_IGNORE_EOS: '1' };
 
+/** The tiny model's window is 32768 tokens; tests that reach the context use 2048 (fast). */
+export const TEST_ARGS = ['--context-length', '2048'];
+
 /** With TEST_ENV, a request whose last message contains FAULT fails inside the worker. */
 export const FAULT = 'BOOM-TEST-FAULT';
 TEST_ENV.WORKER_TEST_FAULT = FAULT;
