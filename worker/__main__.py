@@ -26,6 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="adapter folder written by training (models/NAME)")
     p.add_argument("--system-prompt", default=None,
                    help="system prompt for conversations without one (default: the adapter's, else none)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="cap the context (prompt + answer) below the model's or adapter's (default: theirs)")
     p.add_argument("--max-line-bytes", type=int, default=1 << 20, help="longest request line (default 1 MiB)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests allowed to wait for a batch slot before `overloaded` (default 256)")
@@ -41,7 +43,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.model and not args.adapter:
         p.error("give --model (a base model) or --adapter (models/NAME)")
-    for name in ("max_line_bytes", "max_batch", "prefill_step_size"):
+    for name in ("max_line_bytes", "max_batch", "prefill_step_size", "context_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.memory_fraction <= 1:
@@ -114,6 +116,8 @@ def main(argv=None):
 
     writer = io.ProtocolWriter(proto_fd, on_broken_pipe=lambda: _broken_pipe(log))
     context_length = loading.context_length(settings, config)
+    if args.context_length:
+        context_length = min(context_length or args.context_length, args.context_length)
     chosen = limits.choose(config, context_length, memory_fraction=args.memory_fraction,
                            max_batch=args.max_batch, prefix_cache_bytes=args.prefix_cache_bytes,
                            prefill_step_size=args.prefill_step_size, log=log)
