@@ -2,13 +2,10 @@
 // createApp(worker) takes a started-or-starting Worker (or Pool) so tests can listen(0).
 import express from 'express';
 import { AbortError, TimeoutError, WorkerError, WorkerExitedError } from '../../clients/node/index.js';
+import { LIMITS, SYSTEM_REFUSED, abortOnClose, writeWithBackpressure } from './http.js';
+import { addOpenAiRoutes, openaiError } from './openai.js';
 
-export const LIMITS = Object.freeze({
-  body: '64kb',
-  maxMessages: 64,
-  maxTokens: 2048,
-  maxTemperature: 2,
-});
+export { LIMITS, SYSTEM_REFUSED };
 
 const ROLES = new Set(['system', 'user', 'assistant']);
 
@@ -21,13 +18,16 @@ export function defaultLog(level, msg, fields = {}) {
 // with no id, so the request would only end at its timeout (test/security.test.js).
 const NOT_UNICODE = 'must be valid Unicode text (no lone surrogates)';
 
+const isOpenAiPath = (req) => req.path.startsWith('/v1/');
+
 const isPlainObject = (v) => v !== null && typeof v === 'object' && !Array.isArray(v);
 
 /**
  * Validates a chat body: `{messages}` or `{message, history?}`, plus optional max_tokens and
  * temperature. Returns { request } for the worker, or { error } (a short message for a 400).
+ * A `system` message is refused unless `allowSystem` (the system prompt is the server's).
  */
-export function parseChatBody(body) {
+export function parseChatBody(body, { allowSystem = false } = {}) {
   if (!isPlainObject(body)) return { error: 'expected a JSON object body' };
   const known = new Set(['messages', 'message', 'history', 'max_tokens', 'temperature']);
   for (const k of Object.keys(body)) {
@@ -42,6 +42,7 @@ export function parseChatBody(body) {
         return `${name}[${i}] must be an object {role, content}`;
       }
       if (!ROLES.has(m.role)) return `${name}[${i}].role must be system, user or assistant`;
+      if (m.role === 'system' && !allowSystem) return SYSTEM_REFUSED;
       if (typeof m.content !== 'string') return `${name}[${i}].content must be a string`;
       if (!m.content.isWellFormed()) return `${name}[${i}].content ${NOT_UNICODE}`;
     }
@@ -106,24 +107,13 @@ export function publicError(err) {
   return [500, 'internal error'];
 }
 
-/** Resolves true when the chunk was written (waiting for 'drain' if needed), false if the client left. */
-function writeWithBackpressure(res, chunk) {
-  if (res.destroyed || res.writableEnded) return Promise.resolve(false);
-  if (res.write(chunk)) return Promise.resolve(true);
-  return new Promise((resolve) => {
-    const done = (ok) => { res.off('drain', onDrain); res.off('close', onClose); resolve(ok); };
-    const onDrain = () => done(true);
-    const onClose = () => done(false);
-    res.on('drain', onDrain);
-    res.on('close', onClose);
-  });
-}
-
 const sse = (event, data) => `${event ? `event: ${event}\n` : ''}data: ${JSON.stringify(data)}\n\n`;
 
 /**
  * @param {import('../../clients/node/index.js').Worker | import('../../clients/node/index.js').Pool} worker
- * @param {{ timeoutMs?: number, log?: typeof defaultLog }} [options]
+ * @param {{ timeoutMs?: number, log?: typeof defaultLog, allowClientSystem?: boolean,
+ *   modelId?: string }} [options] allowClientSystem: accept `system` messages from clients
+ *   (default false: 400); modelId: the model name of the OpenAI routes (default 'farense')
  */
 export function createApp(worker, options = {}) {
   const log = options.log ?? defaultLog;
@@ -138,16 +128,10 @@ export function createApp(worker, options = {}) {
   });
 
   const json = express.json({ limit: LIMITS.body });
-
-  /** An AbortController aborted when the client goes away before the response is finished. */
-  const abortOnClose = (res) => {
-    const ac = new AbortController();
-    res.on('close', () => { if (!res.writableFinished) ac.abort(); });
-    return ac;
-  };
+  const allowSystem = options.allowClientSystem ?? false;
 
   app.post('/api/chat', json, async (req, res) => {
-    const { request, error } = parseChatBody(req.body);
+    const { request, error } = parseChatBody(req.body, { allowSystem });
     if (error) return res.status(400).json({ error });
     const ac = abortOnClose(res);
     try {
@@ -165,7 +149,7 @@ export function createApp(worker, options = {}) {
   });
 
   app.post('/api/chat/stream', json, async (req, res) => {
-    const { request, error } = parseChatBody(req.body);
+    const { request, error } = parseChatBody(req.body, { allowSystem });
     if (error) return res.status(400).json({ error });
     const ac = abortOnClose(res);
     res.status(200).set({
@@ -198,7 +182,13 @@ export function createApp(worker, options = {}) {
     }
   });
 
+  addOpenAiRoutes(app, {
+    worker, json, log, timeoutMs, allowSystem, abortOnClose,
+    modelId: options.modelId ?? 'farense',
+  });
+
   app.use((req, res) => {
+    if (isOpenAiPath(req)) return res.status(404).json(openaiError(404, 'not found').body);
     res.status(404).json({ error: 'not found' });
   });
 
@@ -215,7 +205,7 @@ export function createApp(worker, options = {}) {
     }
     log(status >= 500 ? 'error' : 'warn', 'request failed', { status, type: err?.type, error: err?.message, stack: status >= 500 ? err?.stack : undefined });
     if (res.headersSent) { res.destroy(); return; }
-    res.status(status).json({ error: message });
+    res.status(status).json(isOpenAiPath(req) ? openaiError(status, message).body : { error: message });
   });
 
   return app;

@@ -5,7 +5,7 @@ import http from 'node:http';
 import { once } from 'node:events';
 import { createWorker } from '../../../clients/node/index.js';
 import { createApp } from '../app.js';
-import { PYTHON, MODEL, TEST_ENV, FAULT, protocolRecorder, readSse, assertNoInternals, sleep } from '../testlib/helpers.js';
+import { PYTHON, MODEL, TEST_ENV, TEST_ARGS, FAULT, protocolRecorder, readSse, assertNoInternals, sleep } from '../testlib/helpers.js';
 
 const rec = protocolRecorder();
 const logs = [];
@@ -15,7 +15,7 @@ let server;
 let base;
 
 before(async () => {
-  worker = createWorker({ python: PYTHON, model: MODEL, env: TEST_ENV, onMessage: rec.onMessage });
+  worker = createWorker({ python: PYTHON, model: MODEL, env: TEST_ENV, args: TEST_ARGS, onMessage: rec.onMessage });
   rec.attachSend(worker);
   server = createApp(worker, { log, timeoutMs: 60_000 }).listen(0, '127.0.0.1');
   await once(server, 'listening');
