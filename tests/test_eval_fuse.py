@@ -108,6 +108,10 @@ def check_gguf_read_back(path, model, model_dir):
     assert sum(t == 6 for t in types) == 256                                  # byte fallback pieces
     assert field("tokenizer.ggml.bos_token_id") == tok.bos_token_id
     assert "[INST]" in field("tokenizer.chat_template")
+    from train.fuse_gguf import spm_tokenize           # llama.cpp's sentencepiece algorithm
+    text = "Em que ano foi fundado o Sporting Clube Farense? Ação, São Luís, 🦁"
+    assert [tok.bos_token_id] + spm_tokenize(" " + text, {t: i for i, t in enumerate(tokens)}, scores) == \
+        tok.encode(text)
 
     ids = [tok.bos_token_id] + tok.encode("Qual é o estádio do Farense?", add_special_tokens=False)
     import mlx.core as mx
@@ -177,12 +181,16 @@ def test_gguf_check_rejects_what_mlx_lm_alone_writes(tiny_model, tmp_path):
     path = tmp_path / "plain.gguf"
     convert_to_gguf(TINY, weights, config, str(path))
     vocab = fuse_gguf.vocabulary(TINY / "tokenizer.model", tok._tokenizer, rows=config["vocab_size"])
-    problems = fuse_gguf.verify(path, weights, config, tok._tokenizer, vocab, None)
+    texts = [x["content"] for f in sorted((ROOT / "data" / "sample").glob("*.jsonl"))
+             for r in map(json.loads, f.read_text(encoding="utf-8").splitlines()) for x in r.get("messages", [])][:60]
+    assert len(texts) >= 20
+    problems = fuse_gguf.verify(path, weights, config, tok._tokenizer, vocab, None, texts)
     assert any("same score" in p for p in problems), problems
+    assert any("tokenize differently under llama.cpp's algorithm" in p for p in problems), problems
     assert not any(p.startswith(("blk.", "token_embd", "output", "tensor names")) for p in problems), problems
     # and our writer, on the same weights, passes the same check
     fuse_gguf.write(path, weights, config, vocab, None)
-    assert fuse_gguf.verify(path, weights, config, tok._tokenizer, vocab, None) == []
+    assert fuse_gguf.verify(path, weights, config, tok._tokenizer, vocab, None, texts) == []
 
 
 def test_evaluate_and_fuse_without_a_run_say_so(tmp_path):

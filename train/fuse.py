@@ -148,7 +148,7 @@ def fuse_and_check(args, meta, run_dir, base, out, tmp, model, tokenizer, config
         if not args.force:
             raise Rejected(report)
         log(f"warning: {report['check']['reason']}; writing it anyway (--force)")
-    report["gguf"] = export_gguf(args, tmp, base, fused_model, config, fused_tokenizer, meta, form)
+    report["gguf"] = export_gguf(args, tmp, base, fused_model, config, fused_tokenizer, meta, form, val["texts"])
     write_provenance(tmp, meta, run_dir, form, report)
     write_report(run_dir, tmp, report)
     return report
@@ -238,6 +238,7 @@ def validation_set(tokenizer, meta, data_file, samples):
         "examples": examples, "sample_ids": [ids for ids, _ in examples[: len(chosen)]],
         "prompts": [encode_prompt(tokenizer, m[:-1], system_prompt) for m in chosen],
         "messages": [m[:-1] for m in chosen], "system_prompt": system_prompt,
+        "texts": [x["content"] for m in chosen for x in m] + ([system_prompt] if system_prompt else []),
         "max_tokens": min(int((meta.get("generation") or {}).get("max_tokens") or 256), longest + 16),
         "batch_size": int(meta.get("batch_size") or 8),
     }
@@ -363,7 +364,7 @@ def write_provenance(tmp, meta, run_dir, form, report):
                                          encoding="utf-8")
 
 
-def export_gguf(args, tmp, base, model, config, tokenizer, meta, form):
+def export_gguf(args, tmp, base, model, config, tokenizer, meta, form, texts):
     from train import fuse_gguf
 
     if args.no_gguf:
@@ -373,7 +374,7 @@ def export_gguf(args, tmp, base, model, config, tokenizer, meta, form):
             "not exported: the fused model is re-quantized (--quantize) and mlx-lm writes GGUF only from "
             "float weights; for llama.cpp/Ollama fuse without --quantize and quantize the GGUF with "
             "llama.cpp's llama-quantize")}
-    return fuse_gguf.export(tmp, base, model, config, tokenizer, meta.get("chat_template"))
+    return fuse_gguf.export(tmp, base, model, config, tokenizer, meta.get("chat_template"), texts)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ class Unsupported(Exception):
     """mlx-lm's exporter cannot write a correct file for this model; the message says why."""
 
 
-def export(out_dir, base, model, config, tokenizer, chat_template):
-    """Write out_dir/ggml-model-f16.gguf and verify it; {"file": name or None, "note": ...}."""
+def export(out_dir, base, model, config, tokenizer, chat_template, texts=()):
+    """Write out_dir/ggml-model-f16.gguf and verify it (`texts`: tokenized as llama.cpp would and
+    as the model's tokenizer does); {"file": name or None, "note": ...}."""
     from mlx.utils import tree_flatten
 
     path = Path(out_dir) / GGUF_NAME
@@ -39,7 +40,7 @@ def export(out_dir, base, model, config, tokenizer, chat_template):
         weights = {k: v for k, v in tree_flatten(model.parameters())}
         vocab = vocabulary(sp_path, hf_of(tokenizer), rows=int(weights["model.embed_tokens.weight"].shape[0]))
         write(path, weights, config, vocab, chat_template)
-        problems = verify(path, weights, config, hf_of(tokenizer), vocab, chat_template)
+        problems = verify(path, weights, config, hf_of(tokenizer), vocab, chat_template, texts)
     except Unsupported as e:
         path.unlink(missing_ok=True)
         return {"file": None, "note": f"not exported: {e}"}
@@ -53,7 +54,8 @@ def export(out_dir, base, model, config, tokenizer, chat_template):
         (Path(out_dir) / "tokenizer.model").write_bytes(sp_path.read_bytes())
     return {"file": GGUF_NAME, "note": (f"wrote {GGUF_NAME} (F16, llama architecture, {len(vocab['tokens'])}-token "
                                         "sentencepiece vocabulary, chat template); read back and verified: tensors, "
-                                        "values, metadata, tokenizer; not run in llama.cpp here")}
+                                        f"values, metadata, tokenizer ({len(texts)} texts tokenized as llama.cpp "
+                                        "does give the model's ids); not run in llama.cpp here")}
 
 
 def hf_of(tokenizer):
@@ -185,13 +187,13 @@ def rotary_order(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def verify(path, weights, config, hf, vocab, chat_template):
+def verify(path, weights, config, hf, vocab, chat_template, texts=()):
     """Everything wrong with the file at `path`, as sentences ([] when it is right)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
     return (check_tensors(reader, weights, config) + check_metadata(reader, config)
-            + check_tokenizer(reader, hf, vocab, chat_template))
+            + check_tokenizer(reader, hf, vocab, chat_template) + check_tokenization(reader, hf, texts))
 
 
 def check_tensors(reader, weights, config):
@@ -281,3 +283,60 @@ def check_tokenizer(reader, hf, vocab, chat_template):
     if chat_template and field(reader, "tokenizer.chat_template") != chat_template:
         problems.append("tokenizer.chat_template differs from the run's chat template")
     return problems
+
+
+def check_tokenization(reader, hf, texts):
+    """Each text (stripped: a leading space is where the Hugging Face tokenizer and sentencepiece
+    disagree) tokenized from the file's vocabulary as llama.cpp does must give the ids the
+    model's tokenizer gives (BOS and the dummy prefix included; llama.cpp's defaults when the
+    file does not say). The chat markup around a message (control tokens) is not covered."""
+    tokens, scores = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.scores")
+    if tokens is None or scores is None:
+        return []
+    ids = {t: i for i, t in enumerate(tokens)}
+    flag = lambda key: field(reader, f"tokenizer.ggml.{key}") is not False       # noqa: E731
+    bos = field(reader, "tokenizer.ggml.bos_token_id") if flag("add_bos_token") else None
+    prefix = " " if flag("add_space_prefix") else ""
+    texts = [t.strip() for t in texts if t.strip()]
+    differ = [t for t in texts
+              if ([bos] if bos is not None else []) + spm_tokenize(prefix + t, ids, scores) != hf.encode(t)]
+    if differ:
+        return [f"{len(differ)} of {len(texts)} texts tokenize differently under llama.cpp's algorithm "
+                f"(first: {differ[0][:60]!r})"]
+    return []
+
+
+def spm_tokenize(text, ids, scores):
+    """llama.cpp's sentencepiece tokenizer (llm_tokenizer_spm_session, src/llama-vocab.cpp) in
+    Python: spaces to U+2581, one symbol per character, then repeatedly merge the adjacent pair
+    whose joined text is the token with the highest score (ties: the leftmost pair); symbols
+    that are not tokens become their UTF-8 bytes' <0xXX> tokens."""
+    import heapq
+
+    syms = list(text.replace(" ", "\u2581"))
+    if not syms:
+        return []
+    nxt, prev = list(range(1, len(syms))) + [-1], list(range(-1, len(syms) - 1))
+    heap = []
+
+    def add(left, right):
+        if left >= 0 and right >= 0 and (i := ids.get(syms[left] + syms[right])) is not None:
+            heapq.heappush(heap, (-scores[i], left, right, len(syms[left]) + len(syms[right])))
+
+    for i in range(1, len(syms)):
+        add(i - 1, i)
+    while heap:
+        _, left, right, size = heapq.heappop(heap)
+        if not syms[left] or not syms[right] or len(syms[left]) + len(syms[right]) != size:
+            continue
+        syms[left], syms[right] = syms[left] + syms[right], ""
+        nxt[left] = nxt[right]
+        if nxt[right] >= 0:
+            prev[nxt[right]] = left
+        add(prev[left], left)
+        add(left, nxt[left])
+    out, i = [], 0
+    while i != -1:
+        out += [ids[syms[i]]] if syms[i] in ids else [ids[f"<0x{b:02X}>"] for b in syms[i].encode()]
+        i = nxt[i]
+    return out
