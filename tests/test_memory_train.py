@@ -106,5 +106,20 @@ def test_train_stops_with_exit_2_when_nothing_fits(data, tmp_path):
     assert not (tmp_path / "models" / "run" / "checkpoints").exists()
 
 
+def test_resume_stops_when_the_recorded_batch_no_longer_fits(data, tmp_path):
+    config = write_config(tmp_path / "c.yaml", batch_size="auto", iters=4, save_every=2, steps_per_eval=2)
+    first = run_train(tmp_path, config, "run", data, "--set", "auto_batch.max_batch_size=4", env=env_for(tmp_path))
+    assert first.returncode == 0 and "batch_size auto: 4 (" in first.stderr, first.stderr[-2000:]
+    step = tmp_path / "models" / "run" / "checkpoints" / "step_0000002"
+    assert step.is_dir()
+    # the machine is busier now: a budget that holds the weights but not a batch of 4
+    fraction = 12e6 / psutil.virtual_memory().total
+    proc = run_train(tmp_path, config, "run", data, "--resume", step, "--set", "auto_batch.max_batch_size=4",
+                     "--set", f"auto_batch.memory_fraction={fraction:.3g}", env=env_for(tmp_path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "started with batch_size 4, which no longer fits" in proc.stderr, proc.stderr[-2000:]
+    assert "To continue:" in proc.stderr and "Traceback" not in proc.stderr
+
+
 if __name__ == "__main__":
     print(json.dumps(probe_with_budget(sys.argv[1])))
