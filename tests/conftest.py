@@ -12,10 +12,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+TINY_4BIT = ROOT / "models" / "tiny-mistral-4bit"
+
+
+def _build_tiny_models():
+    if not (TINY / "config.json").exists() or not (TINY_4BIT / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "train.tiny_model", "--out", str(TINY),
+                        "--out-4bit", str(TINY_4BIT)], cwd=ROOT, check=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """models/tiny-mistral, built once if missing (make test builds it first)."""
-    if not (TINY / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "train.tiny_model", "--out", str(TINY)],
-                       cwd=ROOT, check=True)
+    _build_tiny_models()
     return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_model_4bit():
+    """models/tiny-mistral-4bit: every linear layer 4-bit (group 64), float32 scales."""
+    _build_tiny_models()
+    return TINY_4BIT

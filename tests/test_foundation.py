@@ -46,13 +46,14 @@ def test_tiny_model_shape(tiny_model):
                                                add_generation_prompt=True)
 
 
-def test_tiny_model_build_is_deterministic(tiny_model, tmp_path):
-    out = tmp_path / "tiny"
+def test_tiny_model_build_is_deterministic(tiny_model, tiny_model_4bit, tmp_path):
+    out = tmp_path / "tiny-mistral"
     subprocess.run([sys.executable, "-m", "train.tiny_model", "--out", str(out)], cwd=ROOT,
                    check=True, capture_output=True)
-    built = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.iterdir()}
-    shipped = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in tiny_model.iterdir()}
-    assert built == shipped
+    for built_dir, shipped_dir in ((out, tiny_model), (tmp_path / "tiny-mistral-4bit", tiny_model_4bit)):
+        built = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in built_dir.iterdir()}
+        shipped = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in shipped_dir.iterdir()}
+        assert built == shipped, shipped_dir
 
 
 def test_tokenizer_loads_offline_with_transformers(tiny_model):
@@ -64,16 +65,24 @@ def test_tokenizer_loads_offline_with_transformers(tiny_model):
     assert out.stdout.strip() == "São Luís"
 
 
+def _round_trip(text):
+    """What Mistral v0.3's tokenizer gives back: the dummy prefix and a leading space share the
+    first piece's "▁", and decoding strips one leading space."""
+    return text[1:] if text.startswith(" ") else text
+
+
 @pytest.mark.parametrize("text", PORTUGUESE)
 def test_tokenizer_round_trips_portuguese(tokenizer, text):
     ids = tokenizer.encode(text, add_special_tokens=False)
-    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(ids) == _round_trip(text)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(st.characters(codec="utf-8"), max_size=60))
 def test_tokenizer_round_trips_any_utf8(tokenizer, text):
-    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    # split_special_tokens: text like "<s>" stays text (hypothesis finds it).
+    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    assert tokenizer.decode(ids) == _round_trip(text)
 
 
 def test_prompt_folds_system_into_first_user_turn(tiny_model):
@@ -82,10 +91,11 @@ def test_prompt_folds_system_into_first_user_turn(tiny_model):
     from train import prompt
 
     _, tok = mlx_lm.load(str(tiny_model))
-    assert not prompt.accepts_system_role(tok)  # the tiny template rejects it, like old Mistral
-    messages = [{"role": "user", "content": "Quem somos?"}]
+    assert not prompt.accepts_system_role(tok)  # v0.3 moves it to the last user turn
+    messages = [{"role": "user", "content": "Quem somos?"}, {"role": "assistant", "content": "O Farense."},
+                {"role": "user", "content": "E o estádio?"}]
     text = prompt.render(tok, prompt.with_system_prompt(messages, "És o assistente."), True)
-    assert text == "<s>[INST] És o assistente.\n\nQuem somos? [/INST]"
+    assert text == "<s>[INST] És o assistente.\n\nQuem somos?[/INST] O Farense.</s>[INST] E o estádio?[/INST]"
 
 
 def test_training_example_starts_with_the_served_prompt(tiny_model):
@@ -101,7 +111,7 @@ def test_training_example_starts_with_the_served_prompt(tiny_model):
     ids, n = prompt.encode_example(tok, conv, system_prompt="Sê breve.")
     served = prompt.encode_prompt(tok, conv[:-1], system_prompt="Sê breve.")
     assert ids[:n] == served
-    assert tok.decode(ids[n:]) == " Preto e branco.</s>"
+    assert tok.decode(ids[n:]) == "Preto e branco.</s>"   # decode strips the leading space
 
 
 def test_config_rejects_unknown_key_naming_file(tmp_path):

@@ -1,7 +1,8 @@
 """Examples, batches and their order: the data side of the training loop.
 
-Conversations become (ids, prompt_len) through train.prompt.encode_example, the same
-function the worker's prompts go through. Batches follow mlx-lm's iterate_batches: examples
+Conversations become (ids, prompt_len) through train.prompt.encode_examples, the same
+rendering the worker's prompts go through (one example per conversation, or one per assistant
+turn with train_on: all_assistant). Batches follow mlx-lm's iterate_batches: examples
 sorted by length, cut into batches (the last, shorter one included, so no example is left
 out), padded, with lengths as (offset, length) for mlx-lm's default_loss. The order of the
 batches is a permutation per epoch drawn from (seed, epoch) alone, so the position in the
@@ -21,7 +22,7 @@ import numpy as np
 import orjson
 
 from train.checkpoint import sha256_file
-from train.prompt import encode_example
+from train.prompt import PromptError, encode_examples
 
 
 @dataclass
@@ -30,6 +31,10 @@ class Split:
     path: str
     conversations: list
     sha256: str
+    lines: list = field(default_factory=list)    # the file's line number of each conversation
+
+    def where(self, i):
+        return f"{self.path}:{self.lines[i]}" if i < len(self.lines) else f"{self.path}: conversation {i + 1}"
 
     @property
     def info(self):
@@ -41,7 +46,7 @@ def read_split(path):
     path = Path(path)
     if not path.is_file():
         return Split(str(path), [], None)
-    conversations = []
+    conversations, lines = [], []
     for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -52,7 +57,8 @@ def read_split(path):
             raise ValueError(f"{path}:{number}: not a {{\"messages\": [...]}} record ({e}); "
                              "run `make data` to prepare the data") from None
         conversations.append(messages)
-    return Split(str(path), conversations, sha256_file(path))
+        lines.append(number)
+    return Split(str(path), conversations, sha256_file(path), lines)
 
 
 def common_system_prompt(conversations):
@@ -69,21 +75,32 @@ class Encoded:
     notes: list = field(default_factory=list)
 
 
-def encode(tokenizer, conversations, system_prompt, mask_prompt, max_seq_length):
+def encode(tokenizer, conversations, system_prompt, mask_prompt, max_seq_length, train_on="last",
+           where=None):
     """Token ids and loss offsets. Over-long examples are cut to max_seq_length; one left
-    with no answer token to learn from is dropped (both counted)."""
+    with no answer token to learn from is dropped (both counted). A conversation the chat
+    template cannot encode consistently stops with ValueError naming where(i) (file:line)."""
     out = Encoded([])
-    for messages in conversations:
-        ids, prompt_len = encode_example(tokenizer, messages, system_prompt)
-        if len(ids) > max_seq_length:
-            ids = ids[:max_seq_length]
-            out.truncated += 1
-        offset = prompt_len if mask_prompt else 0
-        if len(ids) - max(offset, 1) < 1:
-            out.dropped += 1
-            continue
-        out.examples.append((ids, offset))
+    for i, messages in enumerate(conversations):
+        try:
+            pairs = encode_examples(tokenizer, messages, system_prompt, train_on)
+        except PromptError as e:
+            place = where(i) if where else f"conversation {i + 1}"
+            raise ValueError(f"{place}: {e}") from None
+        for ids, prompt_len in pairs:
+            _add_example(out, ids, prompt_len, mask_prompt, max_seq_length)
     return out
+
+
+def _add_example(out, ids, prompt_len, mask_prompt, max_seq_length):
+    if len(ids) > max_seq_length:
+        ids = ids[:max_seq_length]
+        out.truncated += 1
+    offset = prompt_len if mask_prompt else 0
+    if len(ids) - max(offset, 1) < 1:
+        out.dropped += 1
+        return
+    out.examples.append((ids, offset))
 
 
 def make_batches(examples, batch_size):

@@ -21,6 +21,7 @@ conversations without one; exact duplicates are removed before a seeded, determi
 from train import paths
 from train.atomic import write_bytes
 from train.config import ConfigError, load_config
+from train.prompt import control_strings
 
 import argparse
 import csv
@@ -376,10 +377,25 @@ def load_records(folder, system_prompt=None, warn=None):
             else:
                 counts["valid"] += 1
                 conversations.append(add_system_prompt(item, system_prompt))
+                _note_control_strings(item, shown, line, counts)
         if counts["records"] == 0:
             warn(f"warning: {shown}: no records")
         per_file.append(counts)
     return conversations, rejected, per_file
+
+
+def _note_control_strings(messages, shown, line, counts):
+    """Record a conversation whose text contains chat-format control strings ("[INST]", "</s>"...).
+    They are trained as plain text (train/prompt.py), but are often a sign of text pasted from
+    another model's prompt, so the report lists them."""
+    found = sorted({s for m in messages for s in control_strings(m["content"])})
+    if found:
+        counts.setdefault("control_strings", []).append({"file": shown, "line": line, "strings": found})
+
+
+def control_string_records(per_file):
+    """Every {"file", "line", "strings"} noted by load_records, moved out of per_file."""
+    return [r for counts in per_file for r in counts.pop("control_strings", [])]
 
 
 def dedupe(conversations):
@@ -458,8 +474,12 @@ def main(argv=None):
               f"using the sample data in {_display(source)}", file=sys.stderr)
 
     conversations, rejected, per_file = load_records(source, system_prompt)
+    controls = control_string_records(per_file)
     for r in rejected:
         print(f"{r['file']}:{r['line']}: {r['reason']}", file=sys.stderr)
+    for r in controls:
+        print(f"warning: {r['file']}:{r['line']}: contains control-token text {', '.join(r['strings'])} "
+              "(trained as plain text, never as control tokens)", file=sys.stderr)
     if rejected and not args.skip_invalid:
         print(f"error: {len(rejected)} invalid record(s); nothing written "
               "(fix them, or pass --skip-invalid / SKIP_INVALID=1 to leave them out)", file=sys.stderr)
@@ -480,6 +500,7 @@ def main(argv=None):
         "valid": len(valid_set),
         "duplicates": duplicates,
         "rejected": rejected,
+        "control_strings": controls,
         "seed": seed,
         "valid_fraction": fraction,
         "system_prompt": system_prompt,

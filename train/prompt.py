@@ -1,14 +1,41 @@
-"""The one prompt-formatting function, shared by training, evaluation and the worker.
+"""The one prompt rendering, shared by training, evaluation and the worker.
 
-Everything that turns a conversation into token ids goes through here, so the worker sends
-the model exactly the prefix it was trained on. Chat templates that reject a system role
-(older Mistral ones raise "Conversation roles must alternate") get the system text folded
-into the first user turn, the same way everywhere.
+Everything that turns a conversation into token ids goes through here, so the worker sends the
+model exactly the prefix it was trained on. Three rules:
+
+1. The system prompt sits at a fixed place at the start. A template that keeps a leading
+   system message at the start (ChatML, Llama 3) gets it as a system message; one that rejects
+   it (Mistral v0.1/v0.2), drops it or moves it (Mistral v0.3 puts it in front of the *last*
+   user message, so it would move on every turn and be missing from training sequences) gets it
+   folded into the first user turn as "system\\n\\nuser". So the served prompt of every turn is a
+   token prefix of the next turn's, and of the training sequence.
+2. Message content is text. "[INST]", "</s>", "<s>", "[TOOL_CALLS]" typed by a user are
+   tokenized as the characters they are; only the template's own markup produces control ids.
+3. A training example is the served prompt followed by the tokens of the answer the template
+   writes (answer + end of turn); if the prompt is not a prefix of the rendered conversation,
+   encoding stops with PromptError instead of guessing.
 """
 
-from functools import lru_cache
+import re
+from dataclasses import dataclass
 
 SYSTEM_FOLD_SEPARATOR = "\n\n"
+TRAIN_ON = ("last", "all_assistant")
+
+# Control-token strings of the common chat formats, for reporting data that contains them
+# (prepare_data has no tokenizer); encoding protects every special token of the tokenizer itself.
+CONTROL_STRING_RE = re.compile(
+    r"</?s>|<unk>|\[/?INST\]|\[TOOL_CALLS\]|\[/?AVAILABLE_TOOLS\]|\[/?TOOL_RESULTS\]|\[control_\d+\]"
+    r"|\[/?SYSTEM_PROMPT\]|<\|[a-z_]+\|>"
+)
+
+# Unique markers for the system-role probe: text no template produces or tests for.
+_PROBE = {"system": "\u27e6probe-system-5f1c\u27e7", "user": "\u27e6probe-user-9a2e\u27e7",
+          "assistant": "\u27e6probe-answer-c47b\u27e7", "user2": "\u27e6probe-user-b803\u27e7"}
+
+
+class PromptError(ValueError):
+    """A conversation this tokenizer's template cannot turn into a consistent training example."""
 
 
 def with_system_prompt(messages, system_prompt):
@@ -22,7 +49,7 @@ def with_system_prompt(messages, system_prompt):
 def fold_system(messages):
     """Merge system messages into the first user turn: 'system\\n\\nuser'."""
     system = [m["content"] for m in messages if m["role"] == "system"]
-    rest = [dict(m) for m in messages if m["role"] != "system"]
+    rest = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
     if system:
         text = SYSTEM_FOLD_SEPARATOR.join(system)
         for m in rest:
@@ -35,73 +62,212 @@ def fold_system(messages):
 
 
 def _hf(tokenizer):
-    """mlx-lm wraps the Hugging Face tokenizer; templates live on the inner one."""
-    return getattr(tokenizer, "_tokenizer", tokenizer)
+    """mlx-lm wraps the Hugging Face tokenizer; templates live on the inner one. (A Hugging
+    Face tokenizer's own _tokenizer is its Rust backend, which has no template.)"""
+    inner = getattr(tokenizer, "_tokenizer", None)
+    return inner if hasattr(inner, "apply_chat_template") else tokenizer
 
 
-@lru_cache(maxsize=None)
-def _accepts_system(hf_tokenizer):
-    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
-    try:
-        text = hf_tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-    except Exception:
-        return False
-    # Some templates silently drop the system message; treat that as "rejects" too.
-    return "s" in text.replace("u", "")
+@dataclass
+class _Info:
+    """What rendering needs to know about one tokenizer and template, worked out once."""
+    template: str
+    system_at_start: bool
+    special_re: re.Pattern
+    special_ids: dict
+    text_first: object       # tokenizers.Tokenizer treating specials as text (start of input)
+    text_after: object       # the same for text that follows a special token
+
+
+def _info(hf):
+    info = getattr(hf, "_farense_prompt_info", None)
+    if info is None or info.template != hf.chat_template:
+        info = _build_info(hf)
+        hf._farense_prompt_info = info
+    return info
+
+
+def _build_info(hf):
+    specials = sorted({t.content for t in hf.added_tokens_decoder.values() if t.special}
+                      | set(hf.all_special_tokens), key=len, reverse=True)
+    ids = {s: hf.convert_tokens_to_ids(s) for s in specials}
+    first, after = _text_tokenizers(hf)
+    return _Info(hf.chat_template, _system_at_start(hf),
+                 re.compile("|".join(map(re.escape, specials))) if specials else None,
+                 ids, first, after)
+
+
+def _text_tokenizers(hf):
+    """Copies of the fast tokenizer that read special-token strings as plain text.
+
+    A special token splits the input; the text after it is tokenized on its own, and a
+    Metaspace pre-tokenizer with prepend_scheme "first" adds its dummy prefix only to the text
+    at the very start. The second copy reproduces that for text that follows a special token."""
+    import orjson
+    from tokenizers import Tokenizer
+
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        return None, None
+    spec = orjson.loads(backend.to_str())
+    first = Tokenizer.from_str(orjson.dumps(spec).decode())
+    _prepend_never(spec.get("pre_tokenizer"))
+    after = Tokenizer.from_str(orjson.dumps(spec).decode())
+    for t in (first, after):
+        t.encode_special_tokens = True
+    return first, after
+
+
+def _prepend_never(node):
+    if isinstance(node, dict):
+        if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+            node["prepend_scheme"] = "never"
+        for child in node.get("pretokenizers", []):
+            _prepend_never(child)
+
+
+def _system_at_start(hf):
+    """Whether the template writes a leading system message before the first user turn and
+    keeps it there (probed with unique markers, with and without a later turn)."""
+    p = _PROBE
+    conversations = [
+        [{"role": "system", "content": p["system"]}, {"role": "user", "content": p["user"]}],
+        [{"role": "system", "content": p["system"]}, {"role": "user", "content": p["user"]},
+         {"role": "assistant", "content": p["assistant"]}, {"role": "user", "content": p["user2"]}],
+    ]
+    for messages in conversations:
+        try:
+            text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:
+            return False
+        if text.count(p["system"]) != 1 or text.find(p["system"]) > text.find(p["user"]):
+            return False
+    return True
 
 
 def accepts_system_role(tokenizer):
-    return _accepts_system(_hf(tokenizer))
+    return _info(_hf(tokenizer)).system_at_start
+
+
+def _normalize(hf, messages):
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    roles = [m["role"] for m in messages]
+    if "system" in roles:
+        keep = _info(hf).system_at_start and roles.count("system") == 1 and roles[0] == "system"
+        if not keep:
+            messages = fold_system(messages)
+    return messages
 
 
 def render(tokenizer, messages, add_generation_prompt):
     """The conversation as the model sees it, as text (chat template applied)."""
     hf = _hf(tokenizer)
-    if any(m["role"] == "system" for m in messages) and not _accepts_system(hf):
-        messages = fold_system(messages)
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return hf.apply_chat_template(_normalize(hf, messages), tokenize=False,
+                                  add_generation_prompt=add_generation_prompt)
+
+
+def encode_conversation(tokenizer, messages, add_generation_prompt):
+    """Token ids of the rendered conversation, message content tokenized as plain text."""
+    hf = _hf(tokenizer)
+    messages = _normalize(hf, messages)
+    info = _info(hf)
+    texts = "".join(m["content"] for m in messages)
+    if info.special_re is None or not info.special_re.search(texts):
+        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return hf.encode(text, add_special_tokens=False)
+    return _encode_protected(hf, info, messages, add_generation_prompt)
+
+
+def _encode_protected(hf, info, messages, add_generation_prompt):
+    """Render with each special-token string in the content replaced by a placeholder, split
+    the result at the template's special tokens, and tokenize the text between them with the
+    placeholders restored and read as text."""
+    texts = "".join(m["content"] for m in messages)
+    mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in texts)
+    found = []
+
+    def hide(match):
+        found.append(match.group(0))
+        return f"{mark}{len(found) - 1}{mark}"
+
+    hidden = [dict(m, content=info.special_re.sub(hide, m["content"])) for m in messages]
+    text = hf.apply_chat_template(hidden, tokenize=False, add_generation_prompt=add_generation_prompt)
+    restore = re.compile(f"{mark}(\\d+){mark}")
+    ids, pos = [], 0
+    for match in list(info.special_re.finditer(text)) + [None]:
+        end = match.start() if match else len(text)
+        if end > pos:
+            run = restore.sub(lambda m: found[int(m.group(1))], text[pos:end])
+            ids += _encode_text(hf, info, run, at_start=pos == 0)
+        if match:
+            ids.append(info.special_ids[match.group(0)])
+            pos = match.end()
+    return ids
+
+
+def _encode_text(hf, info, text, at_start):
+    tokenizer = info.text_first if at_start else info.text_after
+    if tokenizer is None:
+        return hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+    return tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def encode(tokenizer, text):
-    # The template already wrote the special tokens (BOS ...) as text.
+    """Token ids of template-rendered text (its special-token strings are control tokens)."""
     return _hf(tokenizer).encode(text, add_special_tokens=False)
 
 
 def encode_prompt(tokenizer, messages, system_prompt=None):
     """Token ids of a conversation to be answered (ends with a generation prompt)."""
     messages = with_system_prompt(messages, system_prompt)
-    return encode(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+    return encode_conversation(tokenizer, messages, add_generation_prompt=True)
 
 
 def encode_example(tokenizer, messages, system_prompt=None):
     """Training ids for a conversation ending with an assistant turn, and the prompt length.
 
-    The ids start with exactly encode_prompt(messages[:-1]) - what the worker will send -
-    followed by the tokens of the final answer, so training and serving agree token for token.
-    """
+    The ids are exactly encode_prompt(messages[:-1]) - what the worker will send - followed by
+    the tokens the template writes for the final answer, up to and including the end-of-turn
+    token. Raises PromptError when the prompt is not a prefix of the whole conversation."""
     messages = with_system_prompt(messages, system_prompt)
     if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError("a training conversation must end with an assistant turn")
-    prompt_text = render(tokenizer, messages[:-1], add_generation_prompt=True)
-    full_text = render(tokenizer, messages, add_generation_prompt=False)
-    prompt_ids = encode(tokenizer, prompt_text)
-    full_ids = encode(tokenizer, full_text)
-    if full_ids[: len(prompt_ids)] == prompt_ids:
-        return full_ids, len(prompt_ids)
-    # The answer's first token merged with the end of the prompt (no special token between
-    # them). Keep the served prefix exact and tokenise the rest on its own.
-    rest = full_text[len(prompt_text):] if full_text.startswith(prompt_text) else ""
-    if not rest:
-        n = _common_prefix(prompt_ids, full_ids)
-        return full_ids, n
-    return prompt_ids + encode(tokenizer, rest), len(prompt_ids)
+        raise PromptError("a training conversation must end with an assistant turn")
+    prompt_ids = encode_conversation(tokenizer, messages[:-1], add_generation_prompt=True)
+    full_ids = encode_conversation(tokenizer, messages, add_generation_prompt=False)
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        n = next(i for i, (a, b) in enumerate(zip(prompt_ids, full_ids + [None] * len(prompt_ids))) if a != b)
+        raise PromptError(
+            f"the chat template's prompt is not a prefix of the conversation it starts (tokens differ "
+            f"at position {n} of {len(prompt_ids)}): training on it would not match what is served")
+    return _cut_after_eos(tokenizer, full_ids, len(prompt_ids)), len(prompt_ids)
 
 
-def _common_prefix(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def _cut_after_eos(tokenizer, ids, start):
+    """Drop what a template writes after the answer's end-of-sequence token (e.g. a space)."""
+    eos = getattr(tokenizer, "eos_token_ids", None)
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    eos.add(_hf(tokenizer).eos_token_id)
+    for i in range(len(ids) - 1, start - 1, -1):
+        if ids[i] in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def encode_examples(tokenizer, messages, system_prompt=None, train_on="last"):
+    """The training examples of one conversation: [(ids, prompt_len)].
+
+    train_on="last": one example, the final answer. "all_assistant": one per assistant turn,
+    each the conversation up to that answer, so every answer is trained with exactly the
+    prefix that is served before it."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
+    messages = with_system_prompt(messages, system_prompt)
+    ends = [len(messages)]
+    if train_on == "all_assistant":
+        ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return [encode_example(tokenizer, messages[:end]) for end in ends]
+
+
+def control_strings(text):
+    """The control-token strings (of the common chat formats) that occur in a text."""
+    return CONTROL_STRING_RE.findall(text)
