@@ -65,6 +65,7 @@ TRAIN_ARGS = --config $(CONFIG) --name $(NAME) \
   $(call opt,--set,$(if $(MAX_SEQ_LENGTH),max_seq_length=$(MAX_SEQ_LENGTH))) \
   $(call flag,--set grad_checkpoint=true,$(GRAD_CHECKPOINT))
 
+TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
@@ -95,8 +96,11 @@ node-setup: $(NODE_STAMP) ## Install the Node packages (express for the example,
 	cd $* && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-tiny-model: $(STAMP) ## Build the offline test/demo base model in models/tiny-mistral (deterministic)
-	$(PY) -m train.tiny_model --out models/tiny-mistral
+tiny-model: $(TINY) ## Build the offline test/demo models tiny-mistral and tiny-mistral-4bit (deterministic)
+
+# Rebuilt whenever its recipe changes (the 4-bit sibling is written last).
+$(TINY): train/tiny_model.py tests/fixtures/chat_templates/mistral-v0.3.jinja $(wildcard data/sample/*.jsonl) | $(STAMP)
+	$(PY) -m train.tiny_model --out models/tiny-mistral --out-4bit models/tiny-mistral-4bit
 
 bench-model: $(STAMP) ## Build the ~100M-parameter benchmark model in models/bench-mistral
 	$(PY) -m bench.bench_model --out models/bench-mistral
@@ -119,7 +123,7 @@ worker: $(STAMP) ## Run the NDJSON worker on models/NAME (stdin/stdout)
 	$(PY) -m worker --adapter models/$(NAME) $(call opt,--model,$(MODEL))
 
 demo: $(STAMP) ## The whole job on the tiny model: data, train, eval, a worker round trip
-	@test -f models/tiny-mistral/config.json || $(MAKE) --no-print-directory tiny-model
+	@$(MAKE) --no-print-directory tiny-model
 	$(MAKE) --no-print-directory data
 	$(MAKE) --no-print-directory train CONFIG=$(DEMO_CONFIG) NAME=$(DEMO_NAME) MODEL=models/tiny-mistral FRESH=1
 	$(MAKE) --no-print-directory eval NAME=$(DEMO_NAME)
@@ -129,21 +133,21 @@ demo: $(STAMP) ## The whole job on the tiny model: data, train, eval, a worker r
 	  | $(PY) -m worker --adapter models/$(DEMO_NAME)
 
 test: $(STAMP) node-setup ## Run the test suite (Python, shell, Node); sets everything up itself
-	@test -f models/tiny-mistral/config.json || $(MAKE) --no-print-directory tiny-model
+	@$(MAKE) --no-print-directory tiny-model
 	$(PY) -m pytest -q -m "not slow" tests
 	bash tests/shell/run.sh
 	cd clients/node && PYTHON=$(CURDIR)/$(PY) node --test
 	cd examples/express && PYTHON=$(CURDIR)/$(PY) node --test
 
 test-all: $(STAMP) node-setup ## The test suite plus the slow soak and fault tests
-	@test -f models/tiny-mistral/config.json || $(MAKE) --no-print-directory tiny-model
+	@$(MAKE) --no-print-directory tiny-model
 	$(PY) -m pytest -q tests
 	bash tests/shell/run.sh
 	cd clients/node && PYTHON=$(CURDIR)/$(PY) node --test
 	cd examples/express && PYTHON=$(CURDIR)/$(PY) node --test
 
 bench: $(STAMP) ## Benchmarks side by side with mlx-lm (QUICK=1 for a short run)
-	@test -f models/tiny-mistral/config.json || $(MAKE) --no-print-directory tiny-model
+	@$(MAKE) --no-print-directory tiny-model
 	@test -f models/bench-mistral/config.json || $(MAKE) --no-print-directory bench-model
 	$(PY) -m bench.run $(call flag,--quick,$(QUICK))
 
@@ -151,4 +155,4 @@ check-backend: $(STAMP) ## Self-check of this machine's backend: train, resume, 
 	$(PY) -m bench.check_backend
 
 clean: ## Remove built models, runs and logs (keeps .venv and your data)
-	rm -rf models/tiny-mistral models/bench-mistral models/$(DEMO_NAME) logs
+	rm -rf models/tiny-mistral models/tiny-mistral-4bit models/bench-mistral models/$(DEMO_NAME) logs
