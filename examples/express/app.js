@@ -1,9 +1,11 @@
 // The Express app: chat endpoints in front of the worker client (clients/node).
 // createApp(worker) takes a started-or-starting Worker (or Pool) so tests can listen(0).
+import { createHash, timingSafeEqual } from 'node:crypto';
 import express from 'express';
 import { AbortError, TimeoutError, WorkerError, WorkerExitedError } from '../../clients/node/index.js';
 import { LIMITS, SYSTEM_REFUSED, abortOnClose, writeWithBackpressure } from './http.js';
 import { addOpenAiRoutes, openaiError } from './openai.js';
+import { createMetrics } from './metrics.js';
 
 export { LIMITS, SYSTEM_REFUSED };
 
@@ -112,8 +114,11 @@ const sse = (event, data) => `${event ? `event: ${event}\n` : ''}data: ${JSON.st
 /**
  * @param {import('../../clients/node/index.js').Worker | import('../../clients/node/index.js').Pool} worker
  * @param {{ timeoutMs?: number, log?: typeof defaultLog, allowClientSystem?: boolean,
- *   modelId?: string }} [options] allowClientSystem: accept `system` messages from clients
- *   (default false: 400); modelId: the model name of the OpenAI routes (default 'farense')
+ *   modelId?: string, adminToken?: string, reload?: () => Promise<any>, metrics?: boolean }} [options]
+ *   allowClientSystem: accept `system` messages from clients (default false: 400); modelId: the
+ *   model name of the OpenAI routes (default 'farense'); adminToken + reload: POST
+ *   /admin/reload (Authorization: Bearer <token>) calls reload() (no token: the route is off);
+ *   metrics: GET /metrics in Prometheus format (default true)
  */
 export function createApp(worker, options = {}) {
   const log = options.log ?? defaultLog;
@@ -121,6 +126,11 @@ export function createApp(worker, options = {}) {
   const app = express();
   app.disable('x-powered-by');
   app.set('trust proxy', false);
+  const metrics = options.metrics === false ? null : createMetrics(worker);
+  if (metrics) {
+    app.use(metrics.middleware);
+    app.get('/metrics', metrics.handler);
+  }
 
   app.get('/healthz', (req, res) => {
     if (worker.ready) res.json({ ok: true });
@@ -182,6 +192,20 @@ export function createApp(worker, options = {}) {
     }
   });
 
+  // Every reload (admin route, SIGHUP, models/current changing: server.js) goes through here.
+  app.locals.reload = options.reload && (async (why) => {
+    try {
+      const ready = await options.reload();
+      log('info', 'worker reloaded', { why, model: ready.model, adapter: ready.adapter, pid: ready.pid });
+      return ready;
+    } catch (err) {
+      metrics?.reloadFailed();
+      log('error', 'reload failed; still serving the previous worker', { why, code: err.code, error: err.message });
+      throw err;
+    }
+  });
+  addAdminRoutes(app, { adminToken: options.adminToken, reload: app.locals.reload, log });
+
   addOpenAiRoutes(app, {
     worker, json, log, timeoutMs, allowSystem, abortOnClose,
     modelId: options.modelId ?? 'farense',
@@ -209,4 +233,28 @@ export function createApp(worker, options = {}) {
   });
 
   return app;
+}
+
+/** Constant-time comparison of a presented token with the configured one. */
+function tokenMatches(presented, expected) {
+  const digest = (t) => createHash('sha256').update(String(t)).digest();
+  return typeof presented === 'string' && timingSafeEqual(digest(presented), digest(expected));
+}
+
+/** POST /admin/reload: the server's reload() (same target, e.g. models/current re-read). */
+function addAdminRoutes(app, { adminToken, reload, log }) {
+  app.post('/admin/reload', async (req, res) => {
+    if (!adminToken || !reload) return res.status(404).json({ error: 'not found' });
+    const auth = req.get('authorization') ?? '';
+    if (!tokenMatches(auth.startsWith('Bearer ') ? auth.slice(7) : null, adminToken)) {
+      log('warn', 'admin reload refused: bad or missing token', { ip: req.socket.remoteAddress });
+      return res.status(401).set('WWW-Authenticate', 'Bearer').json({ error: 'unauthorized' });
+    }
+    try {
+      const ready = await reload('POST /admin/reload');
+      res.json({ ok: true, model: ready.model, adapter: ready.adapter, pid: ready.pid });
+    } catch (err) {
+      res.status(500).json({ error: `reload failed: ${err.message}`.slice(0, 300) });
+    }
+  });
 }

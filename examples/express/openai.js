@@ -169,7 +169,7 @@ const finishReason = (done) => (done.finish_reason === 'length' ? 'length' : 'st
  * Registers the routes on `app`.
  * @param {import('express').Express} app
  * @param {{ worker: any, json: any, modelId: string, allowSystem: boolean, timeoutMs: number,
- *   log: Function, abortOnClose: Function, observe: Function }} ctx
+ *   log: Function, abortOnClose: Function }} ctx
  */
 export function addOpenAiRoutes(app, ctx) {
   const { worker, json, modelId, log } = ctx;
@@ -189,7 +189,6 @@ export function addOpenAiRoutes(app, ctx) {
     if (parsed.stream) return streamCompletion(ctx, res, parsed, meta, opts, ac);
     try {
       const done = await worker.complete(parsed.request, opts);
-      ctx.observe?.(done);
       res.json({
         ...meta,
         object: 'chat.completion',
@@ -236,7 +235,6 @@ async function streamCompletion(ctx, res, parsed, meta, opts, ac) {
       return;
     }
     const done = await stream.done;
-    ctx.observe?.(done);
     await writeWithBackpressure(res, chunk(meta, {}, finishReason(done)));
     if (parsed.includeUsage) await writeWithBackpressure(res, `data: ${JSON.stringify({ ...meta, object: 'chat.completion.chunk', choices: [], usage: usageOf(done) })}\n\n`);
     await writeWithBackpressure(res, 'data: [DONE]\n\n');
