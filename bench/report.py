@@ -18,6 +18,9 @@ TARGETS = {
     "concurrency_vs_server": (">=", 1.0),
     "ttft_cached": ("<=", 0.3),
     "bandwidth_fraction": (">=", 0.8),
+    "prefill_roofline": (">=", 0.5),
+    "workload_tokens_8": (">=", 1.2),
+    "workload_ttft_p99": ("<=", 1.0),
 }
 
 
@@ -252,6 +255,39 @@ def plot_concurrency(path, levels, ours, anchor, title, ours_label="worker (stdi
     ax.set_ylim(0, top * 1.25)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_workload(path, levels, ours, anchor, title, ours_label="worker (stdio)", anchor_label="mlx_lm server (HTTP)"):
+    """Two panels against simulated users: aggregate tokens/s, and first-token p50/p99 (ms).
+    ours/anchor: {"tokens_per_s": [...], "ttft_p50_ms": [...], "ttft_p99_ms": [...]} per level."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nan = lambda vs: [v if v is not None else float("nan") for v in vs]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.6, 4.0), dpi=110)
+    a.plot(levels, nan(ours["tokens_per_s"]), "o-", label=ours_label)
+    a.plot(levels, nan(anchor["tokens_per_s"]), "s--", label=anchor_label)
+    a.set_ylabel("aggregate tokens/s")
+    b.plot(levels, nan(ours["ttft_p50_ms"]), "o-", color="C0", label=f"{ours_label} p50")
+    b.plot(levels, nan(ours["ttft_p99_ms"]), "o:", color="C0", label=f"{ours_label} p99")
+    b.plot(levels, nan(anchor["ttft_p50_ms"]), "s--", color="C1", label=f"{anchor_label} p50")
+    b.plot(levels, nan(anchor["ttft_p99_ms"]), "s:", color="C1", label=f"{anchor_label} p99")
+    b.set_ylabel("time to first token (ms)")
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels)
+        ax.set_xticklabels([str(n) for n in levels])
+        ax.set_xlabel("simulated users")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -41,7 +41,7 @@ RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 TINY = ROOT / "models" / "tiny-mistral"
 BENCH = ROOT / "models" / "bench-mistral"
-SECTIONS = ("bandwidth", "training", "decode", "concurrency", "ttft", "distributed")
+SECTIONS = ("bandwidth", "training", "decode", "concurrency", "ttft", "prefill", "workload", "distributed")
 SERVER_ATTEMPTS = 4
 
 PLANS = {
@@ -52,6 +52,9 @@ PLANS = {
         conc_model=BENCH, conc_levels=[1, 8], conc_reps=2, conc_max_tokens=16,
         ttft_model=BENCH, ttft_reps=2, ttft_system_tokens=520,
         bandwidth_gib=0.5, bandwidth_repeats=5, dist_repeats=0,
+        prefill_model=BENCH, prefill_tokens=1000, prefill_reps=1,
+        workload_model=BENCH, workload_levels=[1, 8], workload_reps=1, workload_max_tokens=16,
+        workload_conversations=2,
     ),
     "full": dict(
         train_model=TINY, train_reps=3, train_iters=30, train_report=10, train_batch=4,
@@ -60,6 +63,9 @@ PLANS = {
         conc_model=BENCH, conc_levels=[1, 2, 4, 8, 16], conc_reps=3, conc_max_tokens=48,
         ttft_model=BENCH, ttft_reps=3, ttft_system_tokens=520,
         bandwidth_gib=1.0, bandwidth_repeats=8, dist_repeats=2, dist_iters=20,
+        prefill_model=BENCH, prefill_tokens=1000, prefill_reps=3,
+        workload_model=BENCH, workload_levels=[1, 4, 8, 16], workload_reps=2, workload_max_tokens=16,
+        workload_conversations=4,
     ),
 }
 
@@ -463,6 +469,85 @@ def section_ttft(plan, tmp, res, workers, tokenizer=None):
         out[which + "_worker_summary"] = report.summarize([r["worker_ttft_ms"] for r in out[which]])
 
 
+# =========================================================================== prefill
+
+def main_worker(workers, model_dir):
+    w = workers.get("main") if workers.model("main") == model_dir else None
+    if w is None:
+        workers.stop("main")
+        w = workers.start("main", model_dir)
+    return w
+
+
+def section_prefill(plan, tmp, res, workers, tokenizer=None):
+    """The compute roofline (measured sgemm FLOP/s / the model's prefill FLOPs per token) and
+    uncached ~1,000-token prompts through the worker, each rep paired with a roofline pass."""
+    from mlx_lm.utils import load_tokenizer
+
+    from bench import prefill
+
+    model_dir = plan["prefill_model"]
+    w = main_worker(workers, model_dir)
+    tokenizer = tokenizer or load_tokenizer(Path(model_dir))
+    out = {"model": rel(model_dir), "prompt_tokens": plan["prefill_tokens"], "worker_command": shlex.join(w.command),
+           "prefill_step_size": (w.ready.get("limits") or {}).get("prefill_step_size"), "reps": [], "rooflines": []}
+    res["prefill"] = out
+    for rep in range(plan["prefill_reps"]):
+        roof = prefill.roofline(model_dir, plan["prefill_tokens"], passes=3)
+        r = prefill.uncached_prefill(w, tokenizer, plan["prefill_tokens"])
+        out["rooflines"].append(roof)
+        out["reps"].append(r)
+        log(f"prefill rep {rep + 1}/{plan['prefill_reps']}: {r['prompt_tokens'] - r['cached_tokens']} uncached tokens "
+            f"in {r['client_ttft_ms']:.0f} ms = {r['tokens_per_s']:.0f} tok/s; roofline {roof['limit_tokens_per_s']:.0f} "
+            f"tok/s ({roof['sgemm_flops_per_s'] / 1e9:.0f} GFLOP/s sgemm / {roof['flops_per_token'] / 1e6:.0f} "
+            f"MFLOP per token); load {r['load']:.2f}")
+    out["tokens_per_s_summary"] = report.summarize([r["tokens_per_s"] for r in out["reps"]])
+    out["limit_summary"] = report.summarize([r["limit_tokens_per_s"] for r in out["rooflines"]])
+    out["sgemm_summary"] = report.summarize([r["sgemm_flops_per_s"] for r in out["rooflines"]])
+    out["flops_per_token"] = out["rooflines"][0]["flops_per_token"] if out["rooflines"] else None
+    return tokenizer
+
+
+# =========================================================================== workload
+
+def section_workload(plan, tmp, res, workers, tokenizer=None):
+    """bench/workload.jsonl replayed by 1-16 simulated users: the worker vs mlx_lm server."""
+    from mlx_lm.utils import load_tokenizer
+
+    from bench import workload
+    from train.prompt import accepts_system_role
+
+    model_dir = plan["workload_model"]
+    w = main_worker(workers, model_dir)
+    tokenizer = tokenizer or load_tokenizer(Path(model_dir))
+    fold = not accepts_system_role(tokenizer)
+    system, convs = workload.load()
+    log(f"workload: starting mlx_lm server on {rel(model_dir)}")
+    server = ServerProcess(model_dir, env=sub_env(), stderr_path=Path(tmp) / "server-workload.log")
+    server.start()
+    try:
+        senders = {"worker": workload.worker_sender(w), "server": workload.server_sender(server.port, fold)}
+        for send in senders.values():      # the system prompt once (unmeasured): a running chatbot has it
+            send([{"role": "system", "content": system}, {"role": "user", "content": "Olá"}], 2)
+        out = {"model": rel(model_dir), "levels": plan["workload_levels"], "reps": plan["workload_reps"],
+               "max_tokens": plan["workload_max_tokens"], "conversations_at_least": plan["workload_conversations"],
+               "workload": rel(workload.WORKLOAD), "system_prompt_tokens": len(tokenizer.encode(system)),
+               "worker_command": shlex.join(w.command), "server_command": shlex.join(server.command),
+               "system_folded_for_server": fold}
+        res["workload"] = out
+        runs = workload.run_levels(senders, system, convs, plan["workload_levels"], plan["workload_reps"],
+                                   plan["workload_max_tokens"], log=log, at_least=plan["workload_conversations"])
+        out["worker"], out["server"] = runs["worker"], runs["server"]
+        out["worker_medians"], out["server_medians"] = workload.medians(runs["worker"]), workload.medians(runs["server"])
+        for side in ("worker", "server"):
+            for k, rs in runs[side].items():
+                failed = [r["error"] for r in rs if r.get("error")]
+                if failed:
+                    res.setdefault("warnings", []).append(f"workload {k} users, {side}: {failed[0][:200]}")
+    finally:
+        server.close()
+
+
 # =========================================================================== bandwidth
 
 def section_bandwidth(plan, tmp, res):
@@ -594,6 +679,8 @@ def build_rows(res):
         rows.append(report.row("first token, worker's own ttft_ms", med(tt, "cached_worker_summary"),
                                med(tt, "uncached_worker_summary"), "ms", ours_label="cached",
                                anchor_label="uncached"))
+    rows += prefill_rows(res.get("prefill"))
+    rows += workload_rows(res.get("workload"))
     bw = res.get("bandwidth")
     if bw and dec:
         lim = bw["limit_tokens_per_s"]
@@ -607,6 +694,47 @@ def build_rows(res):
                                paired=paired))
         rows.append(report.row("stream_generate vs bandwidth limit", med(dec, "stream_generate_summary"), lim, "tok/s",
                                ours_label="stream_generate", anchor_label="limit"))
+    return rows
+
+
+def prefill_rows(pf):
+    if not pf or not pf.get("reps"):
+        return []
+    med = lambda k: (pf.get(k) or {}).get("median")
+    paired = report.median([r["tokens_per_s"] / f["limit_tokens_per_s"] for r, f in zip(pf["reps"], pf["rooflines"])])
+    return [
+        report.row(f"prefill vs compute roofline, uncached {pf['prompt_tokens']}-token prompt", med("tokens_per_s_summary"),
+                   med("limit_summary"), "tok/s", ours_label=f"worker, chunk {pf.get('prefill_step_size')}",
+                   anchor_label=f"{report.fmt(med('sgemm_summary') / 1e9)} GFLOP/s / "
+                                f"{report.fmt(pf['flops_per_token'] / 1e6)} MFLOP", target_key="prefill_roofline",
+                   paired=paired, value=paired),
+    ]
+
+
+def workload_rows(wl):
+    """Per level: tokens/s, first-token p50/p99, end-to-end p99, follow-up first token."""
+    if not wl or not wl.get("worker_medians"):
+        return []
+    rows = []
+    ours, theirs = wl["worker_medians"], wl.get("server_medians", {})
+    samples = lambda side, k, m: [r.get(m) for r in wl[side].get(k, [])]
+    for n in wl["levels"]:
+        k = str(n)
+        o, t = ours.get(k, {}), theirs.get(k, {})
+        pair = lambda m: report.paired_ratio(samples("worker", k, m), samples("server", k, m))
+        rows.append(report.row(f"chatbot tokens/s, {n} users", o.get("tokens_per_s"), t.get("tokens_per_s"), "tok/s",
+                               ours_label="worker", anchor_label="mlx_lm server",
+                               target_key="workload_tokens_8" if n == 8 else None, paired=pair("tokens_per_s")))
+        rows.append(report.row(f"chatbot first token p99, {n} users", o.get("ttft_p99_ms"), t.get("ttft_p99_ms"), "ms",
+                               ours_label="worker", anchor_label="mlx_lm server", target_key="workload_ttft_p99",
+                               paired=pair("ttft_p99_ms")))
+        rows.append(report.row(f"chatbot first token p50, {n} users", o.get("ttft_p50_ms"), t.get("ttft_p50_ms"), "ms",
+                               ours_label="worker", anchor_label="mlx_lm server", paired=pair("ttft_p50_ms")))
+        rows.append(report.row(f"chatbot follow-up turn first token p50 (cached history), {n} users",
+                               o.get("follow_up_ttft_p50_ms"), t.get("follow_up_ttft_p50_ms"), "ms",
+                               ours_label="worker", anchor_label="mlx_lm server", paired=pair("follow_up_ttft_p50_ms")))
+        rows.append(report.row(f"chatbot end-to-end p99, {n} users", o.get("e2e_p99_ms"), t.get("e2e_p99_ms"), "ms",
+                               ours_label="worker", anchor_label="mlx_lm server", paired=pair("e2e_p99_ms")))
     return rows
 
 
@@ -627,6 +755,9 @@ def markdown_section(res, rows, png_rel):
     lines.append(report.markdown_table(rows))
     if png_rel:
         lines.append(f"![aggregate tokens/s against concurrency]({png_rel})\n")
+    if res.get("workload_png_rel"):
+        lines.append(f"![chatbot workload: tokens/s and first-token time against users, worker vs mlx_lm server]"
+                     f"({res['workload_png_rel']})\n")
     for warning in res.get("warnings", []):
         lines.append(f"Note: {warning}\n")
     if res.get("errors"):
@@ -635,6 +766,31 @@ def markdown_section(res, rows, png_rel):
     if missed:
         lines.append("Missed targets: " + ", ".join(missed) + " (see *Where the time goes*).\n")
     return "\n".join(lines)
+
+
+def targets_met(rows):
+    """{target key: met by every row judged against it} (None where no row had a value)."""
+    out = {}
+    for r in rows:
+        if r["target_key"] and r["met"] is not None:
+            out[r["target_key"]] = out.get(r["target_key"], True) and r["met"]
+        elif r["target_key"]:
+            out.setdefault(r["target_key"], None)
+    return out
+
+
+def plot_workload(res, png_path, doc):
+    wl = res.get("workload")
+    if not wl or not wl.get("worker_medians"):
+        return None
+    levels = wl["levels"]
+    get = lambda side, m: [(wl.get(side + "_medians", {}).get(str(n)) or {}).get(m) for n in levels]
+    report.plot_workload(png_path, levels, {m: get("worker", m) for m in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")},
+                         {m: get("server", m) for m in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")},
+                         f"{wl['model']}, {wl['max_tokens']} tokens/answer, {res['machine']['cpu']}, "
+                         f"load {res['load_start'][0]:.1f}")
+    res["workload_plot"] = rel(png_path)
+    return os.path.relpath(png_path, Path(doc).parent)
 
 
 def models_note(plan, sections):
@@ -649,6 +805,13 @@ def models_note(plan, sections):
                      f"{plan['conc_max_tokens']} tokens each)")
     if "ttft" in sections:
         parts.append(f"first token on {rel(plan['ttft_model'])} ({plan['ttft_reps']} reps each)")
+    if "prefill" in sections:
+        parts.append(f"prefill on {rel(plan['prefill_model'])} ({plan['prefill_reps']} reps x {plan['prefill_tokens']} "
+                     "uncached tokens)")
+    if "workload" in sections:
+        parts.append(f"chatbot workload on {rel(plan['workload_model'])} (users {plan['workload_levels']}, "
+                     f"{plan['workload_reps']} reps, {plan['workload_max_tokens']} tokens/answer, "
+                     f"max(users, {plan['workload_conversations']}) conversations of bench/workload.jsonl)")
     return "; ".join(parts)
 
 
@@ -673,7 +836,8 @@ def main(argv=None):
     args = parse_args(argv)
     mode = "quick" if args.quick else "full"
     plan = PLANS[mode]
-    for m in {plan["train_model"], plan["decode_model"], plan["conc_model"], plan["ttft_model"]}:
+    for m in {plan["train_model"], plan["decode_model"], plan["conc_model"], plan["ttft_model"],
+              plan["prefill_model"], plan["workload_model"]}:
         if not (Path(m) / "config.json").exists():
             sys.exit(f"bench: {rel(m)} is missing; run `make tiny-model` / `make bench-model` (make bench does)")
     now = datetime.datetime.now()
@@ -711,6 +875,10 @@ def main(argv=None):
                     section_concurrency(plan, tmp, res, workers)
                 elif name == "ttft":
                     section_ttft(plan, tmp, res, workers, tokenizer)
+                elif name == "prefill":
+                    tokenizer = section_prefill(plan, tmp, res, workers, tokenizer)
+                elif name == "workload":
+                    section_workload(plan, tmp, res, workers, tokenizer)
                 elif name == "distributed":
                     section_distributed(plan, tmp, res)
             except Exception as e:  # one failed section must not lose the others
@@ -725,7 +893,7 @@ def main(argv=None):
     res["elapsed_s"] = time.perf_counter() - _T0
     rows = build_rows(res)
     res["rows"] = rows
-    res["targets_met"] = {r["target_key"]: r["met"] for r in rows if r["target_key"]}
+    res["targets_met"] = targets_met(rows)
 
     png_rel = None
     cc = res.get("concurrency")
@@ -741,6 +909,10 @@ def main(argv=None):
             png_rel = os.path.relpath(png_path, Path(args.doc).parent)
         except Exception as e:
             res["errors"]["plot"] = f"{type(e).__name__}: {e}"
+    try:
+        res["workload_png_rel"] = plot_workload(res, Path(args.results_dir) / f"{stem}-workload.png", args.doc)
+    except Exception as e:
+        res["errors"]["workload plot"] = f"{type(e).__name__}: {e}"
     report.write_json(results_path, res)
     if not args.no_doc:
         report.append_markdown(args.doc, markdown_section(res, rows, png_rel))

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +167,99 @@ def test_blas_threads_do_not_spin_unless_told(tmp_path):
     assert default["omp"] in (None, 0)
     told = run(dict(env, KMP_BLOCKTIME="200"))
     assert told["KMP_BLOCKTIME"] == "200" and told["omp"] in (None, 200)
+
+
+def test_workload_file_and_helpers():
+    from bench import workload
+
+    system, convs = workload.load()
+    assert "Farense" in system and len(convs) >= 16
+    assert len({c["id"] for c in convs}) == len(convs)
+    assert all(1 <= len(c["turns"]) <= 4 for c in convs)
+    assert {len(c["turns"]) for c in convs} == {1, 2, 3, 4}
+    assert workload.percentile([1, 2, 3, 4, 5], 50) == 3
+    assert math.isclose(workload.percentile([0, 10], 99), 9.9)
+    assert workload.percentile([], 50) is None
+    plan = workload.assign(convs, 3, at_least=4)          # 4 conversations over 3 users
+    assert [len(p) for p in plan] == [2, 1, 1] and plan[0][0] is convs[0] and plan[0][1] is convs[3]
+    assert [len(p) for p in workload.assign(convs, 20)] == [1] * 20    # reused past the set's end
+    turns = [{"turn": 0, "ttft_s": 0.1, "e2e_s": 1.0, "completion_tokens": 4},
+             {"turn": 1, "ttft_s": 0.3, "e2e_s": 2.0, "completion_tokens": 6}]
+    lvl = workload.summarize_level(turns, users=2, wall=2.0)
+    assert lvl["tokens_per_s"] == 5.0 and lvl["follow_up_ttft_p50_ms"] == 300.0
+    assert math.isclose(lvl["first_turn_ttft_p50_ms"], 100.0)
+
+
+def test_bad_workload_line_is_named(tmp_path):
+    from bench import workload
+
+    bad = tmp_path / "w.jsonl"
+    bad.write_text('{"system": "s"}\n{"id": "x", "turns": []}\n')
+    with pytest.raises(ValueError, match=r"w.jsonl:2"):
+        workload.load(bad)
+
+
+def test_prefill_flops_count_the_weights():
+    from bench import bench_model, prefill
+
+    cfg = dict(bench_model.BENCH_CONFIG, vocab_size=1024)
+    shapes = prefill.linear_shapes(cfg)
+    assert len(shapes) == 7 * cfg["num_hidden_layers"] + 1
+    linear = sum(o * i for o, i in shapes[:-1])
+    f = prefill.flops_per_token(cfg, 1000)
+    # 2 FLOPs per weight, plus the causal attention over 500 positions on average
+    assert math.isclose(f, 2 * linear + 4 * 16 * 12 * 64 * 500)
+
+
+def test_prefill_and_workload_rows_and_plot(tmp_path):
+    from bench import run
+
+    s = lambda *v: report.summarize(list(v))
+    lvl = lambda tps, p99: {"tokens_per_s": tps, "ttft_p50_ms": p99 / 2, "ttft_p99_ms": p99, "e2e_p99_ms": 3 * p99,
+                            "follow_up_ttft_p50_ms": p99 / 4, "first_turn_ttft_p50_ms": p99 / 2}
+    res = {"prefill": {"prompt_tokens": 1000, "prefill_step_size": 256, "flops_per_token": 2.3e8,
+                       "reps": [{"tokens_per_s": 60.0}], "rooflines": [{"limit_tokens_per_s": 100.0}],
+                       "tokens_per_s_summary": s(60.0), "limit_summary": s(100.0), "sgemm_summary": s(2.3e10)},
+           "workload": {"levels": [1, 8], "model": "m", "max_tokens": 16,
+                        "worker": {"1": [lvl(10.0, 500.0)], "8": [lvl(36.0, 900.0)]},
+                        "server": {"1": [lvl(10.0, 400.0)], "8": [lvl(30.0, 1000.0)]}}}
+    from bench import workload
+    res["workload"]["worker_medians"] = workload.medians(res["workload"]["worker"])
+    res["workload"]["server_medians"] = workload.medians(res["workload"]["server"])
+    rows = run.build_rows(res)
+    by = {r["name"]: r for r in rows}
+    assert by["prefill vs compute roofline, uncached 1000-token prompt"]["met"] is True      # 0.6 >= 0.5
+    assert by["chatbot tokens/s, 8 users"]["met"] is True                                       # 1.2x
+    assert by["chatbot first token p99, 1 users"]["met"] is False                               # 500 > 400 ms
+    assert by["chatbot first token p99, 8 users"]["met"] is True
+    assert run.targets_met(rows) == {"prefill_roofline": True, "workload_tokens_8": True, "workload_ttft_p99": False}
+    res.update(machine={"cpu": "c"}, load_start=[1.0])
+    rel_png = run.plot_workload(res, tmp_path / "w.png", tmp_path / "doc.md")
+    assert rel_png == "w.png" and (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_workload_replay_through_worker_and_server(tiny_model, tmp_path):
+    """Two users, one short conversation each, through a real worker and a real mlx_lm server
+    on the tiny model: histories grow, both sides answer, usage is read from both."""
+    from bench import workload
+    from bench.anchors import ServerProcess
+    from bench.run import sub_env
+    from bench.worker_client import WorkerProcess
+    from mlx_lm.utils import load_tokenizer
+    from train.prompt import accepts_system_role
+
+    convs = [{"id": "a", "turns": ["Olá", "Quem és tu?"]}, {"id": "b", "turns": ["Bom dia"]}]
+    fold = not accepts_system_role(load_tokenizer(Path(tiny_model)))
+    with WorkerProcess(["--model", str(tiny_model)], env=sub_env(FAST_BLAS_QUIET=1)) as w, \
+            ServerProcess(tiny_model, env=sub_env(FAST_BLAS_QUIET=1), stderr_path=tmp_path / "server.log") as srv:
+        senders = {"worker": workload.worker_sender(w), "server": workload.server_sender(srv.port, fold)}
+        out = workload.run_levels(senders, "És o assistente do Farense.", convs, [2], 1, 3,
+                                  log=lambda m: None, at_least=2)
+    for side in ("worker", "server"):
+        (lvl,) = out[side]["2"]
+        assert "error" not in lvl, lvl.get("error")
+        assert lvl["requests"] == 3 and lvl["completion_tokens"] >= 3
+        second = [t for t in lvl["turns"] if t["conv"] == "a" and t["turn"] == 1][0]
+        first = [t for t in lvl["turns"] if t["conv"] == "a" and t["turn"] == 0][0]
+        assert second["prompt_tokens"] > first["prompt_tokens"]        # the history was sent
+        assert lvl["ttft_p99_ms"] >= lvl["ttft_p50_ms"] > 0
