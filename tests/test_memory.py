@@ -222,8 +222,11 @@ def test_worker_limits_for_7b_on_a_16gb_mac():
     assert 32 * 2048 * memory.kv_bytes_per_token(s) == 8 * GiB
     given = memory.worker_limits(s, budget, 2048, max_batch=3, prefix_cache_bytes=0)
     assert (given["max_batch"], given["prefix_cache_bytes"]) == (3, 0)
-    tight = memory.worker_limits(s, int(4.5e9), 2048)
-    assert tight["max_batch"] == 1 and not tight["full_context_fits"]
+    tight = memory.worker_limits(s, int(4.56e9), 2048)          # a training run holds 4 GB
+    assert tight["max_batch"] == 1 and tight["context_capped_from"] == 2048
+    assert 256 <= tight["context_length"] < 2048 and tight["predicted_peak_bytes"] <= int(4.56e9)
+    assert tight["prefix_cache_bytes"] == 0
+    assert not memory.worker_limits(s, int(4e9), 2048)["full_context_fits"]   # below the weights
 
 
 def test_wired_limit_is_a_no_op_without_metal():

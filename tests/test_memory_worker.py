@@ -46,8 +46,13 @@ def test_a_budget_for_one_sequence_queues_the_rest_and_overloads_past_the_queue(
     fraction = 40e6 / psutil.virtual_memory().total       # a few tens of MB: one sequence at most
     with Worker("--memory-fraction", f"{fraction:.3g}", "--max-queue", "2", env=LONG) as w:
         assert w.ready["limits"]["max_batch"] == 1
-        assert not w.ready["limits"]["full_context_fits"]            # 64 MiB of KV at 32768 tokens
-        assert any("does not fit next to the weights" in line for line in w.stderr_lines), w.stderr_lines
+        lim = w.ready["limits"]
+        # 64 MiB of KV at the model's 32768 tokens does not fit: the context is capped
+        assert lim["context_capped_from"] == 32768 and lim["full_context_fits"]
+        assert w.ready["context_length"] == lim["context_length"] < 32768
+        assert any("the context is capped at" in line for line in w.stderr_lines), w.stderr_lines
+        too_long = w.request("long", prompt="Farense " * lim["context_length"], max_tokens=1)
+        assert too_long["type"] == "error" and too_long["code"] == "too_long", too_long
         w.send(*[{"id": f"r{i}", "prompt": f"{PROMPT} {i}", "max_tokens": 40} for i in range(4)],
                {"op": "stats"})
         assert w.terminal("r3")["code"] == "overloaded"

@@ -455,37 +455,51 @@ def prefill_bytes_per_token(s, context_length, fused_attention=True):
     return int(_block_activations(s) * a + scores + s.vocab * a)
 
 
+def _kv_with_growth(s, ctx):
+    """KV bytes of one sequence of ctx tokens as mlx-lm allocates it (256-token steps), plus
+    its share of the bounded buffer cache (two growth steps)."""
+    return kv_bytes_per_token(s) * (-(-ctx // KV_STEP) * KV_STEP + 2 * KV_STEP)
+
+
 def worker_limits(s, budget_bytes, context_length, *, max_batch=None, prefix_cache_bytes=None,
                   prefill_step_size=None, fused_attention=True, cap=WORKER_MAX_BATCH):
     """The worker's limits from the memory model. Every sequence of a batch may reach the
     context length, so max_batch x context x KV bytes fits next to the weights, one prefill
-    chunk (PREFILL_BATCH prompts), mlx's buffer cache and the prefix cache (a quarter of
-    what is left, at most 1 GiB). The prefill chunk is the longest of 2048 .. 128 tokens
-    per prompt whose transient stays within an eighth of the budget. The buffer cache is bounded at two 256-token KV growth
-    steps of every sequence (16 MiB .. 1 GiB). Values given (not None) are kept."""
-    ctx = max(1, int(context_length or 2048))
-    kv_seq = kv_bytes_per_token(s) * (-(-ctx // KV_STEP) * KV_STEP)
-    per_token = min(PREFILL_BATCH, cap) * prefill_bytes_per_token(s, ctx, fused_attention)
-    if prefill_step_size is None:
-        prefill_step_size = next((n for n in (2048, 1024, 512, 256) if n * per_token <= budget_bytes / 8), 128)
-    transient = min(prefill_step_size, ctx) * per_token
-    free = budget_bytes - weight_bytes(s) - transient
-    if prefix_cache_bytes is None:
-        prefix_cache_bytes = int(min(max(free // 4, 0), 1 << 30))
-    fits = max(0, int((free - prefix_cache_bytes) // (kv_seq * (1 + 2 * KV_STEP / (-(-ctx // KV_STEP) * KV_STEP)))))
+    chunk (PREFILL_BATCH prompts), mlx's buffer cache and the prefix cache (a quarter of what
+    is left, at most 1 GiB). The prefill chunk is the longest of 2048 .. 128 tokens per prompt
+    whose transient stays within an eighth of the budget. The buffer cache is bounded at two
+    256-token KV growth steps of every sequence (at most 1 GiB). When not even one
+    full-context sequence fits, the context is capped to what does (longer prompts get
+    `too_long` instead of exhausting memory). Values given (not None) are kept."""
+    original = max(1, int(context_length or 2048))
+    step_given, prefix_given = prefill_step_size, prefix_cache_bytes
+    for ctx in [original] + list(range(original // KV_STEP * KV_STEP, 0, -KV_STEP)):
+        per_token = min(PREFILL_BATCH, cap) * prefill_bytes_per_token(s, ctx, fused_attention)
+        prefill_step_size = step_given or next(
+            (n for n in (2048, 1024, 512, 256) if n * per_token <= budget_bytes / 8), 128)
+        transient = min(prefill_step_size, ctx) * per_token
+        free = budget_bytes - weight_bytes(s) - transient
+        prefix_cache_bytes = prefix_given if prefix_given is not None else int(min(max(free // 4, 0), 1 << 30))
+        fits = max(0, int((free - prefix_cache_bytes) // _kv_with_growth(s, ctx)))
+        if fits < 1 and prefix_given is None:       # capping: the prefix cache goes first
+            prefix_cache_bytes = 0
+            fits = max(0, int(free // _kv_with_growth(s, ctx)))
+        if fits >= 1:
+            break
     chosen = int(max(1, min(cap, fits))) if max_batch is None else int(max_batch)
-    cache_limit = int(min(max(2 * chosen * KV_STEP * kv_bytes_per_token(s), 16 << 20), 1 << 30))
+    cache_limit = int(min(2 * chosen * KV_STEP * kv_bytes_per_token(s), 1 << 30))
     return {
         "budget_bytes": int(budget_bytes),
         "weights_bytes": int(weight_bytes(s)),
         "kv_bytes_per_token": int(kv_bytes_per_token(s)),
         "context_length": ctx,
+        "context_capped_from": original if ctx < original else None,
         "max_batch": chosen,
         "prefill_step_size": int(prefill_step_size),
         "prefix_cache_bytes": int(prefix_cache_bytes),
         "cache_limit_bytes": cache_limit,
-        "predicted_peak_bytes": int(weight_bytes(s) + transient + cache_limit + prefix_cache_bytes
-                                    + chosen * kv_seq),
+        "predicted_peak_bytes": int(weight_bytes(s) + transient + prefix_cache_bytes
+                                    + chosen * _kv_with_growth(s, ctx)),
         "full_context_fits": bool(fits >= 1),
     }
 

@@ -121,6 +121,8 @@ def main(argv=None):
     chosen = limits.choose(config, context_length, memory_fraction=args.memory_fraction,
                            max_batch=args.max_batch, prefix_cache_bytes=args.prefix_cache_bytes,
                            prefill_step_size=args.prefill_step_size, log=log)
+    if chosen.get("context_capped_from"):          # not even one full-context sequence fits
+        context_length = chosen["context_length"]
     engine = Engine(
         model, tokenizer, settings, writer=writer, log=log, context_length=context_length,
         max_queue=args.max_queue, max_batch=chosen["max_batch"],

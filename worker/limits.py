@@ -31,17 +31,22 @@ def choose(config, context_length, *, memory_fraction=0.8, max_batch=None, prefi
                   "max_batch": max_batch or DEFAULT_MAX_BATCH,
                   "prefix_cache_bytes": DEFAULT_PREFIX_CACHE_BYTES if prefix_cache_bytes is None else prefix_cache_bytes,
                   "prefill_step_size": prefill_step_size or DEFAULT_PREFILL_STEP,
-                  "cache_limit_bytes": DEFAULT_CACHE_LIMIT}
+                  "cache_limit_bytes": DEFAULT_CACHE_LIMIT, "context_capped_from": None}
     else:
         budget, why = memory.budget(memory_fraction, held=int(mx.get_active_memory()))
         limits = memory.worker_limits(
             shape, budget, context_length, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes,
             prefill_step_size=prefill_step_size, fused_attention=mx.default_device() != mx.cpu)
         limits["source"] = f"memory model; budget {why}"
+        capped = limits["context_capped_from"]
+        if capped and log:
+            log.warning(f"memory: one sequence of the full context ({capped} tokens, "
+                        f"{limits['kv_bytes_per_token'] * capped / 1e9:.2f} GB of KV) does not fit next "
+                        f"to the weights in the budget ({why}); the context is capped at "
+                        f"{limits['context_length']} tokens (longer prompts get too_long): free memory "
+                        "or raise --memory-fraction for more")
         if not limits["full_context_fits"] and log:
-            log.warning(f"memory: one sequence of the full context ({limits['context_length']} tokens, "
-                        f"{limits['kv_bytes_per_token'] * limits['context_length'] / 1e9:.2f} GB of KV) "
-                        f"does not fit next to the weights in the budget ({why}); serving with "
-                        "--max-batch 1 anyway: free memory or lower the context (max_seq_length)")
+            log.warning(f"memory: not even {limits['context_length']} tokens of KV fit next to the "
+                        f"weights in the budget ({why}); serving with --max-batch 1 anyway")
     mx.set_cache_limit(int(limits["cache_limit_bytes"]))
     return limits
