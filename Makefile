@@ -69,7 +69,7 @@ TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
-.PHONY: help setup node-setup tiny-model bench-model data train eval fuse worker demo test test-all bench check-backend clean
+.PHONY: help setup node-setup tiny-model bench-model data train eval fuse promote worker demo test test-all bench check-backend clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -115,6 +115,9 @@ train: $(STAMP) ## Fine-tune MODEL on DATA into models/NAME (resumes after an in
 
 eval: $(STAMP) ## Compare base and fine-tuned models/NAME on the validation set (eval.json, eval.md)
 	$(PY) -m train.evaluate --name $(NAME) $(call opt,--data,$(DATA)) $(call opt,--model,$(MODEL))
+
+promote: $(STAMP) ## Make models/current point at models/NAME if better on METRIC (default val loss; FORCE=1)
+	$(PY) -m train.promote --name $(NAME) $(call opt,--metric,$(METRIC)) $(call flag,--force,$(FORCE)) $(call opt,--data,$(DATA))
 
 fuse: $(STAMP) ## Fuse models/NAME (float; QUANTIZE=4 re-quantizes), checked against base + adapter (FORCE=1), GGUF
 	$(PY) -m train.fuse --name $(NAME) $(call opt,--data,$(DATA)) $(call opt,--quantize,$(QUANTIZE)) $(call flag,--force,$(FORCE))
