@@ -121,5 +121,14 @@ def test_resume_stops_when_the_recorded_batch_no_longer_fits(data, tmp_path):
     assert "To continue:" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_fixed_batch_over_budget_is_kept_with_a_warning(data, tmp_path):
+    config = write_config(tmp_path / "c.yaml", batch_size=4, iters=2, save_every=2, steps_per_eval=2)
+    fraction = 8e6 / psutil.virtual_memory().total
+    proc = run_train(tmp_path, config, "run", data, "--set", f"auto_batch.memory_fraction={fraction:.3g}",
+                     env=env_for(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: batch_size 4 of" in proc.stderr and "(memory model), over the budget" in proc.stderr
+
+
 if __name__ == "__main__":
     print(json.dumps(probe_with_budget(sys.argv[1])))

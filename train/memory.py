@@ -571,3 +571,24 @@ def check_resumed_batch_size(model, cfg, batch_size, examples, memory_fraction, 
             enable_grad_checkpoint(model, cfg)
             gc = True
     check_resume(shape, settings, batch_size, seq_len, gc, memory_fraction, held=held, log=log)
+
+
+def check_fixed_batch_size(model, cfg, batch_size, examples, memory_fraction, log=print):
+    """A batch size given in the config is kept; warn (naming what fits) when the model
+    predicts it over the budget: on Metal an out-of-memory aborts the process."""
+    import mlx.core as mx
+
+    try:
+        shape = shape_from_model(model)
+    except Exception:
+        return
+    seq_len = max((len(ids) for ids, _ in examples), default=1)
+    settings, gc = TrainSettings.from_cfg(cfg), bool(cfg.get("grad_checkpoint"))
+    budget_bytes, why = budget(memory_fraction, held=int(mx.get_active_memory()))
+    need = training_peak(shape, settings, batch_size, seq_len, gc)["total"]
+    if need > budget_bytes:
+        b = largest_batch(shape, settings, seq_len, budget_bytes, gc)
+        log(f"warning: batch_size {batch_size} of {seq_len}-token batches needs about {need / GB:.2f} GB "
+            f"(memory model), over the budget {budget_bytes / GB:.2f} GB ({why}); "
+            + (f"BATCH_SIZE={b} fits" if b >= 1 else "even 1 does not: GRAD_CHECKPOINT=1 or a smaller "
+               "MAX_SEQ_LENGTH") + " (or batch_size: auto)")

@@ -430,6 +430,8 @@ def choose_batch_size(cfg, inputs, start):
         batch_size = probe_batch_size(cfg, inputs)
     else:
         batch_size = int(cfg["batch_size"])
+        memory.check_fixed_batch_size(inputs.model, cfg, batch_size, inputs.train_set,
+                                      cfg["auto_batch"]["memory_fraction"], log=log)
     if batch_size * DIST.size > n_train:
         if DIST.size == 1:
             log(f"note: batch_size {batch_size} is more than the {n_train} training examples; "
