@@ -10,7 +10,6 @@ lm_head is zeroed (its logit is always 0, below the maximum of ~1000 random logi
 import argparse
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import orjson
@@ -51,17 +50,12 @@ def build(out_dir, tokenizer_dir=paths.TINY_MODEL, seed=0):
     weights = dict(tree_flatten(model.parameters()))
     n_params = sum(v.size for v in weights.values())
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic.staged_dir(out_dir) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         (tmp / "config.json").write_bytes(orjson.dumps(config, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).exists():
                 shutil.copy(tokenizer_dir / name, tmp / name)
-        atomic.replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"bench-model: wrote {out_dir} ({n_params / 1e6:.1f}M parameters, float32, "
           f"{n_params * 4 / 2**20:.0f} MiB)", file=sys.stderr)
     return out_dir

@@ -77,7 +77,7 @@ def generate_answers(model, tokenizer, prompts, max_tokens):
     return [t.strip() for t in result.texts]
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--name", required=True, help="the run: models/NAME")
     p.add_argument("--data", help="data folder (default: the one the run was trained on)")
@@ -86,32 +86,50 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, help="per answer (default: a little over the longest reference)")
     p.add_argument("--limit", type=int, help="only the first N conversations")
     p.add_argument("--models-dir", help="where run folders are (default models/, or $MODELS_DIR)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     run_dir = paths.Layout.for_run(args.name, args.models_dir).run
     try:
         meta, train_cfg = bundle.read_run(run_dir)
     except bundle.BundleError as e:
         log(f"error: {e} - train first (make train NAME={args.name})")
         return 2
-    model_name = args.model or meta.get("base_model_path") or meta["base_model"]
-    if args.data:
-        data_file = Path(args.data) / f"{args.split}.jsonl"
-    else:
-        data_file = Path(meta["data"][args.split]["path"])
+    data_file = Path(args.data) / f"{args.split}.jsonl" if args.data else Path(meta["data"][args.split]["path"])
     split = batches.read_split(data_file)
     conversations = [m for m in split.conversations if m and m[-1]["role"] == "assistant"]
-    if args.limit:
-        conversations = conversations[: args.limit]
+    conversations = conversations[: args.limit] if args.limit else conversations
     if not conversations:
         log(f"error: no conversations in {data_file}")
         return 2
-    system_prompt = meta.get("system_prompt")
-    batch_size = int(meta.get("batch_size") or train_cfg.get("batch_size") or 8)
+    tic = time.perf_counter()
+    model_name = args.model or meta.get("base_model_path") or meta["base_model"]
+    results, max_tokens = compare(model_name, run_dir, meta, train_cfg, conversations, args.max_tokens)
+    report = make_report(args, data_file, split, conversations, model_name, meta, results, max_tokens)
+    report["wall_time_s"] = round(time.perf_counter() - tic, 2)
+    stem = "eval" if args.split == "valid" else f"eval-{args.split}"
+    atomic.write_text(run_dir / f"{stem}.json", json.dumps(bundle.finite(report), indent=2, ensure_ascii=False) + "\n")
+    atomic.write_text(run_dir / f"{stem}.md", markdown(report))
+    b, f, n = report["base"], report["fine_tuned"], len(conversations)
+    print(f"{args.split} ({n} conversations)   base -> fine-tuned\n"
+          f"  loss        {b['loss']:.4f} -> {f['loss']:.4f}\n"
+          f"  perplexity  {b['perplexity']:.2f} -> {f['perplexity']:.2f}\n"
+          f"  exact match {b['exact_count']}/{n} -> {f['exact_count']}/{n}\n"
+          f"  token F1    {b['token_f1']:.3f} -> {f['token_f1']:.3f}\n"
+          f"  chrF        {b['chrf']:.1f} -> {f['chrf']:.1f}\n"
+          f"wrote {run_dir / (stem + '.json')} and {stem}.md")
+    return 0
 
+
+def compare(model_name, run_dir, meta, train_cfg, conversations, max_tokens=None):
+    """The base model, then with the run's (shipped) adapter: loss and greedy answers."""
     from mlx_lm import load
     from mlx_lm.tuner.utils import load_adapters
 
-    tic = time.perf_counter()
+    system_prompt = meta.get("system_prompt")
+    batch_size = int(meta.get("batch_size") or train_cfg.get("batch_size") or 8)
     log(f"loading {model_name}")
     model, tokenizer = load(model_name)
     if meta.get("chat_template"):
@@ -121,9 +139,7 @@ def main(argv=None):
     prompts = [encode_prompt(tokenizer, m[:-1], system_prompt) for m in conversations]
     references = [m[-1]["content"] for m in conversations]
     ref_lengths = [len(tokenizer.encode(r, add_special_tokens=False)) for r in references]
-    max_tokens = args.max_tokens or min(int(meta["generation"].get("max_tokens") or 256),
-                                        max(ref_lengths) + 16)
-
+    max_tokens = max_tokens or min(int(meta["generation"].get("max_tokens") or 256), max(ref_lengths) + 16)
     results = {}
     for label in ("base", "fine_tuned"):
         if label == "fine_tuned":
@@ -136,33 +152,25 @@ def main(argv=None):
         summary, rows = score(answers, references)
         results[label] = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
                           "answer_tokens": ntoks, **summary, "answers": answers, "rows": rows}
+    return results, max_tokens
 
-    report = {
+
+def make_report(args, data_file, split, conversations, model_name, meta, results, max_tokens):
+    base, tuned = results["base"], results["fine_tuned"]
+    return {
         "name": args.name, "split": args.split, "data": {"path": str(data_file), "sha256": split.sha256,
                                                          "count": len(conversations)},
-        "base_model": model_name, "system_prompt": system_prompt, "max_tokens": max_tokens,
-        "base": {k: v for k, v in results["base"].items() if k not in ("answers", "rows")},
-        "fine_tuned": {k: v for k, v in results["fine_tuned"].items() if k not in ("answers", "rows")},
+        "base_model": model_name, "system_prompt": meta.get("system_prompt"), "max_tokens": max_tokens,
+        "adapter": {"source": meta.get("adapter_source"), "step": meta.get("adapter_step")},
+        "base": {k: v for k, v in base.items() if k not in ("answers", "rows")},
+        "fine_tuned": {k: v for k, v in tuned.items() if k not in ("answers", "rows")},
         "examples": [
-            {"question": _question(m), "reference": ref,
-             "base": results["base"]["answers"][i], "fine_tuned": results["fine_tuned"]["answers"][i],
-             "base_scores": results["base"]["rows"][i], "fine_tuned_scores": results["fine_tuned"]["rows"][i]}
-            for i, (m, ref) in enumerate(zip(conversations, references))
+            {"question": _question(m), "reference": m[-1]["content"],
+             "base": base["answers"][i], "fine_tuned": tuned["answers"][i],
+             "base_scores": base["rows"][i], "fine_tuned_scores": tuned["rows"][i]}
+            for i, m in enumerate(conversations)
         ],
-        "wall_time_s": round(time.perf_counter() - tic, 2),
     }
-    stem = "eval" if args.split == "valid" else f"eval-{args.split}"
-    atomic.write_text(run_dir / f"{stem}.json", json.dumps(bundle.finite(report), indent=2, ensure_ascii=False) + "\n")
-    atomic.write_text(run_dir / f"{stem}.md", markdown(report))
-    b, f = report["base"], report["fine_tuned"]
-    print(f"{args.split} ({len(conversations)} conversations)   base -> fine-tuned\n"
-          f"  loss        {b['loss']:.4f} -> {f['loss']:.4f}\n"
-          f"  perplexity  {b['perplexity']:.2f} -> {f['perplexity']:.2f}\n"
-          f"  exact match {b['exact_count']}/{len(conversations)} -> {f['exact_count']}/{len(conversations)}\n"
-          f"  token F1    {b['token_f1']:.3f} -> {f['token_f1']:.3f}\n"
-          f"  chrF        {b['chrf']:.1f} -> {f['chrf']:.1f}\n"
-          f"wrote {run_dir / (stem + '.json')} and {stem}.md")
-    return 0
 
 
 def _question(messages):
@@ -180,7 +188,8 @@ def markdown(report):
     lines = [
         f"# Evaluation of `{report['name']}` on {report['split']} ({n} conversations)",
         "",
-        f"Base model `{report['base_model']}`; greedy answers, at most {report['max_tokens']} tokens.",
+        f"Base model `{report['base_model']}`; greedy answers, at most {report['max_tokens']} tokens; "
+        f"fine-tuned: the run's {report['adapter']['source'] or 'shipped'} adapter (step {report['adapter']['step']}).",
         "",
         "| metric | base | fine-tuned |",
         "|---|---|---|",

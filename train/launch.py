@@ -170,25 +170,14 @@ def local_ranks(launcher_pid):
 
 
 def run(args, train_args):
+    """Start the processes through mlx.launch, relay their output, return the run's code."""
     if args.hostfile is None and args.nproc == 1:
         os.execv(sys.executable, [sys.executable, "-m", "train.train", *train_args])
-    try:
-        import mlx.core as mx
-        available = mx.distributed.is_available()
-    except Exception as e:                       # noqa: BLE001 - reported as it is
-        available, why = False, f"{type(e).__name__}: {e}"
-    else:
-        why = "mx.distributed.is_available() is False"
-    if not available:
+    why = distributed_unavailable()
+    if why:
         log(f"error: mlx has no distributed support here ({why})")
         return EXIT_USAGE
-    env = dict(os.environ)
-    threads = ""
-    if args.hostfile is None:
-        per_process = str(max(1, (os.cpu_count() or 1) // args.nproc))
-        for var in THREAD_VARS:
-            env.setdefault(var, per_process)
-        threads = f", {env['OPENBLAS_NUM_THREADS']} BLAS thread(s) each"
+    env, threads = process_env(args)
     cmd = build_command(args, train_args, env)
     where = f"the hosts in {args.hostfile}" if args.hostfile else f"{args.nproc} processes on this machine"
     log(f"{where}{threads}, {args.backend} backend: {' '.join(cmd)}")
@@ -197,7 +186,42 @@ def run(args, train_args):
                             # the processes handle Ctrl-C themselves (mlx.launch would stop
                             # relaying their output); the ranks take it back
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    handle_signals(proc)
     exits = []                                   # (rank, code) in the order mlx.launch saw them
+    relays = [threading.Thread(target=relay, args=(proc.stdout, sys.stdout.buffer, None), daemon=True),
+              threading.Thread(target=relay, args=(proc.stderr, sys.stderr.buffer, exits), daemon=True)]
+    for t in relays:
+        t.start()
+    launcher_rc = proc.wait()
+    for t in relays:
+        t.join(timeout=10)
+    return outcome(exits, launcher_rc)
+
+
+def distributed_unavailable():
+    """None when mlx can run distributed here, else why not."""
+    try:
+        import mlx.core as mx
+        available = mx.distributed.is_available()
+    except Exception as e:                       # noqa: BLE001 - reported as it is
+        return f"{type(e).__name__}: {e}"
+    return None if available else "mx.distributed.is_available() is False"
+
+
+def process_env(args):
+    """The processes' environment: on one machine, the BLAS threads shared out among them."""
+    env = dict(os.environ)
+    if args.hostfile is not None:
+        return env, ""
+    per_process = str(max(1, (os.cpu_count() or 1) // args.nproc))
+    for var in THREAD_VARS:
+        env.setdefault(var, per_process)
+    return env, f", {env['OPENBLAS_NUM_THREADS']} BLAS thread(s) each"
+
+
+def handle_signals(proc):
+    """Ctrl-C: the processes handle it (a third one kills mlx.launch). SIGTERM: passed on to
+    the processes on this machine as a request to checkpoint and stop (a second one kills)."""
     signals = {"INT": 0, "TERM": 0}
 
     def on_int(signum, frame):
@@ -208,53 +232,52 @@ def run(args, train_args):
 
     def on_term(signum, frame):
         signals["TERM"] += 1
-        if signals["TERM"] == 1:
-            log("SIGTERM: asking the processes on this machine to checkpoint and stop")
-            for pid in local_ranks(proc.pid):
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except OSError:
-                    pass
-        else:
+        if signals["TERM"] > 1:
             proc.kill()
+            return
+        log("SIGTERM: asking the processes on this machine to checkpoint and stop")
+        for pid in local_ranks(proc.pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
 
     signal.signal(signal.SIGINT, on_int)
     signal.signal(signal.SIGTERM, on_term)
 
-    def relay(src, dst, watch):
-        previous, repeats = None, 0
-        for raw in iter(src.readline, b""):
-            line = raw
-            m = NODE_EXIT.search(raw) if watch else None
-            if m:
-                rank, code = int(m.group(1)), (int(m.group(2)) if m.group(2) is not None else None)
-                exits.append((rank, code))
-                line = f"train.launch: rank {rank} {describe(code)}\n".encode()
-            elif raw == previous:        # mlx's ring repeats "Socket N was closed by the peer"
-                repeats += 1
-                continue
-            if repeats:
-                line = f"(the line above {repeats} more times)\n".encode() + line
-            previous, repeats = raw, 0
-            write(dst, line)
+
+def relay(src, dst, exits=None):
+    """Copy src to dst line by line, folding repeated lines; with `exits`, mlx.launch's
+    "Node with rank R exited with code C" lines become (R, C) there and a clearer line."""
+    previous, repeats = None, 0
+    for raw in iter(src.readline, b""):
+        line = raw
+        m = NODE_EXIT.search(raw) if exits is not None else None
+        if m:
+            rank, code = int(m.group(1)), (int(m.group(2)) if m.group(2) is not None else None)
+            exits.append((rank, code))
+            line = f"train.launch: rank {rank} {describe(code)}\n".encode()
+        elif raw == previous:        # mlx's ring repeats "Socket N was closed by the peer"
+            repeats += 1
+            continue
         if repeats:
-            write(dst, f"(the line above {repeats} more times)\n".encode())
+            line = f"(the line above {repeats} more times)\n".encode() + line
+        previous, repeats = raw, 0
+        _write(dst, line)
+    if repeats:
+        _write(dst, f"(the line above {repeats} more times)\n".encode())
 
-    def write(dst, data):
-        try:
-            dst.write(data)
-            dst.flush()
-        except (BrokenPipeError, ValueError):
-            pass
 
-    threads = [threading.Thread(target=relay, args=(proc.stdout, sys.stdout.buffer, False), daemon=True),
-               threading.Thread(target=relay, args=(proc.stderr, sys.stderr.buffer, True), daemon=True)]
-    for t in threads:
-        t.start()
-    launcher_rc = proc.wait()
-    for t in threads:
-        t.join(timeout=10)
+def _write(dst, data):
+    try:
+        dst.write(data)
+        dst.flush()
+    except (BrokenPipeError, ValueError):
+        pass
 
+
+def outcome(exits, launcher_rc):
+    """The run's exit code from the processes' codes (the first failure), with a line."""
     failed = [(rank, code) for rank, code in exits if code != 0]
     if failed:
         rank, code = failed[0]

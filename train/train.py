@@ -3,18 +3,21 @@
     python -m train.train --config train/config.yaml --name farense [--model M] [--data D]
         [--iters N] [--batch-size N|auto] [--learning-rate X] [--save-every N]
         [--eval-every N] [--seed N] [--patience N] [--lora-rank N] [--lora-layers N]
-        [--set key=value ...] [--fresh] [--resume PATH] [--models-dir DIR] [--logs-dir DIR]
+        [--set key=value ...] [--fresh] [--resume PATH] [--keep best|last]
+        [--models-dir DIR] [--logs-dir DIR]
 
 (`make train` builds this command from its variables.) The config's keys are mlx_lm.lora's;
 the options above and --set override them. With a quantized base (e.g. 4-bit) LoRA is QLoRA.
 
-The loop, top to bottom: load the base and the data -> add adapters -> resume from the
-newest intact checkpoint (or start) -> pick the batch size -> for each step: seed the RNG
-from (seed, step), take the next batches of the epoch's fixed order, forward/backward, stop
-on a non-finite loss, update; report, evaluate, keep the best, checkpoint, stop early ->
-write the bundle (bundle.py). Everything a step depends on is a function of the checkpoint,
-so an interrupted run (Ctrl-C, kill -9, power loss) rerun with the same command ends where
-an uninterrupted one ends.
+The run, top to bottom (run()): load the base and the data, add adapters (load_inputs) ->
+find where to start: the newest intact checkpoint, --resume PATH, or step 0 (find_start) ->
+pick the batch size (choose_batch_size) -> restore (Trainer.restore) -> fit: for each step
+seed the RNG from (seed, step), take the next batches of the epoch's fixed order,
+forward/backward, stop on a non-finite loss, update (Trainer.train_step); report, evaluate,
+keep the best and count patience (report, validate_and_track, RunState.record_val),
+checkpoint (save) -> write the bundle (write_outputs, bundle.py). Everything a step depends
+on is a function of the checkpoint, so an interrupted run (Ctrl-C, kill -9, power loss)
+rerun with the same command ends where an uninterrupted one ends.
 
 Several processes (`make train NPROC=2`, `HOSTFILE=hosts.json`; train.launch starts them
 through mlx.launch): each process (rank) takes its share of every batch (batches.shard), the
@@ -28,12 +31,14 @@ writes checkpoints, logs, metrics and the bundle; every rank reads the same chec
 (models/NAME on one machine, or on storage all machines share). The number of processes is
 part of the resume fingerprint. A process that crashes or loses its peers stops them all.
 
-Outputs: models/NAME/ (adapter, best/, checkpoints/, metadata.json, ...), logs/NAME/metrics.jsonl.
+Outputs (paths.Layout): models/NAME/ (the shipped adapter: best/'s, or last/'s with KEEP=last;
+best/, last/, checkpoints/, metadata.json, ...), logs/NAME/metrics.jsonl.
 Exit codes: 0 done; 2 bad configuration or refused resume; 3 non-finite loss; 4 another
 process of a distributed run stopped or crashed (or its launcher is gone); 5 a checkpoint
 could not be written (disk full, read-only folder); 130 interrupted.
 Test hooks (environment): TRAIN_INJECT_NAN=train:STEP|val:STEP, TRAIN_STEP_DELAY_S=seconds.
 """
+
 import argparse
 import json
 import math
@@ -85,13 +90,11 @@ def run(args):
     cfg = resolve_config(args)
     layout = Layout.for_run(args.name, args.models_dir, args.logs_dir)
     inputs = load_inputs(cfg)
-    start = find_start(args, cfg, layout, inputs)
+    start = find_start(args, layout, inputs)
     batch_size = choose_batch_size(cfg, inputs, start)
     trainer = Trainer(cfg, layout, inputs, batch_size)
-    if start.saved is not None or start.warm_weights is not None:
-        trainer.restore(start)
-    if start.saved is not None and (start.saved.step >= cfg["iters"]
-                                         or (trainer.state.done and not args.resume)):
+    trainer.restore(start)
+    if already_complete(start, trainer.state, cfg, args.resume):
         log(f"this run is already complete ({trainer.state.stop_reason}); writing its outputs")
         final = start.saved.path
     else:
@@ -306,7 +309,7 @@ class Start:
     warm_path: Path | None = None
 
 
-def find_start(args, cfg, layout, inputs):
+def find_start(args, layout, inputs):
     """The newest intact checkpoint, --resume PATH, or step 0; rank 0 tidies the run folder."""
     if args.resume:
         start = start_from_path(Path(args.resume), inputs.fingerprint)
@@ -352,6 +355,11 @@ def start_from_run(layout, current):
     if start is None and checkpoint.list_steps(layout.checkpoints):
         log(f"no usable checkpoint in {layout.checkpoints}; starting over")
     return Start(saved=start)
+
+
+def already_complete(start, state, cfg, resume):
+    """A finished run rerun (not with --resume): nothing to train, its outputs are rewritten."""
+    return start.saved is not None and (start.saved.step >= cfg["iters"] or (state.done and not resume))
 
 
 def tidy_run_folder(layout, start, fresh):
@@ -504,7 +512,9 @@ class Trainer:
 
     def restore(self, start):
         """Continue from a checkpoint (weights, optimizer, state, data position, RNGs) or
-        start from an adapter's weights (--resume of a plain adapter folder)."""
+        start from an adapter's weights (--resume of a plain adapter folder), if any."""
+        if start.saved is None and start.warm_weights is None:
+            return
         if start.warm_weights is not None:
             if set(start.warm_weights) != self.weight_names:
                 raise Stop(f"error: {start.warm_path}/{checkpoint.ADAPTERS} does not fit this model and "
