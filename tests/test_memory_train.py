@@ -40,7 +40,8 @@ def probe_with_budget(where):
     shape, settings = memory.shape_from_model(model), memory.TrainSettings(num_layers=4)
     plain = memory.training_peak(shape, settings, 1, SEQ, False)["total"]
     ckpt = memory.training_peak(shape, settings, 1, SEQ, True)["total"]
-    budget = (plain + ckpt) // 2 if where == "between" else ckpt - (ckpt - shape_weights(memory, shape)) // 2
+    weights = memory.weight_bytes(shape)
+    budget = (plain + ckpt) // 2 if where == "between" else (weights + ckpt) // 2
     examples = [([5 + (i * 7 + j) % 1000 for j in range(SEQ)], 1) for i in range(8)]
     lines, cfg, enabled = [], {"grad_checkpoint": False}, []
 
@@ -59,10 +60,6 @@ def probe_with_budget(where):
     except memory.DoesNotFit as e:
         return {"error": str(e), "enabled": bool(enabled), "log": lines, "budget": budget,
                 "peak_since_load": int(mx.get_peak_memory())}
-
-
-def shape_weights(memory, shape):
-    return memory.weight_bytes(shape)
 
 
 def run_probe(where):

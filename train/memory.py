@@ -357,18 +357,6 @@ def _probe_sizes(model, loss_and_grad, examples, collate, longest, limit, budget
     return probes, chosen
 
 
-def probe(model, loss_and_grad, examples, collate, *, max_batch_size, memory_fraction,
-          extra_bytes=0, log=print):
-    """The earlier interface: (batch_size, explanation); batch 1 with a warning when nothing fits."""
-    try:
-        b, why, _ = choose_batch_size(model, loss_and_grad, examples, collate,
-                                      max_batch_size=max_batch_size, memory_fraction=memory_fraction,
-                                      extra_bytes=extra_bytes, log=log)
-    except DoesNotFit as e:
-        return 1, str(e)
-    return b, why
-
-
 def choose_batch_size(model, loss_and_grad, examples, collate, *, max_batch_size, memory_fraction,
                       extra_bytes=0, log=print, shape=None, settings=None, grad_checkpoint=False,
                       enable_grad_checkpoint=None, budget_bytes=None):
