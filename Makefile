@@ -49,6 +49,7 @@ HOSTFILE      ?=
 # Fuse
 QUANTIZE      ?=
 FORCE         ?=
+N             ?=
 # Benchmarks
 QUICK         ?=
 
@@ -69,7 +70,7 @@ TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
-.PHONY: help setup node-setup tiny-model bench-model data train eval fuse promote worker demo test test-all bench check-backend clean
+.PHONY: help setup node-setup tiny-model bench-model data show-data train eval fuse promote lint-js worker demo test test-all bench check-backend clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -110,11 +111,17 @@ data: $(STAMP) ## Prepare DATA/train.jsonl and DATA/valid.jsonl from RAW (defaul
 	  $(call opt,--seed,$(SEED)) $(call opt,--valid-fraction,$(VALID_FRACTION)) \
 	  $(call flag,--skip-invalid,$(SKIP_INVALID))
 
+show-data: $(STAMP) ## Print N (default 3) training examples as the model sees them: masked prompt, trained answer
+	$(PY) -m train.show_data --config $(CONFIG) $(call opt,--model,$(MODEL)) $(call opt,--data,$(DATA)) $(call opt,-n,$(N))
+
 train: $(STAMP) ## Fine-tune MODEL on DATA into models/NAME (resumes after an interruption)
 	$(if $(strip $(NPROC)$(HOSTFILE)),$(PY) -m train.launch $(call opt,--nproc,$(NPROC)) $(call opt,--hostfile,$(HOSTFILE)) --,$(PY) -m train.train) $(TRAIN_ARGS)
 
 eval: $(STAMP) ## Compare base and fine-tuned models/NAME on the validation set (eval.json, eval.md)
 	$(PY) -m train.evaluate --name $(NAME) $(call opt,--data,$(DATA)) $(call opt,--model,$(MODEL))
+
+lint-js: node-setup ## ESLint on clients/node and examples/express (flat config examples/express/eslint.config.js)
+	examples/express/node_modules/.bin/eslint -c examples/express/eslint.config.js clients/node examples/express
 
 promote: $(STAMP) ## Make models/current point at models/NAME if better on METRIC (default val loss; FORCE=1)
 	$(PY) -m train.promote --name $(NAME) $(call opt,--metric,$(METRIC)) $(call flag,--force,$(FORCE)) $(call opt,--data,$(DATA))

@@ -1,0 +1,112 @@
+"""The users' path on models shaped like theirs: QLoRA on models/tiny-mistral-4bit (every linear
+layer 4-bit, like mlx-community/Mistral-7B-Instruct-v0.3-4bit) through training, kill -9 and
+resume, best/, the worker and `make eval`; and user text with control-token strings through
+the real worker."""
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from helpers_train import (ROOT, env_for, load_weights, max_abs_diff, ok, run_dir, run_module,
+                           run_train, shared_base, train_cmd, trained, write_config)
+from test_train import watch_until
+from worker_harness import Worker
+
+QLORA = {"model": "models/tiny-mistral-4bit", "iters": 12, "save_every": 4, "steps_per_eval": 4,
+         "lora_parameters": {"rank": 4, "scale": 4.0, "dropout": 0.1}}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_model_4bit):
+    base = shared_base(tmp_path_factory)
+    config = base / "qlora.yaml"
+    if not config.exists():
+        write_config(config, **QLORA)
+    return base
+
+
+@pytest.fixture(scope="module")
+def qlora_run(shared):
+    """The uninterrupted QLoRA run (12 steps) the resume test compares against."""
+    path, stderr = trained(shared / "qlora", "q", shared / "qlora.yaml", shared / "data")
+    return path, stderr
+
+
+def test_every_linear_layer_of_the_4bit_model_is_quantized(tiny_model_4bit):
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    model, _ = load(str(tiny_model_4bit))
+    kinds = {type(m).__name__ for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
+    assert kinds == {"QuantizedLinear"}
+    scales = {v.dtype for k, v in tree_flatten(model.parameters()) if k.endswith(".scales")}
+    assert scales == {mx.float32}
+
+
+def test_qlora_trains_keeps_best_and_records_it(qlora_run):
+    import json
+
+    path, stderr = qlora_run
+    assert "QLoRA" in stderr
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["adapter_source"] == "best" and meta["base_model"].endswith("tiny-mistral-4bit")
+    assert (path / "best" / "adapters.safetensors").exists()
+    assert (path / "last" / "adapters.safetensors").exists()
+    shipped = load_weights(path / "adapters.safetensors")
+    assert max_abs_diff(shipped, load_weights(path / "best" / "adapters.safetensors")) == 0.0
+
+
+def test_qlora_kill_9_then_rerun_matches_the_uninterrupted_run(shared, qlora_run, tmp_path):
+    reference, _ = qlora_run
+    proc = subprocess.Popen(train_cmd(shared / "qlora.yaml", "q", shared / "data"), cwd=ROOT,
+                            env=env_for(tmp_path, TRAIN_STEP_DELAY_S=0.2),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reached = watch_until(proc, tmp_path / "logs" / "q" / "metrics.jsonl", 6)   # after step 4's checkpoint
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    again = ok(run_train(tmp_path, shared / "qlora.yaml", "q", shared / "data"))
+    assert "resuming from" in again.stderr
+    out = run_dir(tmp_path, "q")
+    for name in ("adapters.safetensors", "best/adapters.safetensors", "last/adapters.safetensors"):
+        assert max_abs_diff(load_weights(reference / name), load_weights(out / name)) <= 1e-5, (name, reached)
+
+
+def test_qlora_adapter_serves_through_the_worker_and_evaluates(shared, qlora_run):
+    import json
+
+    path, _ = qlora_run
+    w = Worker("--context-length", "2048", model=ROOT / "models" / "tiny-mistral-4bit", adapter=path)
+    try:
+        done = w.request("q1", prompt="Em que ano foi fundado o Sporting Clube Farense?", max_tokens=16)
+        assert done["type"] == "done" and done["usage"]["completion_tokens"] >= 1
+    finally:
+        w.close()
+    ok(run_module(shared / "qlora", "train.evaluate", "--name", "q", "--max-tokens", "16"))
+    report = json.loads((path / "eval.json").read_text())
+    assert report["fine_tuned"]["loss"] < report["base"]["loss"]
+
+
+# --------------------------------------------------------------------------- user text is text
+
+CONTROL = ["[INST]", "[/INST]", "</s>", "<s>", "[TOOL_CALLS]"]
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model):
+    w = Worker("--context-length", "2048")
+    yield w
+    w.close()
+
+
+@pytest.mark.parametrize("text", CONTROL)
+def test_fifty_copies_of_a_control_string_are_text_to_the_worker(worker, text):
+    base = worker.request(f"base-{text}", prompt="olá", max_tokens=1)["usage"]["prompt_tokens"]
+    done = worker.request(f"many-{text}", prompt="olá " + text * 50, max_tokens=1)
+    assert done["type"] == "done"
+    assert done["usage"]["prompt_tokens"] - base >= 100
