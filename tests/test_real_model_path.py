@@ -110,3 +110,16 @@ def test_fifty_copies_of_a_control_string_are_text_to_the_worker(worker, text):
     done = worker.request(f"many-{text}", prompt="olá " + text * 50, max_tokens=1)
     assert done["type"] == "done"
     assert done["usage"]["prompt_tokens"] - base >= 100
+
+
+def test_a_conversation_the_template_cannot_train_stops_with_file_and_line(shared, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    text = ('{"messages":[{"role":"user","content":"Quem?"},{"role":"assistant","content":"Nós."}]}\n'
+            '{"messages":[{"role":"user","content":"Onde?"}]}\n')
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text(text, encoding="utf-8")
+    proc = run_train(tmp_path, shared / "small.yaml", "bad", data)
+    assert proc.returncode == 2
+    assert f"error: {data / 'train.jsonl'}:2: a training conversation must end with an assistant turn" in proc.stderr
+    assert "Traceback" not in proc.stderr

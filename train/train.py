@@ -213,8 +213,11 @@ def read_data(cfg):
 
 def encode_split(tokenizer, split, system_prompt, cfg):
     """[(ids, loss offset)] of one split (cfg["train_on"]: the turns trained, for batches)."""
-    enc = batches.encode(tokenizer, split.conversations, system_prompt, cfg["mask_prompt"],
-                         cfg["max_seq_length"], cfg["train_on"], split.where)
+    try:
+        enc = batches.encode(tokenizer, split.conversations, system_prompt, cfg["mask_prompt"],
+                             cfg["max_seq_length"], cfg["train_on"], split.where)
+    except ValueError as e:    # file:line: what the chat template cannot encode
+        raise Stop(f"error: {e}", EXIT_CONFIG) from None
     if enc.truncated or enc.dropped:
         log(f"{split.path}: {enc.truncated} conversation(s) cut to max_seq_length "
             f"{cfg['max_seq_length']}, {enc.dropped} dropped (no answer token left)")
