@@ -140,57 +140,7 @@ export function createApp(worker, options = {}) {
   const json = express.json({ limit: LIMITS.body });
   const allowSystem = options.allowClientSystem ?? false;
 
-  app.post('/api/chat', json, async (req, res) => {
-    const { request, error } = parseChatBody(req.body, { allowSystem });
-    if (error) return res.status(400).json({ error });
-    const ac = abortOnClose(res);
-    try {
-      const done = await worker.complete(request, { signal: ac.signal, timeoutMs });
-      res.json({ reply: done.text, usage: done.usage, finish_reason: done.finish_reason });
-    } catch (err) {
-      if (err instanceof AbortError) {
-        log('info', 'client disconnected, generation cancelled', { id: err.id });
-        return;
-      }
-      const [status, message] = publicError(err);
-      log(status >= 500 ? 'error' : 'warn', 'chat request failed', { id: err.id, code: err.code, error: err.message, status });
-      if (!res.headersSent && !res.destroyed) res.status(status).json({ error: message });
-    }
-  });
-
-  app.post('/api/chat/stream', json, async (req, res) => {
-    const { request, error } = parseChatBody(req.body, { allowSystem });
-    if (error) return res.status(400).json({ error });
-    const ac = abortOnClose(res);
-    res.status(200).set({
-      'Content-Type': 'text/event-stream; charset=utf-8',
-      'Cache-Control': 'no-cache, no-transform',
-      Connection: 'keep-alive',
-      'X-Accel-Buffering': 'no',
-    });
-    res.flushHeaders();
-    const stream = worker.stream(request, { signal: ac.signal, timeoutMs });
-    try {
-      for await (const text of stream) {
-        if (!(await writeWithBackpressure(res, sse(null, { text })))) break; // client gone: break cancels
-      }
-      if (ac.signal.aborted || res.destroyed) {
-        const done = await stream.done.catch(() => null);
-        log('info', 'client disconnected, generation cancelled', { id: stream.id, finish_reason: done?.finish_reason });
-        return;
-      }
-      const done = await stream.done;
-      await writeWithBackpressure(res, sse('done', { usage: done.usage, finish_reason: done.finish_reason }));
-      res.end();
-    } catch (err) {
-      const [status, message] = publicError(err);
-      log(status >= 500 ? 'error' : 'warn', 'chat stream failed', { id: stream.id, code: err.code, error: err.message, status });
-      if (!res.destroyed && !res.writableEnded) {
-        res.write(sse('error', { error: message, status }));
-        res.end();
-      }
-    }
-  });
+  addChatRoutes(app, { worker, json, allowSystem, log, timeoutMs });
 
   // Every reload (admin route, SIGHUP, models/current changing: server.js) goes through here.
   app.locals.reload = options.reload && (async (why) => {
@@ -255,6 +205,61 @@ function addAdminRoutes(app, { adminToken, reload, log }) {
       res.json({ ok: true, model: ready.model, adapter: ready.adapter, pid: ready.pid });
     } catch (err) {
       res.status(500).json({ error: `reload failed: ${err.message}`.slice(0, 300) });
+    }
+  });
+}
+
+/** POST /api/chat (JSON) and POST /api/chat/stream (SSE): the example's own API. */
+function addChatRoutes(app, { worker, json, allowSystem, log, timeoutMs }) {
+  app.post('/api/chat', json, async (req, res) => {
+    const { request, error } = parseChatBody(req.body, { allowSystem });
+    if (error) return res.status(400).json({ error });
+    const ac = abortOnClose(res);
+    try {
+      const done = await worker.complete(request, { signal: ac.signal, timeoutMs });
+      res.json({ reply: done.text, usage: done.usage, finish_reason: done.finish_reason });
+    } catch (err) {
+      if (err instanceof AbortError) {
+        log('info', 'client disconnected, generation cancelled', { id: err.id });
+        return;
+      }
+      const [status, message] = publicError(err);
+      log(status >= 500 ? 'error' : 'warn', 'chat request failed', { id: err.id, code: err.code, error: err.message, status });
+      if (!res.headersSent && !res.destroyed) res.status(status).json({ error: message });
+    }
+  });
+
+  app.post('/api/chat/stream', json, async (req, res) => {
+    const { request, error } = parseChatBody(req.body, { allowSystem });
+    if (error) return res.status(400).json({ error });
+    const ac = abortOnClose(res);
+    res.status(200).set({
+      'Content-Type': 'text/event-stream; charset=utf-8',
+      'Cache-Control': 'no-cache, no-transform',
+      Connection: 'keep-alive',
+      'X-Accel-Buffering': 'no',
+    });
+    res.flushHeaders();
+    const stream = worker.stream(request, { signal: ac.signal, timeoutMs });
+    try {
+      for await (const text of stream) {
+        if (!(await writeWithBackpressure(res, sse(null, { text })))) break; // client gone: break cancels
+      }
+      if (ac.signal.aborted || res.destroyed) {
+        const done = await stream.done.catch(() => null);
+        log('info', 'client disconnected, generation cancelled', { id: stream.id, finish_reason: done?.finish_reason });
+        return;
+      }
+      const done = await stream.done;
+      await writeWithBackpressure(res, sse('done', { usage: done.usage, finish_reason: done.finish_reason }));
+      res.end();
+    } catch (err) {
+      const [status, message] = publicError(err);
+      log(status >= 500 ? 'error' : 'warn', 'chat stream failed', { id: stream.id, code: err.code, error: err.message, status });
+      if (!res.destroyed && !res.writableEnded) {
+        res.write(sse('error', { error: message, status }));
+        res.end();
+      }
     }
   });
 }

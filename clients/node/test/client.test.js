@@ -136,7 +136,7 @@ test('20 concurrent requests all resolve, with distinct ids', async () => {
 
 test('a worker error rejects with WorkerError carrying its code', async () => {
   rec.expectInvalid = true; // these requests are invalid on purpose
-  const before = rec.expectedInvalid.length;
+  const expectedBefore = rec.expectedInvalid.length;
   const err = await worker.complete({ prompt: 'x', temperature: -1 }).then(() => null, (e) => e);
   assert.ok(err instanceof WorkerError, String(err));
   assert.equal(err.code, 'invalid_request');
@@ -146,7 +146,7 @@ test('a worker error rejects with WorkerError carrying its code', async () => {
   const s = worker.stream({ messages: [{ role: 'robot', content: 'x' }] });
   await assert.rejects(async () => { for await (const t of s) assert.ok(t); }, { code: 'invalid_request' });
   rec.expectInvalid = false;
-  assert.equal(rec.expectedInvalid.length - before, 4, 'the schema rejects the same 4 requests');
+  assert.equal(rec.expectedInvalid.length - expectedBefore, 4, 'the schema rejects the same 4 requests');
 });
 
 test('an internal failure in the worker rejects with WorkerError internal; the worker keeps serving', async () => {

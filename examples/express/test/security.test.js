@@ -201,8 +201,8 @@ test('a lone surrogate reaches no worker: 400 at once, not a timeout', async () 
   // JSON.parse accepts "\ud800"; the worker refuses such a line as bad_json with id null
   // (docs/PROTOCOL.md rule 2), so the client would wait for a terminal message that never
   // comes: the browser got a 504 after timeoutMs, and the request stayed in the client.
-  const real = await realWorker();
-  const srv = createApp(real, { log: () => {}, timeoutMs: 8_000 }).listen(0, '127.0.0.1');
+  const w = await realWorker();
+  const srv = createApp(w, { log: () => {}, timeoutMs: 8_000 }).listen(0, '127.0.0.1');
   await once(srv, 'listening');
   const url = `http://127.0.0.1:${srv.address().port}`;
   workerErrors.length = 0;
@@ -217,7 +217,7 @@ test('a lone surrogate reaches no worker: 400 at once, not a timeout', async () 
       assert.equal(res.status, 400, `${body}: ${res.status} after ${Math.round(ms)} ms: ${text}`);
       assertNoInternals(assert, text);
     }
-    assert.equal(real.inFlight, 0, 'nothing is left waiting in the client');
+    assert.equal(w.inFlight, 0, 'nothing is left waiting in the client');
     assert.deepEqual(workerErrors.map((e) => e.code), [], 'the worker saw no bad line');
     // and a well-formed astral character is fine
     const ok = await fetch(`${url}/api/chat`, { method: 'POST', headers: { 'content-type': 'application/json' },
@@ -232,15 +232,15 @@ test('a lone surrogate reaches no worker: 400 at once, not a timeout', async () 
 test('the client itself refuses a lone surrogate at once and keeps nothing in flight', async () => {
   // clients/node: the same request sent directly (not through the app). Today it waits for
   // its timeout and the request stays in the client's table forever (inFlight never drops).
-  const real = await realWorker();
+  const w = await realWorker();
   workerErrors.length = 0;
   const t0 = performance.now();
-  const err = await real.complete({ messages: [{ role: 'user', content: 'x\ud800' }] }, { timeoutMs: 3_000 })
+  const err = await w.complete({ messages: [{ role: 'user', content: 'x\ud800' }] }, { timeoutMs: 3_000 })
     .then(() => null, (e) => e);
   const ms = performance.now() - t0;
   assert.ok(err instanceof WorkerError, `rejected with ${err}`);
   assert.equal(err.code, 'invalid_request', `${err.code} after ${Math.round(ms)} ms: ${err.message}`);
   assert.ok(ms < 1_000, `refused after ${Math.round(ms)} ms`);
-  assert.equal(real.inFlight, 0, 'nothing left waiting in the client');
+  assert.equal(w.inFlight, 0, 'nothing left waiting in the client');
   assert.deepEqual(workerErrors.map((e) => e.code), [], 'nothing unparseable reached the worker');
 });
