@@ -213,6 +213,17 @@ What is compared:
   (same system prompt, another question), through the worker, `max_tokens: 1`.
 - **FAST_BLAS=0** (mlx's reference BLAS) vs the optimised BLAS, in the subprocess environment.
 - **the limit**: memory read bandwidth (the fastest of several passes of `bench.machine.memory_read_bandwidth`, measured in the same run) / bytes of weights read per token (float32 bench model).
+- **prefill vs the compute roofline**: an uncached ~1,000-token prompt through the worker
+  (prompt tokens / client first-token time) over the roofline = the sgemm FLOP/s this machine
+  reaches on the model's own prefill products (mlx + the loaded BLAS, best pass) / the
+  model's prefill FLOPs per token (2 x the linear weights + causal attention); each rep paired
+  with a roofline pass (`bench/prefill.py`).
+- **chatbot workload**: `bench/workload.jsonl` (the club's system prompt, 16 Portuguese
+  conversations of 1-4 turns) replayed by 1-16 simulated users at once, each user sending the
+  system prompt + its history + the next question, through the worker (stdio, streaming) and
+  `mlx_lm server` (/v1/chat/completions, SSE, one HTTP/1.0 connection per request), greedy,
+  the same max_tokens; aggregate tokens/s, first-token p50/p99, end-to-end p99, and the
+  first-token time of follow-up turns, whose history is already cached (`bench/workload.py`).
 
 The machine is often shared (other test runs): the load average at the start and end of each
 run is recorded; compare ratios from one run rather than absolute numbers across runs.

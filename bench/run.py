@@ -55,6 +55,7 @@ PLANS = {
         prefill_model=BENCH, prefill_tokens=1000, prefill_reps=1,
         workload_model=BENCH, workload_levels=[1, 8], workload_reps=1, workload_max_tokens=16,
         workload_conversations=2,
+        skip_sections=("concurrency",),   # the workload's 1 and 8 users cover it
     ),
     "full": dict(
         train_model=TINY, train_reps=3, train_iters=30, train_report=10, train_batch=4,
@@ -66,6 +67,7 @@ PLANS = {
         prefill_model=BENCH, prefill_tokens=1000, prefill_reps=3,
         workload_model=BENCH, workload_levels=[1, 4, 8, 16], workload_reps=2, workload_max_tokens=16,
         workload_conversations=4,
+        skip_sections=(),
     ),
 }
 
@@ -818,12 +820,16 @@ def models_note(plan, sections):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the short run (< 3 min)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    p.add_argument("--sections", default=None, help="comma-separated subset of " + ",".join(SECTIONS)
+                   + " (default: all; --quick leaves out concurrency, which the workload covers)")
     p.add_argument("--no-doc", action="store_true", help="do not append to docs/PERFORMANCE.md")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--doc", default=str(DOC))
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary folder (logs, runs)")
     args = p.parse_args(argv)
+    if args.sections is None:
+        skip = PLANS["quick" if args.quick else "full"]["skip_sections"]
+        args.sections = ",".join(s for s in SECTIONS if s not in skip)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = set(args.sections) - set(SECTIONS)
     if bad:
