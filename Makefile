@@ -70,7 +70,7 @@ TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
-.PHONY: help setup node-setup tiny-model bench-model data show-data train eval fuse promote lint-js worker demo test test-all bench check-backend clean
+.PHONY: help setup node-setup tiny-model bench-model data show-data train eval fuse promote lint-js worker bench-load demo test test-all bench check-backend clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -155,6 +155,9 @@ test-all: $(STAMP) node-setup ## The test suite plus the slow soak and fault tes
 	bash tests/shell/run.sh
 	cd clients/node && PYTHON=$(CURDIR)/$(PY) node --test
 	cd examples/express && PYTHON=$(CURDIR)/$(PY) node --test
+
+bench-load: $(STAMP) node-setup ## HTTP load: the Express example vs mlx_lm server (MODEL, default models/bench-mistral), then 64-connection overload
+	node examples/express/bench/load.js $(call opt,--model,$(MODEL)) $(call opt,--duration,$(DURATION))
 
 bench: $(STAMP) ## Benchmarks side by side with mlx-lm (QUICK=1 for a short run)
 	@$(MAKE) --no-print-directory tiny-model

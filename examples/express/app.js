@@ -225,7 +225,9 @@ function addChatRoutes(app, { worker, json, allowSystem, log, timeoutMs }) {
       }
       const [status, message] = publicError(err);
       log(status >= 500 ? 'error' : 'warn', 'chat request failed', { id: err.id, code: err.code, error: err.message, status });
-      if (!res.headersSent && !res.destroyed) res.status(status).json({ error: message });
+      if (res.headersSent || res.destroyed) return;
+      if (status === 503) res.set('Retry-After', '1'); // overloaded or restarting: retry shortly
+      res.status(status).json({ error: message });
     }
   });
 
