@@ -24,9 +24,11 @@ LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": None}
 
 
 def _template():
+    """The tiny model's template with a marker after every [INST] (either quote style)."""
     base = (TINY / "chat_template.jinja").read_text(encoding="utf-8")
-    assert "'[INST] '" in base
-    return base.replace("'[INST] '", "'[INST] (farense) '")
+    marked = base.replace("'[INST] '", "'[INST] (farense) '").replace('"[INST] "', '"[INST] (farense) "')
+    assert marked != base, "the tiny model's chat template has no '[INST] ' literal to mark"
+    return marked
 
 
 @pytest.fixture(scope="module")
