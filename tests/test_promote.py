@@ -35,9 +35,11 @@ def make_run(models, name, noise, valid):
     for _, module in model.named_modules():
         if isinstance(module, LoRALinear):
             module.lora_b = mx.random.normal(module.lora_b.shape) * noise
-    weights = {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+    weights = {k: v for k, v in tree_flatten(model.parameters())
+               if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)
-    (out / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 4, "lora_parameters": LORA}))
+    (out / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": 4, "lora_parameters": LORA}))
     (out / "training_config.json").write_text(json.dumps({"batch_size": 4}))
     (out / "metadata.json").write_text(json.dumps({
         "format": 1, "base_model": "models/tiny-mistral", "base_model_path": str(TINY),

@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--name", required=True, help="the candidate run, models/NAME")
     p.add_argument("--metric", default="loss", choices=sorted(METRICS), help="default: loss (validation)")
     p.add_argument("--force", action="store_true", help="switch even when the candidate is not better")
-    p.add_argument("--data", default=None, help="folder with valid.jsonl (default: the candidate's validation data)")
+    p.add_argument("--data", default=None,
+                   help="folder with valid.jsonl (default: the candidate's validation data)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N conversations only")
     p.add_argument("--models-dir", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -72,7 +73,8 @@ def evaluate_run(run_dir, conversations, metric):
         prompts = [encode_prompt(tokenizer, m[:-1], system_prompt) for m in conversations]
         references = [m[-1]["content"] for m in conversations]
         max_tokens = int(meta["generation"].get("max_tokens") or 256)
-        summary, _ = evaluate.score(evaluate.generate_answers(model, tokenizer, prompts, max_tokens), references)
+        answers = evaluate.generate_answers(model, tokenizer, prompts, max_tokens)
+        summary, _ = evaluate.score(answers, references)
         result.update(summary)
     return result
 
@@ -102,7 +104,8 @@ def switch_current(models, name):
 
 def validation(meta, data_dir, limit):
     data_file = Path(data_dir) / "valid.jsonl" if data_dir else Path(meta["data"]["valid"]["path"])
-    conversations = [m for m in batches.read_split(data_file).conversations if m and m[-1]["role"] == "assistant"]
+    conversations = [m for m in batches.read_split(data_file).conversations
+                     if m and m[-1]["role"] == "assistant"]
     return data_file, conversations[:limit] if limit else conversations
 
 
