@@ -123,3 +123,48 @@ def test_a_conversation_the_template_cannot_train_stops_with_file_and_line(share
     assert proc.returncode == 2
     assert f"error: {data / 'train.jsonl'}:2: a training conversation must end with an assistant turn" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- train/serve parity (slow)
+
+def exact_answers_through_the_worker(adapter, conversations):
+    """How many training questions the worker answers with exactly their training answer."""
+    w = Worker("--context-length", "2048", adapter=adapter)
+    try:
+        for i, messages in enumerate(conversations):
+            w.send({"id": f"q{i}", "messages": [m for m in messages[:-1] if m["role"] != "system"],
+                    "max_tokens": 80})
+        done = [w.terminal(f"q{i}", timeout=300) for i in range(len(conversations))]
+    finally:
+        w.close()
+    return sum(d["text"].strip() == m[-1]["content"].strip() for d, m in zip(done, conversations))
+
+
+@pytest.mark.slow
+def test_a_model_trained_with_a_system_prompt_answers_as_well_through_the_worker(shared):
+    """The system prompt is trained where it is served (folded into the first turn), so it costs
+    nothing: with it the worker (which adds it from metadata.json) reproduces as many training
+    answers as without it."""
+    import json
+
+    from train import batches
+
+    demo = ROOT / "train" / "demo.yaml"
+    split = batches.read_split(shared / "data" / "train.jsonl")
+    assert all(m[0]["role"] == "system" for m in split.conversations)
+    plain = shared / "data-no-system"
+    plain.mkdir(exist_ok=True)
+    for name in ("train", "valid"):
+        rows = batches.read_split(shared / "data" / f"{name}.jsonl").conversations
+        (plain / f"{name}.jsonl").write_text("".join(
+            json.dumps({"messages": [m for m in c if m["role"] != "system"]}, ensure_ascii=False) + "\n"
+            for c in rows), encoding="utf-8")
+    with_system, _ = trained(shared / "demo", "demo", demo, shared / "data")
+    without, _ = trained(shared / "demo-plain", "demo", demo, plain)
+    assert json.loads((with_system / "metadata.json").read_text())["system_prompt"]
+    n = len(split.conversations)
+    got_with = exact_answers_through_the_worker(with_system, split.conversations)
+    got_without = exact_answers_through_the_worker(without, split.conversations)
+    print(f"exact training answers through the worker: with system prompt {got_with}/{n}, without {got_without}/{n}")
+    assert got_with > n / 2
+    assert got_with >= got_without - n // 20
