@@ -22,7 +22,6 @@ language model, as it would with a real base (LoRA on random weights barely lear
 
 import argparse
 import hashlib
-import os
 import shutil
 import sys
 import tempfile
@@ -194,8 +193,7 @@ def build(out_dir, out_4bit=None, steps=150):
     pairs = sample_texts()
     texts = [t for pair in pairs for t in pair] + [f"{q} {a}" for q, a in pairs]
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic.staged_dir(out_dir) as tmp:
         tok = build_tokenizer(texts, tmp)
         config = dict(TINY_CONFIG, vocab_size=len(tok))
         mx.random.seed(SEED)
@@ -209,10 +207,6 @@ def build(out_dir, out_4bit=None, steps=150):
         pretrain(model, sequences, steps=steps)
         n_params = write_model(tmp, out_dir.name, model, config,
                                f"pretrained for {steps} steps on the bundled sample text")
-        finish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report(out_dir, f"{n_params:,} parameters, vocab {config['vocab_size']}")
     if out_4bit:
         build_4bit(model, config, out_dir, Path(out_4bit))
@@ -221,6 +215,7 @@ def build(out_dir, out_4bit=None, steps=150):
 
 def build_4bit(model, config, float_dir, out_dir):
     """Quantize the pretrained model as mlx-community's 4-bit Mistral is: every linear layer."""
+    import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
     from mlx_lm.utils import quantize_model
@@ -230,27 +225,16 @@ def build_4bit(model, config, float_dir, out_dir):
     if linears:
         raise SystemExit(f"tiny-model: layers left unquantized: {linears}")
     scales = {v.dtype for k, v in tree_flatten(model.parameters()) if k.endswith(".scales")}
-    if scales != {mx_float32()}:
+    if scales != {mx.float32}:
         raise SystemExit(f"tiny-model: 4-bit scales are {scales}, expected float32")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic.staged_dir(out_dir) as tmp:
         for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
                      "special_tokens_map.json"):
             if (float_dir / name).exists():
                 shutil.copyfile(float_dir / name, tmp / name)
         write_model(tmp, out_dir.name, model, qconfig, f"the 4-bit ({QUANT_BITS} bits, group {QUANT_GROUP_SIZE}, "
                     f"float32 scales) copy of {float_dir.name}")
-        finish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report(out_dir, f"every linear layer {QUANT_BITS}-bit, group {QUANT_GROUP_SIZE}")
-
-
-def mx_float32():
-    import mlx.core as mx
-
-    return mx.float32
 
 
 def write_model(folder, name, model, config, what):
@@ -267,13 +251,6 @@ def write_model(folder, name, model, config, what):
         f"# {name}\n\nA test and demo model built by `make tiny-model`, "
         f"shaped like Mistral-7B-Instruct-v0.3 but NOT a real LLM: {what}.\n", encoding="utf-8")
     return n_params
-
-
-def finish(tmp, out_dir):
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    atomic.replace_dir(tmp, out_dir)
 
 
 def report(out_dir, what):
