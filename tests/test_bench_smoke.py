@@ -263,3 +263,17 @@ def test_workload_replay_through_worker_and_server(tiny_model, tmp_path):
         first = [t for t in lvl["turns"] if t["conv"] == "a" and t["turn"] == 0][0]
         assert second["prompt_tokens"] > first["prompt_tokens"]        # the history was sent
         assert lvl["ttft_p99_ms"] >= lvl["ttft_p50_ms"] > 0
+
+
+def test_cpu_prefill_chunk_is_short():
+    """Without fused attention (the CPU) the worker prefills in 256-token chunks (fewer scalar
+    softmax exps: docs/PERFORMANCE.md); with it, the longest chunk that fits, as before."""
+    from bench import bench_model
+    from train import memory
+
+    s = memory.shape_from_config(dict(bench_model.BENCH_CONFIG, vocab_size=1024))
+    cpu = memory.worker_limits(s, 20 * 2**30, 4096, fused_attention=False)
+    gpu = memory.worker_limits(s, 20 * 2**30, 4096, fused_attention=True)
+    assert cpu["prefill_step_size"] == 256 and gpu["prefill_step_size"] > 256
+    assert memory.worker_limits(s, 20 * 2**30, 4096, fused_attention=False, prefill_step_size=1024)[
+        "prefill_step_size"] == 1024                                    # a value given is kept

@@ -39,6 +39,12 @@ SCORES_CHECKPOINTED = 4        # attention score matrices in flight while a bloc
 KV_STEP = 256                  # mlx-lm's KV caches grow in steps of 256 tokens
 WORKER_MAX_BATCH = 32          # the worker's batch when memory is no limit
 PREFILL_BATCH = 8              # mlx-lm BatchGenerator's prefill batch (worker/engine.py)
+# Prefill chunk sizes tried, longest first. Without fused attention (the CPU) a chunk computes
+# chunk x prefix softmax scores with mlx's scalar exp, the largest cost of a long prompt, so
+# short chunks are faster: 256 took 0.82x the time of 1024 on a 1,000-token prompt
+# (docs/PERFORMANCE.md, Prefill against the compute roofline).
+PREFILL_STEPS = (2048, 1024, 512, 256)
+PREFILL_STEPS_UNFUSED = (256,)
 
 
 class DoesNotFit(Exception):
@@ -455,7 +461,8 @@ def worker_limits(s, budget_bytes, context_length, *, max_batch=None, prefix_cac
     context length, so max_batch x context x KV bytes fits next to the weights, one prefill
     chunk (PREFILL_BATCH prompts), mlx's buffer cache and the prefix cache (a quarter of what
     is left, at most 1 GiB). The prefill chunk is the longest of 2048 .. 128 tokens per prompt
-    whose transient stays within an eighth of the budget. The buffer cache is bounded at two
+    (256 at most without fused attention: PREFILL_STEPS_UNFUSED) whose transient stays within an
+    eighth of the budget. The buffer cache is bounded at two
     256-token KV growth steps of every sequence (at most 1 GiB). When not even one
     full-context sequence fits, the context is capped to what does (longer prompts get
     `too_long` instead of exhausting memory). Values given (not None) are kept."""
@@ -464,7 +471,8 @@ def worker_limits(s, budget_bytes, context_length, *, max_batch=None, prefix_cac
     for ctx in [original] + list(range(original // KV_STEP * KV_STEP, 0, -KV_STEP)):
         per_token = min(PREFILL_BATCH, cap) * prefill_bytes_per_token(s, ctx, fused_attention)
         prefill_step_size = step_given or next(
-            (n for n in (2048, 1024, 512, 256) if n * per_token <= budget_bytes / 8), 128)
+            (n for n in (PREFILL_STEPS if fused_attention else PREFILL_STEPS_UNFUSED)
+             if n * per_token <= budget_bytes / 8), 128)
         transient = min(prefill_step_size, ctx) * per_token
         free = budget_bytes - weight_bytes(s) - transient
         prefix_cache_bytes = prefix_given if prefix_given is not None else int(min(max(free // 4, 0), 1 << 30))
