@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from train import batches, bundle, evaluate, paths
+from train import atomic, batches, bundle, evaluate, paths
 from train.prompt import encode_prompt
 
 CURRENT = "current"
@@ -95,11 +95,7 @@ def switch_current(models, name):
         tmp.unlink()
     os.symlink(name, tmp)
     os.replace(tmp, link)
-    fd = os.open(models, os.O_RDONLY)
-    try:
-        os.fsync(fd)              # the rename survives a crash
-    finally:
-        os.close(fd)
+    atomic.fsync_dir(models)    # the rename survives a crash
 
 
 def validation(meta, data_dir, limit):

@@ -151,7 +151,8 @@ def _cached_snapshot(repo_id, revision):
     """The hub cache's folder of repo_id at revision, or None when it is not cached."""
     try:
         from huggingface_hub import snapshot_download
-        from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+        from worker.mlxlm_api import DEFAULT_ALLOW_PATTERNS
         return snapshot_download(repo_id, revision=revision, local_files_only=True,
                                  allow_patterns=DEFAULT_ALLOW_PATTERNS)
     except Exception:

@@ -24,6 +24,7 @@ REQUIRED = (
     ("mlx_lm.sample_utils", "apply_top_p"),
     ("mlx_lm.sample_utils", "make_logits_processors"),
     ("mlx_lm.sample_utils", "make_sampler"),
+    ("mlx_lm.utils", "DEFAULT_ALLOW_PATTERNS"),
     ("mlx_lm", "load"),
 )
 
@@ -74,6 +75,7 @@ from mlx_lm.sample_utils import (  # noqa: E402
     make_logits_processors,
     make_sampler,
 )
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS  # noqa: E402
 
 
 def no_stop_sequences():
@@ -89,5 +91,5 @@ def eos_stop_sequences(tokenizer):
 __all__ = [
     "BatchGenerator", "LRUPromptCache", "can_trim_prompt_cache", "trim_prompt_cache",
     "apply_min_p", "apply_top_k", "apply_top_p", "make_logits_processors", "make_sampler",
-    "no_stop_sequences", "eos_stop_sequences", "check", "missing_names", "REQUIRED",
+    "DEFAULT_ALLOW_PATTERNS", "no_stop_sequences", "eos_stop_sequences", "check", "missing_names", "REQUIRED",
 ]
