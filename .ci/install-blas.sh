@@ -2,7 +2,7 @@
 # Install an optimised BLAS on Linux where we can (Debian's OpenBLAS, as root); hint otherwise.
 set -u
 [ "$(uname -s)" = Linux ] || exit 0
-# Intel MKL in the venv (make setup's default on Linux x86-64) is what train/blas.py loads first.
+# Intel MKL in the venv (make setup's default on Linux x86-64) is what core/blas.py loads first.
 [ -e .venv/lib/libmkl_rt.so.3 ] && exit 0
 if ldconfig -p 2>/dev/null | grep -qE 'libopenblas\.so\.0|libmkl_rt\.so'; then exit 0; fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

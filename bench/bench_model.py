@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 
-from train import atomic, paths
+from core import atomic, paths
 from train.tiny_model import TINY_CONFIG
 
 BENCH_CONFIG = dict(

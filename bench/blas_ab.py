@@ -3,7 +3,7 @@ interleaved (one worker per setup, all alive, round-robin), medians.
 
     python -m bench.blas_ab [--model models/bench-mistral] [--rounds 3] [--mkl /path/libmkl_rt.so.3]
 
-Setups: the default (what train/blas.py loads), OPENBLAS_CORETYPE forced to the CPU's real
+Setups: the default (what core/blas.py loads), OPENBLAS_CORETYPE forced to the CPU's real
 family (OpenBLAS 0.3.21 falls back to its SSE3 "Prescott" kernels on CPUs it does not know,
 e.g. family 6 model 207), FAST_BLAS=0 with --reference (slow), and with --mkl, Intel MKL
 (`pip install mkl` puts libmkl_rt.so.3 in <venv>/lib). Per setup: single-stream decode
@@ -24,7 +24,7 @@ import bench  # noqa: F401
 from bench import machine, report
 from bench.run import RESULTS, ROOT, conc_worker, decode_worker_once, log, rel, sub_env
 from bench.worker_client import WorkerProcess
-from train.blas import openblas_coretype
+from core.blas import openblas_coretype
 
 
 def setups(mkl=None, reference=False):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from train import paths
+from core import paths
 
 ROOT = paths.ROOT
 TINY = paths.TINY_MODEL
@@ -126,7 +126,7 @@ def _node_version():
 
 def versions():
     import mlx.core as mx
-    from train import blas
+    from core import blas
     info = {}
     try:
         info = dict(mx.device_info())

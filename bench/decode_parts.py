@@ -34,7 +34,7 @@ def blas_calls(weights):
     """(sgemv, sgemm) closures over numpy copies of the weights, straight into the loaded BLAS."""
     import numpy as np
 
-    from train import blas
+    from core import blas
 
     if not blas.loaded_path:
         return None, None

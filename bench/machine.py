@@ -59,7 +59,7 @@ def blas_core(path):
 def describe():
     import mlx.core as mx
 
-    from train import blas
+    from core import blas
 
     info = {
         "host": socket.gethostname(),

@@ -166,8 +166,8 @@ seed: 0
 def prepare_data(tmp):
     """data/{train,valid}.jsonl from `python -m train.prepare_data --out`, and the same
     conversations with the system message folded into the first user turn for mlx-lm (the
-    tiny template rejects a system role; train/prompt.py folds it identically)."""
-    from train.prompt import fold_system
+    tiny template rejects a system role; core/prompt.py folds it identically)."""
+    from core.prompt import fold_system
 
     data, folded = Path(tmp) / "data", Path(tmp) / "data-folded"
     cmd = [sys.executable, "-m", "train.prepare_data", "--out", str(data)]
@@ -258,7 +258,7 @@ def decode_worker_once(w, max_tokens):
 def section_decode(plan, tmp, res, workers):
     from mlx_lm import load
 
-    from train.prompt import encode_prompt
+    from core.prompt import encode_prompt
 
     model_dir = plan["decode_model"]
     n = plan["decode_max_tokens"]
@@ -517,7 +517,7 @@ def section_workload(plan, tmp, res, workers, tokenizer=None):
     from mlx_lm.utils import load_tokenizer
 
     from bench import workload
-    from train.prompt import accepts_system_role
+    from core.prompt import accepts_system_role
 
     model_dir = plan["workload_model"]
     w = main_worker(workers, model_dir)

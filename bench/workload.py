@@ -88,8 +88,8 @@ def worker_sender(w):
 
 def server_sender(port, fold_system=False, timeout=600):
     """fold_system: send the system prompt folded into the first user turn, as the worker
-    renders it for a chat template without a system role (train/prompt.py)."""
-    from train.prompt import fold_system as fold
+    renders it for a chat template without a system role (core/prompt.py)."""
+    from core.prompt import fold_system as fold
 
     body_of = lambda messages, max_tokens: json.dumps({
         "model": "default_model", "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
@@ -230,7 +230,7 @@ def main(argv=None):
     from bench.run import ROOT, log, sub_env
     from bench.worker_client import WorkerProcess
     from mlx_lm.utils import load_tokenizer
-    from train.prompt import accepts_system_role
+    from core.prompt import accepts_system_role
 
     p = argparse.ArgumentParser(prog="python -m bench.workload", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "models" / "bench-mistral"))

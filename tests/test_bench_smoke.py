@@ -132,7 +132,7 @@ def test_one_real_decode_measurement(tiny_model, tmp_path):
 
 
 def test_openblas_coretype_from_flags():
-    from train.blas import openblas_coretype
+    from core.blas import openblas_coretype
 
     avx512 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
     assert openblas_coretype(avx512 | {"avx512_bf16"}) == "Cooperlake"
@@ -141,7 +141,7 @@ def test_openblas_coretype_from_flags():
     assert openblas_coretype({"sse3"}) is None
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="train/blas.py acts on Linux only")
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="core/blas.py acts on Linux only")
 def test_blas_threads_do_not_spin_unless_told(tmp_path):
     """A process that imports train gets KMP_BLOCKTIME=0 (and the OpenBLAS equivalent) before
     the BLAS loads; a value in the environment wins. With MKL loaded, Intel OpenMP itself
@@ -246,7 +246,7 @@ def test_workload_replay_through_worker_and_server(tiny_model, tmp_path):
     from bench.run import sub_env
     from bench.worker_client import WorkerProcess
     from mlx_lm.utils import load_tokenizer
-    from train.prompt import accepts_system_role
+    from core.prompt import accepts_system_role
 
     convs = [{"id": "a", "turns": ["Olá", "Quem és tu?"]}, {"id": "b", "turns": ["Bom dia"]}]
     fold = not accepts_system_role(load_tokenizer(Path(tiny_model)))
@@ -269,7 +269,7 @@ def test_cpu_prefill_chunk_is_short():
     """Without fused attention (the CPU) the worker prefills in 256-token chunks (fewer scalar
     softmax exps: docs/PERFORMANCE.md); with it, the longest chunk that fits, as before."""
     from bench import bench_model
-    from train import memory
+    from core import memory
 
     s = memory.shape_from_config(dict(bench_model.BENCH_CONFIG, vocab_size=1024))
     cpu = memory.worker_limits(s, 20 * 2**30, 4096, fused_attention=False)

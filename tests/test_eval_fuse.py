@@ -202,7 +202,7 @@ def test_evaluate_and_fuse_without_a_run_say_so(tmp_path):
 # --------------------------------------------------------------------------- a 4-bit base (QLoRA)
 
 def q4_base():
-    from train import paths
+    from core import paths
     return getattr(paths, "TINY_MODEL_4BIT", ROOT / "models" / "tiny-mistral-4bit")
 
 

@@ -88,7 +88,7 @@ def test_tokenizer_round_trips_any_utf8(tokenizer, text):
 def test_prompt_folds_system_into_first_user_turn(tiny_model):
     import mlx_lm
 
-    from train import prompt
+    from core import prompt
 
     _, tok = mlx_lm.load(str(tiny_model))
     assert not prompt.accepts_system_role(tok)  # v0.3 moves it to the last user turn
@@ -101,7 +101,7 @@ def test_prompt_folds_system_into_first_user_turn(tiny_model):
 def test_training_example_starts_with_the_served_prompt(tiny_model):
     import mlx_lm
 
-    from train import prompt
+    from core import prompt
 
     _, tok = mlx_lm.load(str(tiny_model))
     conv = [{"role": "user", "content": "Qual é o estádio?"},
@@ -115,7 +115,7 @@ def test_training_example_starts_with_the_served_prompt(tiny_model):
 
 
 def test_config_rejects_unknown_key_naming_file(tmp_path):
-    from train.config import ConfigError, load_config
+    from core.config import ConfigError, load_config
 
     bad = tmp_path / "c.yaml"
     bad.write_text("iters: 10\nlora_parameters:\n  rnak: 4\n")

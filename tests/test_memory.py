@@ -1,4 +1,4 @@
-"""train/memory.py: the memory model against mlx's measured peaks, the budget, the probe's
+"""core/memory.py: the memory model against mlx's measured peaks, the budget, the probe's
 decisions, the resume check and the worker's limits.
 
 The measurements run in a subprocess (this file run as a script): mlx-lm's grad_checkpoint
@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from train import memory  # noqa: E402
+from core import memory  # noqa: E402
 
 TINY = ROOT / "models" / "tiny-mistral"
 TINY_4BIT = ROOT / "models" / "tiny-mistral-4bit"

@@ -1,4 +1,4 @@
-"""Training inside the memory budget (train/memory.py through the real probe and train.py):
+"""Training inside the memory budget (core/memory.py through the real probe and train.py):
 the probe never tries a batch the model predicts over budget, turns on gradient
 checkpointing when batch 1 does not fit, and stops before allocating, naming settings that
 fit. The probe runs in a subprocess (gradient checkpointing patches the block class)."""
@@ -31,7 +31,8 @@ def probe_with_budget(where):
     from mlx_lm.tuner.trainer import default_loss
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from train import batches, memory
+    from core import memory
+    from train import batches
 
     model, _ = load(str(ROOT / "models" / "tiny-mistral"))
     model.freeze()

@@ -1,4 +1,4 @@
-"""The worker's memory limits (worker/limits.py, train/memory.py) through the real worker:
+"""The worker's memory limits (worker/limits.py, core/memory.py) through the real worker:
 chosen from the memory model unless given, reported in `ready` and `stats` (schema-checked
 by the harness), and a batch the budget cannot hold makes requests wait or get
 `overloaded`, never takes the process down."""
@@ -11,7 +11,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train import memory  # noqa: E402
+from core import memory  # noqa: E402
 from worker_harness import TINY, Worker  # noqa: E402
 
 LONG = {"WORKER_TEST_IGNORE_EOS": "1"}

@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from worker_harness import ROOT, TINY, ensure_tiny_model, worker_env  # noqa: E402
 
-from train import atomic  # noqa: E402
+from core import atomic  # noqa: E402
 
 FINDER = ROOT / ".ci" / "find-python.sh"
 GNU_ONLY = ("sha1sum", "timeout")
@@ -309,11 +309,11 @@ def test_fsync_helper_uses_full_fsync_where_the_platform_has_it(monkeypatch, tmp
 
 def test_no_direct_os_fsync_outside_the_helper():
     offenders = []
-    for folder in ("train", "worker", "bench"):
+    for folder in ("core", "train", "worker", "bench"):
         for path in (ROOT / folder).rglob("*.py"):
             if path.name in ("atomic.py", "tiny_model.py"):     # tiny_model: a rebuildable test model
                 continue
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if "os.fsync(" in line:
                     offenders.append(f"{path.relative_to(ROOT)}:{n}")
-    assert not offenders, f"use train.atomic.fsync: {offenders}"
+    assert not offenders, f"use core.atomic.fsync: {offenders}"

@@ -1,4 +1,4 @@
-"""The one prompt rendering (train/prompt.py), checked over every chat-template fixture.
+"""The one prompt rendering (core/prompt.py), checked over every chat-template fixture.
 
 tests/fixtures/chat_templates/ holds the published templates: Mistral v0.3 (the users' model:
 it moves the system prompt to the last user turn), the older v0.3 variant and v0.1/v0.2 (they
@@ -63,7 +63,7 @@ PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 @PROPERTY
 @given(conv=conversations())
 def test_served_prompt_is_the_masked_prefix_and_only_the_answer_is_trained(hf, template, conv):
-    from train import prompt
+    from core import prompt
 
     tok = with_template(hf, template)
     ids, n = prompt.encode_example(tok, conv)
@@ -81,7 +81,7 @@ def test_served_prompt_is_the_masked_prefix_and_only_the_answer_is_trained(hf, t
 @PROPERTY
 @given(conv=conversations())
 def test_system_prompt_is_in_every_training_sequence_once_at_the_start(hf, template, conv):
-    from train import prompt
+    from core import prompt
 
     tok = with_template(hf, template)
     system = next((m["content"].strip() for m in conv if m["role"] == "system"), None)
@@ -98,7 +98,7 @@ def test_system_prompt_is_in_every_training_sequence_once_at_the_start(hf, templ
 @PROPERTY
 @given(conv=conversations())
 def test_each_turns_prompt_extends_the_previous_one_for_the_prefix_cache(hf, template, conv):
-    from train import prompt
+    from core import prompt
 
     tok = with_template(hf, template)
     user_turns = [i for i, m in enumerate(conv) if m["role"] == "user"]
@@ -112,7 +112,7 @@ def test_each_turns_prompt_extends_the_previous_one_for_the_prefix_cache(hf, tem
 @given(conv=conversations(), control=st.lists(st.sampled_from(CONTROL), min_size=1, max_size=4),
        where=st.integers(0, 10))
 def test_control_strings_in_content_never_become_control_tokens(hf, template, conv, control, where):
-    from train import prompt
+    from core import prompt
 
     tok = with_template(hf, template)
     target = where % len(conv)
@@ -133,7 +133,7 @@ def test_control_strings_in_content_never_become_control_tokens(hf, template, co
 def test_protected_encoding_equals_the_tokenizers_on_plain_text(hf, template, conv):
     """The path taken when content holds control strings tokenizes text exactly as the
     tokenizer does when it holds none (so protecting the text changes nothing else)."""
-    from train import prompt
+    from core import prompt
 
     tok = prompt._hf(with_template(hf, template))
     messages = prompt._normalize(tok, conv)
@@ -143,7 +143,7 @@ def test_protected_encoding_equals_the_tokenizers_on_plain_text(hf, template, co
 
 
 def test_fifty_copies_of_each_control_string_add_at_least_100_prompt_tokens(hf):
-    from train import prompt
+    from core import prompt
 
     tok = with_template(hf, TEMPLATES[[p.stem for p in TEMPLATES].index("mistral-v0.3")])
     base = len(prompt.encode_prompt(tok, [{"role": "user", "content": "olá"}]))
@@ -153,7 +153,7 @@ def test_fifty_copies_of_each_control_string_add_at_least_100_prompt_tokens(hf):
 
 
 def test_mistral_v03_system_prompt_is_folded_into_the_first_turn(hf):
-    from train import prompt
+    from core import prompt
 
     tok = with_template(hf, ROOT / "tests/fixtures/chat_templates/mistral-v0.3.jinja")
     conv = [{"role": "system", "content": "Sê breve."}, {"role": "user", "content": "Quem?"},
@@ -164,7 +164,7 @@ def test_mistral_v03_system_prompt_is_folded_into_the_first_turn(hf):
 
 
 def test_a_template_that_drops_the_system_message_is_detected(hf):
-    from train import prompt
+    from core import prompt
 
     tok = set_template(hf, "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
                          "[/INST]{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}"
@@ -189,7 +189,7 @@ def test_a_template_whose_prompt_is_not_a_prefix_stops_with_file_and_line(hf, tm
 
 
 def test_all_assistant_trains_every_answer_with_its_served_prefix(hf):
-    from train import prompt
+    from core import prompt
 
     tok = with_template(hf, ROOT / "tests/fixtures/chat_templates/mistral-v0.3.jinja")
     conv = [{"role": "user", "content": "Quem?"}, {"role": "assistant", "content": "O Farense."},

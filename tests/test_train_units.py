@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from train import atomic, bundle, config, schedules
-from train.config import ConfigError, check_config, load_config
-from train.paths import Layout, step_name
+from core import atomic, config, schedules
+from train import bundle
+from core.config import ConfigError, check_config, load_config
+from core.paths import Layout, step_name
 from train.state import RunState, describe_changes, fingerprint, fingerprint_id, step_seed
 
 

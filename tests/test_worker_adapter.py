@@ -3,7 +3,7 @@
 The fixture builds a tiny LoRA adapter on models/tiny-mistral (random lora_b, so it changes
 the output), with a metadata.json per the contract: its own chat template, a system prompt
 and generation defaults. The worker's greedy text must equal mlx_lm.generate on the token ids
-that train.prompt.encode_prompt gives - the same function training uses.
+that core.prompt.encode_prompt gives - the same function training uses.
 """
 
 import json
@@ -73,7 +73,7 @@ def reference(adapter_dir):
     """mlx_lm.generate with the adapter, on encode_prompt ids (metadata template + system prompt)."""
     from mlx_lm import generate, load
 
-    from train.prompt import encode_prompt
+    from core.prompt import encode_prompt
 
     model, tok = load(str(TINY), adapter_path=str(adapter_dir))
     tok._tokenizer.chat_template = _template()

@@ -1,7 +1,7 @@
 """The context-window policy through the real worker, at the exact boundary (--context-length 2048).
 
 Prompt lengths come from the worker's own loading and prompt functions (worker.loading,
-train.prompt.encode_prompt) in this process, so the boundaries are exact whatever the tokenizer.
+core.prompt.encode_prompt) in this process, so the boundaries are exact whatever the tokenizer.
 """
 
 import sys
@@ -40,7 +40,7 @@ def w():
 def n_tokens():
     ensure_tiny_model()
     import worker  # noqa: F401  (fast BLAS before mlx)
-    from train.prompt import encode_prompt
+    from core.prompt import encode_prompt
     from worker import loading
 
     _, tokenizer, _ = loading.load(loading.settings_for(str(TINY), None, None))

@@ -1,10 +1,7 @@
-"""Offline side: data preparation, training, evaluation, export; and the pieces the worker
-shares with training (prompt formatting, config, paths).
+"""Offline side: data preparation, training, evaluation, export. What it shares with the
+worker (prompt rendering, config, paths, ...) is in core/.
 
-Importing this package first loads an optimised BLAS on Linux (see train/blas.py), so every
-entry point gets it before mlx is imported.
+`import core` first: it loads the optimised BLAS before mlx (core/blas.py).
 """
 
-from train.blas import load_fast_blas as _load_fast_blas
-
-_load_fast_blas()
+import core  # noqa: F401  (side effect: fast BLAS before mlx)

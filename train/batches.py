@@ -1,6 +1,6 @@
 """Examples, batches and their order: the data side of the training loop.
 
-Conversations become (ids, prompt_len) through train.prompt.encode_examples, the same
+Conversations become (ids, prompt_len) through core.prompt.encode_examples, the same
 rendering the worker's prompts go through (one example per conversation, or one per assistant
 turn with train_on: all_assistant). Batches follow mlx-lm's iterate_batches: examples
 sorted by length, cut into batches (the last, shorter one included, so no example is left
@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 
 from train.checkpoint import sha256_file
-from train.prompt import PromptError, encode_examples
+from core.prompt import PromptError, encode_examples
 
 
 @dataclass

@@ -21,12 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from train import atomic
-from train.paths import STEP_PREFIX, step_name
+from core import atomic
+from core.paths import ADAPTER_CONFIG, ADAPTERS, STEP_PREFIX, step_name  # noqa: F401 (ADAPTER*: re-read by callers)
 
 FORMAT = 1
-ADAPTERS = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "training_state.json"
 MANIFEST = "manifest.json"

@@ -5,7 +5,7 @@
 
 For both models: the loss and perplexity on the split's answers (the same loss as training),
 and greedy answers to its questions - each conversation minus its last answer, formatted by
-train.prompt.encode_prompt with the run's system prompt, exactly as the worker formats it -
+core.prompt.encode_prompt with the run's system prompt, exactly as the worker formats it -
 scored against the reference answers: exact match, token F1 and chrF (sacrebleu).
 Writes models/NAME/eval.json and eval.md (eval-train.* for --split train).
 """
@@ -20,8 +20,9 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from train import atomic, batches, bundle, paths
-from train.prompt import encode_prompt
+from core import atomic, paths
+from train import batches, bundle
+from core.prompt import encode_prompt
 
 
 def log(message):

@@ -34,8 +34,9 @@ import math
 import sys
 from pathlib import Path
 
-from train import atomic, batches, bundle, paths
-from train.prompt import encode_prompt
+from core import atomic, paths
+from train import batches, bundle
+from core.prompt import encode_prompt
 
 REPORT = "fuse_report.json"
 EXIT_WORSE = 3

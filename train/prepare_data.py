@@ -18,10 +18,10 @@ conversations without one; exact duplicates are removed before a seeded, determi
 `file:line: reason` and, unless --skip-invalid, nothing is written and the exit code is 1.
 """
 
-from train import paths
-from train.atomic import write_bytes
-from train.config import ConfigError, load_config
-from train.prompt import control_strings
+from core import paths
+from core.atomic import write_bytes
+from core.config import ConfigError, load_config
+from core.prompt import control_strings
 
 import argparse
 import csv
@@ -386,7 +386,7 @@ def load_records(folder, system_prompt=None, warn=None):
 
 def _note_control_strings(messages, shown, line, counts):
     """Record a conversation whose text contains chat-format control strings ("[INST]", "</s>"...).
-    They are trained as plain text (train/prompt.py), but are often a sign of text pasted from
+    They are trained as plain text (core/prompt.py), but are often a sign of text pasted from
     another model's prompt, so the report lists them."""
     found = sorted({s for m in messages for s in control_strings(m["content"])})
     if found:

@@ -20,8 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-from train import atomic, batches, bundle, evaluate, paths
-from train.prompt import encode_prompt
+from core import atomic, paths
+from train import batches, bundle, evaluate
+from core.prompt import encode_prompt
 
 CURRENT = "current"
 REFUSED = 3

@@ -3,7 +3,7 @@
     python -m train.show_data [--config train/config.yaml] [--model M] [--data DIR] [-n 3]
     make show-data MODEL=models/tiny-mistral N=5
 
-Each example is encoded exactly as training encodes it (train/prompt.py through
+Each example is encoded exactly as training encodes it (core/prompt.py through
 train/batches.py, with the config's system prompt, train_on and max_seq_length) and printed
 token for token in two parts: the prompt, which is masked (no loss; it is what the worker sends),
 and the trained part (the answer and its end-of-turn token). Control tokens are marked apart
@@ -15,9 +15,9 @@ are shown as ‹[INST]›. The anchor is axolotl's `preprocess --debug`.
 import argparse
 import sys
 
-from train import paths
-from train.config import ConfigError, load_config
-from train.prompt import PromptError, encode_examples
+from core import paths
+from core.config import ConfigError, load_config
+from core.prompt import PromptError, encode_examples
 from train.train import Stop, read_data
 
 COLOURS = {"masked": "\033[2m", "trained": "\033[32m", "control": "\033[35;1m", "reset": "\033[0m"}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import orjson
 
-from train import atomic, paths
+from core import atomic, paths
 
 TEMPLATES = paths.ROOT / "tests" / "fixtures" / "chat_templates"
 CHAT_TEMPLATE = (TEMPLATES / "mistral-v0.3.jinja").read_text(encoding="utf-8")

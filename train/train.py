@@ -54,10 +54,11 @@ from pathlib import Path
 
 import numpy as np
 
-from train import atomic, batches, bundle, checkpoint, memory, schedules
-from train.config import ConfigError, check_config, from_args
+from core import atomic, memory, schedules
+from train import batches, bundle, checkpoint
+from core.config import ConfigError, check_config, from_args
 from train.dist import Dist, PeerLost
-from train.paths import CONFIG, Layout, step_name
+from core.paths import CONFIG, Layout, step_name
 from train.state import (RunState, describe_changes, fingerprint, fingerprint_id, host_rng_state,
                          set_host_rng_state, step_seed)
 

@@ -14,7 +14,7 @@ import threading
 import time
 
 import worker  # noqa: F401  (imports train first: fast BLAS before mlx)
-from train import blas
+from core import blas
 from worker import io, limits, loading
 
 PR_SET_PDEATHSIG = 1

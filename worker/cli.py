@@ -20,7 +20,7 @@ import time
 import orjson
 
 import worker  # noqa: F401  (imports train first: fast BLAS before mlx)
-from train import paths
+from core import paths
 from worker import io, loading, protocol
 
 
@@ -43,7 +43,7 @@ def default_target(args):
     farense = paths.run_dir("farense")
     if (farense / "metadata.json").is_file():
         return None, str(farense.relative_to(paths.ROOT)) if farense.is_relative_to(paths.ROOT) else str(farense)
-    from train.config import load_config
+    from core.config import load_config
     return load_config()["model"], None
 
 

@@ -9,7 +9,7 @@ newcomers), turns tokens into protocol messages, and writes them in one flushed 
 Per request: its own sampler (temperature/top_p/top_k/min_p; a seeded one when `seed` is
 given), logits processors (repetition_penalty), stop strings (matched on the decoded text,
 with a held-back tail so streamed text never shows a stop string's beginning) and
-max_tokens. Prompts are formatted by train.prompt.encode_prompt, exactly as in training.
+max_tokens. Prompts are formatted by core.prompt.encode_prompt, exactly as in training.
 
 The prefix cache follows mlx_lm.server: the nearest cached prefix is fetched at admission,
 the cache is stored at the end of the system-prompt and prompt segments, and at finish.
@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from train.prompt import encode_prompt, with_system_prompt
+from core.prompt import encode_prompt, with_system_prompt
 from worker import context, protocol
 from worker.io import EOF
 from worker.mlxlm_api import (

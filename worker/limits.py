@@ -1,4 +1,4 @@
-"""The worker's memory limits, chosen at start from train/memory.py's model.
+"""The worker's memory limits, chosen at start from core/memory.py's model.
 
 By default --max-batch, --prefix-cache-bytes and the prefill chunk follow from the model's
 config, the context length and the budget (the smaller of --memory-fraction of the device's
@@ -9,7 +9,7 @@ sequence of a batch can reach the context length, an admitted request always fit
 others wait in the queue (or get `overloaded` when it is full).
 """
 
-from train import memory
+from core import memory
 
 DEFAULT_MAX_BATCH = memory.WORKER_MAX_BATCH
 DEFAULT_PREFIX_CACHE_BYTES = 256 << 20

@@ -3,7 +3,7 @@
 With an adapter (models/NAME written by training), models/NAME/metadata.json gives the base
 model, the chat template, the system prompt and the generation defaults, so the worker
 formats prompts exactly as training did. Without one, the defaults come from
-train.config.DEFAULTS["generation"].
+core.config.DEFAULTS["generation"].
 
 Only safetensors are loaded (mlx_lm.load reads model*.safetensors, the adapter is
 adapters.safetensors), trust_remote_code is off, and nothing a request says ever reaches
@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from train import bundle, paths
-from train.config import DEFAULTS
+from core import paths
+from core import metadata as run_metadata
+from core.config import DEFAULTS
 
-METADATA_FORMAT = bundle.METADATA_FORMAT
-ADAPTER_FILE = bundle.ADAPTERS             # the name mlx_lm.load_adapters reads
+METADATA_FORMAT = run_metadata.METADATA_FORMAT
+ADAPTER_FILE = run_metadata.ADAPTERS             # the name mlx_lm.load_adapters reads
 GENERATION_KEYS = tuple(DEFAULTS["generation"])
 
 
@@ -45,11 +46,11 @@ class Settings:
 
 
 def read_metadata(adapter_dir):
-    """models/NAME/metadata.json, checked against the contract (train.bundle.read_metadata,
+    """models/NAME/metadata.json, checked against the contract (core.metadata.read_metadata,
     the one reader); raises LoadError."""
     try:
-        return bundle.read_metadata(adapter_dir)
-    except bundle.BundleError as e:
+        return run_metadata.read_metadata(adapter_dir)
+    except run_metadata.BundleError as e:
         raise LoadError(str(e)) from None
 
 
@@ -101,7 +102,7 @@ def settings_for(model=None, adapter=None, system_prompt=None, allow_base_mismat
 
 def load(settings):
     """(model, tokenizer, config) for these settings, with the chat template set."""
-    from mlx_lm import load as mlx_load   # mlx after `import train` (fast BLAS)
+    from mlx_lm import load as mlx_load   # mlx after `import core` (fast BLAS)
 
     check_base(settings)
     try:
@@ -135,7 +136,7 @@ def check_base(settings):
         where = _cached_snapshot(settings.model_path, settings.revision)
         if where is None:
             return
-    problem = bundle.base_mismatch(settings.metadata, where)
+    problem = run_metadata.base_mismatch(settings.metadata, where)
     if problem is None:
         return
     message = (f"the base model {settings.model!r} ({where}) is not the one the adapter "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from train import paths, schedules
+from core import paths, schedules
 
 DEFAULTS = {
     # --- base model and data ---
@@ -45,7 +45,7 @@ DEFAULTS = {
     "iters": 1000,
     "learning_rate": 1e-5,
     # cosine: linear warmup over `warmup` steps from warmup_init, then cosine decay to min_lr
-    # (the names: train/schedules.py). An mlx-lm schedule ({name: cosine_decay, arguments:
+    # (the names: core/schedules.py). An mlx-lm schedule ({name: cosine_decay, arguments:
     # [...], warmup: N}) works as well.
     "lr_schedule": {"name": "cosine", "warmup": 0, "min_lr": 0.0, "warmup_init": 0.0,
                     "arguments": None},

@@ -88,7 +88,7 @@ def load_fast_blas(log=True):
         _log(log, f"fast-blas: {status}; using the reference BLAS bundled with mlx")
         return None
     if "mlx.core" in sys.modules:
-        status = "too late: mlx was imported before train.blas"
+        status = "too late: mlx was imported before core.blas"
         _log(log, f"fast-blas: {status}")
         return None
     if "OPENBLAS_CORETYPE" not in os.environ and (core := openblas_coretype()):

@@ -24,6 +24,8 @@ BENCH_MODEL = ROOT / "models" / "bench-mistral"
 PROTOCOL_SCHEMA = DOCS / "protocol.schema.json"
 
 METADATA = "metadata.json"
+ADAPTERS = "adapters.safetensors"       # the names mlx_lm.load(adapter_path=) reads
+ADAPTER_CONFIG = "adapter_config.json"
 STEP_PREFIX = "step_"
 
 
