@@ -3,7 +3,7 @@
     python -m bench.anchors lora   ARGS...   # = python -m mlx_lm lora ARGS...
     python -m bench.anchors server ARGS...   # = python -m mlx_lm server ARGS...
 
-`import bench` (hence `import train`) runs first, so mlx-lm gets the optimised BLAS exactly as
+`import bench` (hence `import core`) runs first, so mlx-lm gets the optimised BLAS exactly as
 our entry points do (and the reference BLAS under FAST_BLAS=0): the comparison is then
 between the two programs, not between two BLAS libraries. Everything else is mlx-lm's own
 code, unchanged.

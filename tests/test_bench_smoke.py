@@ -143,15 +143,15 @@ def test_openblas_coretype_from_flags():
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="core/blas.py acts on Linux only")
 def test_blas_threads_do_not_spin_unless_told(tmp_path):
-    """A process that imports train gets KMP_BLOCKTIME=0 (and the OpenBLAS equivalent) before
+    """A process that imports core gets KMP_BLOCKTIME=0 (and the OpenBLAS equivalent) before
     the BLAS loads; a value in the environment wins. With MKL loaded, Intel OpenMP itself
     reports the block time it uses."""
     import os
     import subprocess
     import sys
 
-    probe = ("import ctypes, json, os, train\n"
-             "from train import blas\n"
+    probe = ("import ctypes, json, os, core\n"
+             "from core import blas\n"
              "bt = None\n"
              "if blas.loaded_path and 'mkl' in blas.loaded_path:\n"
              "    import mlx.core as mx; mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))\n"
