@@ -70,7 +70,7 @@ TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
-.PHONY: help setup node-setup tiny-model bench-model data show-data train eval fuse promote lint-js worker bench-load demo test test-all bench check-backend clean
+.PHONY: help setup node-setup tiny-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load demo test test-all bench check-backend clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -120,6 +120,10 @@ train: $(STAMP) ## Fine-tune MODEL on DATA into models/NAME (resumes after an in
 eval: $(STAMP) ## Compare base and fine-tuned models/NAME on the validation set (eval.json, eval.md)
 	$(PY) -m train.evaluate --name $(NAME) $(call opt,--data,$(DATA)) $(call opt,--model,$(MODEL))
 
+lint: $(STAMP) lint-js ## ruff (format check + lint, ruff.toml) on the Python code, ESLint on the JavaScript
+	$(VENV)/bin/ruff format --check --quiet core train worker bench tests
+	$(VENV)/bin/ruff check --quiet core train worker bench tests
+
 lint-js: node-setup ## ESLint on clients/node and examples/express (flat config examples/express/eslint.config.js)
 	examples/express/node_modules/.bin/eslint -c examples/express/eslint.config.js clients/node examples/express
 
@@ -142,7 +146,7 @@ demo: $(STAMP) ## The whole job on the tiny model: data, train, eval, a worker r
 	  '{"id":"demo-2","prompt":"Qual é o estádio do Farense?","stream":true}' \
 	  | $(PY) -m worker --adapter models/$(DEMO_NAME)
 
-test: $(STAMP) node-setup ## Run the test suite (Python, shell, Node); sets everything up itself
+test: $(STAMP) node-setup lint ## Run the linters, then the test suite (Python, shell, Node); sets everything up itself
 	@$(MAKE) --no-print-directory tiny-model
 	$(PY) -m pytest -q -m "not slow" tests
 	bash tests/shell/run.sh

@@ -73,13 +73,25 @@ class ServerProcess:
     def __init__(self, model, python=None, env=None, stderr_path=None, extra_args=(), ready_timeout=300):
         import socket
 
-        with socket.socket() as s:                 # a free port on 127.0.0.1
+        with socket.socket() as s:  # a free port on 127.0.0.1
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.model = model
-        self.command = [python or sys.executable, "-m", "bench.anchors", "server", "--model", str(model),
-                        "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "WARNING",
-                        *extra_args]
+        self.command = [
+            python or sys.executable,
+            "-m",
+            "bench.anchors",
+            "server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "WARNING",
+            *extra_args,
+        ]
         self.env = dict(os.environ if env is None else env)
         self.stderr_path = stderr_path
         self.ready_timeout = ready_timeout
@@ -97,8 +109,9 @@ class ServerProcess:
 
         root = Path(__file__).resolve().parent.parent
         self._err = open(self.stderr_path, "ab") if self.stderr_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.command, cwd=root, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=self._err, stderr=self._err)
+        self.proc = subprocess.Popen(
+            self.command, cwd=root, env=self.env, stdin=subprocess.DEVNULL, stdout=self._err, stderr=self._err
+        )
         deadline = time.perf_counter() + self.ready_timeout
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
@@ -116,10 +129,18 @@ class ServerProcess:
         """One non-streaming request: (usage, seconds)."""
         import urllib.request
 
-        body = json.dumps({"model": "default_model", "messages": messages, "max_tokens": max_tokens,
-                           "temperature": temperature, "stream": False}).encode()
-        req = urllib.request.Request(self.url + "/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "model": "default_model",
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "stream": False,
+            }
+        ).encode()
+        req = urllib.request.Request(
+            self.url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         tic = time.perf_counter()
         with urllib.request.urlopen(req, timeout=timeout) as r:
             out = json.loads(r.read())
@@ -166,11 +187,15 @@ def stream_generate_once(model, tokenizer, prompt_ids, max_tokens):
     client = None
     if t_first is not None and t_last > t_first and n > 1:
         client = (n - 1) / (t_last - t_first)
-    return {"completion_tokens": n, "tokens_per_s": client,
-            "own_generation_tps": float(last.generation_tps) if last else None,
-            "own_prompt_tps": float(last.prompt_tps) if last else None,
-            "ttft_s": (t_first - tic) if t_first else None, "first_text_at_token": n_at_first,
-            "finish_reason": last.finish_reason if last else None}
+    return {
+        "completion_tokens": n,
+        "tokens_per_s": client,
+        "own_generation_tps": float(last.generation_tps) if last else None,
+        "own_prompt_tps": float(last.prompt_tps) if last else None,
+        "ttft_s": (t_first - tic) if t_first else None,
+        "first_text_at_token": n_at_first,
+        "finish_reason": last.finish_reason if last else None,
+    }
 
 
 def parse_lora_metrics(path):

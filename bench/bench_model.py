@@ -27,8 +27,13 @@ BENCH_CONFIG = dict(
     head_dim=64,
     max_position_embeddings=4096,
 )
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                   "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def build(out_dir, tokenizer_dir=paths.TINY_MODEL, seed=0):
@@ -52,12 +57,17 @@ def build(out_dir, tokenizer_dir=paths.TINY_MODEL, seed=0):
 
     with atomic.staged_dir(out_dir) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        (tmp / "config.json").write_bytes(orjson.dumps(config, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+        (tmp / "config.json").write_bytes(
+            orjson.dumps(config, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        )
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).exists():
                 shutil.copy(tokenizer_dir / name, tmp / name)
-    print(f"bench-model: wrote {out_dir} ({n_params / 1e6:.1f}M parameters, float32, "
-          f"{n_params * 4 / 2**20:.0f} MiB)", file=sys.stderr)
+    print(
+        f"bench-model: wrote {out_dir} ({n_params / 1e6:.1f}M parameters, float32, "
+        f"{n_params * 4 / 2**20:.0f} MiB)",
+        file=sys.stderr,
+    )
     return out_dir
 
 
@@ -72,7 +82,9 @@ def quantize(src, dst, bits=4, group_size=64):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=str(paths.BENCH_MODEL))
     parser.add_argument("--quantize", action="store_true", help="also write OUT-4bit with mlx_lm.convert")
     args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ def setups(mkl=None, reference=False):
     core = openblas_coretype()
     if core:
         out[f"OPENBLAS_CORETYPE={core}"] = {"OPENBLAS_CORETYPE": core}
-    if reference:                      # slow: ~10x longer prompts
+    if reference:  # slow: ~10x longer prompts
         out["FAST_BLAS=0"] = {"FAST_BLAS": "0"}
     if mkl:
         out["MKL"] = {"FAST_BLAS_LIB": str(mkl)}
@@ -53,23 +53,39 @@ def main(argv=None):
     try:
         for name, extra in setups(args.mkl, args.reference).items():
             log(f"starting worker: {name}")
-            w = WorkerProcess(["--model", args.model], env=sub_env(**extra),
-                              stderr_path=tmp / f"blas-ab-{os.getpid()}.log").start()
+            w = WorkerProcess(
+                ["--model", args.model], env=sub_env(**extra), stderr_path=tmp / f"blas-ab-{os.getpid()}.log"
+            ).start()
             decode_worker_once(w, 4)
             workers[name] = w
-            res[name] = {"env": extra, "blas": w.ready.get("blas"), "decode": [], "concurrent8": [], "ttft_ms": []}
+            res[name] = {
+                "env": extra,
+                "blas": w.ready.get("blas"),
+                "decode": [],
+                "concurrent8": [],
+                "ttft_ms": [],
+            }
         for rnd in range(args.rounds):
             for name, w in workers.items():
                 r = res[name]
                 r["decode"].append(decode_worker_once(w, args.tokens)["tokens_per_s"])
                 r["concurrent8"].append(conc_worker(w, 8, 32, f"ab{rnd}")["aggregate_tokens_per_s"])
-                g = w.generate({"messages": [{"role": "system", "content": f"{rnd}-{name}: {system}"},
-                                             {"role": "user", "content": "Olá"}],
-                                "max_tokens": 1, "stream": True})
+                g = w.generate(
+                    {
+                        "messages": [
+                            {"role": "system", "content": f"{rnd}-{name}: {system}"},
+                            {"role": "user", "content": "Olá"},
+                        ],
+                        "max_tokens": 1,
+                        "stream": True,
+                    }
+                )
                 r["ttft_ms"].append(g.client_ttft_s() * 1000.0)
-                log(f"round {rnd + 1}/{args.rounds} {name}: decode {r['decode'][-1]:.1f} tok/s, "
+                log(
+                    f"round {rnd + 1}/{args.rounds} {name}: decode {r['decode'][-1]:.1f} tok/s, "
                     f"8 concurrent {r['concurrent8'][-1]:.1f} tok/s, ttft {r['ttft_ms'][-1]:.0f} ms "
-                    f"({g.done['usage']['prompt_tokens']} tokens)")
+                    f"({g.done['usage']['prompt_tokens']} tokens)"
+                )
     finally:
         for w in workers.values():
             w.close()
@@ -79,19 +95,34 @@ def main(argv=None):
         for k in ("decode", "concurrent8", "ttft_ms"):
             r[k + "_median"] = statistics.median(r[k]) if r[k] else None
             # the load drifts: each round's ratio to the default of the same round, then the median
-            r[k + "_paired_ratio"] = report.median(
-                [report.ratio(a, b) for a, b in zip(r[k], base[k])]) if base else None
-        rel_ = lambda k: (f" ({report.fmt(r[k + '_paired_ratio'])}x)" if base and name != "default" else "")
-        lines.append(f"| {name} | {report.fmt(r['decode_median'])}{rel_('decode')} | "
-                     f"{report.fmt(r['concurrent8_median'])}{rel_('concurrent8')} | "
-                     f"{report.fmt(r['ttft_ms_median'])}{rel_('ttft_ms')} |")
+            r[k + "_paired_ratio"] = (
+                report.median([report.ratio(a, b) for a, b in zip(r[k], base[k])]) if base else None
+            )
+        rel_ = lambda k, r=r, name=name: (
+            f" ({report.fmt(r[k + '_paired_ratio'])}x)" if base and name != "default" else ""
+        )
+        lines.append(
+            f"| {name} | {report.fmt(r['decode_median'])}{rel_('decode')} | "
+            f"{report.fmt(r['concurrent8_median'])}{rel_('concurrent8')} | "
+            f"{report.fmt(r['ttft_ms_median'])}{rel_('ttft_ms')} |"
+        )
     table = "\n".join(lines) + "\n"
     now = datetime.datetime.now()
     out = RESULTS / f"{now:%Y-%m-%d}-{socket.gethostname().split('.')[0]}-blas.json"
-    report.write_json(out, {"started": now.strftime("%Y-%m-%d %H:%M"), "machine": machine.describe(),
-                            "command": " ".join([rel(sys.executable), "-m", "bench.blas_ab", *(argv or sys.argv[1:])]),
-                            "model": rel(args.model), "rounds": args.rounds, "tokens": args.tokens,
-                            "load": list(os.getloadavg()), "setups": res, "table": table})
+    report.write_json(
+        out,
+        {
+            "started": now.strftime("%Y-%m-%d %H:%M"),
+            "machine": machine.describe(),
+            "command": " ".join([rel(sys.executable), "-m", "bench.blas_ab", *(argv or sys.argv[1:])]),
+            "model": rel(args.model),
+            "rounds": args.rounds,
+            "tokens": args.tokens,
+            "load": list(os.getloadavg()),
+            "setups": res,
+            "table": table,
+        },
+    )
     sys.stdout.write(table)
     log(f"wrote {rel(out)}")
     return 0

@@ -37,7 +37,7 @@ PY = sys.executable
 NODE_CLIENT = ROOT / "clients" / "node" / "index.js"
 PROMPT = "Quem fundou o Sporting Clube Farense?"
 DECODE_TOKENS = 128
-WORKER_RSS_LIMIT = 4 << 30           # the tiny model's worker uses a few hundred MB
+WORKER_RSS_LIMIT = 4 << 30  # the tiny model's worker uses a few hundred MB
 TRAIN_CONFIG = {
     "seed": 0,
     "fine_tune_type": "lora",
@@ -63,7 +63,7 @@ class Skip(Exception):
 @dataclass
 class Line:
     check: str
-    status: str            # PASS | FAIL | SKIP
+    status: str  # PASS | FAIL | SKIP
     detail: str
     seconds: float
 
@@ -84,8 +84,11 @@ class Report:
         except Exception as e:
             status, detail = "FAIL", f"{type(e).__name__}: {e}"
         self.lines.append(Line(name, status, detail, round(time.monotonic() - t0, 1)))
-        print(f"check-backend: {status} {name}: {detail.splitlines()[0] if detail else ''}",
-              file=sys.stderr, flush=True)
+        print(
+            f"check-backend: {status} {name}: {detail.splitlines()[0] if detail else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
         return status == "PASS"
 
     @property
@@ -95,8 +98,10 @@ class Report:
 
 # --------------------------------------------------------------------------- versions
 
+
 def _version(dist):
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -126,7 +131,9 @@ def _node_version():
 
 def versions():
     import mlx.core as mx
+
     from core import blas
+
     info = {}
     try:
         info = dict(mx.device_info())
@@ -143,7 +150,7 @@ def versions():
         "transformers": _version("transformers"),
         "numpy": _version("numpy"),
         "device": f"{'gpu' if device == mx.gpu else 'cpu'}: {info.get('device_name') or platform.processor() or '?'}"
-                  f" ({info.get('architecture') or platform.machine()})",
+        f" ({info.get('architecture') or platform.machine()})",
         "backend": "metal" if metal else "cuda" if cuda else "cpu",
         "memory": _memory_info(info),
         "blas": blas.loaded_path or blas.status or "-",
@@ -153,6 +160,7 @@ def versions():
 
 def _memory_info(info):
     import psutil
+
     total = psutil.virtual_memory().total
     text = f"{total / 2**30:.1f} GiB RAM"
     ws = info.get("max_recommended_working_set_size")
@@ -162,6 +170,7 @@ def _memory_info(info):
 
 
 # --------------------------------------------------------------------------- the checks
+
 
 def run(cmd, env, timeout, **kw):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
@@ -218,9 +227,15 @@ class Job:
     def __init__(self, work):
         self.work = Path(work)
         self.data = self.work / "data"
-        self.env = dict(os.environ, MODELS_DIR=str(self.work / "models"), LOGS_DIR=str(self.work / "logs"),
-                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", FAST_BLAS_QUIET="1",
-                        PYTHONUNBUFFERED="1")
+        self.env = dict(
+            os.environ,
+            MODELS_DIR=str(self.work / "models"),
+            LOGS_DIR=str(self.work / "logs"),
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            FAST_BLAS_QUIET="1",
+            PYTHONUNBUFFERED="1",
+        )
         for hook in ("TRAIN_INJECT_NAN", "TRAIN_STEP_DELAY_S", "WORKER_TEST_IGNORE_EOS", "WORKER_TEST_FAULT"):
             self.env.pop(hook, None)
 
@@ -235,8 +250,9 @@ class Job:
 
     def config(self, name, model):
         path = self.work / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(dict(TRAIN_CONFIG, model=str(model), data=str(self.data))),
-                        encoding="utf-8")
+        path.write_text(
+            yaml.safe_dump(dict(TRAIN_CONFIG, model=str(model), data=str(self.data))), encoding="utf-8"
+        )
         return path
 
     def train_cmd(self, name, model):
@@ -244,9 +260,16 @@ class Job:
 
 
 def check_data(job):
-    must(run([PY, "-m", "train.prepare_data", "--out", str(job.data), "--raw", str(paths.SAMPLE)],
-             job.env, 300), "train.prepare_data")
-    n = {split: sum(1 for _ in open(job.data / f"{split}.jsonl", encoding="utf-8")) for split in ("train", "valid")}
+    must(
+        run(
+            [PY, "-m", "train.prepare_data", "--out", str(job.data), "--raw", str(paths.SAMPLE)], job.env, 300
+        ),
+        "train.prepare_data",
+    )
+    n = {
+        split: sum(1 for _ in open(job.data / f"{split}.jsonl", encoding="utf-8"))
+        for split in ("train", "valid")
+    }
     return f"data/sample -> {n['train']} training, {n['valid']} validation examples"
 
 
@@ -259,8 +282,12 @@ def _summary(job, name, report, key):
         raise RuntimeError(f"{name}: a non-finite training loss")
     peak = max(r.get("peak_mem_gb") or 0 for r in job.metrics(name))
     tps = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
-    report.measured[key] = {"peak_mem_gb": peak, "tokens_per_s": tps[-1] if tps else None,
-                            "first_loss": first, "last_loss": last}
+    report.measured[key] = {
+        "peak_mem_gb": peak,
+        "tokens_per_s": tps[-1] if tps else None,
+        "first_loss": first,
+        "last_loss": last,
+    }
     speed = f", {tps[-1]:,.0f} tok/s" if tps else ""
     return f"loss {first:.3f} -> {last:.3f}, peak {peak * 1000:.0f} MB (mlx){speed}"
 
@@ -269,8 +296,14 @@ def check_lora_killed(job, report):
     """The LoRA run, killed with SIGKILL once a checkpoint exists (a step pause makes it land)."""
     name = "check-lora"
     env = dict(job.env, TRAIN_STEP_DELAY_S="0.3")
-    proc = subprocess.Popen(job.train_cmd(name, TINY), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        job.train_cmd(name, TINY),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ckpts = job.run_dir(name) / "checkpoints"
     deadline = time.monotonic() + 600
     try:
@@ -285,8 +318,10 @@ def check_lora_killed(job, report):
             proc.kill()
         stderr = proc.communicate(timeout=120)[1]
     if proc.returncode != -signal.SIGKILL:
-        raise RuntimeError(f"the run ended with {proc.returncode} before the kill: "
-                           f"{' | '.join(stderr.strip().splitlines()[-4:])}")
+        raise RuntimeError(
+            f"the run ended with {proc.returncode} before the kill: "
+            f"{' | '.join(stderr.strip().splitlines()[-4:])}"
+        )
     reached = max((r.get("step", 0) for r in job.metrics(name)), default=0)
     saved = sorted(p.name for p in ckpts.glob("step_*"))
     report.measured["killed_at_step"] = reached
@@ -296,22 +331,26 @@ def check_lora_killed(job, report):
 def check_lora_resume(job, report):
     name = "check-lora"
     proc = must(run(job.train_cmd(name, TINY), job.env, 900), "the resumed run")
-    line = next((l for l in proc.stderr.splitlines() if "resuming from" in l), None)
+    line = next((entry for entry in proc.stderr.splitlines() if "resuming from" in entry), None)
     if line is None:
         raise RuntimeError("the second run did not resume (no 'resuming from' in its log)")
     meta = json.loads((job.run_dir(name) / "metadata.json").read_text())
     step = Path(line.split("resuming from ", 1)[1].split(" ")[0]).name
     report.measured["resumed_from"] = step
     best = meta.get("best_val_loss")
-    return (f"resumed from {step}, finished; {_summary(job, name, report, 'train_lora')}"
-            + (f"; best val loss {best:.3f}" if isinstance(best, (int, float)) else ""))
+    return f"resumed from {step}, finished; {_summary(job, name, report, 'train_lora')}" + (
+        f"; best val loss {best:.3f}" if isinstance(best, (int, float)) else ""
+    )
 
 
 def check_qlora(job, report):
     if not (TINY_4BIT / "config.json").exists():
         raise Skip(f"{TINY_4BIT.relative_to(ROOT)} not built")
     name = "check-qlora"
-    must(run(job.train_cmd(name, TINY_4BIT) + ["--iters", "4", "--save-every", "2"], job.env, 900), "QLoRA training")
+    must(
+        run(job.train_cmd(name, TINY_4BIT) + ["--iters", "4", "--save-every", "2"], job.env, 900),
+        "QLoRA training",
+    )
     if not (job.run_dir(name) / "adapters.safetensors").exists():
         raise RuntimeError(f"no adapters.safetensors in {job.run_dir(name)}")
     return f"4 steps on {TINY_4BIT.name}; {_summary(job, name, report, 'train_qlora')}"
@@ -322,9 +361,14 @@ class WorkerSession:
 
     def __init__(self, job, adapter, env=None):
         self.log = open(job.work / "worker.err", "wb")
-        self.proc = subprocess.Popen([PY, "-m", "worker", "--adapter", str(adapter)], cwd=ROOT,
-                                     env=env or job.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log)
+        self.proc = subprocess.Popen(
+            [PY, "-m", "worker", "--adapter", str(adapter)],
+            cwd=ROOT,
+            env=env or job.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+        )
         self.ready = self.read()
         if self.ready.get("type") != "ready":
             raise RuntimeError(f"the worker's first message is not ready: {self.ready}")
@@ -379,7 +423,14 @@ def check_worker(job, report):
     try:
         w.send({"id": "rt-1", "prompt": PROMPT, "max_tokens": 16})
         one = _done(w.until("rt-1", "done"), "rt-1")
-        w.send({"id": "rt-2", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "stream": True})
+        w.send(
+            {
+                "id": "rt-2",
+                "messages": [{"role": "user", "content": PROMPT}],
+                "max_tokens": 16,
+                "stream": True,
+            }
+        )
         msgs = w.until("rt-2", "done")
         two = _done(msgs, "rt-2")
         streamed = "".join(m["text"] for m in msgs if m.get("type") == "token")
@@ -400,9 +451,10 @@ def check_worker(job, report):
     report.measured["worker_backend"] = w.ready.get("backend")
     accelerator = report.versions["backend"]
     if accelerator != "cpu" and w.ready.get("backend") != "gpu":
-        raise RuntimeError(f"the worker runs on {w.ready.get('backend')!r} although {accelerator} is available")
-    return (f"ready ({w.ready.get('backend')}), a reply and a stream of {len(msgs) - 1} tokens, "
-            f"exit 0 on EOF")
+        raise RuntimeError(
+            f"the worker runs on {w.ready.get('backend')!r} although {accelerator} is available"
+        )
+    return f"ready ({w.ready.get('backend')}), a reply and a stream of {len(msgs) - 1} tokens, exit 0 on EOF"
 
 
 def check_decode(report):
@@ -411,8 +463,10 @@ def check_decode(report):
         raise Skip("no worker measurement (the worker line did not pass)")
     if dec["tokens"] != DECODE_TOKENS or not dec["tokens_per_s"] > 0:
         raise RuntimeError(f"{dec['tokens']} tokens at {dec['tokens_per_s']} tok/s")
-    return (f"{dec['tokens_per_s']:,.1f} tok/s on {report.measured.get('worker_backend')} "
-            f"(batch 1, {dec['tokens']} tokens, first token {dec['ttft_ms']:.0f} ms)")
+    return (
+        f"{dec['tokens_per_s']:,.1f} tok/s on {report.measured.get('worker_backend')} "
+        f"(batch 1, {dec['tokens']} tokens, first token {dec['ttft_ms']:.0f} ms)"
+    )
 
 
 def check_memory(report):
@@ -424,8 +478,10 @@ def check_memory(report):
         if key in report.measured:
             parts.append(f"{label} training peak {report.measured[key]['peak_mem_gb'] * 1000:,.0f} MB")
     if mem["rss_bytes"] > WORKER_RSS_LIMIT:
-        raise RuntimeError(f"the tiny model's worker uses {mem['rss_bytes'] / 1e9:.1f} GB "
-                           f"(> {WORKER_RSS_LIMIT / 1e9:.1f} GB): " + "; ".join(parts))
+        raise RuntimeError(
+            f"the tiny model's worker uses {mem['rss_bytes'] / 1e9:.1f} GB "
+            f"(> {WORKER_RSS_LIMIT / 1e9:.1f} GB): " + "; ".join(parts)
+        )
     return "; ".join(parts)
 
 
@@ -453,8 +509,14 @@ def check_node(job):
     adapter = job.run_dir("check-lora")
     if not (adapter / "adapters.safetensors").exists():
         raise Skip("no trained adapter (the LoRA lines failed)")
-    proc = must(run([node, "--input-type=module", "-e", NODE_SCRIPT, NODE_CLIENT.as_uri(), PY, str(adapter), PROMPT],
-                    job.env, 900), "node (clients/node)")
+    proc = must(
+        run(
+            [node, "--input-type=module", "-e", NODE_SCRIPT, NODE_CLIENT.as_uri(), PY, str(adapter), PROMPT],
+            job.env,
+            900,
+        ),
+        "node (clients/node)",
+    )
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     if out["done"]["type"] != "done" or not out["done"]["text"]:
         raise RuntimeError(f"complete(): {out['done']}")
@@ -464,6 +526,7 @@ def check_node(job):
 
 
 # --------------------------------------------------------------------------- the table
+
 
 def table(report):
     v = report.versions
@@ -503,7 +566,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.check_backend", description=__doc__.splitlines()[0])
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--no-build", action="store_true", help="never build the tiny models (a missing one fails or skips)")
+    p.add_argument(
+        "--no-build", action="store_true", help="never build the tiny models (a missing one fails or skips)"
+    )
     args = p.parse_args(argv)
     work = tempfile.mkdtemp(prefix="check-backend-")
     try:
@@ -515,8 +580,17 @@ def main(argv=None):
             shutil.rmtree(work, ignore_errors=True)
     print(table(report), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"versions": report.versions, "measured": report.measured,
-                                               "lines": [asdict(line) for line in report.lines]}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "versions": report.versions,
+                    "measured": report.measured,
+                    "lines": [asdict(line) for line in report.lines],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 1 if report.failed else 0
 
 

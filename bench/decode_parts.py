@@ -39,23 +39,27 @@ def blas_calls(weights):
     if not blas.loaded_path:
         return None, None
     lib = ctypes.CDLL(blas.loaded_path)
-    P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.cblas_sgemv.argtypes = [I, I, I, I, F, P, I, P, I, F, P, I]
-    lib.cblas_sgemm.argtypes = [I] * 6 + [F, P, I, P, I, F, P, I]
-    ws = [np.array(w, dtype=np.float32, copy=True) for w in weights]   # own memory, not mlx's
+    P, N, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.cblas_sgemv.argtypes = [N, N, N, N, F, P, N, P, N, F, P, N]
+    lib.cblas_sgemm.argtypes = [N] * 6 + [F, P, N, P, N, F, P, N]
+    ws = [np.array(w, dtype=np.float32, copy=True) for w in weights]  # own memory, not mlx's
     xs = {w.shape[1]: np.ones(w.shape[1], np.float32) for w in ws}
     ys = [np.zeros(w.shape[0], np.float32) for w in ws]
-    args = [(w.shape[0], w.shape[1], w.ctypes.data, xs[w.shape[1]].ctypes.data, y.ctypes.data) for w, y in zip(ws, ys)]
+    args = [
+        (w.shape[0], w.shape[1], w.ctypes.data, xs[w.shape[1]].ctypes.data, y.ctypes.data)
+        for w, y in zip(ws, ys)
+    ]
 
-    keep = (ws, xs, ys)   # the buffers must outlive the closures (args holds raw pointers)
+    keep = (ws, xs, ys)  # the buffers must outlive the closures (args holds raw pointers)
 
-    def gemv(_keep=keep):   # row-major, no transpose: y = W x
+    def gemv(_keep=keep):  # row-major, no transpose: y = W x
         for n, k, w, x, y in args:
             lib.cblas_sgemv(101, 111, n, k, 1.0, w, k, x, 1, 0.0, y, 1)
 
-    def gemm(_keep=keep):   # y (1 x n) = x (1 x k) @ W^T, as mlx calls it
+    def gemm(_keep=keep):  # y (1 x n) = x (1 x k) @ W^T, as mlx calls it
         for n, k, w, x, y in args:
             lib.cblas_sgemm(101, 111, 112, 1, n, k, 1.0, x, k, w, k, 0.0, y, n)
+
     return gemv, gemm
 
 
@@ -89,8 +93,10 @@ def main(argv=None):
     for rnd in range(args.rounds):
         bw1 = max(machine.memory_read_bandwidth(0.5, threads=1, repeats=4, samples=True))
         bw2 = max(machine.memory_read_bandwidth(0.5, threads=2, repeats=4, samples=True))
-        print(f"round {rnd + 1}, load {os.getloadavg()[0]:.2f}: {nbytes / 1e6:.0f} MB of weights; numpy read "
-              f"{bw1 / 1e9:.1f} GB/s (1 thread), {bw2 / 1e9:.1f} GB/s (2 threads) -> {nbytes / bw2 * 1e3:.1f} ms")
+        print(
+            f"round {rnd + 1}, load {os.getloadavg()[0]:.2f}: {nbytes / 1e6:.0f} MB of weights; numpy read "
+            f"{bw1 / 1e9:.1f} GB/s (1 thread), {bw2 / 1e9:.1f} GB/s (2 threads) -> {nbytes / bw2 * 1e3:.1f} ms"
+        )
         for name, fn in parts.items():
             if fn is None:
                 continue

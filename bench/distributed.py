@@ -34,11 +34,21 @@ TINY = ROOT / "models" / "tiny-mistral"
 
 
 def _config(path, model, iters):
-    cfg = {"model": str(model), "seed": 0, "fine_tune_type": "lora", "num_layers": -1,
-           "lora_parameters": {"rank": 4, "scale": 4.0, "dropout": 0.0}, "iters": iters,
-           "learning_rate": 3e-4, "lr_schedule": {"name": "constant"}, "max_seq_length": 256,
-           "steps_per_report": 1, "steps_per_eval": 10 * iters, "save_every": 10 * iters,
-           "keep_last": 1}
+    cfg = {
+        "model": str(model),
+        "seed": 0,
+        "fine_tune_type": "lora",
+        "num_layers": -1,
+        "lora_parameters": {"rank": 4, "scale": 4.0, "dropout": 0.0},
+        "iters": iters,
+        "learning_rate": 3e-4,
+        "lr_schedule": {"name": "constant"},
+        "max_seq_length": 256,
+        "steps_per_report": 1,
+        "steps_per_eval": 10 * iters,
+        "save_every": 10 * iters,
+        "keep_last": 1,
+    }
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
 
@@ -51,8 +61,9 @@ def _throughput(metrics_file, warmup):
     return (last["tokens_seen"] - first["tokens_seen"]) / (last["elapsed_s"] - first["elapsed_s"])
 
 
-def measure(nprocs=(1, 2), global_batch=8, iters=20, repeats=3, warmup=3, model=TINY,
-            data=None, timeout=600, log=None):
+def measure(
+    nprocs=(1, 2), global_batch=8, iters=20, repeats=3, warmup=3, model=TINY, data=None, timeout=600, log=None
+):
     """Training tokens/s for each process count in `nprocs` at the same global batch size.
 
     Returns {"global_batch": G, "iters": N, "warmup_steps": W, "model": str,
@@ -67,27 +78,55 @@ def measure(nprocs=(1, 2), global_batch=8, iters=20, repeats=3, warmup=3, model=
         tmp = Path(tmp)
         if data is None:
             data = tmp / "data"
-            subprocess.run([PY, "-m", "train.prepare_data", "--out", str(data), "--raw",
-                            str(ROOT / "data" / "sample")], cwd=ROOT, check=True,
-                           capture_output=True, timeout=120)
+            subprocess.run(
+                [PY, "-m", "train.prepare_data", "--out", str(data), "--raw", str(ROOT / "data" / "sample")],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
         config = _config(tmp / "bench.yaml", model, iters)
-        env = dict(os.environ, MODELS_DIR=str(tmp / "models"), LOGS_DIR=str(tmp / "logs"),
-                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", FAST_BLAS_QUIET="1")
+        env = dict(
+            os.environ,
+            MODELS_DIR=str(tmp / "models"),
+            LOGS_DIR=str(tmp / "logs"),
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            FAST_BLAS_QUIET="1",
+        )
         for k in nprocs:
             if global_batch % k:
                 raise ValueError(f"global batch {global_batch} is not a multiple of {k} processes")
-            row = {"nproc": k, "batch_size_per_process": global_batch // k, "tokens_per_s": [],
-                   "wall_s": []}
+            row = {"nproc": k, "batch_size_per_process": global_batch // k, "tokens_per_s": [], "wall_s": []}
             for i in range(repeats):
                 name = f"p{k}-{i}"
-                args = ["--config", str(config), "--name", name, "--data", str(data),
-                        "--batch-size", str(global_batch // k), "--fresh"]
-                cmd = ([PY, "-m", "train.train", *args] if k == 1 else
-                       [PY, "-m", "train.launch", "--nproc", str(k), "--", *args])
+                args = [
+                    "--config",
+                    str(config),
+                    "--name",
+                    name,
+                    "--data",
+                    str(data),
+                    "--batch-size",
+                    str(global_batch // k),
+                    "--fresh",
+                ]
+                cmd = (
+                    [PY, "-m", "train.train", *args]
+                    if k == 1
+                    else [PY, "-m", "train.launch", "--nproc", str(k), "--", *args]
+                )
                 row["command"] = " ".join(cmd)
                 start = time.perf_counter()
-                proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                                      timeout=timeout, stdin=subprocess.DEVNULL)
+                proc = subprocess.run(
+                    cmd,
+                    cwd=ROOT,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                    stdin=subprocess.DEVNULL,
+                )
                 row["wall_s"].append(round(time.perf_counter() - start, 2))
                 if proc.returncode != 0:
                     raise RuntimeError(f"{row['command']} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -97,14 +136,21 @@ def measure(nprocs=(1, 2), global_batch=8, iters=20, repeats=3, warmup=3, model=
             row["median_tokens_per_s"] = round(statistics.median(row["tokens_per_s"]), 1)
             rows.append(row)
     base = rows[0]["median_tokens_per_s"]
-    result = {"global_batch": global_batch, "iters": iters, "warmup_steps": warmup,
-              "model": str(model), "rows": rows,
-              "speedup": {str(r["nproc"]): round(r["median_tokens_per_s"] / base, 3) for r in rows}}
+    result = {
+        "global_batch": global_batch,
+        "iters": iters,
+        "warmup_steps": warmup,
+        "model": str(model),
+        "rows": rows,
+        "speedup": {str(r["nproc"]): round(r["median_tokens_per_s"] / base, 3) for r in rows},
+    }
     log(f"training throughput, global batch {global_batch}, {iters} steps (median of {repeats}):")
     log(f"  {'processes':>9} | {'batch/process':>13} | {'tokens/s':>9} | {'vs 1':>5} | samples")
     for r in rows:
-        log(f"  {r['nproc']:>9} | {r['batch_size_per_process']:>13} | {r['median_tokens_per_s']:>9,.0f} | "
-            f"{result['speedup'][str(r['nproc'])]:>5.2f} | {', '.join(f'{x:,.0f}' for x in r['tokens_per_s'])}")
+        log(
+            f"  {r['nproc']:>9} | {r['batch_size_per_process']:>13} | {r['median_tokens_per_s']:>9,.0f} | "
+            f"{result['speedup'][str(r['nproc'])]:>5.2f} | {', '.join(f'{x:,.0f}' for x in r['tokens_per_s'])}"
+        )
     return result
 
 
@@ -117,8 +163,13 @@ def main(argv=None):
     p.add_argument("--model", default=str(TINY))
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
-    result = measure(tuple(int(x) for x in args.nproc.split(",")), args.global_batch, args.iters,
-                     args.repeats, model=args.model)
+    result = measure(
+        tuple(int(x) for x in args.nproc.split(",")),
+        args.global_batch,
+        args.iters,
+        args.repeats,
+        model=args.model,
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

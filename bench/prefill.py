@@ -23,7 +23,10 @@ from bench import report
 def linear_shapes(config):
     """(out, in) of every matrix a prompt token multiplies (the embedding is a lookup)."""
     h, i = config["hidden_size"], config["intermediate_size"]
-    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    heads, kv = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads") or config["num_attention_heads"],
+    )
     d = config.get("head_dim") or h // heads
     layer = [(heads * d, h), (kv * d, h), (kv * d, h), (h, heads * d), (i, h), (i, h), (h, i)]
     return layer * config["num_hidden_layers"] + [(config["vocab_size"], h)]
@@ -62,8 +65,12 @@ def roofline(model_dir, prompt_tokens=1000, passes=5):
     config = json.loads((Path(model_dir) / "config.json").read_text())
     f = sgemm_flops(config, passes=passes)
     per_token = flops_per_token(config, prompt_tokens)
-    return {"sgemm_flops_per_s": f, "flops_per_token": per_token, "prompt_tokens": prompt_tokens,
-            "limit_tokens_per_s": f / per_token}
+    return {
+        "sgemm_flops_per_s": f,
+        "flops_per_token": per_token,
+        "prompt_tokens": prompt_tokens,
+        "limit_tokens_per_s": f / per_token,
+    }
 
 
 def long_prompt(tokenizer, n_tokens, nonce):
@@ -81,20 +88,31 @@ def long_prompt(tokenizer, n_tokens, nonce):
 def uncached_prefill(w, tokenizer, n_tokens):
     """One uncached prompt of ~n_tokens through the worker, max_tokens 1: prefill tokens/s."""
     system = long_prompt(tokenizer, n_tokens, uuid.uuid4().hex[:12])
-    r = w.generate({"messages": [{"role": "system", "content": system}, {"role": "user", "content": "Olá"}],
-                    "max_tokens": 1, "temperature": 0, "stream": True})
+    r = w.generate(
+        {
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Olá"}],
+            "max_tokens": 1,
+            "temperature": 0,
+            "stream": True,
+        }
+    )
     usage = r.done["usage"]
     ttft = r.client_ttft_s()
     computed = usage["prompt_tokens"] - usage.get("cached_tokens", 0)
-    return {"client_ttft_ms": ttft * 1000.0, "prompt_tokens": usage["prompt_tokens"],
-            "cached_tokens": usage.get("cached_tokens", 0), "tokens_per_s": computed / ttft,
-            "load": os.getloadavg()[0]}
+    return {
+        "client_ttft_ms": ttft * 1000.0,
+        "prompt_tokens": usage["prompt_tokens"],
+        "cached_tokens": usage.get("cached_tokens", 0),
+        "tokens_per_s": computed / ttft,
+        "load": os.getloadavg()[0],
+    }
 
 
 def main(argv=None):
+    from mlx_lm.utils import load_tokenizer
+
     from bench.run import ROOT, log, sub_env
     from bench.worker_client import WorkerProcess
-    from mlx_lm.utils import load_tokenizer
 
     p = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "models" / "bench-mistral"))
@@ -108,7 +126,9 @@ def main(argv=None):
     try:
         for step in steps:
             extra = ["--prefill-step-size", str(step)] if step else []
-            workers[step] = WorkerProcess(["--model", args.model, *extra], env=sub_env(FAST_BLAS_QUIET=1)).start()
+            workers[step] = WorkerProcess(
+                ["--model", args.model, *extra], env=sub_env(FAST_BLAS_QUIET=1)
+            ).start()
             workers[step].generate({"prompt": "Olá", "max_tokens": 1})
             res[step] = []
         for rnd in range(args.rounds):
@@ -117,10 +137,12 @@ def main(argv=None):
                 r = uncached_prefill(w, tokenizer, args.tokens)
                 r["limit_tokens_per_s"] = roof["limit_tokens_per_s"]
                 res[step].append(r)
-                log(f"round {rnd + 1}/{args.rounds} step {step or 'default'}: {r['prompt_tokens']} tokens in "
+                log(
+                    f"round {rnd + 1}/{args.rounds} step {step or 'default'}: {r['prompt_tokens']} tokens in "
                     f"{r['client_ttft_ms']:.0f} ms = {r['tokens_per_s']:.0f} tok/s; roofline "
                     f"{roof['limit_tokens_per_s']:.0f} tok/s ({roof['sgemm_flops_per_s'] / 1e9:.0f} GFLOP/s); "
-                    f"load {r['load']:.2f}")
+                    f"load {r['load']:.2f}"
+                )
     finally:
         for w in workers.values():
             w.close()
@@ -129,8 +151,10 @@ def main(argv=None):
         tps = [r["tokens_per_s"] for r in rs]
         vs_roof = report.median([r["tokens_per_s"] / r["limit_tokens_per_s"] for r in rs])
         vs_first = report.paired_ratio(tps, [r["tokens_per_s"] for r in first])
-        print(f"step {step or 'default'}: median {report.fmt(report.median(tps))} tok/s, "
-              f"{report.fmt(vs_roof)} of the roofline (median of paired), {report.fmt(vs_first)}x step {steps[0]}")
+        print(
+            f"step {step or 'default'}: median {report.fmt(report.median(tps))} tok/s, "
+            f"{report.fmt(vs_roof)} of the roofline (median of paired), {report.fmt(vs_first)}x step {steps[0]}"
+        )
     return 0
 
 

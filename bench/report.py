@@ -26,8 +26,11 @@ TARGETS = {
 
 def clean(values):
     """The finite numbers among values (None, nan and inf dropped)."""
-    return [float(v) for v in values if v is not None and isinstance(v, (int, float))
-            and not isinstance(v, bool) and math.isfinite(v)]
+    return [
+        float(v)
+        for v in values
+        if v is not None and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ]
 
 
 def median(values):
@@ -38,9 +41,13 @@ def median(values):
 def summarize(values):
     """{"n", "median", "min", "max", "samples"} of a list of samples."""
     vals = clean(values)
-    return {"n": len(vals), "median": statistics.median(vals) if vals else None,
-            "min": min(vals) if vals else None, "max": max(vals) if vals else None,
-            "samples": list(values)}
+    return {
+        "n": len(vals),
+        "median": statistics.median(vals) if vals else None,
+        "min": min(vals) if vals else None,
+        "max": max(vals) if vals else None,
+        "samples": list(values),
+    }
 
 
 def ratio(a, b):
@@ -64,19 +71,40 @@ def paired_ratio(ours, anchor):
     return median([ratio(a, b) for a, b in zip(ours, anchor)])
 
 
-def row(name, ours, anchor, unit, *, ours_label="", anchor_label="", target_key=None,
-        value=None, note="", paired=None):
+def row(
+    name,
+    ours,
+    anchor,
+    unit,
+    *,
+    ours_label="",
+    anchor_label="",
+    target_key=None,
+    value=None,
+    note="",
+    paired=None,
+):
     """One line of the results table. `value` is the number compared with the target
     (default ours/anchor, the ratio of the medians); `paired` the median of per-repetition
     ratios, shown beside it."""
     r = ratio(ours, anchor)
     v = r if value is None else value
     target = TARGETS.get(target_key) if target_key else None
-    return {"name": name, "ours": ours, "anchor": anchor, "unit": unit, "ratio": r,
-            "paired_ratio": paired, "ours_label": ours_label, "anchor_label": anchor_label,
-            "target_key": target_key, "value": v,
-            "target": f"{target[0]} {target[1]:g}" if target else "",
-            "met": meets(v, target) if target else None, "note": note}
+    return {
+        "name": name,
+        "ours": ours,
+        "anchor": anchor,
+        "unit": unit,
+        "ratio": r,
+        "paired_ratio": paired,
+        "ours_label": ours_label,
+        "anchor_label": anchor_label,
+        "target_key": target_key,
+        "value": v,
+        "target": f"{target[0]} {target[1]:g}" if target else "",
+        "met": meets(v, target) if target else None,
+        "note": note,
+    }
 
 
 def window_rate(windows, skip_first=True):
@@ -125,8 +153,10 @@ def fmt(v, digits=3):
 
 
 def markdown_table(rows):
-    head = ("| measurement | ours | anchor | ratio | paired ratio | target | met |\n"
-            "|---|---|---|---|---|---|---|\n")
+    head = (
+        "| measurement | ours | anchor | ratio | paired ratio | target | met |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for r in rows:
         ours = f"{fmt(r['ours'])} {r['unit']}".strip() if r["ours"] is not None else "n/a"
@@ -148,15 +178,17 @@ def text_table(rows):
     cols = ["measurement", "ours", "anchor", "ratio", "paired", "target", "met"]
     data = []
     for r in rows:
-        data.append([
-            r["name"],
-            f"{fmt(r['ours'])} {r['unit']}".strip() if r["ours"] is not None else "n/a",
-            f"{fmt(r['anchor'])} {r['unit']}".strip() if r["anchor"] is not None else "-",
-            f"{fmt(r['value'])}x" if r["value"] is not None else "n/a",
-            f"{fmt(r['paired_ratio'])}x" if r.get("paired_ratio") is not None else "",
-            r["target"],
-            "" if r["met"] is None else ("yes" if r["met"] else "NO"),
-        ])
+        data.append(
+            [
+                r["name"],
+                f"{fmt(r['ours'])} {r['unit']}".strip() if r["ours"] is not None else "n/a",
+                f"{fmt(r['anchor'])} {r['unit']}".strip() if r["anchor"] is not None else "-",
+                f"{fmt(r['value'])}x" if r["value"] is not None else "n/a",
+                f"{fmt(r['paired_ratio'])}x" if r.get("paired_ratio") is not None else "",
+                r["target"],
+                "" if r["met"] is None else ("yes" if r["met"] else "NO"),
+            ]
+        )
     widths = [max(len(c), *(len(d[i]) for d in data)) if data else len(c) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(d) for d in data]) + "\n"
@@ -171,7 +203,7 @@ def write_json(path, obj):
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, default=_json_default)
             f.write("\n")
-        os.chmod(tmp, 0o644)            # mkstemp makes 0600; results are for everyone
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -243,10 +275,19 @@ def append_markdown(doc_path, section, header=PERFORMANCE_HEADER):
     return doc_path
 
 
-def plot_concurrency(path, levels, ours, anchor, title, ours_label="worker (stdio)",
-                     anchor_label="mlx_lm server (HTTP)", single=None):
+def plot_concurrency(
+    path,
+    levels,
+    ours,
+    anchor,
+    title,
+    ours_label="worker (stdio)",
+    anchor_label="mlx_lm server (HTTP)",
+    single=None,
+):
     """Aggregate tokens/s against concurrency, ours vs the anchor (PNG, matplotlib Agg)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -273,10 +314,13 @@ def plot_concurrency(path, levels, ours, anchor, title, ours_label="worker (stdi
     return path
 
 
-def plot_workload(path, levels, ours, anchor, title, ours_label="worker (stdio)", anchor_label="mlx_lm server (HTTP)"):
+def plot_workload(
+    path, levels, ours, anchor, title, ours_label="worker (stdio)", anchor_label="mlx_lm server (HTTP)"
+):
     """Two panels against simulated users: aggregate tokens/s, and first-token p50/p99 (ms).
     ours/anchor: {"tokens_per_s": [...], "ttft_p50_ms": [...], "ttft_p99_ms": [...]} per level."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

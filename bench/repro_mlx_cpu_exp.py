@@ -49,7 +49,15 @@ def main(argv=None):
     scores = mx.random.normal((1, h, n, n))
     q, k, v = mx.random.normal((1, h, n, d)), mx.random.normal((1, kv, n, d)), mx.random.normal((1, kv, n, d))
     hid, inter = args.hidden, args.intermediate
-    shapes = [(h * d, hid), (kv * d, hid), (kv * d, hid), (hid, h * d), (inter, hid), (inter, hid), (hid, inter)]
+    shapes = [
+        (h * d, hid),
+        (kv * d, hid),
+        (kv * d, hid),
+        (hid, h * d),
+        (inter, hid),
+        (inter, hid),
+        (hid, inter),
+    ]
     ws = [mx.random.normal(s) for s in shapes]
     xs = {i: mx.random.normal((n, i)) for _, i in shapes}
     mx.eval(scores, q, k, v, ws, list(xs.values()))
@@ -58,20 +66,27 @@ def main(argv=None):
     t = {
         "mx.exp": best_of(lambda: mx.eval(mx.exp(scores))),
         "mx.softmax(precise=True)": best_of(lambda: mx.eval(mx.softmax(scores, axis=-1, precise=True))),
-        "mx.fast.scaled_dot_product_attention (causal)": best_of(lambda: mx.eval(
-            mx.fast.scaled_dot_product_attention(q, k, v, scale=d ** -0.5, mask="causal"))),
+        "mx.fast.scaled_dot_product_attention (causal)": best_of(
+            lambda: mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask="causal"))
+        ),
         "numpy exp (1 thread)": best_of(lambda: np.exp(scores_np)),
-        "linear layers (sgemm, the loaded BLAS)": best_of(lambda: mx.eval([xs[w.shape[1]] @ w.T for w in ws])),
+        "linear layers (sgemm, the loaded BLAS)": best_of(
+            lambda: mx.eval([xs[w.shape[1]] @ w.T for w in ws])
+        ),
     }
     elements = h * n * n
-    print(f"mlx {mx.__version__}, {n} tokens, {h} heads, per layer (x{L} layers for the prompt); "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"mlx {mx.__version__}, {n} tokens, {h} heads, per layer (x{L} layers for the prompt); "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     for name, sec in t.items():
         rate = f"  ({elements / sec / 1e6:,.0f} M exp/s)" if "exp" in name else ""
         print(f"  {name:<48} {sec * 1e3:9.1f} ms per layer, {sec * L:7.2f} s per prompt{rate}")
-    print(f"  mlx exp is {t['mx.exp'] / t['numpy exp (1 thread)']:.1f}x slower than numpy's; the attention takes "
-          f"{t['mx.fast.scaled_dot_product_attention (causal)'] / t['linear layers (sgemm, the loaded BLAS)']:.1f}x "
-          "the time of all the layer's matrix products")
+    print(
+        f"  mlx exp is {t['mx.exp'] / t['numpy exp (1 thread)']:.1f}x slower than numpy's; the attention takes "
+        f"{t['mx.fast.scaled_dot_product_attention (causal)'] / t['linear layers (sgemm, the loaded BLAS)']:.1f}x "
+        "the time of all the layer's matrix products"
+    )
     return 0
 
 

@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 class Result:
     id: str
     t_sent: float
-    t_first: float = None          # first `token` message read by the client
-    t_done: float = None           # the terminal message read by the client
+    t_first: float = None  # first `token` message read by the client
+    t_done: float = None  # the terminal message read by the client
     n_token_messages: int = 0
-    done: dict = None              # the `done` message (None if it ended with an error)
+    done: dict = None  # the `done` message (None if it ended with an error)
     error: dict = None
 
     @property
@@ -72,7 +72,7 @@ class WorkerProcess:
         self.proc = None
         self.ready = None
         self._pending = {}
-        self._others = queue.Queue()      # pong, stats, id-less errors
+        self._others = queue.Queue()  # pong, stats, id-less errors
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -85,14 +85,22 @@ class WorkerProcess:
         if self.stderr_path:
             self._stderr_file = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
-            self.command, cwd=ROOT, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._stderr_file or subprocess.DEVNULL, bufsize=0)
+            self.command,
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr_file or subprocess.DEVNULL,
+            bufsize=0,
+        )
         self._reader = threading.Thread(target=self._read, name="worker-stdout", daemon=True)
         self._reader.start()
         if not self._ready_event.wait(self.ready_timeout) or self.ready is None:
             self.close()
-            raise WorkerError(f"no ready message from {' '.join(self.command)} "
-                              f"(exit status {self.proc.poll()}; see {self.stderr_path or 'stderr'})")
+            raise WorkerError(
+                f"no ready message from {' '.join(self.command)} "
+                f"(exit status {self.proc.poll()}; see {self.stderr_path or 'stderr'})"
+            )
         return self
 
     def close(self, timeout=15):
@@ -101,7 +109,7 @@ class WorkerProcess:
         try:
             if self.proc.poll() is None:
                 try:
-                    self.proc.stdin.close()          # EOF: the worker finishes and exits 0
+                    self.proc.stdin.close()  # EOF: the worker finishes and exits 0
                 except OSError:
                     pass
                 try:
@@ -154,19 +162,23 @@ class WorkerProcess:
                 if kind == "done":
                     r.done = msg
                     if r.t_first is None and msg.get("usage", {}).get("completion_tokens"):
-                        r.t_first = now            # non-streaming: the text arrives with done
+                        r.t_first = now  # non-streaming: the text arrives with done
                 else:
                     r.error = msg
                 with self._lock:
                     self._pending.pop(r.id, None)
                 p.event.set()
-        self._ready_event.set()                    # EOF before ready: unblock start()
+        self._ready_event.set()  # EOF before ready: unblock start()
         with self._lock:
             pend = list(self._pending.values())
             self._pending.clear()
-        for p in pend:                             # the worker died: fail what is in flight
-            p.result.error = {"type": "error", "id": p.result.id, "code": "worker_exited",
-                              "message": f"worker exited ({self.proc.poll()})"}
+        for p in pend:  # the worker died: fail what is in flight
+            p.result.error = {
+                "type": "error",
+                "id": p.result.id,
+                "code": "worker_exited",
+                "message": f"worker exited ({self.proc.poll()})",
+            }
             p.result.t_done = time.perf_counter()
             p.event.set()
 

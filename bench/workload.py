@@ -76,13 +76,21 @@ def assign(convs, users, at_least=4):
 
 # --------------------------------------------------------------------------- the two clients
 
+
 def worker_sender(w):
     def send(messages, max_tokens):
         r = w.generate({"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True})
         u = r.done["usage"]
-        return {"ttft_s": r.client_ttft_s(), "e2e_s": r.t_done - r.t_sent, "text": r.done["text"],
-                "completion_tokens": u["completion_tokens"], "prompt_tokens": u["prompt_tokens"],
-                "cached_tokens": u.get("cached_tokens", 0), "retries": 0}
+        return {
+            "ttft_s": r.client_ttft_s(),
+            "e2e_s": r.t_done - r.t_sent,
+            "text": r.done["text"],
+            "completion_tokens": u["completion_tokens"],
+            "prompt_tokens": u["prompt_tokens"],
+            "cached_tokens": u.get("cached_tokens", 0),
+            "retries": 0,
+        }
+
     return send
 
 
@@ -91,15 +99,26 @@ def server_sender(port, fold_system=False, timeout=600):
     renders it for a chat template without a system role (core/prompt.py)."""
     from core.prompt import fold_system as fold
 
-    body_of = lambda messages, max_tokens: json.dumps({
-        "model": "default_model", "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
-        "stream": True, "stream_options": {"include_usage": True}}).encode()
+    body_of = lambda messages, max_tokens: json.dumps(
+        {
+            "model": "default_model",
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
 
     def once(messages, max_tokens, t0):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         try:
-            conn.request("POST", "/v1/chat/completions", body_of(messages, max_tokens),
-                         {"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                "/v1/chat/completions",
+                body_of(messages, max_tokens),
+                {"Content-Type": "application/json"},
+            )
             resp = conn.getresponse()
             if resp.status != 200:
                 raise RuntimeError(f"mlx_lm server answered {resp.status}: {resp.read()[:200]!r}")
@@ -121,9 +140,14 @@ def server_sender(port, fold_system=False, timeout=600):
         finally:
             conn.close()
         details = usage.get("prompt_tokens_details") or {}
-        return {"ttft_s": (t_first or t_end) - t0, "e2e_s": t_end - t0, "text": "".join(text),
-                "completion_tokens": usage.get("completion_tokens", 0), "prompt_tokens": usage.get("prompt_tokens"),
-                "cached_tokens": details.get("cached_tokens", usage.get("cached_tokens"))}
+        return {
+            "ttft_s": (t_first or t_end) - t0,
+            "e2e_s": t_end - t0,
+            "text": "".join(text),
+            "completion_tokens": usage.get("completion_tokens", 0),
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "cached_tokens": details.get("cached_tokens", usage.get("cached_tokens")),
+        }
 
     def send(messages, max_tokens):
         messages = fold(messages) if fold_system else messages
@@ -137,10 +161,12 @@ def server_sender(port, fold_system=False, timeout=600):
                 if attempt == SERVER_ATTEMPTS - 1:
                     raise
                 time.sleep(0.05 * (attempt + 1))
+
     return send
 
 
 # --------------------------------------------------------------------------- the replay
+
 
 def replay(send, system, convs, users, max_tokens, tag, at_least=4):
     """All users at once (a barrier), each through its conversations turn by turn.
@@ -159,7 +185,10 @@ def replay(send, system, convs, users, max_tokens, tag, at_least=4):
                     r = send(history + [{"role": "user", "content": q}], max_tokens)
                     r.update(conv=conv["id"], turn=t, user=u)
                     turns[u].append(r)
-                    history += [{"role": "user", "content": q}, {"role": "assistant", "content": r.pop("text")}]
+                    history += [
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": r.pop("text")},
+                    ]
         except Exception as e:
             errors.append(f"user {u}, conversation {conv['id']} turn {t + 1}: {type(e).__name__}: {e}")
 
@@ -181,18 +210,32 @@ def summarize_level(turns, users, wall):
     follow = [r["ttft_s"] * 1000.0 for r in turns if r["turn"] > 0]
     first = [r["ttft_s"] * 1000.0 for r in turns if r["turn"] == 0]
     toks = sum(r["completion_tokens"] for r in turns)
-    return {"users": users, "requests": len(turns), "wall_s": wall, "completion_tokens": toks,
-            "tokens_per_s": toks / wall if wall > 0 else None,
-            "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
-            "e2e_p50_ms": percentile([r["e2e_s"] * 1000.0 for r in turns], 50),
-            "e2e_p99_ms": percentile([r["e2e_s"] * 1000.0 for r in turns], 99),
-            "first_turn_ttft_p50_ms": percentile(first, 50), "follow_up_ttft_p50_ms": percentile(follow, 50),
-            "connection_retries": sum(r.get("retries") or 0 for r in turns),
-            "load": os.getloadavg()[0], "turns": turns}
+    return {
+        "users": users,
+        "requests": len(turns),
+        "wall_s": wall,
+        "completion_tokens": toks,
+        "tokens_per_s": toks / wall if wall > 0 else None,
+        "ttft_p50_ms": percentile(ttft, 50),
+        "ttft_p99_ms": percentile(ttft, 99),
+        "e2e_p50_ms": percentile([r["e2e_s"] * 1000.0 for r in turns], 50),
+        "e2e_p99_ms": percentile([r["e2e_s"] * 1000.0 for r in turns], 99),
+        "first_turn_ttft_p50_ms": percentile(first, 50),
+        "follow_up_ttft_p50_ms": percentile(follow, 50),
+        "connection_retries": sum(r.get("retries") or 0 for r in turns),
+        "load": os.getloadavg()[0],
+        "turns": turns,
+    }
 
 
-METRICS = ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p99_ms", "first_turn_ttft_p50_ms",
-           "follow_up_ttft_p50_ms")
+METRICS = (
+    "tokens_per_s",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "e2e_p99_ms",
+    "first_turn_ttft_p50_ms",
+    "follow_up_ttft_p50_ms",
+)
 
 
 def run_levels(senders, system, convs, levels, reps, max_tokens, log=print, at_least=4):
@@ -207,14 +250,19 @@ def run_levels(senders, system, convs, levels, reps, max_tokens, log=print, at_l
                 tag = f"{uuid.uuid4().hex[:6]}"
                 try:
                     r = replay(senders[side], system, convs, n, max_tokens, tag, at_least)
-                except Exception as e:       # one failed level must not lose the others
+                except Exception as e:  # one failed level must not lose the others
                     r = {"users": n, "error": f"{type(e).__name__}: {e}"}
                 out[side][str(n)].append(r)
-                log(f"workload {n:>2} users rep {rep + 1}/{reps} {side}: " + (
-                    r.get("error") or f"{report.fmt(r['tokens_per_s'])} tok/s, ttft p50 "
-                    f"{report.fmt(r['ttft_p50_ms'])} p99 {report.fmt(r['ttft_p99_ms'])} ms, e2e p99 "
-                    f"{report.fmt(r['e2e_p99_ms'])} ms, follow-up ttft p50 {report.fmt(r['follow_up_ttft_p50_ms'])} ms "
-                    f"({r['requests']} requests, load {r['load']:.2f})"))
+                log(
+                    f"workload {n:>2} users rep {rep + 1}/{reps} {side}: "
+                    + (
+                        r.get("error")
+                        or f"{report.fmt(r['tokens_per_s'])} tok/s, ttft p50 "
+                        f"{report.fmt(r['ttft_p50_ms'])} p99 {report.fmt(r['ttft_p99_ms'])} ms, e2e p99 "
+                        f"{report.fmt(r['e2e_p99_ms'])} ms, follow-up ttft p50 {report.fmt(r['follow_up_ttft_p50_ms'])} ms "
+                        f"({r['requests']} requests, load {r['load']:.2f})"
+                    )
+                )
     return out
 
 
@@ -226,10 +274,11 @@ def medians(results):
 def main(argv=None):
     import argparse
 
+    from mlx_lm.utils import load_tokenizer
+
     from bench.anchors import ServerProcess
     from bench.run import ROOT, log, sub_env
     from bench.worker_client import WorkerProcess
-    from mlx_lm.utils import load_tokenizer
     from core.prompt import accepts_system_role
 
     p = argparse.ArgumentParser(prog="python -m bench.workload", description=__doc__.splitlines()[0])
@@ -246,7 +295,7 @@ def main(argv=None):
     s = ServerProcess(args.model, env=sub_env(FAST_BLAS_QUIET=1)).start()
     try:
         senders = {"worker": worker_sender(w), "server": server_sender(s.port, fold)}
-        for send in senders.values():            # warm-up: the system prompt, once (unmeasured)
+        for send in senders.values():  # warm-up: the system prompt, once (unmeasured)
             send([{"role": "system", "content": system}, {"role": "user", "content": "Olá"}], 2)
         out = run_levels(senders, system, convs, levels, args.reps, args.max_tokens, log=log)
     finally:

@@ -12,8 +12,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-
-FULLFSYNC = getattr(fcntl, "F_FULLFSYNC", None)    # macOS only
+FULLFSYNC = getattr(fcntl, "F_FULLFSYNC", None)  # macOS only
 
 
 def fsync(fd):

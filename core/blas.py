@@ -24,7 +24,7 @@ import os
 import sys
 
 CANDIDATES = (
-    os.path.join(sys.prefix, "lib", "libmkl_rt.so.3"),   # the PyPI mkl wheel
+    os.path.join(sys.prefix, "lib", "libmkl_rt.so.3"),  # the PyPI mkl wheel
     "libmkl_rt.so",
     "libmkl_rt.so.2",
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -36,9 +36,9 @@ CANDIDATES = (
 # Set (when unset) before the library loads: no BLAS thread spins between calls, so a worker
 # that is idle, or between two matmuls, leaves the cores to the other processes.
 SHARED_MACHINE_THREADS = {
-    "KMP_BLOCKTIME": "0",             # Intel OpenMP (MKL): sleep at once after a parallel region
-    "MKL_DYNAMIC": "TRUE",            # MKL may use fewer threads than cores for small products
-    "OPENBLAS_THREAD_TIMEOUT": "4",   # OpenBLAS pthreads: sleep after 2^4 cycles, not 2^28 (~0.1 s)
+    "KMP_BLOCKTIME": "0",  # Intel OpenMP (MKL): sleep at once after a parallel region
+    "MKL_DYNAMIC": "TRUE",  # MKL may use fewer threads than cores for small products
+    "OPENBLAS_THREAD_TIMEOUT": "4",  # OpenBLAS pthreads: sleep after 2^4 cycles, not 2^28 (~0.1 s)
 }
 
 # What happened in this process: None (not tried), a path, or a reason string.
@@ -92,9 +92,9 @@ def load_fast_blas(log=True):
         _log(log, f"fast-blas: {status}")
         return None
     if "OPENBLAS_CORETYPE" not in os.environ and (core := openblas_coretype()):
-        os.environ["OPENBLAS_CORETYPE"] = core   # read by OpenBLAS when it is loaded
+        os.environ["OPENBLAS_CORETYPE"] = core  # read by OpenBLAS when it is loaded
     for key, value in SHARED_MACHINE_THREADS.items():
-        os.environ.setdefault(key, value)        # read by the libraries when they load
+        os.environ.setdefault(key, value)  # read by the libraries when they load
     for name in _find():
         try:
             lib = ctypes.CDLL(name, mode=os.RTLD_GLOBAL)
@@ -105,12 +105,17 @@ def load_fast_blas(log=True):
         loaded_path = _resolve(name)
         status = "loaded"
         core = _corename(lib)
-        _log(log, f"fast-blas: loaded {loaded_path}{f' ({core} kernels)' if core else ''} "
-                  "(FAST_BLAS=0 to opt out)")
+        _log(
+            log,
+            f"fast-blas: loaded {loaded_path}{f' ({core} kernels)' if core else ''} (FAST_BLAS=0 to opt out)",
+        )
         return loaded_path
     status = "no optimised BLAS found"
-    _log(log, "fast-blas: no optimised BLAS found; mlx uses its slow reference BLAS. "
-              "Install one: apt-get install libopenblas0-pthread (or run `make setup` as root)")
+    _log(
+        log,
+        "fast-blas: no optimised BLAS found; mlx uses its slow reference BLAS. "
+        "Install one: apt-get install libopenblas0-pthread (or run `make setup` as root)",
+    )
     return None
 
 

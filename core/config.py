@@ -30,16 +30,16 @@ DEFAULTS = {
     "system_prompt": None,
     "trust_remote_code": False,
     # --- method ---
-    "fine_tune_type": "lora",          # lora | dora | full
-    "num_layers": 16,                  # transformer blocks to adapt, from the top; -1 = all
+    "fine_tune_type": "lora",  # lora | dora | full
+    "num_layers": 16,  # transformer blocks to adapt, from the top; -1 = all
     "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0, "keys": None},
-    "mask_prompt": True,               # loss on assistant tokens only
-    "train_on": "last",                # last | all_assistant: the assistant turns trained
+    "mask_prompt": True,  # loss on assistant tokens only
+    "train_on": "last",  # last | all_assistant: the assistant turns trained
     # --- optimisation ---
     "optimizer": "adam",
     "optimizer_config": {"adam": {}, "adamw": {}, "sgd": {}, "adafactor": {}, "muon": {}},
-    "batch_size": "auto",              # int, or auto: the largest that fits memory
-    "auto_batch": {"max_batch_size": 64, "memory_fraction": 0.8},   # how auto probes
+    "batch_size": "auto",  # int, or auto: the largest that fits memory
+    "auto_batch": {"max_batch_size": 64, "memory_fraction": 0.8},  # how auto probes
     "grad_accumulation_steps": 1,
     "grad_checkpoint": False,
     "iters": 1000,
@@ -47,18 +47,17 @@ DEFAULTS = {
     # cosine: linear warmup over `warmup` steps from warmup_init, then cosine decay to min_lr
     # (the names: core/schedules.py). An mlx-lm schedule ({name: cosine_decay, arguments:
     # [...], warmup: N}) works as well.
-    "lr_schedule": {"name": "cosine", "warmup": 0, "min_lr": 0.0, "warmup_init": 0.0,
-                    "arguments": None},
+    "lr_schedule": {"name": "cosine", "warmup": 0, "min_lr": 0.0, "warmup_init": 0.0, "arguments": None},
     "max_seq_length": 2048,
     # --- evaluation, checkpoints, logging ---
-    "val_batches": -1,                 # -1 = the whole validation set
+    "val_batches": -1,  # -1 = the whole validation set
     "steps_per_report": 10,
     "steps_per_eval": 200,
     "save_every": 200,
     "keep_last": 3,
-    "patience": 0,                     # evaluations without improvement before stopping; 0 = never
+    "patience": 0,  # evaluations without improvement before stopping; 0 = never
     "min_delta": 0.0,
-    "keep": "best",                    # best | last: the adapter the bundle ships (the other in best/ or last/)
+    "keep": "best",  # best | last: the adapter the bundle ships (the other in best/ or last/)
     "clear_cache_threshold": 0,
     # --- generation defaults (saved to metadata.json, used by the worker) ---
     "generation": {
@@ -88,8 +87,17 @@ _Loader.add_implicit_resolver(
 )
 
 # mlx-lm keys that mean nothing here but are harmless in a carried-over config.
-IGNORED_MLX_LM_KEYS = {"train", "test", "test_batches", "adapter_path", "resume_adapter_file",
-                       "report_to", "project_name", "config", "wandb"}
+IGNORED_MLX_LM_KEYS = {
+    "train",
+    "test",
+    "test_batches",
+    "adapter_path",
+    "resume_adapter_file",
+    "report_to",
+    "project_name",
+    "config",
+    "wandb",
+}
 
 
 class ConfigError(ValueError):
@@ -188,8 +196,17 @@ RULES = {
     "fine_tune_type": (_one_of(FINE_TUNE_TYPES), "one of " + ", ".join(FINE_TUNE_TYPES)),
     "optimizer": (lambda v: str(v).lower() in OPTIMIZERS, "one of " + ", ".join(OPTIMIZERS)),
     "batch_size": (lambda v: v == "auto" or _is_int(1)(v), "a positive integer or auto"),
-    **{k: POSITIVE for k in ("iters", "grad_accumulation_steps", "save_every", "steps_per_eval",
-                             "steps_per_report", "keep_last")},
+    **{
+        k: POSITIVE
+        for k in (
+            "iters",
+            "grad_accumulation_steps",
+            "save_every",
+            "steps_per_eval",
+            "steps_per_report",
+            "keep_last",
+        )
+    },
     "max_seq_length": (_is_int(2), "an integer >= 2"),
     "patience": (_is_int(0), "an integer >= 0"),
     "seed": (_is_int(0), "an integer >= 0"),
@@ -205,8 +222,10 @@ RULES = {
     "lora_parameters.scale": (_is_num, "a number"),
     "lora_parameters.dropout": (lambda v: _is_num(v) and 0 <= v < 1, "in [0, 1)"),
     "lr_schedule": (lambda v: v is None or isinstance(v, dict), "a mapping or null"),
-    "lr_schedule.name": (lambda v: v is None or v in schedules.SCHEDULES,
-                         " or ".join(sorted(schedules.SCHEDULES)) + " (or an mlx-lm schedule with arguments)"),
+    "lr_schedule.name": (
+        lambda v: v is None or v in schedules.SCHEDULES,
+        " or ".join(sorted(schedules.SCHEDULES)) + " (or an mlx-lm schedule with arguments)",
+    ),
     "lr_schedule.warmup": (lambda v: _is_int(0)(v or 0), "an integer >= 0"),
     "auto_batch.max_batch_size": (_is_int(1), "a positive integer"),
     "auto_batch.memory_fraction": (lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
@@ -242,6 +261,8 @@ def check_config(cfg, keys=None):
     notes = []
     warmup = (get(cfg, "lr_schedule.warmup") or 0) if _applies(cfg, "lr_schedule.warmup") else 0
     if (keys is None or "lr_schedule" in keys) and warmup >= cfg["iters"]:
-        notes.append(f"note: lr_schedule.warmup ({warmup}) >= iters ({cfg['iters']}): the learning "
-                     "rate never reaches its peak")
+        notes.append(
+            f"note: lr_schedule.warmup ({warmup}) >= iters ({cfg['iters']}): the learning "
+            "rate never reaches its peak"
+        )
     return notes

@@ -23,22 +23,20 @@ not fit, training stops before allocating anything, naming settings that fit.
 """
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 ADAM_MOMENTS = {"adam": 2, "adamw": 2, "sgd": 1, "muon": 1, "adafactor": 1}
-LORA_KEYS = 7                  # mlx-lm adapts every linear layer of a block: q k v o gate up down
-ACT_FACTOR = 0.82              # share of a block's intermediates alive at the backward pass (measured)
-LOGIT_COPIES = 5               # logits, log-softmax and their gradients, float32 (measured) ...
+LORA_KEYS = 7  # mlx-lm adapts every linear layer of a block: q k v o gate up down
+ACT_FACTOR = 0.82  # share of a block's intermediates alive at the backward pass (measured)
+LOGIT_COPIES = 5  # logits, log-softmax and their gradients, float32 (measured) ...
 LOGIT_COPIES_CHECKPOINTED = 2  # ... and at the peak of a checkpointed step
-SCORES_CHECKPOINTED = 4        # attention score matrices in flight while a block is recomputed
-KV_STEP = 256                  # mlx-lm's KV caches grow in steps of 256 tokens
-WORKER_MAX_BATCH = 32          # the worker's batch when memory is no limit
-PREFILL_BATCH = 8              # mlx-lm BatchGenerator's prefill batch (worker/engine.py)
+SCORES_CHECKPOINTED = 4  # attention score matrices in flight while a block is recomputed
+KV_STEP = 256  # mlx-lm's KV caches grow in steps of 256 tokens
+WORKER_MAX_BATCH = 32  # the worker's batch when memory is no limit
+PREFILL_BATCH = 8  # mlx-lm BatchGenerator's prefill batch (worker/engine.py)
 # Prefill chunk sizes tried, longest first. Without fused attention (the CPU) a chunk computes
 # chunk x prefix softmax scores with mlx's scalar exp, the largest cost of a long prompt, so
 # short chunks are faster: 256 took 0.82x the time of 1024 on a 1,000-token prompt
@@ -53,6 +51,7 @@ class DoesNotFit(Exception):
 
 # --------------------------------------------------------------------------- the model's shape
 
+
 @dataclass(frozen=True)
 class Shape:
     hidden: int
@@ -63,10 +62,10 @@ class Shape:
     intermediate: int
     vocab: int
     tied: bool
-    dtype_bytes: int                  # unquantized weights and activations
-    bits: Optional[int] = None        # quantized: bits per weight
-    group_size: Optional[int] = None
-    scale_bytes: Optional[int] = None  # the dtype of the scales and biases
+    dtype_bytes: int  # unquantized weights and activations
+    bits: int | None = None  # quantized: bits per weight
+    group_size: int | None = None
+    scale_bytes: int | None = None  # the dtype of the scales and biases
 
     @property
     def q_dim(self):
@@ -97,12 +96,18 @@ def shape_from_config(config, dtype=None, scales_dtype=None):
         bits, group = int(quant["bits"]), int(quant.get("group_size", 64))
         scale_bytes = DTYPE_BYTES[scales_dtype or quant.get("scales_dtype") or dtype]
     return Shape(
-        hidden=hidden, layers=int(get("num_hidden_layers")), heads=heads,
+        hidden=hidden,
+        layers=int(get("num_hidden_layers")),
+        heads=heads,
         kv_heads=int(get("num_key_value_heads") or heads),
         head_dim=int(get("head_dim") or hidden // heads),
-        intermediate=int(get("intermediate_size")), vocab=int(get("vocab_size")),
-        tied=bool(get("tie_word_embeddings", False)), dtype_bytes=DTYPE_BYTES[dtype],
-        bits=bits, group_size=group, scale_bytes=scale_bytes,
+        intermediate=int(get("intermediate_size")),
+        vocab=int(get("vocab_size")),
+        tied=bool(get("tie_word_embeddings", False)),
+        dtype_bytes=DTYPE_BYTES[dtype],
+        bits=bits,
+        group_size=group,
+        scale_bytes=scale_bytes,
     )
 
 
@@ -172,8 +177,12 @@ def activation_bytes_per_token(s, seq_len, num_layers=16, grad_checkpoint=False)
     block = ACT_FACTOR * _block_activations(s) * a
     scores = s.heads * seq_len * a
     if grad_checkpoint:
-        return int(2 * s.layers * s.hidden * a + block + SCORES_CHECKPOINTED * scores
-                   + LOGIT_COPIES_CHECKPOINTED * s.vocab * 4)
+        return int(
+            2 * s.layers * s.hidden * a
+            + block
+            + SCORES_CHECKPOINTED * scores
+            + LOGIT_COPIES_CHECKPOINTED * s.vocab * 4
+        )
     n = adapted_layers(s, num_layers)
     return int(n * (block + scores) + scores + LOGIT_COPIES * s.vocab * 4)
 
@@ -185,6 +194,7 @@ def kv_bytes_per_token(s):
 
 # --------------------------------------------------------------------------- training
 
+
 @dataclass
 class TrainSettings:
     num_layers: int = 16
@@ -195,18 +205,25 @@ class TrainSettings:
     @classmethod
     def from_cfg(cls, cfg):
         lora = cfg.get("lora_parameters") or {}
-        return cls(num_layers=int(cfg.get("num_layers", 16)), rank=int(lora.get("rank", 8)),
-                   fine_tune_type=str(cfg.get("fine_tune_type", "lora")),
-                   optimizer=str(cfg.get("optimizer", "adamw")).lower())
+        return cls(
+            num_layers=int(cfg.get("num_layers", 16)),
+            rank=int(lora.get("rank", 8)),
+            fine_tune_type=str(cfg.get("fine_tune_type", "lora")),
+            optimizer=str(cfg.get("optimizer", "adamw")).lower(),
+        )
 
 
 def training_peak(s, settings, batch_size, seq_len, grad_checkpoint=False):
     """{weights, parameters, gradients, optimizer, activations, total} of one training step."""
     out = {"weights": weight_bytes(s)}
-    out.update(training_state_bytes(s, settings.num_layers, settings.rank,
-                                    settings.fine_tune_type, settings.optimizer))
-    out["activations"] = batch_size * seq_len * activation_bytes_per_token(
-        s, seq_len, settings.num_layers, grad_checkpoint)
+    out.update(
+        training_state_bytes(
+            s, settings.num_layers, settings.rank, settings.fine_tune_type, settings.optimizer
+        )
+    )
+    out["activations"] = (
+        batch_size * seq_len * activation_bytes_per_token(s, seq_len, settings.num_layers, grad_checkpoint)
+    )
     out["total"] = sum(out.values())
     return out
 
@@ -233,21 +250,30 @@ def settings_that_fit(s, settings, budget, seq_lens=(4096, 2048, 1024, 512, 256,
 def does_not_fit_message(s, settings, budget, seq_len, why):
     fits = settings_that_fit(s, settings, budget)
     need = training_peak(s, settings, 1, seq_len, True)["total"]
-    lines = [f"error: training does not fit the memory budget: {why}; batch 1 of "
-             f"{seq_len} tokens needs about {need / GB:.2f} GB even with gradient checkpointing"]
+    lines = [
+        f"error: training does not fit the memory budget: {why}; batch 1 of "
+        f"{seq_len} tokens needs about {need / GB:.2f} GB even with gradient checkpointing"
+    ]
     if fits:
-        opts = "; ".join(f"make train MAX_SEQ_LENGTH={L} BATCH_SIZE={b}" + (" GRAD_CHECKPOINT=1" if gc else "")
-                         for L, b, gc in fits[:3])
-        lines.append(f"settings that fit: {opts} (or max_seq_length, batch_size and "
-                     "grad_checkpoint in the config; longer examples are cut)")
+        opts = "; ".join(
+            f"make train MAX_SEQ_LENGTH={L} BATCH_SIZE={b}" + (" GRAD_CHECKPOINT=1" if gc else "")
+            for L, b, gc in fits[:3]
+        )
+        lines.append(
+            f"settings that fit: {opts} (or max_seq_length, batch_size and "
+            "grad_checkpoint in the config; longer examples are cut)"
+        )
     else:
-        lines.append("nothing fits: the weights alone "
-                     f"({weight_bytes(s) / GB:.2f} GB) leave too little; free memory (another "
-                     "process, e.g. a worker?) or use a smaller or quantized model")
+        lines.append(
+            "nothing fits: the weights alone "
+            f"({weight_bytes(s) / GB:.2f} GB) leave too little; free memory (another "
+            "process, e.g. a worker?) or use a smaller or quantized model"
+        )
     return ". ".join(lines)
 
 
 # --------------------------------------------------------------------------- budget and device
+
 
 def device_memory():
     """(bytes, where the number comes from): Metal/CUDA report theirs; CPU uses system RAM."""
@@ -261,11 +287,13 @@ def device_memory():
         if info.get(key):
             return int(info[key]), f"mx.device_info()['{key}']"
     import psutil
+
     return int(psutil.virtual_memory().total), "psutil total memory (CPU)"
 
 
 def available_memory():
     import psutil
+
     return int(psutil.virtual_memory().available)
 
 
@@ -280,8 +308,10 @@ def budget(fraction, held=0, total=None, available=None):
         available = available_memory()
     by_device, by_now = total * fraction, available + held
     if by_now < by_device:
-        why = (f"{by_now / GB:.1f} GB available now (less than {fraction:g} x "
-               f"{total / GB:.1f} GB, {source}: other processes hold the rest)")
+        why = (
+            f"{by_now / GB:.1f} GB available now (less than {fraction:g} x "
+            f"{total / GB:.1f} GB, {source}: other processes hold the rest)"
+        )
     else:
         why = f"{fraction:g} x {total / GB:.1f} GB ({source}) = {by_device / GB:.1f} GB"
     return int(min(by_device, by_now)), why
@@ -314,6 +344,7 @@ def optimizer_state_bytes(model, optimizer_name):
 
 # --------------------------------------------------------------------------- the probe
 
+
 def _candidates(limit):
     sizes, b = [], 1
     while b <= limit:
@@ -338,22 +369,27 @@ def _measure(model, loss_and_grad, examples, collate, indices):
     return peak
 
 
-def _probe_sizes(model, loss_and_grad, examples, collate, longest, limit, budget_bytes,
-                 predict, extra_bytes, log):
+def _probe_sizes(
+    model, loss_and_grad, examples, collate, longest, limit, budget_bytes, predict, extra_bytes, log
+):
     """[(batch, measured peak)] and the largest batch within budget (None: not even 1)."""
     probes, chosen = [], None
     for b in _candidates(limit):
         predicted = predict(b)
         if predicted is not None and predicted > budget_bytes:
-            log(f"batch_size auto: not trying {b} (the memory model predicts "
-                f"{predicted / GB:.2f} GB > budget {budget_bytes / GB:.2f} GB)")
+            log(
+                f"batch_size auto: not trying {b} (the memory model predicts "
+                f"{predicted / GB:.2f} GB > budget {budget_bytes / GB:.2f} GB)"
+            )
             break
         if len(probes) >= 2:
             (b1, m1), (b2, m2) = probes[-2], probes[-1]
             extrapolated = m2 + max((m2 - m1) / (b2 - b1), 0) * (b - b2)
             if extrapolated > budget_bytes:
-                log(f"batch_size auto: stop probing before {b} (predicted "
-                    f"{extrapolated / GB:.2f} GB > budget)")
+                log(
+                    f"batch_size auto: stop probing before {b} (predicted "
+                    f"{extrapolated / GB:.2f} GB > budget)"
+                )
                 break
         peak = _measure(model, loss_and_grad, examples, collate, longest[:b]) + extra_bytes
         probes.append((b, peak))
@@ -363,9 +399,22 @@ def _probe_sizes(model, loss_and_grad, examples, collate, longest, limit, budget
     return probes, chosen
 
 
-def choose_batch_size(model, loss_and_grad, examples, collate, *, max_batch_size, memory_fraction,
-                      extra_bytes=0, log=print, shape=None, settings=None, grad_checkpoint=False,
-                      enable_grad_checkpoint=None, budget_bytes=None):
+def choose_batch_size(
+    model,
+    loss_and_grad,
+    examples,
+    collate,
+    *,
+    max_batch_size,
+    memory_fraction,
+    extra_bytes=0,
+    log=print,
+    shape=None,
+    settings=None,
+    grad_checkpoint=False,
+    enable_grad_checkpoint=None,
+    budget_bytes=None,
+):
     """Pick the batch size; returns (batch_size, explanation, grad_checkpoint).
 
     shape/settings (the memory model): batches predicted over budget are not tried. When
@@ -383,62 +432,83 @@ def choose_batch_size(model, loss_and_grad, examples, collate, *, max_batch_size
     seq_len = max(len(examples[i][0]) for i in longest[:1]) if examples else 1
     model.train()
 
-    def predictor(gc):
-        if shape is None:
-            return lambda b: None
-        return lambda b: training_peak(shape, settings, b, seq_len, gc)["total"]
+    def probe(gc):
+        predict = (
+            (lambda b: None)
+            if shape is None
+            else (lambda b: training_peak(shape, settings, b, seq_len, gc)["total"])
+        )
+        return _probe_sizes(
+            model, loss_and_grad, examples, collate, longest, limit, budget_bytes, predict, extra_bytes, log
+        )
 
-    probes, chosen = _probe_sizes(model, loss_and_grad, examples, collate, longest, limit,
-                                  budget_bytes, predictor(grad_checkpoint), extra_bytes, log)
+    probes, chosen = probe(grad_checkpoint)
     note = ""
     if chosen is None and not grad_checkpoint and enable_grad_checkpoint is not None:
-        log(f"batch_size auto: batch 1 of {seq_len} tokens does not fit {budget_bytes / GB:.2f} GB "
-            "without gradient checkpointing; turning it on")
+        log(
+            f"batch_size auto: batch 1 of {seq_len} tokens does not fit {budget_bytes / GB:.2f} GB "
+            "without gradient checkpointing; turning it on"
+        )
         enable_grad_checkpoint()
         grad_checkpoint, note = True, "; gradient checkpointing turned on (batch 1 did not fit without)"
-        probes, chosen = _probe_sizes(model, loss_and_grad, examples, collate, longest, limit,
-                                      budget_bytes, predictor(True), extra_bytes, log)
+        probes, chosen = probe(True)
     mx.clear_cache()
     mx.reset_peak_memory()
     table = ", ".join(f"{b}: {m / GB:.3f} GB" for b, m in probes) or "none tried"
-    why = (f"budget {budget_bytes / GB:.2f} GB = {source}; peak per batch size (longest "
-           f"examples, {seq_len} tokens, incl. optimizer state) {table}{note}")
+    why = (
+        f"budget {budget_bytes / GB:.2f} GB = {source}; peak per batch size (longest "
+        f"examples, {seq_len} tokens, incl. optimizer state) {table}{note}"
+    )
     if chosen is None:
         if shape is None:
-            raise DoesNotFit(f"error: even batch size 1 exceeds the memory budget ({why}); "
-                             "try grad_checkpoint: true or a smaller max_seq_length")
+            raise DoesNotFit(
+                f"error: even batch size 1 exceeds the memory budget ({why}); "
+                "try grad_checkpoint: true or a smaller max_seq_length"
+            )
         raise DoesNotFit(does_not_fit_message(shape, settings, budget_bytes, seq_len, why))
     if chosen == limit:
-        cap = (f"max_batch_size {max_batch_size}" if limit == max_batch_size
-               else f"the {len(examples)} training examples")
+        cap = (
+            f"max_batch_size {max_batch_size}"
+            if limit == max_batch_size
+            else f"the {len(examples)} training examples"
+        )
         why += f"; capped by {cap} (auto_batch.max_batch_size)"
     return chosen, why, grad_checkpoint
 
 
-def check_resume(shape, settings, batch_size, seq_len, grad_checkpoint, memory_fraction, held=0,
-                 log=print):
+def check_resume(shape, settings, batch_size, seq_len, grad_checkpoint, memory_fraction, held=0, log=print):
     """A resumed run keeps its batch size (exact resume); does it still fit the budget now?
     Raises DoesNotFit saying so and how to continue."""
     budget_bytes, source = budget(memory_fraction, held=held)
     need = training_peak(shape, settings, batch_size, seq_len, grad_checkpoint)["total"]
     if need <= budget_bytes:
-        log(f"memory: batch_size {batch_size} still fits ({need / GB:.2f} GB predicted, "
-            f"budget {budget_bytes / GB:.2f} GB = {source})")
+        log(
+            f"memory: batch_size {batch_size} still fits ({need / GB:.2f} GB predicted, "
+            f"budget {budget_bytes / GB:.2f} GB = {source})"
+        )
         return
     fix = []
-    if not grad_checkpoint and training_peak(shape, settings, batch_size, seq_len, True)["total"] <= budget_bytes:
+    if (
+        not grad_checkpoint
+        and training_peak(shape, settings, batch_size, seq_len, True)["total"] <= budget_bytes
+    ):
         fix.append("resume with grad_checkpoint: true (same results, ~30% slower)")
     fix.append("free memory (stop other processes, e.g. a worker) and resume")
     b = largest_batch(shape, settings, seq_len, budget_bytes, True)
     if b >= 1:
-        fix.append(f"or start over with FRESH=1 BATCH_SIZE={b} (a new batch size changes the "
-                   "trajectory, so it cannot continue this run)")
-    raise DoesNotFit(f"error: this run was started with batch_size {batch_size}, which no longer "
-                     f"fits: about {need / GB:.2f} GB predicted for {seq_len}-token batches, "
-                     f"budget {budget_bytes / GB:.2f} GB = {source}. To continue: " + "; ".join(fix))
+        fix.append(
+            f"or start over with FRESH=1 BATCH_SIZE={b} (a new batch size changes the "
+            "trajectory, so it cannot continue this run)"
+        )
+    raise DoesNotFit(
+        f"error: this run was started with batch_size {batch_size}, which no longer "
+        f"fits: about {need / GB:.2f} GB predicted for {seq_len}-token batches, "
+        f"budget {budget_bytes / GB:.2f} GB = {source}. To continue: " + "; ".join(fix)
+    )
 
 
 # --------------------------------------------------------------------------- serving
+
 
 def prefill_bytes_per_token(s, context_length, fused_attention=True):
     """Serving: what one prompt token of a prefill chunk needs in flight: one block's
@@ -455,8 +525,17 @@ def _kv_with_growth(s, ctx):
     return kv_bytes_per_token(s) * (-(-ctx // KV_STEP) * KV_STEP + 2 * KV_STEP)
 
 
-def worker_limits(s, budget_bytes, context_length, *, max_batch=None, prefix_cache_bytes=None,
-                  prefill_step_size=None, fused_attention=True, cap=WORKER_MAX_BATCH):
+def worker_limits(
+    s,
+    budget_bytes,
+    context_length,
+    *,
+    max_batch=None,
+    prefix_cache_bytes=None,
+    prefill_step_size=None,
+    fused_attention=True,
+    cap=WORKER_MAX_BATCH,
+):
     """The worker's limits from the memory model. Every sequence of a batch may reach the
     context length, so max_batch x context x KV bytes fits next to the weights, one prefill
     chunk (PREFILL_BATCH prompts), mlx's buffer cache and the prefix cache (a quarter of what
@@ -471,13 +550,20 @@ def worker_limits(s, budget_bytes, context_length, *, max_batch=None, prefix_cac
     for ctx in [original] + list(range(original // KV_STEP * KV_STEP, 0, -KV_STEP)):
         per_token = min(PREFILL_BATCH, cap) * prefill_bytes_per_token(s, ctx, fused_attention)
         prefill_step_size = step_given or next(
-            (n for n in (PREFILL_STEPS if fused_attention else PREFILL_STEPS_UNFUSED)
-             if n * per_token <= budget_bytes / 8), 128)
+            (
+                n
+                for n in (PREFILL_STEPS if fused_attention else PREFILL_STEPS_UNFUSED)
+                if n * per_token <= budget_bytes / 8
+            ),
+            128,
+        )
         transient = min(prefill_step_size, ctx) * per_token
         free = budget_bytes - weight_bytes(s) - transient
-        prefix_cache_bytes = prefix_given if prefix_given is not None else int(min(max(free // 4, 0), 1 << 30))
+        prefix_cache_bytes = (
+            prefix_given if prefix_given is not None else int(min(max(free // 4, 0), 1 << 30))
+        )
         fits = max(0, int((free - prefix_cache_bytes) // _kv_with_growth(s, ctx)))
-        if fits < 1 and prefix_given is None:       # capping: the prefix cache goes first
+        if fits < 1 and prefix_given is None:  # capping: the prefix cache goes first
             prefix_cache_bytes = 0
             fits = max(0, int(free // _kv_with_growth(s, ctx)))
         if fits >= 1:
@@ -494,13 +580,15 @@ def worker_limits(s, budget_bytes, context_length, *, max_batch=None, prefix_cac
         "prefill_step_size": int(prefill_step_size),
         "prefix_cache_bytes": int(prefix_cache_bytes),
         "cache_limit_bytes": cache_limit,
-        "predicted_peak_bytes": int(weight_bytes(s) + transient + prefix_cache_bytes
-                                    + chosen * _kv_with_growth(s, ctx)),
+        "predicted_peak_bytes": int(
+            weight_bytes(s) + transient + prefix_cache_bytes + chosen * _kv_with_growth(s, ctx)
+        ),
         "full_context_fits": bool(fits >= 1),
     }
 
 
 # --------------------------------------------------------------------------- train.py's entry points
+
 
 def shape_from_model(model):
     """The Shape of a loaded mlx-lm model (its args, and quantization read off its layers)."""
@@ -527,21 +615,33 @@ def enable_grad_checkpoint(model, cfg):
     cfg["grad_checkpoint"] = True
 
 
-def auto_batch_size(model, loss_and_grad, examples, collate, cfg, *, max_batch_size,
-                    memory_fraction, extra_bytes=0, log=print):
+def auto_batch_size(
+    model, loss_and_grad, examples, collate, cfg, *, max_batch_size, memory_fraction, extra_bytes=0, log=print
+):
     """batch_size: auto with the memory model: (batch_size, explanation); may turn on
     cfg['grad_checkpoint']; raises DoesNotFit (before allocating) when nothing fits."""
     set_wired_limit(log)
     try:
         shape = shape_from_model(model)
-    except Exception as e:          # not a Mistral/Llama-shaped model: measuring alone
+    except Exception as e:  # not a Mistral/Llama-shaped model: measuring alone
         log(f"memory: no memory model for this architecture ({type(e).__name__}: {e}); probing only")
         shape = None
     b, why, _ = choose_batch_size(
-        model, loss_and_grad, examples, collate, max_batch_size=max_batch_size,
-        memory_fraction=memory_fraction, extra_bytes=extra_bytes, log=log, shape=shape,
-        settings=TrainSettings.from_cfg(cfg), grad_checkpoint=bool(cfg.get("grad_checkpoint")),
-        enable_grad_checkpoint=None if cfg.get("grad_checkpoint") else lambda: enable_grad_checkpoint(model, cfg))
+        model,
+        loss_and_grad,
+        examples,
+        collate,
+        max_batch_size=max_batch_size,
+        memory_fraction=memory_fraction,
+        extra_bytes=extra_bytes,
+        log=log,
+        shape=shape,
+        settings=TrainSettings.from_cfg(cfg),
+        grad_checkpoint=bool(cfg.get("grad_checkpoint")),
+        enable_grad_checkpoint=None
+        if cfg.get("grad_checkpoint")
+        else lambda: enable_grad_checkpoint(model, cfg),
+    )
     return b, why
 
 
@@ -560,10 +660,15 @@ def check_resumed_batch_size(model, cfg, batch_size, examples, memory_fraction, 
     held = int(mx.get_active_memory())
     if not gc:
         budget_bytes, _ = budget(memory_fraction, held=held)
-        if (training_peak(shape, settings, batch_size, seq_len, False)["total"] > budget_bytes
-                >= training_peak(shape, settings, batch_size, seq_len, True)["total"]):
-            log(f"memory: batch_size {batch_size} no longer fits without gradient checkpointing; "
-                "turning it on (same results, slower)")
+        if (
+            training_peak(shape, settings, batch_size, seq_len, False)["total"]
+            > budget_bytes
+            >= training_peak(shape, settings, batch_size, seq_len, True)["total"]
+        ):
+            log(
+                f"memory: batch_size {batch_size} no longer fits without gradient checkpointing; "
+                "turning it on (same results, slower)"
+            )
             enable_grad_checkpoint(model, cfg)
             gc = True
     check_resume(shape, settings, batch_size, seq_len, gc, memory_fraction, held=held, log=log)
@@ -584,7 +689,13 @@ def check_fixed_batch_size(model, cfg, batch_size, examples, memory_fraction, lo
     need = training_peak(shape, settings, batch_size, seq_len, gc)["total"]
     if need > budget_bytes:
         b = largest_batch(shape, settings, seq_len, budget_bytes, gc)
-        log(f"warning: batch_size {batch_size} of {seq_len}-token batches needs about {need / GB:.2f} GB "
+        log(
+            f"warning: batch_size {batch_size} of {seq_len}-token batches needs about {need / GB:.2f} GB "
             f"(memory model), over the budget {budget_bytes / GB:.2f} GB ({why}); "
-            + (f"BATCH_SIZE={b} fits" if b >= 1 else "even 1 does not: GRAD_CHECKPOINT=1 or a smaller "
-               "MAX_SEQ_LENGTH") + " (or batch_size: auto)")
+            + (
+                f"BATCH_SIZE={b} fits"
+                if b >= 1
+                else "even 1 does not: GRAD_CHECKPOINT=1 or a smaller MAX_SEQ_LENGTH"
+            )
+            + " (or batch_size: auto)"
+        )

@@ -22,6 +22,7 @@ class BundleError(ValueError):
 
 # --------------------------------------------------------------------------- base model
 
+
 def resolve_model_path(model):
     """The local folder of a model given as a path or a Hugging Face id (no download)."""
     p = Path(model)
@@ -29,6 +30,7 @@ def resolve_model_path(model):
         return p.resolve()
     try:
         from mlx_lm.utils import hf_repo_to_path
+
         return Path(hf_repo_to_path(model))
     except Exception:
         return None
@@ -66,11 +68,16 @@ def base_model_identity(model):
     """What metadata.json records about the base: {name, hash, hash_method, revision}; the
     revision is the Hugging Face snapshot (commit) a hub id resolved to, else None."""
     digest, method = base_model_hash(model)
-    return {"name": model, "hash": digest, "hash_method": method,
-            "revision": digest if method == "hf-revision" else None}
+    return {
+        "name": model,
+        "hash": digest,
+        "hash_method": method,
+        "revision": digest if method == "hf-revision" else None,
+    }
 
 
 # --------------------------------------------------------------------------- read
+
 
 def read_metadata(run_dir):
     """models/NAME/metadata.json, checked against the contract (every reader: evaluate, fuse,
@@ -96,7 +103,9 @@ def read_metadata(run_dir):
 
 def _check_metadata(meta, meta_file):
     if meta.get("format") != METADATA_FORMAT:
-        raise BundleError(f"{meta_file}: unsupported format {meta.get('format')!r} (expected {METADATA_FORMAT})")
+        raise BundleError(
+            f"{meta_file}: unsupported format {meta.get('format')!r} (expected {METADATA_FORMAT})"
+        )
     if not isinstance(meta.get("base_model"), str) or not meta["base_model"]:
         raise BundleError(f"{meta_file}: base_model must be a non-empty string")
     for key in ("chat_template", "system_prompt", "base_model_revision", "base_model_hash"):

@@ -18,13 +18,13 @@ MODELS = Path(os.environ.get("MODELS_DIR") or ROOT / "models")
 LOGS = Path(os.environ.get("LOGS_DIR") or ROOT / "logs")
 DOCS = ROOT / "docs"
 CONFIG = ROOT / "train" / "config.yaml"
-TINY_MODEL = ROOT / "models" / "tiny-mistral"     # built models stay in the repository
+TINY_MODEL = ROOT / "models" / "tiny-mistral"  # built models stay in the repository
 TINY_MODEL_4BIT = ROOT / "models" / "tiny-mistral-4bit"
 BENCH_MODEL = ROOT / "models" / "bench-mistral"
 PROTOCOL_SCHEMA = DOCS / "protocol.schema.json"
 
 METADATA = "metadata.json"
-ADAPTERS = "adapters.safetensors"       # the names mlx_lm.load(adapter_path=) reads
+ADAPTERS = "adapters.safetensors"  # the names mlx_lm.load(adapter_path=) reads
 ADAPTER_CONFIG = "adapter_config.json"
 STEP_PREFIX = "step_"
 
@@ -38,11 +38,11 @@ def step_name(step):
 class Layout:
     """The folders and files of one training run:
 
-        models/NAME/                  the bundle (run)
-        models/NAME/checkpoints/      step_XXXXXXX/ (checkpoints, step(n))
-        models/NAME/best/             the adapter with the lowest validation loss
-        models/NAME/last/             the adapter of the last step
-        logs/NAME/metrics.jsonl       one record per report (metrics)
+    models/NAME/                  the bundle (run)
+    models/NAME/checkpoints/      step_XXXXXXX/ (checkpoints, step(n))
+    models/NAME/best/             the adapter with the lowest validation loss
+    models/NAME/last/             the adapter of the last step
+    logs/NAME/metrics.jsonl       one record per report (metrics)
     """
 
     name: str

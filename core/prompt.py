@@ -30,8 +30,12 @@ CONTROL_STRING_RE = re.compile(
 )
 
 # Unique markers for the system-role probe: text no template produces or tests for.
-_PROBE = {"system": "\u27e6probe-system-5f1c\u27e7", "user": "\u27e6probe-user-9a2e\u27e7",
-          "assistant": "\u27e6probe-answer-c47b\u27e7", "user2": "\u27e6probe-user-b803\u27e7"}
+_PROBE = {
+    "system": "\u27e6probe-system-5f1c\u27e7",
+    "user": "\u27e6probe-user-9a2e\u27e7",
+    "assistant": "\u27e6probe-answer-c47b\u27e7",
+    "user2": "\u27e6probe-user-b803\u27e7",
+}
 
 
 class PromptError(ValueError):
@@ -71,12 +75,13 @@ def _hf(tokenizer):
 @dataclass
 class _Info:
     """What rendering needs to know about one tokenizer and template, worked out once."""
+
     template: str
     system_at_start: bool
     special_re: re.Pattern
     special_ids: dict
-    text_first: object       # tokenizers.Tokenizer treating specials as text (start of input)
-    text_after: object       # the same for text that follows a special token
+    text_first: object  # tokenizers.Tokenizer treating specials as text (start of input)
+    text_after: object  # the same for text that follows a special token
 
 
 def _info(hf):
@@ -88,13 +93,21 @@ def _info(hf):
 
 
 def _build_info(hf):
-    specials = sorted({t.content for t in hf.added_tokens_decoder.values() if t.special}
-                      | set(hf.all_special_tokens), key=len, reverse=True)
+    specials = sorted(
+        {t.content for t in hf.added_tokens_decoder.values() if t.special} | set(hf.all_special_tokens),
+        key=len,
+        reverse=True,
+    )
     ids = {s: hf.convert_tokens_to_ids(s) for s in specials}
     first, after = _text_tokenizers(hf)
-    return _Info(hf.chat_template, _system_at_start(hf),
-                 re.compile("|".join(map(re.escape, specials))) if specials else None,
-                 ids, first, after)
+    return _Info(
+        hf.chat_template,
+        _system_at_start(hf),
+        re.compile("|".join(map(re.escape, specials))) if specials else None,
+        ids,
+        first,
+        after,
+    )
 
 
 def _text_tokenizers(hf):
@@ -132,8 +145,12 @@ def _system_at_start(hf):
     p = _PROBE
     conversations = [
         [{"role": "system", "content": p["system"]}, {"role": "user", "content": p["user"]}],
-        [{"role": "system", "content": p["system"]}, {"role": "user", "content": p["user"]},
-         {"role": "assistant", "content": p["assistant"]}, {"role": "user", "content": p["user2"]}],
+        [
+            {"role": "system", "content": p["system"]},
+            {"role": "user", "content": p["user"]},
+            {"role": "assistant", "content": p["assistant"]},
+            {"role": "user", "content": p["user2"]},
+        ],
     ]
     for messages in conversations:
         try:
@@ -162,8 +179,9 @@ def _normalize(hf, messages):
 def render(tokenizer, messages, add_generation_prompt):
     """The conversation as the model sees it, as text (chat template applied)."""
     hf = _hf(tokenizer)
-    return hf.apply_chat_template(_normalize(hf, messages), tokenize=False,
-                                  add_generation_prompt=add_generation_prompt)
+    return hf.apply_chat_template(
+        _normalize(hf, messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def encode_conversation(tokenizer, messages, add_generation_prompt):
@@ -238,7 +256,8 @@ def encode_example(tokenizer, messages, system_prompt=None):
         n = next(i for i, (a, b) in enumerate(zip(prompt_ids, full_ids + [None] * len(prompt_ids))) if a != b)
         raise PromptError(
             f"the chat template's prompt is not a prefix of the conversation it starts (tokens differ "
-            f"at position {n} of {len(prompt_ids)}): training on it would not match what is served")
+            f"at position {n} of {len(prompt_ids)}): training on it would not match what is served"
+        )
     return _cut_after_eos(tokenizer, full_ids, len(prompt_ids)), len(prompt_ids)
 
 

@@ -19,6 +19,7 @@ def schedule(name):
     def register(fn):
         SCHEDULES[name] = fn
         return fn
+
     return register
 
 
@@ -34,6 +35,7 @@ def _warmup_then(decay, lr, spec):
     def fn(step):
         t = step.astype(mx.float32)
         return mx.where(t < warmup, warmup_init + (lr - warmup_init) * (t + 1) / warmup, decay(t))
+
     return fn
 
 
@@ -53,6 +55,7 @@ def cosine(lr, iters, spec):
     def decay(t):
         progress = mx.clip((t - warmup) / decay_steps, 0.0, 1.0)
         return min_lr + 0.5 * (lr - min_lr) * (1.0 + mx.cos(math.pi * progress))
+
     return _warmup_then(decay, lr, spec)
 
 
@@ -67,6 +70,7 @@ def linear(lr, iters, spec):
     def decay(t):
         progress = mx.clip((t - warmup) / decay_steps, 0.0, 1.0)
         return lr + (min_lr - lr) * progress
+
     return _warmup_then(decay, lr, spec)
 
 
@@ -75,7 +79,8 @@ def build(cfg):
     lr, spec = float(cfg["learning_rate"]), cfg["lr_schedule"]
     if not spec:
         return lr
-    if spec.get("arguments") is not None:           # an mlx-lm schedule, as mlx_lm.lora builds it
+    if spec.get("arguments") is not None:  # an mlx-lm schedule, as mlx_lm.lora builds it
         from mlx_lm.tuner.utils import build_schedule
+
         return build_schedule(spec)
     return SCHEDULES[spec.get("name") or "constant"](lr, cfg["iters"], spec)

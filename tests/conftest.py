@@ -17,8 +17,11 @@ TINY_4BIT = ROOT / "models" / "tiny-mistral-4bit"
 
 def _build_tiny_models():
     if not (TINY / "config.json").exists() or not (TINY_4BIT / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "train.tiny_model", "--out", str(TINY),
-                        "--out-4bit", str(TINY_4BIT)], cwd=ROOT, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "train.tiny_model", "--out", str(TINY), "--out-4bit", str(TINY_4BIT)],
+            cwd=ROOT,
+            check=True,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ PY = sys.executable
 # A short run with every mechanism on: dropout (the RNG), frequent checkpoints and
 # evaluations, a report per step (so a test can watch progress), pruning.
 SMALL_CONFIG = {
-    "model": "models/tiny-mistral",          # relative, as a user gives it (cwd: the repo)
+    "model": "models/tiny-mistral",  # relative, as a user gives it (cwd: the repo)
     "seed": 0,
     "fine_tune_type": "lora",
     "num_layers": -1,
@@ -35,8 +35,14 @@ SMALL_CONFIG = {
 
 
 def env_for(base, **extra):
-    env = dict(os.environ, MODELS_DIR=str(base / "models"), LOGS_DIR=str(base / "logs"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", FAST_BLAS_QUIET="1")
+    env = dict(
+        os.environ,
+        MODELS_DIR=str(base / "models"),
+        LOGS_DIR=str(base / "logs"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        FAST_BLAS_QUIET="1",
+    )
     env.pop("TRAIN_INJECT_NAN", None)
     env.pop("TRAIN_STEP_DELAY_S", None)
     env.update({k: str(v) for k, v in extra.items()})
@@ -45,8 +51,14 @@ def env_for(base, **extra):
 
 def prepare_data(out):
     """data/sample -> out/{train,valid}.jsonl, as `make data` does."""
-    subprocess.run([PY, "-m", "train.prepare_data", "--out", str(out), "--raw", str(ROOT / "data" / "sample")],
-                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        [PY, "-m", "train.prepare_data", "--out", str(out), "--raw", str(ROOT / "data" / "sample")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return out
 
 
@@ -58,22 +70,46 @@ def write_config(path, **overrides):
 
 
 def train_cmd(config, name, data, *extra):
-    return [PY, "-m", "train.train", "--config", str(config), "--name", name, "--data", str(data),
-            *map(str, extra)]
+    return [
+        PY,
+        "-m",
+        "train.train",
+        "--config",
+        str(config),
+        "--name",
+        name,
+        "--data",
+        str(data),
+        *map(str, extra),
+    ]
 
 
 def run_train(base, config, name, data, *extra, env=None, timeout=600):
-    return subprocess.run(train_cmd(config, name, data, *extra), cwd=ROOT, env=env or env_for(base),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        train_cmd(config, name, data, *extra),
+        cwd=ROOT,
+        env=env or env_for(base),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_module(base, module, *args, timeout=600):
-    return subprocess.run([PY, "-m", module, *map(str, args)], cwd=ROOT, env=env_for(base),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [PY, "-m", module, *map(str, args)],
+        cwd=ROOT,
+        env=env_for(base),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stderr\n{proc.stderr[-6000:]}\n--- stdout\n{proc.stdout[-2000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stderr\n{proc.stderr[-6000:]}\n--- stdout\n{proc.stdout[-2000:]}"
+    )
     return proc
 
 
@@ -88,6 +124,7 @@ def metrics(base, name):
 
 def load_weights(path):
     import mlx.core as mx
+
     return {k: np.array(v) for k, v in mx.load(str(path)).items()}
 
 

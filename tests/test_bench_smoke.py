@@ -15,7 +15,7 @@ def test_statistics_helpers():
     assert report.median([]) is None
     s = report.summarize([4.0, None, 2.0])
     assert s["n"] == 2 and s["median"] == 3.0 and s["min"] == 2.0 and s["max"] == 4.0
-    assert s["samples"] == [4.0, None, 2.0]            # raw samples kept as they were
+    assert s["samples"] == [4.0, None, 2.0]  # raw samples kept as they were
     assert report.ratio(3.0, 2.0) == 1.5
     assert report.ratio(1.0, 0) is None and report.ratio(None, 1.0) is None
     assert report.ratio(float("inf"), 1.0) is None
@@ -26,27 +26,32 @@ def test_statistics_helpers():
 
 
 def test_training_windows():
-    ours = [{"step": 0, "tokens_per_s": None, "tokens_seen": 0},
-            {"step": 10, "tokens_per_s": 100.0, "tokens_seen": 1000},
-            {"step": 20, "tokens_per_s": 200.0, "tokens_seen": 3000},
-            {"step": 30, "tokens_per_s": 400.0, "tokens_seen": 4000}]
+    ours = [
+        {"step": 0, "tokens_per_s": None, "tokens_seen": 0},
+        {"step": 10, "tokens_per_s": 100.0, "tokens_seen": 1000},
+        {"step": 20, "tokens_per_s": 200.0, "tokens_seen": 3000},
+        {"step": 30, "tokens_per_s": 400.0, "tokens_seen": 4000},
+    ]
     w = report.train_windows_ours(ours)
     assert w == [(1000, 100.0), (2000, 200.0), (1000, 400.0)]
     # first window left out: (2000 + 1000) tokens / (10 s + 2.5 s)
     assert math.isclose(report.window_rate(w), 3000 / 12.5)
     assert math.isclose(report.window_rate(w, skip_first=False), 4000 / 22.5)
-    assert report.window_rate([(500, 50.0)]) == 50.0      # one window: kept
+    assert report.window_rate([(500, 50.0)]) == 50.0  # one window: kept
     assert report.window_rate([]) is None
-    lora = [{"trained_tokens": 600, "tokens_per_second": 60.0},
-            {"trained_tokens": 1200, "tokens_per_second": 120.0}]
+    lora = [
+        {"trained_tokens": 600, "tokens_per_second": 60.0},
+        {"trained_tokens": 1200, "tokens_per_second": 120.0},
+    ]
     assert report.train_windows_lora(lora) == [(600, 60.0), (600, 120.0)]
 
 
 def test_rows_tables_and_files(tmp_path):
     rows = [
         report.row("training", 120.0, 100.0, "tok/s", target_key="training"),
-        report.row("ttft", 50.0, 1000.0, "ms", ours_label="cached", anchor_label="uncached",
-                   target_key="ttft_cached"),
+        report.row(
+            "ttft", 50.0, 1000.0, "ms", ours_label="cached", anchor_label="uncached", target_key="ttft_cached"
+        ),
         report.row("bandwidth", 9.0, 20.0, "tok/s", target_key="bandwidth_fraction"),
         report.row("info only", 1.0, None, "x"),
     ]
@@ -62,7 +67,7 @@ def test_rows_tables_and_files(tmp_path):
 
     path = report.write_json(tmp_path / "sub" / "r.json", {"rows": rows, "p": tmp_path})
     assert json.loads(path.read_text())["rows"][0]["name"] == "training"
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]   # no temp left
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp left
 
     doc = tmp_path / "PERFORMANCE.md"
     report.append_markdown(doc, "## run 1\n\n" + md)
@@ -70,8 +75,9 @@ def test_rows_tables_and_files(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Performance") and text.index("## run 1") < text.index("## run 2")
 
-    png = report.plot_concurrency(tmp_path / "c.png", [1, 2, 4], [10.0, 18.0, 30.0], [9.0, None, 25.0],
-                                  "test", single=10.0)
+    png = report.plot_concurrency(
+        tmp_path / "c.png", [1, 2, 4], [10.0, 18.0, 30.0], [9.0, None, 25.0], "test", single=10.0
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -80,27 +86,66 @@ def test_build_rows_and_section():
 
     s = lambda *v: report.summarize(list(v))
     res = {
-        "training": {"model": "models/tiny-mistral", "batch_size": 4, "lora_rank": 8, "lora_layers": 4,
-                     "iters": 15, "ours_summary": s(110.0), "mlx_lm_lora_summary": s(100.0),
-                     "ours_noblas": [{}], "ours_noblas_summary": s(50.0)},
-        "decode": {"model": "m", "max_tokens": 8, "worker": [{}], "worker_noblas": [],
-                   "worker_summary": s(10.0), "worker_own_summary": s(10.5),
-                   "stream_generate_summary": s(10.0), "stream_generate_own_summary": s(10.2),
-                   "worker_noblas_summary": s()},
-        "concurrency": {"levels": [1, 8], "worker_summary": {"1": s(10.0), "8": s(40.0)},
-                        "server_summary": {"1": s(10.0), "8": s(35.0)}},
-        "ttft": {"system_prompt_tokens": 520, "cached_summary": s(100.0), "uncached_summary": s(1000.0),
-                 "cached_worker_summary": s(95.0), "uncached_worker_summary": s(990.0)},
+        "training": {
+            "model": "models/tiny-mistral",
+            "batch_size": 4,
+            "lora_rank": 8,
+            "lora_layers": 4,
+            "iters": 15,
+            "ours_summary": s(110.0),
+            "mlx_lm_lora_summary": s(100.0),
+            "ours_noblas": [{}],
+            "ours_noblas_summary": s(50.0),
+        },
+        "decode": {
+            "model": "m",
+            "max_tokens": 8,
+            "worker": [{}],
+            "worker_noblas": [],
+            "worker_summary": s(10.0),
+            "worker_own_summary": s(10.5),
+            "stream_generate_summary": s(10.0),
+            "stream_generate_own_summary": s(10.2),
+            "worker_noblas_summary": s(),
+        },
+        "concurrency": {
+            "levels": [1, 8],
+            "worker_summary": {"1": s(10.0), "8": s(40.0)},
+            "server_summary": {"1": s(10.0), "8": s(35.0)},
+        },
+        "ttft": {
+            "system_prompt_tokens": 520,
+            "cached_summary": s(100.0),
+            "uncached_summary": s(1000.0),
+            "cached_worker_summary": s(95.0),
+            "uncached_worker_summary": s(990.0),
+        },
         "bandwidth": {"limit_tokens_per_s": 20.0, "bytes_per_s": 8e9, "weights_bytes": 4e8},
     }
     rows = run.build_rows(res)
     met = {r["target_key"]: r["met"] for r in rows if r["target_key"]}
-    assert met == {"training": True, "decode": True, "concurrency_vs_server": True,
-                   "concurrency_scaling": True, "ttft_cached": True, "bandwidth_fraction": False}
-    res.update(mode="quick", started="2026-01-01 00:00", command="x", make_command="make bench QUICK=1",
-               elapsed_s=1.0, load_start=[0.1, 0, 0], load_end=[2.0, 0, 0], models_note="tiny",
-               results_file="bench/results/x.json", errors={}, warnings=["server reset 2 connections"],
-               machine={"host": "h", "cpu": "c", "cores": 2, "backend": "cpu", "blas": "b"})
+    assert met == {
+        "training": True,
+        "decode": True,
+        "concurrency_vs_server": True,
+        "concurrency_scaling": True,
+        "ttft_cached": True,
+        "bandwidth_fraction": False,
+    }
+    res.update(
+        mode="quick",
+        started="2026-01-01 00:00",
+        command="x",
+        make_command="make bench QUICK=1",
+        elapsed_s=1.0,
+        load_start=[0.1, 0, 0],
+        load_end=[2.0, 0, 0],
+        models_note="tiny",
+        results_file="bench/results/x.json",
+        errors={},
+        warnings=["server reset 2 connections"],
+        machine={"host": "h", "cpu": "c", "cores": 2, "backend": "cpu", "blas": "b"},
+    )
     md = run.markdown_section(res, rows, "../bench/results/x.png")
     assert "## 2026-01-01 00:00 — quick — h" in md and "noisy" in md and "x.png" in md
     assert "Missed targets: decode vs bandwidth limit" in md
@@ -112,8 +157,9 @@ def test_one_real_decode_measurement(tiny_model, tmp_path):
     mlx_lm.stream_generate, 1 repetition of 4 tokens. Checks the plumbing, not the speed."""
     from bench import run
 
-    plan = dict(run.PLANS["quick"], decode_model=tiny_model, decode_reps=1, decode_max_tokens=4,
-                decode_noblas_reps=0)
+    plan = dict(
+        run.PLANS["quick"], decode_model=tiny_model, decode_reps=1, decode_max_tokens=4, decode_noblas_reps=0
+    )
     res = {}
     workers = run.Workers(tmp_path)
     try:
@@ -124,7 +170,7 @@ def test_one_real_decode_measurement(tiny_model, tmp_path):
     assert tokenizer is not None
     dec = res["decode"]
     (w,), (a,) = dec["worker"], dec["stream_generate"]
-    assert w["prompt_tokens"] == dec["prompt_tokens"]          # same prompt tokens on both sides
+    assert w["prompt_tokens"] == dec["prompt_tokens"]  # same prompt tokens on both sides
     assert w["completion_tokens"] <= 4 and a["completion_tokens"] <= 4
     assert w["finish_reason"] in ("length", "stop")
     assert dec["worker_summary"]["n"] + dec["stream_generate_summary"]["n"] >= 0
@@ -141,7 +187,9 @@ def test_openblas_coretype_from_flags():
     assert openblas_coretype({"sse3"}) is None
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="core/blas.py acts on Linux only")
+@pytest.mark.skipif(
+    not __import__("sys").platform.startswith("linux"), reason="core/blas.py acts on Linux only"
+)
 def test_blas_threads_do_not_spin_unless_told(tmp_path):
     """A process that imports core gets KMP_BLOCKTIME=0 (and the OpenBLAS equivalent) before
     the BLAS loads; a value in the environment wins. With MKL loaded, Intel OpenMP itself
@@ -150,17 +198,27 @@ def test_blas_threads_do_not_spin_unless_told(tmp_path):
     import subprocess
     import sys
 
-    probe = ("import ctypes, json, os, core\n"
-             "from core import blas\n"
-             "bt = None\n"
-             "if blas.loaded_path and 'mkl' in blas.loaded_path:\n"
-             "    import mlx.core as mx; mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))\n"
-             "    bt = ctypes.CDLL('libiomp5.so').kmp_get_blocktime()\n"
-             "print(json.dumps({k: os.environ.get(k) for k in blas.SHARED_MACHINE_THREADS} | {'omp': bt}))\n")
+    probe = (
+        "import ctypes, json, os, core\n"
+        "from core import blas\n"
+        "bt = None\n"
+        "if blas.loaded_path and 'mkl' in blas.loaded_path:\n"
+        "    import mlx.core as mx; mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))\n"
+        "    bt = ctypes.CDLL('libiomp5.so').kmp_get_blocktime()\n"
+        "print(json.dumps({k: os.environ.get(k) for k in blas.SHARED_MACHINE_THREADS} | {'omp': bt}))\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("KMP_BLOCKTIME", "OPENBLAS_THREAD_TIMEOUT")}
     env["FAST_BLAS_QUIET"] = "1"
-    run = lambda e: json.loads(subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True,
-                                              text=True, check=True, cwd=tmp_path.parent).stdout)
+    run = lambda e: json.loads(
+        subprocess.run(
+            [sys.executable, "-c", probe],
+            env=e,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tmp_path.parent,
+        ).stdout
+    )
     env["PYTHONPATH"] = str(__import__("pathlib").Path(__file__).resolve().parent.parent)
     default = run(env)
     assert default["KMP_BLOCKTIME"] == "0" and default["OPENBLAS_THREAD_TIMEOUT"] == "4"
@@ -180,11 +238,13 @@ def test_workload_file_and_helpers():
     assert workload.percentile([1, 2, 3, 4, 5], 50) == 3
     assert math.isclose(workload.percentile([0, 10], 99), 9.9)
     assert workload.percentile([], 50) is None
-    plan = workload.assign(convs, 3, at_least=4)          # 4 conversations over 3 users
+    plan = workload.assign(convs, 3, at_least=4)  # 4 conversations over 3 users
     assert [len(p) for p in plan] == [2, 1, 1] and plan[0][0] is convs[0] and plan[0][1] is convs[3]
-    assert [len(p) for p in workload.assign(convs, 20)] == [1] * 20    # reused past the set's end
-    turns = [{"turn": 0, "ttft_s": 0.1, "e2e_s": 1.0, "completion_tokens": 4},
-             {"turn": 1, "ttft_s": 0.3, "e2e_s": 2.0, "completion_tokens": 6}]
+    assert [len(p) for p in workload.assign(convs, 20)] == [1] * 20  # reused past the set's end
+    turns = [
+        {"turn": 0, "ttft_s": 0.1, "e2e_s": 1.0, "completion_tokens": 4},
+        {"turn": 1, "ttft_s": 0.3, "e2e_s": 2.0, "completion_tokens": 6},
+    ]
     lvl = workload.summarize_level(turns, users=2, wall=2.0)
     assert lvl["tokens_per_s"] == 5.0 and lvl["follow_up_ttft_p50_ms"] == 300.0
     assert math.isclose(lvl["first_turn_ttft_p50_ms"], 100.0)
@@ -215,24 +275,48 @@ def test_prefill_and_workload_rows_and_plot(tmp_path):
     from bench import run
 
     s = lambda *v: report.summarize(list(v))
-    lvl = lambda tps, p99: {"tokens_per_s": tps, "ttft_p50_ms": p99 / 2, "ttft_p99_ms": p99, "e2e_p99_ms": 3 * p99,
-                            "follow_up_ttft_p50_ms": p99 / 4, "first_turn_ttft_p50_ms": p99 / 2}
-    res = {"prefill": {"prompt_tokens": 1000, "prefill_step_size": 256, "flops_per_token": 2.3e8,
-                       "reps": [{"tokens_per_s": 60.0}], "rooflines": [{"limit_tokens_per_s": 100.0}],
-                       "tokens_per_s_summary": s(60.0), "limit_summary": s(100.0), "sgemm_summary": s(2.3e10)},
-           "workload": {"levels": [1, 8], "model": "m", "max_tokens": 16,
-                        "worker": {"1": [lvl(10.0, 500.0)], "8": [lvl(36.0, 900.0)]},
-                        "server": {"1": [lvl(10.0, 400.0)], "8": [lvl(30.0, 1000.0)]}}}
+    lvl = lambda tps, p99: {
+        "tokens_per_s": tps,
+        "ttft_p50_ms": p99 / 2,
+        "ttft_p99_ms": p99,
+        "e2e_p99_ms": 3 * p99,
+        "follow_up_ttft_p50_ms": p99 / 4,
+        "first_turn_ttft_p50_ms": p99 / 2,
+    }
+    res = {
+        "prefill": {
+            "prompt_tokens": 1000,
+            "prefill_step_size": 256,
+            "flops_per_token": 2.3e8,
+            "reps": [{"tokens_per_s": 60.0}],
+            "rooflines": [{"limit_tokens_per_s": 100.0}],
+            "tokens_per_s_summary": s(60.0),
+            "limit_summary": s(100.0),
+            "sgemm_summary": s(2.3e10),
+        },
+        "workload": {
+            "levels": [1, 8],
+            "model": "m",
+            "max_tokens": 16,
+            "worker": {"1": [lvl(10.0, 500.0)], "8": [lvl(36.0, 900.0)]},
+            "server": {"1": [lvl(10.0, 400.0)], "8": [lvl(30.0, 1000.0)]},
+        },
+    }
     from bench import workload
+
     res["workload"]["worker_medians"] = workload.medians(res["workload"]["worker"])
     res["workload"]["server_medians"] = workload.medians(res["workload"]["server"])
     rows = run.build_rows(res)
     by = {r["name"]: r for r in rows}
-    assert by["prefill vs compute roofline, uncached 1000-token prompt"]["met"] is True      # 0.6 >= 0.5
-    assert by["chatbot tokens/s, 8 users"]["met"] is True                                       # 1.2x
-    assert by["chatbot first token p99, 1 users"]["met"] is False                               # 500 > 400 ms
+    assert by["prefill vs compute roofline, uncached 1000-token prompt"]["met"] is True  # 0.6 >= 0.5
+    assert by["chatbot tokens/s, 8 users"]["met"] is True  # 1.2x
+    assert by["chatbot first token p99, 1 users"]["met"] is False  # 500 > 400 ms
     assert by["chatbot first token p99, 8 users"]["met"] is True
-    assert run.targets_met(rows) == {"prefill_roofline": True, "workload_tokens_8": True, "workload_ttft_p99": False}
+    assert run.targets_met(rows) == {
+        "prefill_roofline": True,
+        "workload_tokens_8": True,
+        "workload_ttft_p99": False,
+    }
     res.update(machine={"cpu": "c"}, load_start=[1.0])
     rel_png = run.plot_workload(res, tmp_path / "w.png", tmp_path / "doc.md")
     assert rel_png == "w.png" and (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
@@ -241,27 +325,31 @@ def test_prefill_and_workload_rows_and_plot(tmp_path):
 def test_workload_replay_through_worker_and_server(tiny_model, tmp_path):
     """Two users, one short conversation each, through a real worker and a real mlx_lm server
     on the tiny model: histories grow, both sides answer, usage is read from both."""
+    from mlx_lm.utils import load_tokenizer
+
     from bench import workload
     from bench.anchors import ServerProcess
     from bench.run import sub_env
     from bench.worker_client import WorkerProcess
-    from mlx_lm.utils import load_tokenizer
     from core.prompt import accepts_system_role
 
     convs = [{"id": "a", "turns": ["Olá", "Quem és tu?"]}, {"id": "b", "turns": ["Bom dia"]}]
     fold = not accepts_system_role(load_tokenizer(Path(tiny_model)))
-    with WorkerProcess(["--model", str(tiny_model)], env=sub_env(FAST_BLAS_QUIET=1)) as w, \
-            ServerProcess(tiny_model, env=sub_env(FAST_BLAS_QUIET=1), stderr_path=tmp_path / "server.log") as srv:
+    with (
+        WorkerProcess(["--model", str(tiny_model)], env=sub_env(FAST_BLAS_QUIET=1)) as w,
+        ServerProcess(tiny_model, env=sub_env(FAST_BLAS_QUIET=1), stderr_path=tmp_path / "server.log") as srv,
+    ):
         senders = {"worker": workload.worker_sender(w), "server": workload.server_sender(srv.port, fold)}
-        out = workload.run_levels(senders, "És o assistente do Farense.", convs, [2], 1, 3,
-                                  log=lambda m: None, at_least=2)
+        out = workload.run_levels(
+            senders, "És o assistente do Farense.", convs, [2], 1, 3, log=lambda m: None, at_least=2
+        )
     for side in ("worker", "server"):
         (lvl,) = out[side]["2"]
         assert "error" not in lvl, lvl.get("error")
         assert lvl["requests"] == 3 and lvl["completion_tokens"] >= 3
         second = [t for t in lvl["turns"] if t["conv"] == "a" and t["turn"] == 1][0]
         first = [t for t in lvl["turns"] if t["conv"] == "a" and t["turn"] == 0][0]
-        assert second["prompt_tokens"] > first["prompt_tokens"]        # the history was sent
+        assert second["prompt_tokens"] > first["prompt_tokens"]  # the history was sent
         assert lvl["ttft_p99_ms"] >= lvl["ttft_p50_ms"] > 0
 
 
@@ -275,5 +363,9 @@ def test_cpu_prefill_chunk_is_short():
     cpu = memory.worker_limits(s, 20 * 2**30, 4096, fused_attention=False)
     gpu = memory.worker_limits(s, 20 * 2**30, 4096, fused_attention=True)
     assert cpu["prefill_step_size"] == 256 and gpu["prefill_step_size"] > 256
-    assert memory.worker_limits(s, 20 * 2**30, 4096, fused_attention=False, prefill_step_size=1024)[
-        "prefill_step_size"] == 1024                                    # a value given is kept
+    assert (
+        memory.worker_limits(s, 20 * 2**30, 4096, fused_attention=False, prefill_step_size=1024)[
+            "prefill_step_size"
+        ]
+        == 1024
+    )  # a value given is kept

@@ -13,8 +13,18 @@ import pytest
 from bench import check_backend
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ["tiny model", "tiny model, 4-bit", "prepare data", "train LoRA, kill -9", "resume after kill -9",
-          "train QLoRA (4-bit base)", "worker round trip", "decode speed", "peak memory", "Node client round trip"]
+CHECKS = [
+    "tiny model",
+    "tiny model, 4-bit",
+    "prepare data",
+    "train LoRA, kill -9",
+    "resume after kill -9",
+    "train QLoRA (4-bit base)",
+    "worker round trip",
+    "decode speed",
+    "peak memory",
+    "Node client round trip",
+]
 
 
 def _models_listing():
@@ -27,8 +37,14 @@ def test_check_backend_passes_every_line_on_this_machine(tmp_path, tiny_model):
     env = dict(os.environ, TMPDIR=str(tmp_path))
     for hook in ("TRAIN_STEP_DELAY_S", "WORKER_TEST_IGNORE_EOS", "MODELS_DIR", "LOGS_DIR"):
         env.pop(hook, None)
-    proc = subprocess.run([sys.executable, "-m", "bench.check_backend", "--no-build", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.check_backend", "--no-build", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     print(proc.stdout)
     result = json.loads(out.read_text())
     lines = {line["check"]: line for line in result["lines"]}
@@ -59,6 +75,7 @@ def test_check_backend_passes_every_line_on_this_machine(tmp_path, tiny_model):
 
 def test_a_failing_check_is_a_FAIL_line_and_exit_1(monkeypatch, capsys):
     """The table logic on its own: a check that raises is FAIL (with its reason), Skip is SKIP."""
+
     def boom():
         raise RuntimeError("the worker exited 2: cannot load models/x")
 
@@ -77,7 +94,10 @@ def test_a_failing_check_is_a_FAIL_line_and_exit_1(monkeypatch, capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "s  " in line}
     assert "PASS" in rows["works"] and "fine" in rows["works"]
-    assert "FAIL" in rows["breaks"] and "RuntimeError: the worker exited 2: cannot load models/x" in rows["breaks"]
+    assert (
+        "FAIL" in rows["breaks"]
+        and "RuntimeError: the worker exited 2: cannot load models/x" in rows["breaks"]
+    )
     assert "SKIP" in rows["not"] and "node not found" in rows["not"]
     assert "1 passed, 1 failed, 1 skipped" in out
 

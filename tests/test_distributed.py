@@ -16,16 +16,32 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from helpers_train import (PY, ROOT, env_for, load_weights, max_abs_diff, metrics, ok, prepare_data,
-                           run_dir, run_train, write_config)
+from helpers_train import (
+    PY,
+    ROOT,
+    env_for,
+    load_weights,
+    max_abs_diff,
+    metrics,
+    ok,
+    prepare_data,
+    run_dir,
+    run_train,
+    write_config,
+)
 
 # A calm configuration: at the small config's learning rate (1e-3) the tiny model's training
 # amplifies float rounding (swapping the BLAS library alone moves its validation loss by
 # ~1e-2 within 25 steps), which would hide what is compared here. No dropout: the processes
 # draw their own masks, so with dropout the runs agree only in distribution.
-DIST_CONFIG = dict(learning_rate=3e-4, lora_parameters={"rank": 4, "scale": 4.0, "dropout": 0.0},
-                   iters=20, steps_per_eval=4, save_every=4, batch_size=4)
+DIST_CONFIG = dict(
+    learning_rate=3e-4,
+    lora_parameters={"rank": 4, "scale": 4.0, "dropout": 0.0},
+    iters=20,
+    steps_per_eval=4,
+    save_every=4,
+    batch_size=4,
+)
 CRASH_STOP_LIMIT_S = 30
 
 
@@ -34,11 +50,19 @@ def ring_problem():
     launcher = Path(PY).parent / "mlx.launch"
     if not launcher.is_file():
         return f"no mlx.launch next to {PY}"
-    probe = ("import mlx.core as mx; g = mx.distributed.init(strict=True); "
-             "x = mx.distributed.all_sum(mx.ones(3)); mx.eval(x); assert g.size() == 2 and x[0].item() == 2")
+    probe = (
+        "import mlx.core as mx; g = mx.distributed.init(strict=True); "
+        "x = mx.distributed.all_sum(mx.ones(3)); mx.eval(x); assert g.size() == 2 and x[0].item() == 2"
+    )
     try:
-        proc = subprocess.run([str(launcher), "--backend", "ring", "-n", "2", "--", PY, "-c", probe],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.PIPE)
+        proc = subprocess.run(
+            [str(launcher), "--backend", "ring", "-n", "2", "--", PY, "-c", probe],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.PIPE,
+        )
     except subprocess.TimeoutExpired:
         return "a 2-process all_sum through mlx.launch (ring) did not finish in 120 s"
     if proc.returncode != 0 or "[WARN]" in proc.stderr:
@@ -58,13 +82,32 @@ def dist(tmp_path_factory, tiny_model):
 
 
 def launch_cmd(nproc, config, name, data, *extra):
-    return [PY, "-m", "train.launch", "--nproc", str(nproc), "--", "--config", str(config),
-            "--name", name, "--data", str(data), *map(str, extra)]
+    return [
+        PY,
+        "-m",
+        "train.launch",
+        "--nproc",
+        str(nproc),
+        "--",
+        "--config",
+        str(config),
+        "--name",
+        name,
+        "--data",
+        str(data),
+        *map(str, extra),
+    ]
 
 
 def run_launch(base, nproc, name, *extra, timeout=600):
-    return subprocess.run(launch_cmd(nproc, base / "dist.yaml", name, base / "data", *extra), cwd=ROOT,
-                          env=env_for(base), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        launch_cmd(nproc, base / "dist.yaml", name, base / "data", *extra),
+        cwd=ROOT,
+        env=env_for(base),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -88,11 +131,18 @@ class Running:
 
     def __init__(self, base, name, **env):
         self.lines = []
-        self.proc = subprocess.Popen(launch_cmd(2, base / "dist.yaml", name, base / "data"), cwd=ROOT,
-                                     env=env_for(base, **env), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")),
-                                       daemon=True)
+        self.proc = subprocess.Popen(
+            launch_cmd(2, base / "dist.yaml", name, base / "data"),
+            cwd=ROOT,
+            env=env_for(base, **env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.reader = threading.Thread(
+            target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")), daemon=True
+        )
         self.reader.start()
         self.metrics_file = base / "logs" / name / "metrics.jsonl"
 
@@ -107,8 +157,11 @@ class Running:
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None and time.monotonic() < deadline:
             if self.metrics_file.exists():
-                steps = [json.loads(l)["step"] for l in self.metrics_file.read_text().splitlines()
-                         if l.endswith("}")]
+                steps = [
+                    json.loads(line)["step"]
+                    for line in self.metrics_file.read_text().splitlines()
+                    if line.endswith("}")
+                ]
                 if max(steps, default=0) >= step:
                     return
             time.sleep(0.05)
@@ -121,13 +174,14 @@ class Running:
 
 
 def alive(pid):
-    try:                                   # a zombie is gone for our purpose
+    try:  # a zombie is gone for our purpose
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 
 
 # --------------------------------------------------------------------------- the launcher alone
+
 
 def test_launch_builds_the_mlx_launch_command(tmp_path):
     from train import launch
@@ -136,7 +190,7 @@ def test_launch_builds_the_mlx_launch_command(tmp_path):
     cmd = launch.build_command(args, rest, env={"MODELS_DIR": "/m"})
     assert cmd[0].endswith("mlx.launch") or "mlx._distributed_utils" in " ".join(cmd)
     i = cmd.index("--")
-    assert cmd[i + 1:] == [sys.executable, "-m", "train.train", "--name", "x", "--iters", "3"]
+    assert cmd[i + 1 :] == [sys.executable, "-m", "train.train", "--name", "x", "--iters", "3"]
     head = cmd[:i]
     assert head[head.index("--backend") + 1] == "ring" and head[head.index("-n") + 1] == "2"
     assert "--starting-port" in head and "MODELS_DIR=/m" in head
@@ -144,19 +198,22 @@ def test_launch_builds_the_mlx_launch_command(tmp_path):
     hosts.write_text(json.dumps([{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac2", "ips": ["10.0.0.2"]}]))
     args, rest = launch.parse_args(["--hostfile", str(hosts), "--", "--name", "x"])
     head = launch.build_command(args, rest, env={})
-    assert head[head.index("--hostfile") + 1] == str(hosts) and "-n" not in head[:head.index("--")]
+    assert head[head.index("--hostfile") + 1] == str(hosts) and "-n" not in head[: head.index("--")]
     with pytest.raises(SystemExit):
         launch.parse_args(["--nproc", "2", "--hostfile", str(hosts), "--"])
     assert launch.exit_code(-9) == 137 and launch.exit_code(4) == 4
-    assert launch.NODE_EXIT.search(b"\x1b[33m[WARN] Node with rank 1 exited with code -9 \x1b[0m").groups() == (b"1", b"-9")
+    assert launch.NODE_EXIT.search(
+        b"\x1b[33m[WARN] Node with rank 1 exited with code -9 \x1b[0m"
+    ).groups() == (b"1", b"-9")
 
 
 # --------------------------------------------------------------------------- the same training
 
+
 def test_two_processes_of_4_train_like_one_of_8(dist, one_by_8, two_by_4):
     assert "batch size 4 per process x 2 processes = 8" in two_by_4.stderr, two_by_4.stderr[-3000:]
     assert "train[rank 1]: process 1 of 2" in two_by_4.stderr
-    assert "train[rank 1]: step" not in two_by_4.stderr              # rank 0 speaks for the run
+    assert "train[rank 1]: step" not in two_by_4.stderr  # rank 0 speaks for the run
     one, two = by_step(metrics(dist, "one")), by_step(metrics(dist, "two"))
     assert sorted(one) == sorted(two)
     evals = [s for s in sorted(one) if one[s]["val_loss"] is not None]
@@ -166,9 +223,9 @@ def test_two_processes_of_4_train_like_one_of_8(dist, one_by_8, two_by_4):
     for s in evals:
         print(f"  step {s:>2}: {one[s]['val_loss']:.6f} {two[s]['val_loss']:.6f} (diff {diffs[s]:.1e})")
     assert max(diffs.values()) <= 1e-3, diffs
-    assert one[20]["val_loss"] < one[0]["val_loss"] - 0.3                 # it did learn
+    assert one[20]["val_loss"] < one[0]["val_loss"] - 0.3  # it did learn
     for s in sorted(one):
-        assert one[s]["tokens_seen"] == two[s]["tokens_seen"]              # the same examples
+        assert one[s]["tokens_seen"] == two[s]["tokens_seen"]  # the same examples
         if one[s]["train_loss"] is not None:
             assert abs(one[s]["train_loss"] - two[s]["train_loss"]) <= 1e-3
     w1 = load_weights(run_dir(dist, "one") / "adapters.safetensors")
@@ -184,9 +241,10 @@ def test_two_processes_of_4_train_like_one_of_8(dist, one_by_8, two_by_4):
 
 # --------------------------------------------------------------------------- crashes and resume
 
+
 def test_a_killed_rank_stops_the_run_and_the_rerun_resumes_exactly(dist, two_by_4):
     run = Running(dist, "crash", TRAIN_STEP_DELAY_S=0.2)
-    run.wait_for_step(6)                                    # after the first checkpoint (step 4)
+    run.wait_for_step(6)  # after the first checkpoint (step 4)
     pids = run.pids()
     assert set(pids) == {0, 1}, run.stderr[-2000:]
     os.kill(pids[1], signal.SIGKILL)
@@ -205,13 +263,20 @@ def test_a_killed_rank_stops_the_run_and_the_rerun_resumes_exactly(dist, two_by_
     again = ok(run_launch(dist, 2, "crash"))
     assert "resuming from" in again.stderr, again.stderr[-3000:]
     ref = run_dir(dist, "two")
-    diff = max_abs_diff(load_weights(ref / "adapters.safetensors"), load_weights(out / "adapters.safetensors"))
+    diff = max_abs_diff(
+        load_weights(ref / "adapters.safetensors"), load_weights(out / "adapters.safetensors")
+    )
     print(f"resumed run vs uninterrupted 2-process run: adapters differ by {diff:.1e}")
     assert diff <= 1e-5
-    assert max_abs_diff(load_weights(ref / "best" / "adapters.safetensors"),
-                        load_weights(out / "best" / "adapters.safetensors")) <= 1e-5
+    assert (
+        max_abs_diff(
+            load_weights(ref / "best" / "adapters.safetensors"),
+            load_weights(out / "best" / "adapters.safetensors"),
+        )
+        <= 1e-5
+    )
     ref_m, got_m = metrics(dist, "two"), metrics(dist, "crash")
-    assert [r["step"] for r in got_m] == [r["step"] for r in ref_m]      # nothing logged twice
+    assert [r["step"] for r in got_m] == [r["step"] for r in ref_m]  # nothing logged twice
     for a, b in zip(ref_m, got_m):
         for key in ("train_loss", "val_loss"):
             assert (a[key] is None) == (b[key] is None)
@@ -235,8 +300,13 @@ def test_kill_9_of_the_launcher_leaves_no_process_and_the_rerun_resumes(dist, tw
 
     again = ok(run_launch(dist, 2, "orphan"))
     assert "resuming from" in again.stderr, again.stderr[-3000:]
-    assert max_abs_diff(load_weights(run_dir(dist, "two") / "adapters.safetensors"),
-                        load_weights(run_dir(dist, "orphan") / "adapters.safetensors")) <= 1e-5
+    assert (
+        max_abs_diff(
+            load_weights(run_dir(dist, "two") / "adapters.safetensors"),
+            load_weights(run_dir(dist, "orphan") / "adapters.safetensors"),
+        )
+        <= 1e-5
+    )
 
 
 def test_another_number_of_processes_does_not_resume(dist, two_by_4, tmp_path):
@@ -244,8 +314,9 @@ def test_another_number_of_processes_does_not_resume(dist, two_by_4, tmp_path):
     shutil.copytree(dist / "logs" / "two", tmp_path / "logs" / "two")
     (tmp_path / "models" / "two" / "metadata.json").unlink()
     before = (tmp_path / "models" / "two" / "adapters.safetensors").read_bytes()
-    proc = run_train(tmp_path, dist / "dist.yaml", "two", dist / "data", "--batch-size", "8",
-                     env=env_for(tmp_path))
+    proc = run_train(
+        tmp_path, dist / "dist.yaml", "two", dist / "data", "--batch-size", "8", env=env_for(tmp_path)
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "processes (NPROC / HOSTFILE hosts): 2 -> 1" in proc.stderr
     assert "FRESH=1" in proc.stderr
@@ -257,14 +328,34 @@ def test_processes_that_see_different_checkpoints_refuse_to_start(dist, two_by_4
     from train.launch import free_port
 
     shutil.copytree(dist / "models" / "two", tmp_path / "r0" / "models" / "two")
-    script = (f"export MODELS_DIR={tmp_path}/r$MLX_RANK/models LOGS_DIR={tmp_path}/r$MLX_RANK/logs; "
-              f"exec {PY} -m train.train --config {dist / 'dist.yaml'} --name two --data {dist / 'data'}")
-    proc = subprocess.run([str(Path(PY).parent / "mlx.launch"), "--backend", "ring", "-n", "2",
-                           "--starting-port", str(free_port(2)), "--", "bash", "-c", script],
-                          cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.PIPE)
-    assert ("do not resume from the same checkpoint (rank 0: step_0000020, rank 1: no checkpoint)"
-            in proc.stderr), proc.stderr[-3000:]
+    script = (
+        f"export MODELS_DIR={tmp_path}/r$MLX_RANK/models LOGS_DIR={tmp_path}/r$MLX_RANK/logs; "
+        f"exec {PY} -m train.train --config {dist / 'dist.yaml'} --name two --data {dist / 'data'}"
+    )
+    proc = subprocess.run(
+        [
+            str(Path(PY).parent / "mlx.launch"),
+            "--backend",
+            "ring",
+            "-n",
+            "2",
+            "--starting-port",
+            str(free_port(2)),
+            "--",
+            "bash",
+            "-c",
+            script,
+        ],
+        cwd=ROOT,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.PIPE,
+    )
+    assert (
+        "do not resume from the same checkpoint (rank 0: step_0000020, rank 1: no checkpoint)" in proc.stderr
+    ), proc.stderr[-3000:]
     codes = re.findall(r"Node with rank \d (?:exited with code (-?\d+)|was killed)", proc.stderr)
     assert "2" in codes and "0" not in codes, proc.stderr[-2000:]
     kept = sorted(p.name for p in (tmp_path / "r0" / "models" / "two" / "checkpoints").iterdir())
@@ -277,10 +368,26 @@ def test_a_hostfile_run(dist, tmp_path):
 
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
-    cmd = [PY, "-m", "train.launch", "--hostfile", str(hosts), "--port", str(free_port(2)), "--",
-           "--config", str(dist / "dist.yaml"), "--name", "hosts", "--data", str(dist / "data"),
-           "--iters", "3"]
-    proc = ok(subprocess.run(cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True,
-                             timeout=300))
+    cmd = [
+        PY,
+        "-m",
+        "train.launch",
+        "--hostfile",
+        str(hosts),
+        "--port",
+        str(free_port(2)),
+        "--",
+        "--config",
+        str(dist / "dist.yaml"),
+        "--name",
+        "hosts",
+        "--data",
+        str(dist / "data"),
+        "--iters",
+        "3",
+    ]
+    proc = ok(
+        subprocess.run(cmd, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+    )
     assert "batch size 4 per process x 2 processes = 8" in proc.stderr
     assert json.loads((run_dir(tmp_path, "hosts") / "metadata.json").read_text())["steps"] == 3

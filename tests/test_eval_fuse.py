@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from helpers_train import ROOT, TINY, metrics, ok, reference_run, run_module, shared_base
 
 GGUF = "ggml-model-f16.gguf"
@@ -53,8 +52,14 @@ def test_fuse_writes_a_standalone_model_equal_to_base_plus_adapter(run):
     base, run = run
     proc = ok(run_module(base, "train.fuse", "--name", "run"))
     fused = run / "fused"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "fused_from.json", "fuse_report.json",
-                 "tokenizer.model"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "fused_from.json",
+        "fuse_report.json",
+        "tokenizer.model",
+    ):
         assert (fused / name).is_file(), name
     info = json.loads((fused / "fused_from.json").read_text())
     assert info["gguf"] == GGUF and info["gguf_note"].startswith("wrote"), proc.stderr
@@ -68,11 +73,12 @@ def test_fuse_writes_a_standalone_model_equal_to_base_plus_adapter(run):
     plain, _ = load(str(TINY))
     a, b, c = (np.array(m(tokens)) for m in (fused_model, adapted, plain))
     assert np.abs(a - b).max() < 1e-3
-    assert np.abs(b - c).max() > 1e-2          # the adapter does change the model
+    assert np.abs(b - c).max() > 1e-2  # the adapter does change the model
     check_gguf_read_back(fused / GGUF, fused_model, fused)
 
 
 # --------------------------------------------------------------------------- GGUF, read back
+
 
 def check_gguf_read_back(path, model, model_dir):
     """The GGUF file, read with llama.cpp's `gguf` package: llama.cpp's tensor names and shapes,
@@ -84,37 +90,53 @@ def check_gguf_read_back(path, model, model_dir):
     reader = gguf.GGUFReader(str(path))
     cfg = json.loads((model_dir / "config.json").read_text())
     tensors = {t.name: t for t in reader.tensors}
-    per_layer = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm",
-                 "ffn_norm")
+    per_layer = (
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+        "attn_norm",
+        "ffn_norm",
+    )
     want = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
-        f"blk.{i}.{n}.weight" for i in range(cfg["num_hidden_layers"]) for n in per_layer}
+        f"blk.{i}.{n}.weight" for i in range(cfg["num_hidden_layers"]) for n in per_layer
+    }
     assert set(tensors) == want
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    assert list(tensors["token_embd.weight"].shape) == [hidden, cfg["vocab_size"]]     # ggml order
+    assert list(tensors["token_embd.weight"].shape) == [hidden, cfg["vocab_size"]]  # ggml order
     assert list(tensors["blk.0.ffn_down.weight"].shape) == [inter, hidden]
     assert tensors["blk.0.attn_k.weight"].tensor_type.name == "F16"
     assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
 
-    field = lambda k: reader.fields[k].contents()        # noqa: E731
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    tokens, scores, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores"), field(
-        "tokenizer.ggml.token_type")
+    tokens, scores, types = (
+        field("tokenizer.ggml.tokens"),
+        field("tokenizer.ggml.scores"),
+        field("tokenizer.ggml.token_type"),
+    )
     assert field("tokenizer.ggml.model") == "llama" and len(tokens) == cfg["vocab_size"]
     assert tokens[: len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
     assert len(set(scores)) > len(tokens) // 4, "scores are not a real sentencepiece vocabulary"
-    assert types[tok.bos_token_id] == types[tok.eos_token_id] == 3            # CONTROL
+    assert types[tok.bos_token_id] == types[tok.eos_token_id] == 3  # CONTROL
     inst = tok.convert_tokens_to_ids("[INST]")
     assert types[inst] == 3, "[INST] must be a control token for llama.cpp"
-    assert sum(t == 6 for t in types) == 256                                  # byte fallback pieces
+    assert sum(t == 6 for t in types) == 256  # byte fallback pieces
     assert field("tokenizer.ggml.bos_token_id") == tok.bos_token_id
     assert "[INST]" in field("tokenizer.chat_template")
-    from train.fuse_gguf import spm_tokenize           # llama.cpp's sentencepiece algorithm
+    from train.fuse_gguf import spm_tokenize  # llama.cpp's sentencepiece algorithm
+
     text = "Em que ano foi fundado o Sporting Clube Farense? Ação, São Luís, 🦁"
-    assert [tok.bos_token_id] + spm_tokenize(" " + text, {t: i for i, t in enumerate(tokens)}, scores) == \
-        tok.encode(text)
+    assert [tok.bos_token_id] + spm_tokenize(
+        " " + text, {t: i for i, t in enumerate(tokens)}, scores
+    ) == tok.encode(text)
 
     ids = [tok.bos_token_id] + tok.encode("Qual é o estádio do Farense?", add_special_tokens=False)
     import mlx.core as mx
+
     expected = np.array(model(mx.array([ids]))[0])
     got = llama_cpp_forward(reader, ids, rope="norm")
     err = np.abs(got - expected).max()
@@ -127,30 +149,32 @@ def llama_cpp_forward(reader, ids, rope):
     """A numpy forward pass of a GGUF 'llama' model as llama.cpp computes it (RMS norm, rotary
     embedding on adjacent pairs - LLAMA_ROPE_TYPE_NORM - grouped-query attention, SwiGLU)."""
     f = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
-    w = {t.name: np.asarray(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
-         for t in reader.tensors}
+    w = {
+        t.name: np.asarray(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+        for t in reader.tensors
+    }
     n_head, n_kv = f["llama.attention.head_count"], f["llama.attention.head_count_kv"]
     eps, theta = f["llama.attention.layer_norm_rms_epsilon"], f["llama.rope.freq_base"]
     dim = f["llama.rope.dimension_count"]
-    norm = lambda x, g: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g      # noqa: E731
+    norm = lambda x, g: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g  # noqa: E731
     T = len(ids)
     freqs = theta ** (-np.arange(0, dim, 2) / dim)
     angles = np.arange(T)[:, None] * freqs[None, :]
     cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
 
-    def rotate(x):                     # x: [T, heads, dim]
+    def rotate(x):  # x: [T, heads, dim]
         if rope == "norm":
             a, b = x[..., 0::2], x[..., 1::2]
             out = np.empty_like(x)
             out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
             return out
-        a, b = x[..., : dim // 2], x[..., dim // 2:]
+        a, b = x[..., : dim // 2], x[..., dim // 2 :]
         return np.concatenate([a * cos - b * sin, a * sin + b * cos], -1)
 
     x = w["token_embd.weight"][ids]
     mask = np.triu(np.full((T, T), -np.inf), 1)
     for i in range(f["llama.block_count"]):
-        p = lambda n: w[f"blk.{i}.{n}.weight"]        # noqa: E731
+        p = lambda n, i=i: w[f"blk.{i}.{n}.weight"]  # noqa: E731
         h = norm(x, p("attn_norm"))
         q = rotate((h @ p("attn_q").T).reshape(T, n_head, dim))
         k = rotate((h @ p("attn_k").T).reshape(T, n_kv, dim))
@@ -181,8 +205,12 @@ def test_gguf_check_rejects_what_mlx_lm_alone_writes(tiny_model, tmp_path):
     path = tmp_path / "plain.gguf"
     convert_to_gguf(TINY, weights, config, str(path))
     vocab = fuse_gguf.vocabulary(TINY / "tokenizer.model", tok._tokenizer, rows=config["vocab_size"])
-    texts = [x["content"] for f in sorted((ROOT / "data" / "sample").glob("*.jsonl"))
-             for r in map(json.loads, f.read_text(encoding="utf-8").splitlines()) for x in r.get("messages", [])][:60]
+    texts = [
+        x["content"]
+        for f in sorted((ROOT / "data" / "sample").glob("*.jsonl"))
+        for r in map(json.loads, f.read_text(encoding="utf-8").splitlines())
+        for x in r.get("messages", [])
+    ][:60]
     assert len(texts) >= 20
     problems = fuse_gguf.verify(path, weights, config, tok._tokenizer, vocab, None, texts)
     assert any("same score" in p for p in problems), problems
@@ -201,8 +229,10 @@ def test_evaluate_and_fuse_without_a_run_say_so(tmp_path):
 
 # --------------------------------------------------------------------------- a 4-bit base (QLoRA)
 
+
 def q4_base():
     from core import paths
+
     return getattr(paths, "TINY_MODEL_4BIT", ROOT / "models" / "tiny-mistral-4bit")
 
 
@@ -255,7 +285,7 @@ def test_fuse_of_a_4bit_base_is_a_float_model_equal_to_base_plus_adapter(q4_run)
     plain, _ = load(str(q4))
     a, b, c = (np.array(m(tokens)) for m in (fused_model, adapted, plain))
     assert np.abs(a - b).max() < 0.01 * np.abs(b - c).max(), (np.abs(a - b).max(), np.abs(b - c).max())
-    assert np.abs(b - c).max() > 0.1           # the adapter does change the model
+    assert np.abs(b - c).max() > 0.1  # the adapter does change the model
     info = json.loads((fused / "fused_from.json").read_text())
     assert info["dequantized"] is True and info["gguf"] == GGUF, info
     check_gguf_read_back(fused / GGUF, fused_model, fused)
@@ -299,10 +329,17 @@ def test_gguf_not_exported_without_a_sentencepiece_model_says_why(q4_run):
 def test_make_fuse_passes_quantize_and_force(tmp_path):
     import subprocess
 
-    proc = subprocess.run(["make", "-n", "fuse", "NAME=x", "QUANTIZE=4", "FORCE=1"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["make", "-n", "fuse", "NAME=x", "QUANTIZE=4", "FORCE=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     line = next(x for x in proc.stdout.splitlines() if "train.fuse" in x)
     assert "--name x" in line and "--quantize 4" in line and "--force" in line, line
-    proc = subprocess.run(["make", "-n", "fuse", "NAME=x"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["make", "-n", "fuse", "NAME=x"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     line = next(x for x in proc.stdout.splitlines() if "train.fuse" in x)
     assert "--quantize" not in line and "--force" not in line, line

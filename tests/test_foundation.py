@@ -8,7 +8,8 @@ import sys
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT
 
@@ -42,14 +43,19 @@ def test_tiny_model_shape(tiny_model):
     n = sum(v.size for v in params.values())
     assert 300_000 <= n <= 5_000_000
     assert all(v.dtype == mx.float32 for v in params.values())
-    assert "[INST]" in tok.apply_chat_template([{"role": "user", "content": "Olá"}], tokenize=False,
-                                               add_generation_prompt=True)
+    assert "[INST]" in tok.apply_chat_template(
+        [{"role": "user", "content": "Olá"}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_tiny_model_build_is_deterministic(tiny_model, tiny_model_4bit, tmp_path):
     out = tmp_path / "tiny-mistral"
-    subprocess.run([sys.executable, "-m", "train.tiny_model", "--out", str(out)], cwd=ROOT,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "train.tiny_model", "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     for built_dir, shipped_dir in ((out, tiny_model), (tmp_path / "tiny-mistral-4bit", tiny_model_4bit)):
         built = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in built_dir.iterdir()}
         shipped = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in shipped_dir.iterdir()}
@@ -57,9 +63,11 @@ def test_tiny_model_build_is_deterministic(tiny_model, tiny_model_4bit, tmp_path
 
 
 def test_tokenizer_loads_offline_with_transformers(tiny_model):
-    code = ("from transformers import AutoTokenizer; "
-            f"t = AutoTokenizer.from_pretrained({str(tiny_model)!r}); "
-            "print(t.decode(t.encode('São Luís', add_special_tokens=False)))")
+    code = (
+        "from transformers import AutoTokenizer; "
+        f"t = AutoTokenizer.from_pretrained({str(tiny_model)!r}); "
+        "print(t.decode(t.encode('São Luís', add_special_tokens=False)))"
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "São Luís"
@@ -92,8 +100,11 @@ def test_prompt_folds_system_into_first_user_turn(tiny_model):
 
     _, tok = mlx_lm.load(str(tiny_model))
     assert not prompt.accepts_system_role(tok)  # v0.3 moves it to the last user turn
-    messages = [{"role": "user", "content": "Quem somos?"}, {"role": "assistant", "content": "O Farense."},
-                {"role": "user", "content": "E o estádio?"}]
+    messages = [
+        {"role": "user", "content": "Quem somos?"},
+        {"role": "assistant", "content": "O Farense."},
+        {"role": "user", "content": "E o estádio?"},
+    ]
     text = prompt.render(tok, prompt.with_system_prompt(messages, "És o assistente."), True)
     assert text == "<s>[INST] És o assistente.\n\nQuem somos?[/INST] O Farense.</s>[INST] E o estádio?[/INST]"
 
@@ -104,14 +115,16 @@ def test_training_example_starts_with_the_served_prompt(tiny_model):
     from core import prompt
 
     _, tok = mlx_lm.load(str(tiny_model))
-    conv = [{"role": "user", "content": "Qual é o estádio?"},
-            {"role": "assistant", "content": "Estádio de São Luís."},
-            {"role": "user", "content": "E as cores?"},
-            {"role": "assistant", "content": "Preto e branco."}]
+    conv = [
+        {"role": "user", "content": "Qual é o estádio?"},
+        {"role": "assistant", "content": "Estádio de São Luís."},
+        {"role": "user", "content": "E as cores?"},
+        {"role": "assistant", "content": "Preto e branco."},
+    ]
     ids, n = prompt.encode_example(tok, conv, system_prompt="Sê breve.")
     served = prompt.encode_prompt(tok, conv[:-1], system_prompt="Sê breve.")
     assert ids[:n] == served
-    assert tok.decode(ids[n:]) == "Preto e branco.</s>"   # decode strips the leading space
+    assert tok.decode(ids[n:]) == "Preto e branco.</s>"  # decode strips the leading space
 
 
 def test_config_rejects_unknown_key_naming_file(tmp_path):
@@ -128,6 +141,7 @@ def test_config_rejects_unknown_key_naming_file(tmp_path):
 
 
 # --- optimised BLAS in real entry-point processes ---------------------------------------
+
 
 def _openblas_installed():
     out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
@@ -155,9 +169,14 @@ def test_trainer_process_maps_optimised_blas(tiny_model, tmp_path, disable):
         pytest.skip("no optimised BLAS installed (apt-get install libopenblas0-pthread)")
     env = dict(os.environ, FAST_BLAS="0" if disable else "1")
     # tiny_model's builder is a real training entry point (it pretrains with mlx).
-    proc = subprocess.Popen([sys.executable, "-m", "train.tiny_model", "--out", str(tmp_path / "m"),
-                             "--steps", "200"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.tiny_model", "--out", str(tmp_path / "m"), "--steps", "200"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         maps = _maps_when_mlx_loaded(proc)
     finally:
@@ -177,7 +196,7 @@ def test_fast_blas_matmul_is_correct():
     import numpy as np
 
     rng = np.random.default_rng(0)
-    for m, k, n in [(1, 768, 2048), (7, 128, 1024), (64, 300, 65)]:   # decode, prefill, odd
+    for m, k, n in [(1, 768, 2048), (7, 128, 1024), (64, 300, 65)]:  # decode, prefill, odd
         a = rng.standard_normal((m, k)).astype(np.float32)
         b = rng.standard_normal((k, n)).astype(np.float32)
         got = np.array(mx.array(a) @ mx.array(b))

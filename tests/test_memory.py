@@ -25,25 +25,35 @@ BENCH = ROOT / "models" / "bench-mistral"
 TOLERANCE = 0.25
 
 # mlx-community/Mistral-7B-Instruct-v0.3-4bit (docs/MEMORY.md)
-MISTRAL_7B_4BIT = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, head_dim=128, intermediate_size=14336,
-                       vocab_size=32768, quantization={"bits": 4, "group_size": 64},
-                       torch_dtype="float16")
+MISTRAL_7B_4BIT = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=14336,
+    vocab_size=32768,
+    quantization={"bits": 4, "group_size": 64},
+    torch_dtype="float16",
+)
 GiB = 1 << 30
 
 
 # --------------------------------------------------------------------------- measuring (subprocess)
 
+
 def measure_training(model_path, batch, seq_len, grad_checkpoint, num_layers, rank=8):
     """One LoRA training step (forward, backward, AdamW update) as train.py runs it; returns
     the loaded weights' bytes and mlx's peak."""
-    import train  # noqa: F401  (fast BLAS before mlx)
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx_lm import load
-    from mlx_lm.tuner.trainer import default_loss, grad_checkpoint as checkpoint
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.trainer import grad_checkpoint as checkpoint
     from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    import train  # noqa: F401  (fast BLAS before mlx)
 
     model, _ = load(str(model_path))
     mx.eval(model.parameters())
@@ -70,10 +80,11 @@ def measure_training(model_path, batch, seq_len, grad_checkpoint, num_layers, ra
 
 def measure_kv(model_path, n_tokens):
     """Bytes of mlx-lm's KV cache after a prompt of n_tokens."""
-    import train  # noqa: F401
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
+
+    import train  # noqa: F401
 
     model, _ = load(str(model_path))
     cache = make_prompt_cache(model)
@@ -83,8 +94,14 @@ def measure_kv(model_path, n_tokens):
 
 
 def run_measure(*args, timeout=900):
-    proc = subprocess.run([sys.executable, __file__, *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.run(
+        [sys.executable, __file__, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -95,9 +112,25 @@ def tiny_4bit(tmp_path_factory):
     if (TINY_4BIT / "config.json").exists():
         return TINY_4BIT
     out = tmp_path_factory.mktemp("q") / "tiny-4bit"
-    proc = subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(TINY), "-q",
-                           "--q-group-size", "32", "--mlx-path", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "convert",
+            "--hf-path",
+            str(TINY),
+            "-q",
+            "--q-group-size",
+            "32",
+            "--mlx-path",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
@@ -105,18 +138,22 @@ def tiny_4bit(tmp_path_factory):
 def _check(model_path, batch, seq_len, gc, num_layers):
     shape = memory.shape_from_config(memory.read_config(model_path))
     got = run_measure("train", model_path, batch, seq_len, int(gc), num_layers)
-    predicted = memory.training_peak(shape, memory.TrainSettings(num_layers=num_layers),
-                                     batch, seq_len, gc)
+    predicted = memory.training_peak(shape, memory.TrainSettings(num_layers=num_layers), batch, seq_len, gc)
     error = predicted["total"] / got["peak"] - 1
-    print(f"\nMEMORY {json.dumps(dict(model=Path(model_path).name, batch=batch, seq_len=seq_len, grad_checkpoint=gc, num_layers=num_layers, measured=got['peak'], predicted=predicted['total'], error_pct=round(100 * error, 1)))}")
+    print(
+        f"\nMEMORY {json.dumps(dict(model=Path(model_path).name, batch=batch, seq_len=seq_len, grad_checkpoint=gc, num_layers=num_layers, measured=got['peak'], predicted=predicted['total'], error_pct=round(100 * error, 1)))}"
+    )
     assert abs(predicted["weights"] - got["weights"]) <= 0.01 * got["weights"] + 4096, (predicted, got)
     assert abs(error) < TOLERANCE, (predicted, got)
 
 
 # --------------------------------------------------------------------------- against measured peaks
 
-@pytest.mark.parametrize("batch,seq_len,gc,num_layers", [
-    (1, 512, False, 4), (4, 256, False, 2), (2, 512, True, 4), (1, 1024, True, 4)])
+
+@pytest.mark.parametrize(
+    "batch,seq_len,gc,num_layers",
+    [(1, 512, False, 4), (4, 256, False, 2), (2, 512, True, 4), (1, 1024, True, 4)],
+)
 def test_training_peak_tiny(batch, seq_len, gc, num_layers):
     _check(TINY, batch, seq_len, gc, num_layers)
 
@@ -129,7 +166,9 @@ def test_training_peak_tiny_4bit(tiny_4bit, batch, seq_len, gc):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (BENCH / "config.json").exists(), reason="models/bench-mistral not built (make bench-model)")
+@pytest.mark.skipif(
+    not (BENCH / "config.json").exists(), reason="models/bench-mistral not built (make bench-model)"
+)
 @pytest.mark.parametrize("batch,seq_len,gc,num_layers", [(1, 256, False, 16), (2, 512, True, 8)])
 def test_training_peak_bench(batch, seq_len, gc, num_layers):
     _check(BENCH, batch, seq_len, gc, num_layers)
@@ -138,17 +177,18 @@ def test_training_peak_bench(batch, seq_len, gc, num_layers):
 def test_kv_bytes_per_token_matches_mlx_lm_cache():
     shape = memory.shape_from_config(memory.read_config(TINY))
     got = run_measure("kv", TINY, 300)["kv"]
-    allocated = -(-300 // memory.KV_STEP) * memory.KV_STEP        # caches grow 256 tokens at a time
+    allocated = -(-300 // memory.KV_STEP) * memory.KV_STEP  # caches grow 256 tokens at a time
     assert got == memory.kv_bytes_per_token(shape) * allocated
 
 
 # --------------------------------------------------------------------------- the 7B numbers (docs/MEMORY.md)
 
+
 def test_mistral_7b_4bit_numbers_in_the_docs():
     s = memory.shape_from_config(MISTRAL_7B_4BIT)
     assert s.scale_bytes == 2 and s.bits == 4
-    assert memory.weight_bytes(s) == pytest.approx(4.08e9, rel=0.01)     # the repo's safetensors: 4.08 GB
-    assert memory.kv_bytes_per_token(s) == 128 * 1024                    # issue 12's 128 KiB
+    assert memory.weight_bytes(s) == pytest.approx(4.08e9, rel=0.01)  # the repo's safetensors: 4.08 GB
+    assert memory.kv_bytes_per_token(s) == 128 * 1024  # issue 12's 128 KiB
     state = memory.training_state_bytes(s)
     # rank 8 x (in + out) of q, k, v, o, gate, up, down, in 16 blocks, float32: 41.9 MB
     per_block = 8 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 3 * (4096 + 14336))
@@ -161,6 +201,7 @@ def test_mistral_7b_4bit_numbers_in_the_docs():
 
 
 # --------------------------------------------------------------------------- pure logic
+
 
 def test_quantization_details_from_the_config():
     cfg = dict(MISTRAL_7B_4BIT, quantization={"bits": 8, "group_size": 32})
@@ -204,8 +245,8 @@ def test_resume_check_says_when_the_recorded_batch_no_longer_fits(monkeypatch):
     st = memory.TrainSettings()
     monkeypatch.setattr(memory, "device_memory", lambda: (int(10.7e9), "test"))
     monkeypatch.setattr(memory, "available_memory", lambda: int(20e9))
-    memory.check_resume(s, st, 1, 1024, True, 0.8, log=lambda *_: None)        # fits: no error
-    monkeypatch.setattr(memory, "available_memory", lambda: int(7e9))          # a worker took some
+    memory.check_resume(s, st, 1, 1024, True, 0.8, log=lambda *_: None)  # fits: no error
+    monkeypatch.setattr(memory, "available_memory", lambda: int(7e9))  # a worker took some
     with pytest.raises(memory.DoesNotFit) as e:
         memory.check_resume(s, st, 4, 1024, False, 0.8, log=lambda *_: None)
     text = str(e.value)
@@ -222,15 +263,16 @@ def test_worker_limits_for_7b_on_a_16gb_mac():
     assert 32 * 2048 * memory.kv_bytes_per_token(s) == 8 * GiB
     given = memory.worker_limits(s, budget, 2048, max_batch=3, prefix_cache_bytes=0)
     assert (given["max_batch"], given["prefix_cache_bytes"]) == (3, 0)
-    tight = memory.worker_limits(s, int(4.56e9), 2048)          # a training run holds 4 GB
+    tight = memory.worker_limits(s, int(4.56e9), 2048)  # a training run holds 4 GB
     assert tight["max_batch"] == 1 and tight["context_capped_from"] == 2048
     assert 256 <= tight["context_length"] < 2048 and tight["predicted_peak_bytes"] <= int(4.56e9)
     assert tight["prefix_cache_bytes"] == 0
-    assert not memory.worker_limits(s, int(4e9), 2048)["full_context_fits"]   # below the weights
+    assert not memory.worker_limits(s, int(4e9), 2048)["full_context_fits"]  # below the weights
 
 
 def test_wired_limit_is_a_no_op_without_metal():
     import mlx.core as mx
+
     if mx.metal.is_available():
         pytest.skip("Metal: the wired limit is really set (checked by make check-backend)")
     assert memory.set_wired_limit() is None

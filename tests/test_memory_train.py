@@ -24,13 +24,13 @@ SEQ = 384
 def probe_with_budget(where):
     """Run choose_batch_size on the tiny model with LoRA, examples of SEQ tokens and a budget
     between the model's batch-1 needs (where: 'between' checkpointed and not, 'below' both)."""
-    import train  # noqa: F401
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm import load
     from mlx_lm.tuner.trainer import default_loss
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    import train  # noqa: F401
     from core import memory
     from train import batches
 
@@ -53,19 +53,48 @@ def probe_with_budget(where):
     extra = memory.optimizer_state_bytes(model, "adamw")
     try:
         b, why, gc = memory.choose_batch_size(
-            model, nn.value_and_grad(model, default_loss), examples, batches.collate,
-            max_batch_size=8, memory_fraction=0.8, extra_bytes=extra, log=lines.append,
-            shape=shape, settings=settings, enable_grad_checkpoint=enable, budget_bytes=budget)
-        return {"batch": b, "why": why, "gc": gc, "enabled": bool(enabled), "log": lines,
-                "budget": budget, "plain": plain, "ckpt": ckpt}
+            model,
+            nn.value_and_grad(model, default_loss),
+            examples,
+            batches.collate,
+            max_batch_size=8,
+            memory_fraction=0.8,
+            extra_bytes=extra,
+            log=lines.append,
+            shape=shape,
+            settings=settings,
+            enable_grad_checkpoint=enable,
+            budget_bytes=budget,
+        )
+        return {
+            "batch": b,
+            "why": why,
+            "gc": gc,
+            "enabled": bool(enabled),
+            "log": lines,
+            "budget": budget,
+            "plain": plain,
+            "ckpt": ckpt,
+        }
     except memory.DoesNotFit as e:
-        return {"error": str(e), "enabled": bool(enabled), "log": lines, "budget": budget,
-                "peak_since_load": int(mx.get_peak_memory())}
+        return {
+            "error": str(e),
+            "enabled": bool(enabled),
+            "log": lines,
+            "budget": budget,
+            "peak_since_load": int(mx.get_peak_memory()),
+        }
 
 
 def run_probe(where):
-    proc = subprocess.run([sys.executable, __file__, where], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.run(
+        [sys.executable, __file__, where],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -74,9 +103,11 @@ def test_batch_1_over_budget_turns_on_gradient_checkpointing():
     r = run_probe("between")
     assert r["enabled"] and r["gc"], r
     assert r["batch"] >= 1 and "gradient checkpointing turned on" in r["why"], r
-    assert any("not trying 1" in line for line in r["log"]), r["log"]     # never tried without it
-    peaks = [float(p.split(": ")[1].split()[0]) * 1e9 for p in r["why"].split("incl. optimizer state) ")[1]
-             .split(";")[0].split(", ")]
+    assert any("not trying 1" in line for line in r["log"]), r["log"]  # never tried without it
+    peaks = [
+        float(p.split(": ")[1].split()[0]) * 1e9
+        for p in r["why"].split("incl. optimizer state) ")[1].split(";")[0].split(", ")
+    ]
     assert peaks and max(peaks[: r["batch"].bit_length()]) <= r["budget"], r
 
 
@@ -85,7 +116,7 @@ def test_nothing_fits_stops_before_allocating_and_names_settings():
     assert "error" in r and r["enabled"], r
     assert "does not fit the memory budget" in r["error"] and "MAX_SEQ_LENGTH=" in r["error"], r
     assert all("not trying" in line or "turning it on" in line for line in r["log"]), r["log"]
-    assert r["peak_since_load"] < r["budget"], r          # no step was run
+    assert r["peak_since_load"] < r["budget"], r  # no step was run
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +126,16 @@ def data(tmp_path_factory):
 
 def test_train_stops_with_exit_2_when_nothing_fits(data, tmp_path):
     config = write_config(tmp_path / "c.yaml", batch_size="auto")
-    fraction = 6e6 / psutil.virtual_memory().total       # about the tiny model's weights
-    proc = run_train(tmp_path, config, "run", data, "--set", f"auto_batch.memory_fraction={fraction:.3g}",
-                     env=env_for(tmp_path))
+    fraction = 6e6 / psutil.virtual_memory().total  # about the tiny model's weights
+    proc = run_train(
+        tmp_path,
+        config,
+        "run",
+        data,
+        "--set",
+        f"auto_batch.memory_fraction={fraction:.3g}",
+        env=env_for(tmp_path),
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "does not fit the memory budget" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -106,14 +144,27 @@ def test_train_stops_with_exit_2_when_nothing_fits(data, tmp_path):
 
 def test_resume_stops_when_the_recorded_batch_no_longer_fits(data, tmp_path):
     config = write_config(tmp_path / "c.yaml", batch_size="auto", iters=4, save_every=2, steps_per_eval=2)
-    first = run_train(tmp_path, config, "run", data, "--set", "auto_batch.max_batch_size=4", env=env_for(tmp_path))
+    first = run_train(
+        tmp_path, config, "run", data, "--set", "auto_batch.max_batch_size=4", env=env_for(tmp_path)
+    )
     assert first.returncode == 0 and "batch_size auto: 4 (" in first.stderr, first.stderr[-2000:]
     step = tmp_path / "models" / "run" / "checkpoints" / "step_0000002"
     assert step.is_dir()
     # the machine is busier now: a budget that holds the weights but not a batch of 4
     fraction = 12e6 / psutil.virtual_memory().total
-    proc = run_train(tmp_path, config, "run", data, "--resume", step, "--set", "auto_batch.max_batch_size=4",
-                     "--set", f"auto_batch.memory_fraction={fraction:.3g}", env=env_for(tmp_path))
+    proc = run_train(
+        tmp_path,
+        config,
+        "run",
+        data,
+        "--resume",
+        step,
+        "--set",
+        "auto_batch.max_batch_size=4",
+        "--set",
+        f"auto_batch.memory_fraction={fraction:.3g}",
+        env=env_for(tmp_path),
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "started with batch_size 4, which no longer fits" in proc.stderr, proc.stderr[-2000:]
     assert "To continue:" in proc.stderr and "Traceback" not in proc.stderr
@@ -122,8 +173,15 @@ def test_resume_stops_when_the_recorded_batch_no_longer_fits(data, tmp_path):
 def test_a_fixed_batch_over_budget_is_kept_with_a_warning(data, tmp_path):
     config = write_config(tmp_path / "c.yaml", batch_size=4, iters=2, save_every=2, steps_per_eval=2)
     fraction = 8e6 / psutil.virtual_memory().total
-    proc = run_train(tmp_path, config, "run", data, "--set", f"auto_batch.memory_fraction={fraction:.3g}",
-                     env=env_for(tmp_path))
+    proc = run_train(
+        tmp_path,
+        config,
+        "run",
+        data,
+        "--set",
+        f"auto_batch.memory_fraction={fraction:.3g}",
+        env=env_for(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "warning: batch_size 4 of" in proc.stderr and "(memory model), over the budget" in proc.stderr
 

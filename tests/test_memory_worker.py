@@ -11,8 +11,9 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import memory  # noqa: E402
 from worker_harness import TINY, Worker  # noqa: E402
+
+from core import memory  # noqa: E402
 
 LONG = {"WORKER_TEST_IGNORE_EOS": "1"}
 PROMPT = "Qual é o estádio do Farense?"
@@ -43,7 +44,7 @@ def test_given_limits_are_kept():
 
 
 def test_a_budget_for_one_sequence_queues_the_rest_and_overloads_past_the_queue():
-    fraction = 40e6 / psutil.virtual_memory().total       # a few tens of MB: one sequence at most
+    fraction = 40e6 / psutil.virtual_memory().total  # a few tens of MB: one sequence at most
     with Worker("--memory-fraction", f"{fraction:.3g}", "--max-queue", "2", env=LONG) as w:
         assert w.ready["limits"]["max_batch"] == 1
         lim = w.ready["limits"]
@@ -53,12 +54,13 @@ def test_a_budget_for_one_sequence_queues_the_rest_and_overloads_past_the_queue(
         assert any("the context is capped at" in line for line in w.stderr_lines), w.stderr_lines
         too_long = w.request("long", prompt="Farense " * lim["context_length"], max_tokens=1)
         assert too_long["type"] == "error" and too_long["code"] == "too_long", too_long
-        w.send(*[{"id": f"r{i}", "prompt": f"{PROMPT} {i}", "max_tokens": 40} for i in range(4)],
-               {"op": "stats"})
+        w.send(
+            *[{"id": f"r{i}", "prompt": f"{PROMPT} {i}", "max_tokens": 40} for i in range(4)], {"op": "stats"}
+        )
         assert w.terminal("r3")["code"] == "overloaded"
         s = w.wait_for(lambda m: m["type"] == "stats")
         assert s["in_flight"] == 1 and s["queued"] == 2
-        for i in range(3):                                   # the queued ones are served in turn
+        for i in range(3):  # the queued ones are served in turn
             d = w.terminal(f"r{i}", timeout=120)
             assert d["type"] == "done" and d["usage"]["completion_tokens"] == 40
         assert w.ping()["type"] == "pong"

@@ -30,6 +30,7 @@ GNU_ONLY = ("sha1sum", "timeout")
 
 # --------------------------------------------------------------------- helpers
 
+
 def path_without(tmp_path, names=GNU_ONLY):
     """A PATH of one folder: symlinks to every command on the current PATH but `names`."""
     bin_dir = tmp_path / "bin"
@@ -56,7 +57,8 @@ def fake_python(folder, name, version):
     script.write_text(
         "#!/bin/sh\n"
         f"# a fake {name} {major}.{minor}\n"
-        f"case \"$*\" in *version_info*) echo '{major}.{minor}' ;; *) exit 3 ;; esac\n")
+        f"case \"$*\" in *version_info*) echo '{major}.{minor}' ;; *) exit 3 ;; esac\n"
+    )
     script.chmod(0o755)
     return script
 
@@ -85,11 +87,13 @@ def system_path_with(tmp_path, *fakes):
 
 # --------------------------------------------------------------------- the Python finder
 
+
 def test_finder_minimum_is_the_pinned_packages_requirement():
     """The finder's minimum is the highest Requires-Python of the pinned packages installed."""
     minimum = re.search(r"^MIN_MINOR=(\d+)", FINDER.read_text(), re.M)
     assert minimum, f"{FINDER}: no MIN_MINOR= line"
     from importlib.metadata import metadata
+
     needed = []
     for pkg in ("numpy", "mlx-lm", "transformers", "mlx"):
         req = metadata(pkg).get("Requires-Python") or ""
@@ -152,18 +156,28 @@ def test_finder_accepts_the_real_interpreter(tmp_path):
 
 # --------------------------------------------------------------------- no GNU-only tools
 
+
 def test_make_n_setup_test_without_sha1sum_or_timeout(tmp_path):
     path = path_without(tmp_path)
     env = dict(os.environ, PATH=path)
-    proc = subprocess.run(["make", "-n", "setup", "test"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        ["make", "-n", "setup", "test"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "command not found" not in proc.stderr and "No such file" not in proc.stderr, proc.stderr
+
     # the requirements hash (the stamp's name) is computed, and is the one sha1sum gives
     def stamp(env):
-        out = subprocess.run(["make", "-n", "setup", f"VENV={tmp_path / 'v'}"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run(
+            ["make", "-n", "setup", f"VENV={tmp_path / 'v'}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         return re.findall(r"^touch .*/\.setup-\S*-([0-9a-f]{12})$", out, re.M)
+
     assert stamp(env) == stamp(os.environ)
     assert len(stamp(env)) == 1
 
@@ -171,8 +185,14 @@ def test_make_n_setup_test_without_sha1sum_or_timeout(tmp_path):
 def test_make_n_setup_on_a_fresh_clone_runs_the_finder(tmp_path):
     """Before .venv exists: `make -n setup` shows the finder creating it."""
     path = path_without(tmp_path)
-    proc = subprocess.run(["make", "-n", "setup", f"VENV={tmp_path / 'venv'}"], cwd=ROOT,
-                          env=dict(os.environ, PATH=path), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["make", "-n", "setup", f"VENV={tmp_path / 'venv'}"],
+        cwd=ROOT,
+        env=dict(os.environ, PATH=path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert ".ci/find-python.sh" in proc.stdout and "-m venv" in proc.stdout, proc.stdout
 
@@ -180,8 +200,9 @@ def test_make_n_setup_on_a_fresh_clone_runs_the_finder(tmp_path):
 def test_shell_tests_without_sha1sum_or_timeout(tmp_path, tiny_model):
     path = path_without(tmp_path)
     env = dict(os.environ, PATH=path, PY=sys.executable, FAST_BLAS_QUIET="1")
-    proc = subprocess.run(["bash", "tests/shell/run.sh"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "tests/shell/run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "command not found" not in out, out[-4000:]
@@ -190,12 +211,20 @@ def test_shell_tests_without_sha1sum_or_timeout(tmp_path, tiny_model):
 
 def test_shell_timeout_helper_kills_a_command_that_runs_too_long(tmp_path):
     path = path_without(tmp_path)
-    script = (f'source tests/shell/lib.sh; with_timeout 1 "$PY" -c "import time; time.sleep(30)"; '
-              f'echo "rc=$?"; with_timeout 30 "$PY" -c "import sys; sys.exit(7)"; echo "rc=$?"; '
-              f'echo hi | with_timeout 30 cat')
+    script = (
+        'source tests/shell/lib.sh; with_timeout 1 "$PY" -c "import time; time.sleep(30)"; '
+        'echo "rc=$?"; with_timeout 30 "$PY" -c "import sys; sys.exit(7)"; echo "rc=$?"; '
+        "echo hi | with_timeout 30 cat"
+    )
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, PATH=path, PY=sys.executable))
+    proc = subprocess.run(
+        ["bash", "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PATH=path, PY=sys.executable),
+    )
     assert time.monotonic() - t0 < 25
     assert proc.stdout.split() == ["rc=124", "rc=7", "hi"], (proc.stdout, proc.stderr)
 
@@ -203,13 +232,21 @@ def test_shell_timeout_helper_kills_a_command_that_runs_too_long(tmp_path):
 def test_shell_exit_status_survives_a_pipeline_without_lastpipe(tmp_path):
     """macOS's bash 3.2 runs `printf ... | run_worker` in a subshell: check_rc still sees the
     worker's exit status (2: the model cannot be loaded)."""
-    script = ('source tests/shell/lib.sh; shopt -u lastpipe 2>/dev/null; '
-              'printf "{}\\n" | run_worker "$TMP/o"; echo "outer=${WORKER_RC:-unset}"; check_rc 2 "$TMP/o"; '
-              'printf "{}\\n" | run_worker "$TMP/o"; check_rc 0 "$TMP/o"; finish')
-    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PY=sys.executable, MODEL=str(tmp_path / "no-model")))
+    script = (
+        "source tests/shell/lib.sh; shopt -u lastpipe 2>/dev/null; "
+        'printf "{}\\n" | run_worker "$TMP/o"; echo "outer=${WORKER_RC:-unset}"; check_rc 2 "$TMP/o"; '
+        'printf "{}\\n" | run_worker "$TMP/o"; check_rc 0 "$TMP/o"; finish'
+    )
+    proc = subprocess.run(
+        ["bash", "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PY=sys.executable, MODEL=str(tmp_path / "no-model")),
+    )
     lines = proc.stdout.splitlines()
-    assert lines[0] == "outer=unset", proc.stdout          # the subshell's variable is lost...
+    assert lines[0] == "outer=unset", proc.stdout  # the subshell's variable is lost...
     assert lines[1] == "  ok: exit status 2", proc.stdout  # ...the recorded status is not
     assert lines[2].startswith("  FAIL: exit status 2, expected 0"), proc.stdout
     assert proc.returncode == 1
@@ -240,8 +277,23 @@ def test_worker_watches_its_parent_without_prctl():
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, str(in_r), str(out_w), sys.executable, "-m", "worker", "--model", str(TINY)],
-        cwd=ROOT, stdout=subprocess.PIPE, env=worker_env({"WORKER_PARENT_WATCH": "poll"}), pass_fds=(in_r, out_w))
+        [
+            sys.executable,
+            "-c",
+            PARENT,
+            str(in_r),
+            str(out_w),
+            sys.executable,
+            "-m",
+            "worker",
+            "--model",
+            str(TINY),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        env=worker_env({"WORKER_PARENT_WATCH": "poll"}),
+        pass_fds=(in_r, out_w),
+    )
     os.close(in_r)
     worker_pid = None
     try:
@@ -267,9 +319,10 @@ def test_worker_watches_its_parent_without_prctl():
 
 def test_die_with_parent_chooses_prctl_only_where_it_exists(monkeypatch):
     import worker.__main__ as wm
+
     started = []
     monkeypatch.setattr(wm.threading, "Thread", lambda **kw: started.append(kw) or _NoThread())
-    monkeypatch.setattr(wm, "_set_pdeathsig", lambda: True)     # not on the test process itself
+    monkeypatch.setattr(wm, "_set_pdeathsig", lambda: True)  # not on the test process itself
     monkeypatch.delenv("WORKER_PARENT_WATCH", raising=False)
     expected = "prctl" if sys.platform.startswith("linux") else "watch"
     assert wm.die_with_parent() == expected
@@ -286,22 +339,24 @@ class _NoThread:
 
 # --------------------------------------------------------------------- fsync
 
+
 def test_fsync_helper_uses_full_fsync_where_the_platform_has_it(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(atomic.os, "fsync", lambda fd: calls.append(("fsync", fd)))
     monkeypatch.setattr(atomic.fcntl, "fcntl", lambda fd, op: calls.append(("fcntl", op)))
-    monkeypatch.setattr(atomic, "FULLFSYNC", 51)                       # macOS's F_FULLFSYNC
+    monkeypatch.setattr(atomic, "FULLFSYNC", 51)  # macOS's F_FULLFSYNC
     atomic.write_text(tmp_path / "a.txt", "x")
-    assert calls and all(c == ("fcntl", 51) for c in calls), calls     # the file and its folder
+    assert calls and all(c == ("fcntl", 51) for c in calls), calls  # the file and its folder
     calls.clear()
 
     def refuse(fd, op):
-        raise OSError(45, "Operation not supported")                   # e.g. a network volume
+        raise OSError(45, "Operation not supported")  # e.g. a network volume
+
     monkeypatch.setattr(atomic.fcntl, "fcntl", refuse)
     atomic.write_text(tmp_path / "b.txt", "y")
     assert [c[0] for c in calls] == ["fsync", "fsync"]
     calls.clear()
-    monkeypatch.setattr(atomic, "FULLFSYNC", None)                     # Linux
+    monkeypatch.setattr(atomic, "FULLFSYNC", None)  # Linux
     atomic.write_text(tmp_path / "c.txt", "z")
     assert [c[0] for c in calls] == ["fsync", "fsync"]
     assert (tmp_path / "c.txt").read_text() == "z"
@@ -311,7 +366,7 @@ def test_no_direct_os_fsync_outside_the_helper():
     offenders = []
     for folder in ("core", "train", "worker", "bench"):
         for path in (ROOT / folder).rglob("*.py"):
-            if path.name in ("atomic.py", "tiny_model.py"):     # tiny_model: a rebuildable test model
+            if path.name in ("atomic.py", "tiny_model.py"):  # tiny_model: a rebuildable test model
                 continue
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if "os.fsync(" in line:

@@ -17,8 +17,13 @@ OUTPUTS = ("train.jsonl", "valid.jsonl", "split_report.json")
 
 
 def run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "train.prepare_data", *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "train.prepare_data", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def write(path, text, encoding="utf-8"):
@@ -50,10 +55,15 @@ def load_one(tmp_path, name, text):
 
 # --------------------------------------------------------------------------- formats
 
+
 def test_jsonl_messages_with_system_and_blank_lines(tmp_path):
-    rec = {"messages": [{"role": "system", "content": "És o assistente."},
-                        {"role": "user", "content": "  Olá  "},
-                        {"role": "assistant", "content": "Olá!\n"}]}
+    rec = {
+        "messages": [
+            {"role": "system", "content": "És o assistente."},
+            {"role": "user", "content": "  Olá  "},
+            {"role": "assistant", "content": "Olá!\n"},
+        ]
+    }
     convs, rejected = load_one(tmp_path, "a.jsonl", "\n" + jl(rec) + "   \n\n")
     assert rejected == []
     assert convs == [[{"role": "system", "content": "És o assistente."}] + qa("Olá", "Olá!")]
@@ -65,45 +75,74 @@ def test_json_single_object(tmp_path):
 
 
 def test_json_array_of_mixed_shapes(tmp_path):
-    text = json.dumps([{"prompt": "P1", "completion": "C1"},
-                       {"messages": qa("M1", "R1")},
-                       {"pergunta": "Pe1", "resposta": "Re1"}], ensure_ascii=False, indent=2)
+    text = json.dumps(
+        [
+            {"prompt": "P1", "completion": "C1"},
+            {"messages": qa("M1", "R1")},
+            {"pergunta": "Pe1", "resposta": "Re1"},
+        ],
+        ensure_ascii=False,
+        indent=2,
+    )
     convs, rejected = load_one(tmp_path, "a.json", text)
     assert rejected == []
     assert convs == [qa("P1", "C1"), qa("M1", "R1"), qa("Pe1", "Re1")]
 
 
-@pytest.mark.parametrize("record, expected", [
-    ({"prompt": "p", "completion": "c"}, qa("p", "c")),
-    ({"question": "q", "answer": "a"}, qa("q", "a")),
-    ({"pergunta": "Onde fica o estádio?", "resposta": "Em Faro."}, qa("Onde fica o estádio?", "Em Faro.")),
-    ({"Pergunta": "q", "Resposta": "a"}, qa("q", "a")),
-    ({"instruction": "Traduz", "input": "bom dia", "output": "good morning"},
-     qa("Traduz\n\nbom dia", "good morning")),
-    ({"instruction": "Diz olá", "output": "Olá"}, qa("Diz olá", "Olá")),
-    ({"instruction": "Diz olá", "input": "", "output": "Olá"}, qa("Diz olá", "Olá")),
-])
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"prompt": "p", "completion": "c"}, qa("p", "c")),
+        ({"question": "q", "answer": "a"}, qa("q", "a")),
+        (
+            {"pergunta": "Onde fica o estádio?", "resposta": "Em Faro."},
+            qa("Onde fica o estádio?", "Em Faro."),
+        ),
+        ({"Pergunta": "q", "Resposta": "a"}, qa("q", "a")),
+        (
+            {"instruction": "Traduz", "input": "bom dia", "output": "good morning"},
+            qa("Traduz\n\nbom dia", "good morning"),
+        ),
+        ({"instruction": "Diz olá", "output": "Olá"}, qa("Diz olá", "Olá")),
+        ({"instruction": "Diz olá", "input": "", "output": "Olá"}, qa("Diz olá", "Olá")),
+    ],
+)
 def test_record_shapes(record, expected):
     assert pd.record_to_messages(record) == expected
 
 
-@pytest.mark.parametrize("name, text", [
-    ("semicolon.csv", "pergunta;resposta\nOnde joga o Farense?;No Estádio de São Luís, em Faro.\nCores?;Preto e branco.\n"),
-    ("comma.csv", "question,answer\nOnde joga o Farense?,\"No Estádio de São Luís, em Faro.\"\nCores?,Preto e branco.\n"),
-    ("tabs.tsv", "Question\tAnswer\nOnde joga o Farense?\tNo Estádio de São Luís, em Faro.\nCores?\tPreto e branco.\n"),
-    ("bom.csv", "\ufeff Pergunta ; Resposta \r\nOnde joga o Farense?;No Estádio de São Luís, em Faro.\r\nCores?;Preto e branco.\r\n"),
-])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        (
+            "semicolon.csv",
+            "pergunta;resposta\nOnde joga o Farense?;No Estádio de São Luís, em Faro.\nCores?;Preto e branco.\n",
+        ),
+        (
+            "comma.csv",
+            'question,answer\nOnde joga o Farense?,"No Estádio de São Luís, em Faro."\nCores?,Preto e branco.\n',
+        ),
+        (
+            "tabs.tsv",
+            "Question\tAnswer\nOnde joga o Farense?\tNo Estádio de São Luís, em Faro.\nCores?\tPreto e branco.\n",
+        ),
+        (
+            "bom.csv",
+            "\ufeff Pergunta ; Resposta \r\nOnde joga o Farense?;No Estádio de São Luís, em Faro.\r\nCores?;Preto e branco.\r\n",
+        ),
+    ],
+)
 def test_csv_variants(tmp_path, name, text):
     convs, rejected = load_one(tmp_path, name, text)
     assert rejected == []
-    assert convs == [qa("Onde joga o Farense?", "No Estádio de São Luís, em Faro."),
-                     qa("Cores?", "Preto e branco.")]
+    assert convs == [
+        qa("Onde joga o Farense?", "No Estádio de São Luís, em Faro."),
+        qa("Cores?", "Preto e branco."),
+    ]
 
 
 def test_csv_quoted_cell_spanning_lines_and_line_numbers(tmp_path):
-    text = ('pergunta;resposta\n'
-            '"Primeira\nlinha";"Resposta\r\nem duas"\n'
-            'Segunda;\n')
+    text = 'pergunta;resposta\n"Primeira\nlinha";"Resposta\r\nem duas"\nSegunda;\n'
     convs, rejected = load_one(tmp_path, "multi.csv", text)
     assert convs == [qa("Primeira\nlinha", "Resposta\nem duas")]
     # the bad row starts on physical line 5, after a row spanning lines 2-4 (\r\n is one break)
@@ -122,26 +161,49 @@ def test_nfc_and_trim(tmp_path):
 REJECT_CASES = [
     # (file name, content, expected (line, reason substring))
     ("a.jsonl", '{"question": "q", "answer": "a"}\n\n{"question": "q2", \n', (3, "invalid JSON: ")),
-    ("a.jsonl", '[1, 2]\n', (1, "not a JSON object (found array)")),
+    ("a.jsonl", "[1, 2]\n", (1, "not a JSON object (found array)")),
     ("a.jsonl", '{"foo": 1, "bar": 2}\n', (1, "unknown format (keys: bar, foo)")),
     ("a.jsonl", '{"question": "q", "answer": "   "}\n', (1, "empty 'answer'")),
     ("a.jsonl", '{"pergunta": "", "resposta": "r"}\n', (1, "empty 'pergunta'")),
     ("a.jsonl", '{"instruction": "i", "output": ""}\n', (1, "empty 'output'")),
     ("a.jsonl", '{"question": "q"}\n', (1, "missing 'answer'")),
-    ("a.jsonl", jl({"messages": qa("q", "a")[:1]}), (1, "does not end with an assistant turn (last role: user)")),
-    ("a.jsonl", jl({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "a"}]}),
-     (1, "messages[0]: bad role 'bot'")),
-    ("a.jsonl", jl({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}),
-     (1, "messages[0]: content is not a string (found number)")),
-    ("a.jsonl", jl({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}),
-     (1, "messages[1]: empty content")),
+    (
+        "a.jsonl",
+        jl({"messages": qa("q", "a")[:1]}),
+        (1, "does not end with an assistant turn (last role: user)"),
+    ),
+    (
+        "a.jsonl",
+        jl({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "a"}]}),
+        (1, "messages[0]: bad role 'bot'"),
+    ),
+    (
+        "a.jsonl",
+        jl({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}),
+        (1, "messages[0]: content is not a string (found number)"),
+    ),
+    (
+        "a.jsonl",
+        jl({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}),
+        (1, "messages[1]: empty content"),
+    ),
     ("a.jsonl", jl({"messages": [{"role": "assistant", "content": "a"}]}), (1, "expected role 'user'")),
     ("a.jsonl", jl({"question": ["q"], "answer": "a"}), (1, "'question' is not a string (found array)")),
-    ("a.jsonl", b'{"question": "q", "answer": "a"}\n{"question": "\xff", "answer": "a"}\n', (2, "invalid UTF-8")),
-    ("a.json", '[\n  {"question": "q", "answer": "a"},\n  {"question": "q2",\n   "answer": ""}\n]\n',
-     (3, "empty 'answer'")),
-    ("a.json", '[\n  {"question": "q", "answer": "a"},\n  {"question": "q2" "answer": "b"}\n]\n',
-     (3, "invalid JSON: Expecting ',' delimiter")),
+    (
+        "a.jsonl",
+        b'{"question": "q", "answer": "a"}\n{"question": "\xff", "answer": "a"}\n',
+        (2, "invalid UTF-8"),
+    ),
+    (
+        "a.json",
+        '[\n  {"question": "q", "answer": "a"},\n  {"question": "q2",\n   "answer": ""}\n]\n',
+        (3, "empty 'answer'"),
+    ),
+    (
+        "a.json",
+        '[\n  {"question": "q", "answer": "a"},\n  {"question": "q2" "answer": "b"}\n]\n',
+        (3, "invalid JSON: Expecting ',' delimiter"),
+    ),
     ("a.json", '{"question": "q", "answer": "a"}\n{"question": "q", "answer": "a"}\n', (2, "Extra data")),
     ("a.json", '\n\n"just a string"', (3, "not a JSON object (found string)")),
     ("a.csv", "col1;col2\nq;a\n", (1, "CSV header has no recognised columns")),
@@ -161,7 +223,7 @@ def test_rejection_reasons_in_process(tmp_path, name, text, expected):
 def test_every_rejection_reported_by_cli_and_nothing_written(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
     expected = []
-    for i, (name, text, (line, reason)) in enumerate(REJECT_CASES):
+    for i, (name, text, (line, _reason)) in enumerate(REJECT_CASES):
         path = write(raw / f"{i:02d}_{name}", text)
         expected.append(f"{path}:{line}: ")
     result = run("--raw", raw, "--out", out)
@@ -188,30 +250,53 @@ def test_unsupported_extension_is_a_warning(tmp_path):
 
 # --------------------------------------------------------------------------- the whole job
 
+
 def build_mixed_folder(raw):
     """All formats, a cross-file duplicate, one broken JSON line, one CSV row with an empty answer."""
-    write(raw / "a_messages.jsonl",
-          jl({"messages": qa("Quando foi fundado o Farense?", "A 1 de abril de 1910.")},
-             {"messages": qa("Qual é o estádio do Farense?", "O Estádio de São Luís, em Faro.")})
-          + '{"messages": [broken\n'                                   # line 3: invalid JSON
-          + jl({"prompt": "Quais são as cores?", "completion": "Preto e branco."}))
-    write(raw / "b_object.json", json.dumps({"question": "Qual é a alcunha?", "answer": "Leões de Faro."},
-                                            ensure_ascii=False))
-    write(raw / "c_array.json", json.dumps([
-        {"pergunta": "Como se chamam os adeptos?", "resposta": "Farenses."},
-        {"instruction": "Responde em português", "input": "De que cidade é o Farense?", "output": "De Faro."},
-        {"instruction": "Que desporto pratica o clube?", "output": "Futebol."},
-        # duplicate of a_messages.jsonl line 1 (different shape, same conversation after cleaning)
-        {"question": " Quando foi fundado o Farense? ", "answer": "A 1 de abril de 1910."},
-    ], ensure_ascii=False, indent=2))
-    write(raw / "d_semicolon.csv",
-          "\ufeffPergunta;Resposta\n"
-          "Onde fica Faro?;No Algarve.\n"
-          "Como compro bilhetes?;\n"                                     # line 3: empty answer
-          "\"Posso ser\nsócio?\";Sim, pelo site oficial.\n")
-    write(raw / "e_comma.csv", "question,answer\nQual é a capital do Algarve?,\"Faro, no sul.\"\n")
-    write(raw / "f_tabs.tsv", "pergunta\tresposta\nHá loja oficial?\tSim; veja o site oficial.\n"
-                              "Qual é o estádio do Farense?\tO Estádio de São Luís, em Faro.\n")
+    write(
+        raw / "a_messages.jsonl",
+        jl(
+            {"messages": qa("Quando foi fundado o Farense?", "A 1 de abril de 1910.")},
+            {"messages": qa("Qual é o estádio do Farense?", "O Estádio de São Luís, em Faro.")},
+        )
+        + '{"messages": [broken\n'  # line 3: invalid JSON
+        + jl({"prompt": "Quais são as cores?", "completion": "Preto e branco."}),
+    )
+    write(
+        raw / "b_object.json",
+        json.dumps({"question": "Qual é a alcunha?", "answer": "Leões de Faro."}, ensure_ascii=False),
+    )
+    write(
+        raw / "c_array.json",
+        json.dumps(
+            [
+                {"pergunta": "Como se chamam os adeptos?", "resposta": "Farenses."},
+                {
+                    "instruction": "Responde em português",
+                    "input": "De que cidade é o Farense?",
+                    "output": "De Faro.",
+                },
+                {"instruction": "Que desporto pratica o clube?", "output": "Futebol."},
+                # duplicate of a_messages.jsonl line 1 (different shape, same conversation after cleaning)
+                {"question": " Quando foi fundado o Farense? ", "answer": "A 1 de abril de 1910."},
+            ],
+            ensure_ascii=False,
+            indent=2,
+        ),
+    )
+    write(
+        raw / "d_semicolon.csv",
+        "\ufeffPergunta;Resposta\n"
+        "Onde fica Faro?;No Algarve.\n"
+        "Como compro bilhetes?;\n"  # line 3: empty answer
+        '"Posso ser\nsócio?";Sim, pelo site oficial.\n',
+    )
+    write(raw / "e_comma.csv", 'question,answer\nQual é a capital do Algarve?,"Faro, no sul."\n')
+    write(
+        raw / "f_tabs.tsv",
+        "pergunta\tresposta\nHá loja oficial?\tSim; veja o site oficial.\n"
+        "Qual é o estádio do Farense?\tO Estádio de São Luís, em Faro.\n",
+    )
 
 
 def test_done_criterion(tmp_path):
@@ -231,14 +316,20 @@ def test_done_criterion(tmp_path):
     assert (report["train"], report["valid"]) == (len(train), len(valid))
     assert report["duplicates"] == 2
     assert sorted((r["file"], r["line"]) for r in report["rejected"]) == [
-        (f"{raw}/a_messages.jsonl", 3), (f"{raw}/d_semicolon.csv", 3)]
+        (f"{raw}/a_messages.jsonl", 3),
+        (f"{raw}/d_semicolon.csv", 3),
+    ]
     total = sum(f["records"] for f in report["files"])
     assert total == 15 == report["records"]
     assert report["train"] + report["valid"] + report["duplicates"] + len(report["rejected"]) == total
     assert {f["path"]: (f["records"], f["valid"], f["rejected"]) for f in report["files"]} == {
-        f"{raw}/a_messages.jsonl": (4, 3, 1), f"{raw}/b_object.json": (1, 1, 0),
-        f"{raw}/c_array.json": (4, 4, 0), f"{raw}/d_semicolon.csv": (3, 2, 1),
-        f"{raw}/e_comma.csv": (1, 1, 0), f"{raw}/f_tabs.tsv": (2, 2, 0)}
+        f"{raw}/a_messages.jsonl": (4, 3, 1),
+        f"{raw}/b_object.json": (1, 1, 0),
+        f"{raw}/c_array.json": (4, 4, 0),
+        f"{raw}/d_semicolon.csv": (3, 2, 1),
+        f"{raw}/e_comma.csv": (1, 1, 0),
+        f"{raw}/f_tabs.tsv": (2, 2, 0),
+    }
     assert (report["seed"], report["valid_fraction"], report["source"]) == (0, 0.3, str(raw))
 
     everything = [json.dumps(r, sort_keys=True) for r in train + valid]
@@ -248,14 +339,18 @@ def test_done_criterion(tmp_path):
     assert train and valid
     assert "Posso ser\nsócio?" in questions(train) | questions(valid)
     assert "Responde em português\n\nDe que cidade é o Farense?" in questions(train) | questions(valid)
-    text = (out / "train.jsonl").read_text(encoding="utf-8") + (out / "valid.jsonl").read_text(encoding="utf-8")
-    assert "São Luís" in text or "sócio" in text            # UTF-8 kept, not \u escapes
+    text = (out / "train.jsonl").read_text(encoding="utf-8") + (out / "valid.jsonl").read_text(
+        encoding="utf-8"
+    )
+    assert "São Luís" in text or "sócio" in text  # UTF-8 kept, not \u escapes
     assert "\\u00" not in text
 
 
 def test_deterministic_and_seed_dependent(tmp_path):
     raw = tmp_path / "raw"
-    write(raw / "a.jsonl", jl(*({"question": f"Pergunta {i}?", "answer": f"Resposta {i}."} for i in range(40))))
+    write(
+        raw / "a.jsonl", jl(*({"question": f"Pergunta {i}?", "answer": f"Resposta {i}."} for i in range(40)))
+    )
     outs = [tmp_path / name for name in ("one", "two", "three")]
     for out, seed in zip(outs, (7, 7, 8)):
         assert run("--raw", raw, "--out", out, "--seed", seed).returncode == 0
@@ -298,9 +393,14 @@ def test_too_few_conversations(tmp_path):
 def test_system_prompt_from_config(tmp_path):
     raw, out, cfg = tmp_path / "raw", tmp_path / "out", tmp_path / "config.yaml"
     write(cfg, "system_prompt: És o assistente do Sporting Clube Farense.\nseed: 3\n")
-    write(raw / "a.jsonl", jl({"question": "q1", "answer": "a1"},
-                              {"messages": [{"role": "system", "content": "Outro."}] + qa("q2", "a2")},
-                              {"question": "q3", "answer": "a3"}))
+    write(
+        raw / "a.jsonl",
+        jl(
+            {"question": "q1", "answer": "a1"},
+            {"messages": [{"role": "system", "content": "Outro."}] + qa("q2", "a2")},
+            {"question": "q3", "answer": "a3"},
+        ),
+    )
     result = run("--config", cfg, "--raw", raw, "--out", out)
     assert result.returncode == 0, result.stderr
     rows = read_jsonl(out / "train.jsonl") + read_jsonl(out / "valid.jsonl")
@@ -330,4 +430,4 @@ def test_sample_data_is_good():
     assert len(set(raw_lines)) == len(raw_lines)
     assert all(unicodedata.is_normalized("NFC", line) for line in raw_lines)
     answers = [c[-1]["content"] for c in convs]
-    assert len(set(answers)) < len(answers) / 2.5        # several paraphrases per fact
+    assert len(set(answers)) < len(answers) / 2.5  # several paraphrases per fact

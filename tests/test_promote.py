@@ -35,19 +35,37 @@ def make_run(models, name, noise, valid):
     for _, module in model.named_modules():
         if isinstance(module, LoRALinear):
             module.lora_b = mx.random.normal(module.lora_b.shape) * noise
-    weights = {k: v for k, v in tree_flatten(model.parameters())
-               if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+    weights = {
+        k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+    }
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)
     (out / "adapter_config.json").write_text(
-        json.dumps({"fine_tune_type": "lora", "num_layers": 4, "lora_parameters": LORA}))
+        json.dumps({"fine_tune_type": "lora", "num_layers": 4, "lora_parameters": LORA})
+    )
     (out / "training_config.json").write_text(json.dumps({"batch_size": 4}))
-    (out / "metadata.json").write_text(json.dumps({
-        "format": 1, "base_model": "models/tiny-mistral", "base_model_path": str(TINY),
-        "system_prompt": None, "max_seq_length": 512, "fine_tune_type": "lora",
-        "adapter_file": "adapters.safetensors", "data": {"valid": {"path": str(valid)}},
-        "generation": {"max_tokens": 16, "max_tokens_cap": 64, "temperature": 0.0, "top_p": 1.0,
-                       "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
-    }))
+    (out / "metadata.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "base_model": "models/tiny-mistral",
+                "base_model_path": str(TINY),
+                "system_prompt": None,
+                "max_seq_length": 512,
+                "fine_tune_type": "lora",
+                "adapter_file": "adapters.safetensors",
+                "data": {"valid": {"path": str(valid)}},
+                "generation": {
+                    "max_tokens": 16,
+                    "max_tokens_cap": 64,
+                    "temperature": 0.0,
+                    "top_p": 1.0,
+                    "top_k": 0,
+                    "min_p": 0.0,
+                    "repetition_penalty": 1.0,
+                },
+            }
+        )
+    )
     return out
 
 
@@ -75,7 +93,7 @@ def current(models):
 
 
 def test_promotes_a_better_candidate_and_refuses_a_worse_one(models, capsys):
-    assert run(models, "--name", "good") == 0                       # nothing live yet
+    assert run(models, "--name", "good") == 0  # nothing live yet
     assert current(models) == "good"
     assert "no live adapter" in capsys.readouterr().out
 
@@ -112,7 +130,11 @@ def test_switch_is_one_rename_and_leaves_no_temporary(models, tmp_path):
 
 
 def test_make_promote_target_runs_the_module():
-    r = subprocess.run(["make", "-n", "promote", "NAME=cand", "METRIC=chrf", "FORCE=1"], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["make", "-n", "promote", "NAME=cand", "METRIC=chrf", "FORCE=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "-m train.promote --name cand --metric chrf --force" in r.stdout

@@ -10,14 +10,36 @@ fallback, control tokens at v0.3's ids).
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT
 
 TEMPLATES = sorted((ROOT / "tests" / "fixtures" / "chat_templates").glob("*.jinja"))
 CONTROL = ["[INST]", "[/INST]", "</s>", "<s>", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[control_8]"]
-WORDS = ["Olá", "Farense", "Faro", "estádio", "São", "Luís", "1910", "fundado", "quando", "é",
-         "o", "clube", "leões", "preto", "branco", "?", "!", ",", "ção", "açúcar", "🦁"]
+WORDS = [
+    "Olá",
+    "Farense",
+    "Faro",
+    "estádio",
+    "São",
+    "Luís",
+    "1910",
+    "fundado",
+    "quando",
+    "é",
+    "o",
+    "clube",
+    "leões",
+    "preto",
+    "branco",
+    "?",
+    "!",
+    ",",
+    "ção",
+    "açúcar",
+    "🦁",
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +78,9 @@ def conversations(draw):
     return messages
 
 
-PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.stem)
@@ -102,15 +126,18 @@ def test_each_turns_prompt_extends_the_previous_one_for_the_prefix_cache(hf, tem
 
     tok = with_template(hf, template)
     user_turns = [i for i, m in enumerate(conv) if m["role"] == "user"]
-    prompts = [prompt.encode_prompt(tok, conv[:i + 1]) for i in user_turns]
+    prompts = [prompt.encode_prompt(tok, conv[: i + 1]) for i in user_turns]
     for earlier, later in zip(prompts, prompts[1:]):
         assert later[: len(earlier)] == earlier
 
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.stem)
 @PROPERTY
-@given(conv=conversations(), control=st.lists(st.sampled_from(CONTROL), min_size=1, max_size=4),
-       where=st.integers(0, 10))
+@given(
+    conv=conversations(),
+    control=st.lists(st.sampled_from(CONTROL), min_size=1, max_size=4),
+    where=st.integers(0, 10),
+)
 def test_control_strings_in_content_never_become_control_tokens(hf, template, conv, control, where):
     from core import prompt
 
@@ -138,8 +165,9 @@ def test_protected_encoding_equals_the_tokenizers_on_plain_text(hf, template, co
     tok = prompt._hf(with_template(hf, template))
     messages = prompt._normalize(tok, conv)
     rendered = tok.apply_chat_template(messages, tokenize=False)
-    assert prompt._encode_protected(tok, prompt._info(tok), messages, False) == \
-        tok.encode(rendered, add_special_tokens=False)
+    assert prompt._encode_protected(tok, prompt._info(tok), messages, False) == tok.encode(
+        rendered, add_special_tokens=False
+    )
 
 
 def test_fifty_copies_of_each_control_string_add_at_least_100_prompt_tokens(hf):
@@ -156,33 +184,49 @@ def test_mistral_v03_system_prompt_is_folded_into_the_first_turn(hf):
     from core import prompt
 
     tok = with_template(hf, ROOT / "tests/fixtures/chat_templates/mistral-v0.3.jinja")
-    conv = [{"role": "system", "content": "Sê breve."}, {"role": "user", "content": "Quem?"},
-            {"role": "assistant", "content": "O Farense."}, {"role": "user", "content": "Onde?"}]
+    conv = [
+        {"role": "system", "content": "Sê breve."},
+        {"role": "user", "content": "Quem?"},
+        {"role": "assistant", "content": "O Farense."},
+        {"role": "user", "content": "Onde?"},
+    ]
     assert not prompt.accepts_system_role(tok)
-    assert prompt.render(tok, conv, True) == \
-        "<s>[INST] Sê breve.\n\nQuem?[/INST] O Farense.</s>[INST] Onde?[/INST]"
+    assert (
+        prompt.render(tok, conv, True)
+        == "<s>[INST] Sê breve.\n\nQuem?[/INST] O Farense.</s>[INST] Onde?[/INST]"
+    )
 
 
 def test_a_template_that_drops_the_system_message_is_detected(hf):
     from core import prompt
 
-    tok = set_template(hf, "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
-                         "[/INST]{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}"
-                         "{% endfor %}")
-    assert not prompt.accepts_system_role(tok)   # the old probe looked for an "s", which "<s>" has
-    text = prompt.render(tok, [{"role": "system", "content": "Sê breve."}, {"role": "user", "content": "Quem?"}], True)
+    tok = set_template(
+        hf,
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+        "[/INST]{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}"
+        "{% endfor %}",
+    )
+    assert not prompt.accepts_system_role(tok)  # the old probe looked for an "s", which "<s>" has
+    text = prompt.render(
+        tok, [{"role": "system", "content": "Sê breve."}, {"role": "user", "content": "Quem?"}], True
+    )
     assert "Sê breve." in text
 
 
 def test_a_template_whose_prompt_is_not_a_prefix_stops_with_file_and_line(hf, tmp_path):
     from train import batches
 
-    set_template(hf, "{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
-                        "{% else %}R:{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-                        "{% if add_generation_prompt %}Resposta: {% endif %}")
+    set_template(
+        hf,
+        "{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+        "{% else %}R:{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}Resposta: {% endif %}",
+    )
     data = tmp_path / "train.jsonl"
-    data.write_text('{"messages":[{"role":"user","content":"Quem?"},{"role":"assistant","content":"Nós."}]}\n\n'
-                    '{"messages":[{"role":"user","content":"Onde?"},{"role":"assistant","content":"Faro."}]}\n')
+    data.write_text(
+        '{"messages":[{"role":"user","content":"Quem?"},{"role":"assistant","content":"Nós."}]}\n\n'
+        '{"messages":[{"role":"user","content":"Onde?"},{"role":"assistant","content":"Faro."}]}\n'
+    )
     split = batches.read_split(data)
     with pytest.raises(ValueError, match=rf"{data}:1: the chat template's prompt is not a prefix"):
         batches.encode(hf, split.conversations, None, True, 512, "last", split.where)
@@ -192,8 +236,12 @@ def test_all_assistant_trains_every_answer_with_its_served_prefix(hf):
     from core import prompt
 
     tok = with_template(hf, ROOT / "tests/fixtures/chat_templates/mistral-v0.3.jinja")
-    conv = [{"role": "user", "content": "Quem?"}, {"role": "assistant", "content": "O Farense."},
-            {"role": "user", "content": "Onde?"}, {"role": "assistant", "content": "Em Faro."}]
+    conv = [
+        {"role": "user", "content": "Quem?"},
+        {"role": "assistant", "content": "O Farense."},
+        {"role": "user", "content": "Onde?"},
+        {"role": "assistant", "content": "Em Faro."},
+    ]
     last = prompt.encode_examples(tok, conv, "Sê breve.", "last")
     every = prompt.encode_examples(tok, conv, "Sê breve.", "all_assistant")
     assert len(last) == 1 and len(every) == 2 and every[-1] == last[0]

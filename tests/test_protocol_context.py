@@ -14,11 +14,16 @@ def msg(role, words):
     return {"role": role, "content": " ".join(["w"] * words)}
 
 
-SYSTEM = msg("system", 5)                                          # 7 tokens
-CONV = [SYSTEM, msg("user", 3), msg("assistant", 3),               # turn 1: 10 tokens
-        msg("user", 8), msg("assistant", 8),                       # turn 2: 20 tokens
-        msg("user", 4)]                                            # last: 6 tokens
-FULL = len(encode(CONV))                                           # 1 + 7 + 10 + 20 + 6 = 44
+SYSTEM = msg("system", 5)  # 7 tokens
+CONV = [
+    SYSTEM,
+    msg("user", 3),
+    msg("assistant", 3),  # turn 1: 10 tokens
+    msg("user", 8),
+    msg("assistant", 8),  # turn 2: 20 tokens
+    msg("user", 4),
+]  # last: 6 tokens
+FULL = len(encode(CONV))  # 1 + 7 + 10 + 20 + 6 = 44
 
 
 def test_split_turns_keeps_system_and_last_user_turn():
@@ -85,6 +90,18 @@ def test_response_messages_are_built_in_protocol():
     assert protocol.pong_message("p") == {"type": "pong", "id": "p"}
     done = protocol.done_message("a", "x", "stop", {"prompt_tokens": 1}, {"total_ms": 1.0}, "m", None)
     assert done["type"] == "done" and done["model"] == "m" and done["adapter"] is None
-    assert protocol.ready_message(model="m", adapter=None, pid=1, max_tokens=1, max_tokens_cap=1,
-                                  max_line_bytes=1, context_length=None, backend="cpu", blas=None,
-                                  version="")["protocol"] == protocol.PROTOCOL_VERSION
+    assert (
+        protocol.ready_message(
+            model="m",
+            adapter=None,
+            pid=1,
+            max_tokens=1,
+            max_tokens_cap=1,
+            max_line_bytes=1,
+            context_length=None,
+            backend="cpu",
+            blas=None,
+            version="",
+        )["protocol"]
+        == protocol.PROTOCOL_VERSION
+    )

@@ -8,14 +8,30 @@ import signal
 import subprocess
 
 import pytest
-
-from helpers_train import (ROOT, env_for, load_weights, max_abs_diff, ok, run_dir, run_module,
-                           run_train, shared_base, train_cmd, trained, write_config)
+from helpers_train import (
+    ROOT,
+    env_for,
+    load_weights,
+    max_abs_diff,
+    ok,
+    run_dir,
+    run_module,
+    run_train,
+    shared_base,
+    train_cmd,
+    trained,
+    write_config,
+)
 from test_train import watch_until
 from worker_harness import Worker
 
-QLORA = {"model": "models/tiny-mistral-4bit", "iters": 12, "save_every": 4, "steps_per_eval": 4,
-         "lora_parameters": {"rank": 4, "scale": 4.0, "dropout": 0.1}}
+QLORA = {
+    "model": "models/tiny-mistral-4bit",
+    "iters": 12,
+    "save_every": 4,
+    "steps_per_eval": 4,
+    "lora_parameters": {"rank": 4, "scale": 4.0, "dropout": 0.1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +57,9 @@ def test_every_linear_layer_of_the_4bit_model_is_quantized(tiny_model_4bit):
     from mlx_lm import load
 
     model, _ = load(str(tiny_model_4bit))
-    kinds = {type(m).__name__ for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
+    kinds = {
+        type(m).__name__ for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+    }
     assert kinds == {"QuantizedLinear"}
     scales = {v.dtype for k, v in tree_flatten(model.parameters()) if k.endswith(".scales")}
     assert scales == {mx.float32}
@@ -62,10 +80,15 @@ def test_qlora_trains_keeps_best_and_records_it(qlora_run):
 
 def test_qlora_kill_9_then_rerun_matches_the_uninterrupted_run(shared, qlora_run, tmp_path):
     reference, _ = qlora_run
-    proc = subprocess.Popen(train_cmd(shared / "qlora.yaml", "q", shared / "data"), cwd=ROOT,
-                            env=env_for(tmp_path, TRAIN_STEP_DELAY_S=0.2),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    reached = watch_until(proc, tmp_path / "logs" / "q" / "metrics.jsonl", 6)   # after step 4's checkpoint
+    proc = subprocess.Popen(
+        train_cmd(shared / "qlora.yaml", "q", shared / "data"),
+        cwd=ROOT,
+        env=env_for(tmp_path, TRAIN_STEP_DELAY_S=0.2),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reached = watch_until(proc, tmp_path / "logs" / "q" / "metrics.jsonl", 6)  # after step 4's checkpoint
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
@@ -115,25 +138,36 @@ def test_fifty_copies_of_a_control_string_are_text_to_the_worker(worker, text):
 def test_a_conversation_the_template_cannot_train_stops_with_file_and_line(shared, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    text = ('{"messages":[{"role":"user","content":"Quem?"},{"role":"assistant","content":"Nós."}]}\n'
-            '{"messages":[{"role":"user","content":"Onde?"}]}\n')
+    text = (
+        '{"messages":[{"role":"user","content":"Quem?"},{"role":"assistant","content":"Nós."}]}\n'
+        '{"messages":[{"role":"user","content":"Onde?"}]}\n'
+    )
     for split in ("train", "valid"):
         (data / f"{split}.jsonl").write_text(text, encoding="utf-8")
     proc = run_train(tmp_path, shared / "small.yaml", "bad", data)
     assert proc.returncode == 2
-    assert f"error: {data / 'train.jsonl'}:2: a training conversation must end with an assistant turn" in proc.stderr
+    assert (
+        f"error: {data / 'train.jsonl'}:2: a training conversation must end with an assistant turn"
+        in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
 
 
 # --------------------------------------------------------------------------- train/serve parity (slow)
+
 
 def exact_answers_through_the_worker(adapter, conversations):
     """How many training questions the worker answers with exactly their training answer."""
     w = Worker("--context-length", "2048", adapter=adapter)
     try:
         for i, messages in enumerate(conversations):
-            w.send({"id": f"q{i}", "messages": [m for m in messages[:-1] if m["role"] != "system"],
-                    "max_tokens": 80})
+            w.send(
+                {
+                    "id": f"q{i}",
+                    "messages": [m for m in messages[:-1] if m["role"] != "system"],
+                    "max_tokens": 80,
+                }
+            )
         done = [w.terminal(f"q{i}", timeout=300) for i in range(len(conversations))]
     finally:
         w.close()
@@ -156,15 +190,21 @@ def test_a_model_trained_with_a_system_prompt_answers_as_well_through_the_worker
     plain.mkdir(exist_ok=True)
     for name in ("train", "valid"):
         rows = batches.read_split(shared / "data" / f"{name}.jsonl").conversations
-        (plain / f"{name}.jsonl").write_text("".join(
-            json.dumps({"messages": [m for m in c if m["role"] != "system"]}, ensure_ascii=False) + "\n"
-            for c in rows), encoding="utf-8")
+        (plain / f"{name}.jsonl").write_text(
+            "".join(
+                json.dumps({"messages": [m for m in c if m["role"] != "system"]}, ensure_ascii=False) + "\n"
+                for c in rows
+            ),
+            encoding="utf-8",
+        )
     with_system, _ = trained(shared / "demo", "demo", demo, shared / "data")
     without, _ = trained(shared / "demo-plain", "demo", demo, plain)
     assert json.loads((with_system / "metadata.json").read_text())["system_prompt"]
     n = len(split.conversations)
     got_with = exact_answers_through_the_worker(with_system, split.conversations)
     got_without = exact_answers_through_the_worker(without, split.conversations)
-    print(f"exact training answers through the worker: with system prompt {got_with}/{n}, without {got_without}/{n}")
+    print(
+        f"exact training answers through the worker: with system prompt {got_with}/{n}, without {got_without}/{n}"
+    )
     assert got_with > n / 2
     assert got_with >= got_without - n // 20

@@ -24,8 +24,20 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers_train import (PY, ROOT, env_for, load_weights, max_abs_diff, metrics, ok,  # noqa: E402
-                           reference_run, run_dir, run_train, shared_base, train_cmd)
+from helpers_train import (  # noqa: E402
+    PY,
+    ROOT,
+    env_for,
+    load_weights,
+    max_abs_diff,
+    metrics,
+    ok,
+    reference_run,
+    run_dir,
+    run_train,
+    shared_base,
+    train_cmd,
+)
 
 from train import checkpoint  # noqa: E402
 
@@ -76,7 +88,7 @@ class Inotify:
         out, i = [], 0
         while i + 16 <= len(data):
             wd, mask, _cookie, n = struct.unpack_from("iIII", data, i)
-            name = data[i + 16:i + 16 + n].rstrip(b"\0").decode()
+            name = data[i + 16 : i + 16 + n].rstrip(b"\0").decode()
             i += 16 + n
             if not mask & IN_IGNORED and wd in self.paths:
                 out.append((self.paths[wd], mask, name))
@@ -98,13 +110,19 @@ def kill_at(base, config, data, point, step=None, timeout=300, env=None):
       "bundle"    the moment the first output file of the final bundle is being written.
     Returns what was found on disk right after the kill."""
     out = run_dir(base, NAME)
-    out.mkdir(parents=True, exist_ok=True)            # the trainer never removes the run folder
+    out.mkdir(parents=True, exist_ok=True)  # the trainer never removes the run folder
     ino = Inotify()
     ino.watch(out)
-    if (out / "checkpoints").is_dir():                # a resumed run: the folder stays
+    if (out / "checkpoints").is_dir():  # a resumed run: the folder stays
         ino.watch(out / "checkpoints")
-    proc = subprocess.Popen(train_cmd(config, NAME, data), cwd=ROOT, env=env or env_for(base),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(config, NAME, data),
+        cwd=ROOT,
+        env=env or env_for(base),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     target = None if step is None else f"step_{step:07d}"
     metrics_file = base / "logs" / NAME / "metrics.jsonl"
     deadline = time.monotonic() + timeout
@@ -120,15 +138,27 @@ def kill_at(base, config, data, point, step=None, timeout=300, env=None):
                         hit = name
                     elif point.startswith("file:"):
                         ino.watch(folder / name, IN_CREATE)
-                        if (folder / name / point[5:]).exists():     # created before the watch
+                        if (folder / name / point[5:]).exists():  # created before the watch
                             hit = f"{name}/{point[5:]}"
-                elif point.startswith("file:") and folder.name.startswith(f"{checkpoint.TMP_PREFIX}{target}") \
-                        and name == point[5:]:
+                elif (
+                    point.startswith("file:")
+                    and folder.name.startswith(f"{checkpoint.TMP_PREFIX}{target}")
+                    and name == point[5:]
+                ):
                     hit = f"{folder.name}/{name}"
-                elif point == "renamed" and folder.name == "checkpoints" and name == target and mask & IN_MOVED_TO:
+                elif (
+                    point == "renamed"
+                    and folder.name == "checkpoints"
+                    and name == target
+                    and mask & IN_MOVED_TO
+                ):
                     hit = name
-                elif point == "best_tmp" and folder == out and name.startswith(f"{checkpoint.TMP_PREFIX}best") \
-                        and _newest_step(out) == step:
+                elif (
+                    point == "best_tmp"
+                    and folder == out
+                    and name.startswith(f"{checkpoint.TMP_PREFIX}best")
+                    and _newest_step(out) == step
+                ):
                     hit = name
                 elif point == "bundle" and folder == out and mask & IN_CREATE and name.endswith(".tmp"):
                     hit = name
@@ -137,8 +167,11 @@ def kill_at(base, config, data, point, step=None, timeout=300, env=None):
                     killed_at = hit
                     break
             if point == "step" and killed_at is None and metrics_file.exists():
-                steps = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()
-                         if line.endswith("}")]
+                steps = [
+                    json.loads(line)["step"]
+                    for line in metrics_file.read_text().splitlines()
+                    if line.endswith("}")
+                ]
                 if max(steps, default=-1) >= step:
                     os.kill(proc.pid, signal.SIGKILL)
                     killed_at = f"after step {max(steps)}"
@@ -149,16 +182,23 @@ def kill_at(base, config, data, point, step=None, timeout=300, env=None):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"no kill at {point} {step}: the run ended first\n{stderr[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL, (
+        f"no kill at {point} {step}: the run ended first\n{stderr[-3000:]}"
+    )
     ckpts = out / "checkpoints"
     found = {
-        "point": point, "step": step, "event": killed_at,
-        "tmp_dirs": {p.name: sorted(f.name for f in p.iterdir())
-                     for p in (ckpts.iterdir() if ckpts.is_dir() else []) if p.name.startswith(checkpoint.TMP_PREFIX)},
+        "point": point,
+        "step": step,
+        "event": killed_at,
+        "tmp_dirs": {
+            p.name: sorted(f.name for f in p.iterdir())
+            for p in (ckpts.iterdir() if ckpts.is_dir() else [])
+            if p.name.startswith(checkpoint.TMP_PREFIX)
+        },
         "complete": [p.name for s, p in checkpoint.list_steps(ckpts)],
     }
     for _, path in checkpoint.list_steps(ckpts):
-        checkpoint.verify(path)          # a finished checkpoint folder is always whole
+        checkpoint.verify(path)  # a finished checkpoint folder is always whole
     return found
 
 
@@ -171,9 +211,13 @@ def resume_and_compare(base, config, data, reference, shared):
     proc = ok(run_train(base, config, NAME, data))
     assert "resuming from" in proc.stderr, proc.stderr[-3000:]
     out = run_dir(base, NAME)
-    diff = max_abs_diff(load_weights(reference / "adapters.safetensors"), load_weights(out / "adapters.safetensors"))
-    best = max_abs_diff(load_weights(reference / "best" / "adapters.safetensors"),
-                        load_weights(out / "best" / "adapters.safetensors"))
+    diff = max_abs_diff(
+        load_weights(reference / "adapters.safetensors"), load_weights(out / "adapters.safetensors")
+    )
+    best = max_abs_diff(
+        load_weights(reference / "best" / "adapters.safetensors"),
+        load_weights(out / "best" / "adapters.safetensors"),
+    )
     assert diff <= 1e-5 and best <= 1e-5, (diff, best)
     assert [r["step"] for r in metrics(base, NAME)] == [r["step"] for r in metrics(shared / "ref", NAME)]
     return diff
@@ -182,8 +226,11 @@ def resume_and_compare(base, config, data, reference, shared):
 def leftovers(base):
     """Temporary files and folders of interrupted writes still in the run folder."""
     out = run_dir(base, NAME)
-    return [p.name for p in list((out / "checkpoints").iterdir()) + list(out.iterdir())
-            if p.name.startswith((checkpoint.TMP_PREFIX, ".step_")) or p.name.endswith(".tmp")]
+    return [
+        p.name
+        for p in list((out / "checkpoints").iterdir()) + list(out.iterdir())
+        if p.name.startswith((checkpoint.TMP_PREFIX, ".step_")) or p.name.endswith(".tmp")
+    ]
 
 
 # ----------------------------------------------------------------------------- kill -9
@@ -196,8 +243,10 @@ def test_kill_9_during_a_checkpoint_write_then_resume(shared, reference, tmp_pat
     step = random.Random(seed).choice([10, 15, 20])
     found = kill_at(tmp_path, shared / "small.yaml", shared / "data", f"file:{checkpoint.OPTIMIZER}", step)
     assert found["tmp_dirs"], f"the kill missed the write (seed {seed}): {found}"
-    assert any(checkpoint.ADAPTERS in files and checkpoint.MANIFEST not in files
-               for files in found["tmp_dirs"].values()), found
+    assert any(
+        checkpoint.ADAPTERS in files and checkpoint.MANIFEST not in files
+        for files in found["tmp_dirs"].values()
+    ), found
     assert f"step_{step:07d}" not in found["complete"] and f"step_{step - 5:07d}" in found["complete"], found
     diff = resume_and_compare(tmp_path, shared / "small.yaml", shared / "data", reference, shared)
     report(test="train_kill_during_checkpoint", seed=seed, max_abs_diff=diff, **found)
@@ -211,8 +260,14 @@ def test_kill_9_at_many_points_of_one_run(shared, reference, tmp_path):
     written, and while the final bundle is written - and resumed after each: the end result
     equals the uninterrupted run."""
     rnd = random.Random(seed := random.randrange(1 << 30))
-    plan = [("step", rnd.randint(6, 9)), ("ckpt_tmp", 10), (f"file:{checkpoint.MANIFEST}", 15),
-            ("renamed", 20), ("best_tmp", 25), ("bundle", None)]
+    plan = [
+        ("step", rnd.randint(6, 9)),
+        ("ckpt_tmp", 10),
+        (f"file:{checkpoint.MANIFEST}", 15),
+        ("renamed", 20),
+        ("best_tmp", 25),
+        ("bundle", None),
+    ]
     kills = []
     for point, step in plan:
         found = kill_at(tmp_path, shared / "small.yaml", shared / "data", point, step)
@@ -224,11 +279,16 @@ def test_kill_9_at_many_points_of_one_run(shared, reference, tmp_path):
             assert any(checkpoint.MANIFEST in files for files in found["tmp_dirs"].values()), found
         if point == "renamed":
             assert f"step_{step:07d}" in found["complete"], found
-    assert not (run_dir(tmp_path, NAME) / "metadata.json").exists()   # never a half-finished bundle
+    assert not (run_dir(tmp_path, NAME) / "metadata.json").exists()  # never a half-finished bundle
     diff = resume_and_compare(tmp_path, shared / "small.yaml", shared / "data", reference, shared)
     left = leftovers(tmp_path)
-    report(test="train_kill_many", seed=seed, max_abs_diff=diff, leftovers=left,
-           kills=[{k: v for k, v in f.items() if k != "complete"} for f in kills])
+    report(
+        test="train_kill_many",
+        seed=seed,
+        max_abs_diff=diff,
+        leftovers=left,
+        kills=[{k: v for k, v in f.items() if k != "complete"} for f in kills],
+    )
     # A kill while the bundle is written leaves atomic.write_bytes' ".NAME.XXXX.tmp" files;
     # the rerun must remove them, as it removes the ".tmp-*" folders.
     assert left == [], f"temporary files left in {run_dir(tmp_path, NAME)}: {left}"
@@ -274,7 +334,7 @@ def _after_a_failed_checkpoint(base, proc, fail_step):
     steps = [s for s, _ in checkpoint.list_steps(ckpts)]
     assert proc.returncode not in (0, -signal.SIGKILL), proc.stderr[-3000:]
     assert fail_step not in steps and fail_step - 5 in steps, (steps, proc.stderr[-2000:])
-    checkpoint.verify(ckpts / f"step_{fail_step - 5:07d}")          # the previous one is intact
+    checkpoint.verify(ckpts / f"step_{fail_step - 5:07d}")  # the previous one is intact
     assert not [p.name for p in ckpts.iterdir() if p.name.startswith(checkpoint.TMP_PREFIX)]
     assert not (out / "metadata.json").exists()
     return steps
@@ -290,8 +350,9 @@ def _clear_error(stderr, cause):
     tail = stderr[-3000:]
     assert "Traceback" not in stderr, f"a traceback instead of a clear error message:\n{tail}"
     lines = [line.lower() for line in stderr.splitlines()]
-    assert any("checkpoint" in line and any(c in line for c in cause) for line in lines), \
+    assert any("checkpoint" in line and any(c in line for c in cause) for line in lines), (
         f"no message naming the checkpoint and the cause ({cause}):\n{tail}"
+    )
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(shared, reference, tmp_path):
@@ -300,22 +361,38 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(shared, referenc
     error, checkpoint 10 is intact and no partial folder is left; with space again, the same
     command resumes from 10 and ends equal to the uninterrupted run."""
     env = env_for(tmp_path, FAIL_STEP=15, FAIL_ERRNO="ENOSPC")
-    cmd = [PY, "-c", FAILING_SAVE, "--config", str(shared / "small.yaml"), "--name", NAME,
-           "--data", str(shared / "data")]
+    cmd = [
+        PY,
+        "-c",
+        FAILING_SAVE,
+        "--config",
+        str(shared / "small.yaml"),
+        "--name",
+        NAME,
+        "--data",
+        str(shared / "data"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     steps = _after_a_failed_checkpoint(tmp_path, proc, 15)
     stderr = proc.stderr
     again = ok(run_train(tmp_path, shared / "small.yaml", NAME, shared / "data"))
     assert f"resuming from {run_dir(tmp_path, NAME) / 'checkpoints' / 'step_0000010'}" in again.stderr
     diff = _compare_only(tmp_path, reference, shared)
-    report(test="train_enospc_simulated", exit_code=proc.returncode, checkpoints_left=steps,
-           max_abs_diff=diff, last_line=stderr.strip().splitlines()[-1][:200])
+    report(
+        test="train_enospc_simulated",
+        exit_code=proc.returncode,
+        checkpoints_left=steps,
+        max_abs_diff=diff,
+        last_line=stderr.strip().splitlines()[-1][:200],
+    )
     _clear_error(stderr, NO_SPACE)
 
 
 def _compare_only(base, reference, shared):
     out = run_dir(base, NAME)
-    diff = max_abs_diff(load_weights(reference / "adapters.safetensors"), load_weights(out / "adapters.safetensors"))
+    diff = max_abs_diff(
+        load_weights(reference / "adapters.safetensors"), load_weights(out / "adapters.safetensors")
+    )
     assert diff <= 1e-5, diff
     assert [r["step"] for r in metrics(base, NAME)] == [r["step"] for r in metrics(shared / "ref", NAME)]
     return diff
@@ -323,11 +400,14 @@ def _compare_only(base, reference, shared):
 
 def _mount_tmpfs(path, size):
     path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'not root'}): the real "
-                    "full-disk test needs it; the simulated one still runs")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({proc.stderr.strip() or 'not root'}): the real "
+            "full-disk test needs it; the simulated one still runs"
+        )
 
 
 def _remount(path, options):
@@ -356,9 +436,13 @@ def test_a_real_full_disk_and_a_read_only_folder(shared, reference, tmp_path):
         again = ok(run_train(tmp_path, shared / "small.yaml", NAME, shared / "data"))
         assert "resuming from" in again.stderr
         diff = _compare_only(tmp_path, reference, shared)
-        report(test="train_enospc_erofs_tmpfs", checkpoints_when_full=steps, max_abs_diff=diff,
-               enospc_last_line=first.stderr.strip().splitlines()[-1][:200],
-               erofs_last_line=second.stderr.strip().splitlines()[-1][:200])
+        report(
+            test="train_enospc_erofs_tmpfs",
+            checkpoints_when_full=steps,
+            max_abs_diff=diff,
+            enospc_last_line=first.stderr.strip().splitlines()[-1][:200],
+            erofs_last_line=second.stderr.strip().splitlines()[-1][:200],
+        )
         _clear_error(first.stderr, NO_SPACE)
         _clear_error(second.stderr, READ_ONLY)
     finally:

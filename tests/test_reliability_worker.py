@@ -39,8 +39,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from worker_harness import (REQUEST_VALIDATOR, ROOT, TINY, VALIDATOR, Worker,  # noqa: E402
-                            ensure_tiny_model, worker_env)
+from worker_harness import REQUEST_VALIDATOR, ROOT, TINY, VALIDATOR, Worker, ensure_tiny_model, worker_env  # noqa: E402
 
 from worker import protocol  # noqa: E402
 
@@ -65,18 +64,38 @@ def rss(pid):
 SYSTEMS = [
     None,
     "És o assistente do Sporting Clube Farense. Responde em português europeu.",
-    ("És o assistente do Sporting Clube Farense, clube de futebol de Faro fundado em 1910. "
-     "Responde com frases curtas e factos verificáveis. ") * 6,
-    ("Responde sempre com uma única frase sobre o Farense, o Estádio de São Luís e a cidade "
-     "de Faro, no Algarve. ") * 10,
+    (
+        "És o assistente do Sporting Clube Farense, clube de futebol de Faro fundado em 1910. "
+        "Responde com frases curtas e factos verificáveis. "
+    )
+    * 6,
+    (
+        "Responde sempre com uma única frase sobre o Farense, o Estádio de São Luís e a cidade "
+        "de Faro, no Algarve. "
+    )
+    * 10,
 ]
 QUESTIONS = [
-    PROMPT, "Qual é o estádio do Farense?", "Onde fica Faro?", "Quem são os adeptos do Farense?",
-    "Quais são as cores do clube?", "Como se chama a mascote?", "Em que divisão joga o Farense?",
-    "Qual é a capacidade do Estádio de São Luís?", "Quem foi o melhor marcador?",
-    "Como comprar bilhetes?", "Onde treina a equipa?", "Qual é a alcunha do clube?",
-    "Conta a história do Farense.", "O que é o Algarve?", "Quando joga o Farense?",
-    "Olá!", "Obrigado.", "Qual é o site oficial?", "Há escolas de futebol?", "Quem é o treinador?",
+    PROMPT,
+    "Qual é o estádio do Farense?",
+    "Onde fica Faro?",
+    "Quem são os adeptos do Farense?",
+    "Quais são as cores do clube?",
+    "Como se chama a mascote?",
+    "Em que divisão joga o Farense?",
+    "Qual é a capacidade do Estádio de São Luís?",
+    "Quem foi o melhor marcador?",
+    "Como comprar bilhetes?",
+    "Onde treina a equipa?",
+    "Qual é a alcunha do clube?",
+    "Conta a história do Farense.",
+    "O que é o Algarve?",
+    "Quando joga o Farense?",
+    "Olá!",
+    "Obrigado.",
+    "Qual é o site oficial?",
+    "Há escolas de futebol?",
+    "Quem é o treinador?",
 ]
 GARBAGE = [
     b"{not json",
@@ -98,13 +117,14 @@ def _soak_request(rnd, i):
     system = rnd.choice(SYSTEMS[2:] if i < 32 else SYSTEMS)
     question = rnd.choice(QUESTIONS)
     if rnd.random() < 0.3:
-        question = f"{question} ({i})"          # a prompt never seen before
+        question = f"{question} ({i})"  # a prompt never seen before
     req = {"id": f"s{i}", "max_tokens": 12 if i < 32 else rnd.randint(1, 12), "stream": rnd.random() < 0.5}
     if system is None and rnd.random() < 0.5:
         req["prompt"] = question
     else:
-        req["messages"] = ([{"role": "system", "content": system}] if system else []) + \
-                          [{"role": "user", "content": question}]
+        req["messages"] = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": question}
+        ]
     r = rnd.random()
     if r < 0.3:
         req.update(temperature=0.8, seed=rnd.randrange(1 << 31))
@@ -124,18 +144,18 @@ def soak(n, seed, max_outstanding=16, budget=1 << 20, max_growth=0.10):
     w = Worker("--prefix-cache-bytes", budget)
     try:
         pid = w.proc.pid
-        outstanding = {}                 # id -> request
-        answered = {}                    # id -> terminal message
+        outstanding = {}  # id -> request
+        answered = {}  # id -> terminal message
         requests = {}
         garbage_sent = 0
         cancels_sent = 0
         stats = []
         pos = 0
         i = 0
-        warm_at = max(n // 3, 150)        # every batch size and prompt shape seen by then
+        warm_at = max(n // 3, 150)  # every batch size and prompt shape seen by then
         sample_every = 3
         fds_warm = None
-        rss_warmup, rss_samples = [], []     # RSS under load: during and after the warm-up
+        rss_warmup, rss_samples = [], []  # RSS under load: during and after the warm-up
         t0 = time.monotonic()
         while i < n or outstanding:
             lines = []
@@ -225,24 +245,35 @@ def soak(n, seed, max_outstanding=16, budget=1 << 20, max_growth=0.10):
         half = len(rss_samples) // 2
         rss_warm, rss_late = max(rss_warmup), max(rss_samples[half:])
         growth = (rss_late - rss_warm) / rss_warm
-        figures = dict(test=f"soak_{n}", requests=n, seconds=round(elapsed, 1), garbage=garbage_sent,
-                       cancels=cancels_sent, cancelled=cancelled, rss_samples=len(rss_samples),
-                       rss_max_warmup_mb=round(rss_warm / 2**20, 1),
-                       rss_max_after_warmup_first_half_mb=round(max(rss_samples[:half]) / 2**20, 1),
-                       rss_max_second_half_mb=round(rss_late / 2**20, 1),
-                       rss_min_after_warmup_mb=round(min(rss_samples) / 2**20, 1),
-                       rss_idle_end_mb=round(rss_end / 2**20, 1),
-                       rss_growth_pct=round(growth * 100, 2),
-                       active_mb_end=round(final_stats["memory"]["active_bytes"] / 2**20, 1),
-                       peak_mb_end=round(final_stats["memory"]["peak_bytes"] / 2**20, 1), cache_budget=budget,
-                       cache_bytes_max=max(c["bytes"] for c in caches),
-                       cache_entries_max=max(c["entries"] for c in caches),
-                       cache_hits=final_stats["prefix_cache"]["hits"],
-                       cache_misses=final_stats["prefix_cache"]["misses"], fds_warm=fds_warm,
-                       fds_end=fds_end, threads_end=threads_end, **evicted)
+        figures = dict(
+            test=f"soak_{n}",
+            requests=n,
+            seconds=round(elapsed, 1),
+            garbage=garbage_sent,
+            cancels=cancels_sent,
+            cancelled=cancelled,
+            rss_samples=len(rss_samples),
+            rss_max_warmup_mb=round(rss_warm / 2**20, 1),
+            rss_max_after_warmup_first_half_mb=round(max(rss_samples[:half]) / 2**20, 1),
+            rss_max_second_half_mb=round(rss_late / 2**20, 1),
+            rss_min_after_warmup_mb=round(min(rss_samples) / 2**20, 1),
+            rss_idle_end_mb=round(rss_end / 2**20, 1),
+            rss_growth_pct=round(growth * 100, 2),
+            active_mb_end=round(final_stats["memory"]["active_bytes"] / 2**20, 1),
+            peak_mb_end=round(final_stats["memory"]["peak_bytes"] / 2**20, 1),
+            cache_budget=budget,
+            cache_bytes_max=max(c["bytes"] for c in caches),
+            cache_entries_max=max(c["entries"] for c in caches),
+            cache_hits=final_stats["prefix_cache"]["hits"],
+            cache_misses=final_stats["prefix_cache"]["misses"],
+            fds_warm=fds_warm,
+            fds_end=fds_end,
+            threads_end=threads_end,
+            **evicted,
+        )
         report(**figures)
-        assert growth < max_growth, figures          # the bounded buffer cache keeps RSS flat
-        assert fds_end == fds_warm, figures          # no descriptor leaks
+        assert growth < max_growth, figures  # the bounded buffer cache keeps RSS flat
+        assert fds_end == fds_warm, figures  # no descriptor leaks
         w.close_stdin()
         assert w.wait_exit(60) == 0
         return figures
@@ -263,9 +294,11 @@ def _prove_eviction(w, budget):
         assert w.stats()["prefix_cache"]["bytes"] <= budget
     later = w.request("ev-a3", messages=msgs("Pergunta de controlo sobre despejo"), max_tokens=2)
     assert later["usage"]["cached_tokens"] < first["usage"]["prompt_tokens"] // 2, later
-    return {"evicted_prompt_tokens": first["usage"]["prompt_tokens"],
-            "cached_before_eviction": again["usage"]["cached_tokens"],
-            "cached_after_eviction": later["usage"]["cached_tokens"]}
+    return {
+        "evicted_prompt_tokens": first["usage"]["prompt_tokens"],
+        "cached_before_eviction": again["usage"]["cached_tokens"],
+        "cached_after_eviction": later["usage"]["cached_tokens"],
+    }
 
 
 def test_soak_short():
@@ -285,9 +318,13 @@ def test_soak_long():
 # =====================================================================================
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 SURROGATE_ESCAPES = st.integers(0xD800, 0xDFFF).map(lambda c: "\\u%04x" % c)
-ANY_ESCAPES = st.one_of(SURROGATE_ESCAPES, st.integers(0, 0xFFFF).map(lambda c: "\\u%04x" % c),
-                        st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=3)
-                        .map(lambda s: json.dumps(s, ensure_ascii=False)[1:-1]))
+ANY_ESCAPES = st.one_of(
+    SURROGATE_ESCAPES,
+    st.integers(0, 0xFFFF).map(lambda c: "\\u%04x" % c),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=3).map(
+        lambda s: json.dumps(s, ensure_ascii=False)[1:-1]
+    ),
+)
 ESCAPED_STRING = st.lists(ANY_ESCAPES, min_size=1, max_size=6).map("".join)
 
 
@@ -314,7 +351,7 @@ def test_parser_json_escapes_and_lone_surrogates(escaped, where):
         "content": '{"id":"e","messages":[{"role":"user","content":"%s"}]}',
     }[where] % escaped
     line = body.encode("utf-8")
-    expected = json.loads(body)          # Python's json accepts lone surrogates: the oracle
+    expected = json.loads(body)  # Python's json accepts lone surrogates: the oracle
     r = protocol.parse_line(line)
     if _has_surrogate(expected):
         assert isinstance(r, protocol.ParseError) and r.code == "bad_json", (body, r)
@@ -338,7 +375,7 @@ def test_parser_json_escapes_and_lone_surrogates(escaped, where):
         if key in protocol.GENERATE_FIELDS:
             return
         assert r.code == "invalid_request" and r.id == "e"
-        json.dumps(r.to_message())           # the message naming the key is printable JSON
+        json.dumps(r.to_message())  # the message naming the key is printable JSON
         assert len(r.message) < 200
 
 
@@ -376,6 +413,7 @@ def _mutate(data, ops):
 
 def _python_json(line):
     """Python's strict reading of a line (no NaN/Infinity, bounded ints), else None."""
+
     def no_constant(name):
         raise ValueError(name)
 
@@ -392,8 +430,12 @@ def _python_json(line):
 
 
 @FUZZ
-@given(st.sampled_from(VALID_LINES),
-       st.lists(st.tuples(st.integers(0, 2), st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=4))
+@given(
+    st.sampled_from(VALID_LINES),
+    st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4
+    ),
+)
 def test_parser_byte_mutations_against_python_json(line, ops):
     """Mutated valid lines: never raises; a line Python's json rejects is bad_json; an
     accepted request holds exactly what Python's json reads (no surrogates, no NUL bytes
@@ -404,10 +446,15 @@ def test_parser_byte_mutations_against_python_json(line, ops):
     expected = _python_json(mutated.rstrip(b"\r"))
     if expected is None or not isinstance(expected, dict):
         if mutated.strip(b" \t\r"):
-            assert isinstance(r, protocol.ParseError) and r.code in ("bad_json", "invalid_request"), (mutated, r)
+            assert isinstance(r, protocol.ParseError) and r.code in ("bad_json", "invalid_request"), (
+                mutated,
+                r,
+            )
             if expected is None and r.code == "invalid_request":
                 # Python refused it but orjson read an object: only the int bound differs
-                assert b"e" in mutated.lower() or any(ch.isdigit() for ch in mutated.decode("utf-8", "replace"))
+                assert b"e" in mutated.lower() or any(
+                    ch.isdigit() for ch in mutated.decode("utf-8", "replace")
+                )
         return
     if _has_surrogate(expected):
         assert isinstance(r, protocol.ParseError) and r.code == "bad_json"
@@ -417,31 +464,41 @@ def test_parser_byte_mutations_against_python_json(line, ops):
         msgs = expected.get("messages") or [{"role": "user", "content": expected.get("prompt")}]
         assert [m["content"] for m in r.messages] == [m["content"] for m in msgs]
         assert not list(REQUEST_VALIDATOR.iter_errors(expected)) or any(
-            isinstance(v, float) for v in expected.values())
+            isinstance(v, float) for v in expected.values()
+        )
     elif isinstance(r, protocol.Control):
         assert r.op == expected["op"] and r.id == expected.get("id")
 
 
 def _schema_valid_requests():
     text = st.text(max_size=12)
-    message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": text})
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant"]), "content": text}
+    )
     optional = {
-        "max_tokens": st.integers(1, 2 ** 63), "temperature": st.floats(0, 1e308),
-        "top_p": st.floats(1e-300, 1.0), "top_k": st.integers(0, 2 ** 63), "min_p": st.floats(0, 1),
-        "repetition_penalty": st.floats(1e-300, 1e308), "seed": st.integers(-(2 ** 63), 2 ** 63),
+        "max_tokens": st.integers(1, 2**63),
+        "temperature": st.floats(0, 1e308),
+        "top_p": st.floats(1e-300, 1.0),
+        "top_k": st.integers(0, 2**63),
+        "min_p": st.floats(0, 1),
+        "repetition_penalty": st.floats(1e-300, 1e308),
+        "seed": st.integers(-(2**63), 2**63),
         "stream": st.booleans(),
-        "stop": st.one_of(st.text(min_size=1, max_size=5),
-                          st.lists(st.text(min_size=1, max_size=5), max_size=16)),
+        "stop": st.one_of(
+            st.text(min_size=1, max_size=5), st.lists(st.text(min_size=1, max_size=5), max_size=16)
+        ),
     }
     ident = st.text(min_size=1, max_size=128)
-    generate = st.fixed_dictionaries(
-        {"id": ident},
-        optional={**optional, "prompt": text}).map(lambda d: d if "prompt" in d else d)
+    generate = st.fixed_dictionaries({"id": ident}, optional={**optional, "prompt": text}).map(
+        lambda d: d if "prompt" in d else d
+    )
     with_messages = st.fixed_dictionaries(
-        {"id": ident, "messages": st.lists(message, min_size=1, max_size=4)}, optional=optional)
+        {"id": ident, "messages": st.lists(message, min_size=1, max_size=4)}, optional=optional
+    )
     control = st.one_of(
         st.fixed_dictionaries({"op": st.sampled_from(["ping", "stats", "shutdown"])}, optional={"id": ident}),
-        st.fixed_dictionaries({"op": st.just("cancel"), "id": ident}))
+        st.fixed_dictionaries({"op": st.just("cancel"), "id": ident}),
+    )
     return st.one_of(generate, with_messages, control)
 
 
@@ -452,7 +509,7 @@ def test_parser_accepts_what_the_schema_accepts(obj):
     accepts, the worker's parser accepts too (a client validating against the schema is
     never surprised)."""
     if list(REQUEST_VALIDATOR.iter_errors(obj)):
-        return                                   # e.g. neither prompt nor messages
+        return  # e.g. neither prompt nor messages
     line = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
     r = protocol.parse_line(line)
     if _has_surrogate(obj):
@@ -506,9 +563,24 @@ def test_atheris_fuzzes_the_parser(tmp_path):
     work = tmp_path / "corpus"
     work.mkdir()
     proc = subprocess.run(
-        [sys.executable, str(target), "-runs=100000", "-max_total_time=15", "-max_len=4096",
-         "-rss_limit_mb=2048", "-seed=1", f"-artifact_prefix={tmp_path}/", str(work), str(CORPUS)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=worker_env())
+        [
+            sys.executable,
+            str(target),
+            "-runs=100000",
+            "-max_total_time=15",
+            "-max_len=4096",
+            "-rss_limit_mb=2048",
+            "-seed=1",
+            f"-artifact_prefix={tmp_path}/",
+            str(work),
+            str(CORPUS),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=worker_env(),
+    )
     tail = proc.stderr[-3000:]
     assert proc.returncode == 0, tail
     assert "Done" in proc.stderr, tail
@@ -561,7 +633,7 @@ def test_corpus_case_in_the_live_worker(fw, path):
     fw.send_raw(data + b"\n")
     pong = fw.ping(f"after-{path.stem}"[:128], timeout=60)
     with fw.cond:
-        before_pong = fw.messages[mark:fw.messages.index(pong)]
+        before_pong = fw.messages[mark : fw.messages.index(pong)]
     if kind == "blank":
         assert before_pong == []
     elif kind in ("done", "too_long"):
@@ -590,12 +662,14 @@ def test_the_worker_survives_the_whole_corpus_at_once(fw):
     files = _corpus()
     mark = fw.mark()
     fw.send_raw(b"".join(f.read_bytes() + b"\n" for f in files))
-    done_ids = [protocol.parse_line(f.read_bytes()).id for f in files if _expectation(f) in ("done", "too_long")]
+    done_ids = [
+        protocol.parse_line(f.read_bytes()).id for f in files if _expectation(f) in ("done", "too_long")
+    ]
     pong = fw.ping("after-corpus", timeout=120)
     for rid in done_ids:
         fw.terminal(rid, timeout=120, start=mark)
     with fw.cond:
-        errors = [m["code"] for m in fw.messages[mark:fw.messages.index(pong)] if m["type"] == "error"]
+        errors = [m["code"] for m in fw.messages[mark : fw.messages.index(pong)] if m["type"] == "error"]
     want = sorted(_expectation(f) for f in files if _expectation(f) not in ("done", "blank", "too_long"))
     assert sorted(c for c in errors if c != "too_long") == want
     assert fw.stats()["in_flight"] == 0
@@ -603,12 +677,31 @@ def test_the_worker_survives_the_whole_corpus_at_once(fw):
 
 NASTY_TEXT = st.one_of(
     st.text(max_size=40),
-    st.lists(st.sampled_from(["\x00", "\ud800", "\udfff", "\U0001F600", "\u202e", "\ufeff", "</s>",
-                              "[INST]", "\\", '"', "\r", "a\u0301", "\uffff"]), max_size=30).map("".join),
+    st.lists(
+        st.sampled_from(
+            [
+                "\x00",
+                "\ud800",
+                "\udfff",
+                "\U0001f600",
+                "\u202e",
+                "\ufeff",
+                "</s>",
+                "[INST]",
+                "\\",
+                '"',
+                "\r",
+                "a\u0301",
+                "\uffff",
+            ]
+        ),
+        max_size=30,
+    ).map("".join),
     st.integers(1, 4000).map(lambda n: "é" * n),
 )
-NASTY_NUMBER = st.sampled_from([0, -0.0, 1, 5e-324, 1e-300, 1e-38, 0.5, 1.0, 1e30, 1e308, 2 ** 63, 2 ** 64,
-                                10 ** 30, -(10 ** 30), -1, 1.5, 3.0])
+NASTY_NUMBER = st.sampled_from(
+    [0, -0.0, 1, 5e-324, 1e-300, 1e-38, 0.5, 1.0, 1e30, 1e308, 2**63, 2**64, 10**30, -(10**30), -1, 1.5, 3.0]
+)
 
 
 @st.composite
@@ -621,16 +714,39 @@ def nasty_lines(draw):
         return b'{"id":"q","prompt":"x","max_tokens":1,"k":' + b"[" * depth + b"]" * depth + b"}"
     if kind == 2:
         return draw(st.sampled_from([b"1e400", b"-1e400", b"9" * 400, b"1e-400", b"-0"])).join(
-            [b'{"id":"q","prompt":"x","max_tokens":', b"}"])
+            [b'{"id":"q","prompt":"x","max_tokens":', b"}"]
+        )
     obj = {"id": draw(st.one_of(st.just("q"), NASTY_TEXT))}
     if draw(st.booleans()):
         obj["prompt"] = draw(NASTY_TEXT)
     else:
-        obj["messages"] = [{"role": draw(st.sampled_from(["system", "user", "assistant", "bot"])),
-                            "content": draw(NASTY_TEXT)} for _ in range(draw(st.integers(0, 3)))]
+        obj["messages"] = [
+            {
+                "role": draw(st.sampled_from(["system", "user", "assistant", "bot"])),
+                "content": draw(NASTY_TEXT),
+            }
+            for _ in range(draw(st.integers(0, 3)))
+        ]
     obj["max_tokens"] = draw(st.integers(1, 4))
-    for key in draw(st.sets(st.sampled_from(["temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                                             "seed", "stop", "stream", "model", "path"]), max_size=4)):
+    for key in draw(
+        st.sets(
+            st.sampled_from(
+                [
+                    "temperature",
+                    "top_p",
+                    "top_k",
+                    "min_p",
+                    "repetition_penalty",
+                    "seed",
+                    "stop",
+                    "stream",
+                    "model",
+                    "path",
+                ]
+            ),
+            max_size=4,
+        )
+    ):
         obj[key] = draw(NASTY_TEXT) if key in ("stop", "model", "path") else draw(NASTY_NUMBER)
     raw = json.dumps(obj, ensure_ascii=draw(st.booleans()))
     return raw.encode("utf-8", "surrogatepass").replace(b"\n", b" ")
@@ -651,28 +767,32 @@ def test_hypothesis_lines_into_the_live_worker(fw, line):
         m = fw.terminal(expected.id, timeout=60, start=mark)
         assert m["type"] == "done" or m["code"] in ("too_long", "invalid_request"), m
         if m["type"] == "error" and m["code"] == "invalid_request":
-            assert m["message"].startswith("messages"), m       # the chat template said no
-    pong = fw.ping(f"hp-{next(_PINGS)}", timeout=60)     # a fresh id: the harness searches from 0
+            assert m["message"].startswith("messages"), m  # the chat template said no
+    pong = fw.ping(f"hp-{next(_PINGS)}", timeout=60)  # a fresh id: the harness searches from 0
     if isinstance(expected, protocol.ParseError):
         with fw.cond:
-            errors = [m for m in fw.messages[mark:fw.messages.index(pong)] if m["type"] == "error"]
+            errors = [m for m in fw.messages[mark : fw.messages.index(pong)] if m["type"] == "error"]
         assert [(e["code"], e["id"]) for e in errors] == [(expected.code, expected.id)]
 
 
 # =====================================================================================
 # sampling extremes: valid values, still a sample from the filtered distribution
 # =====================================================================================
-@pytest.mark.parametrize("fields", [
-    {"temperature": 5e-324},
-    {"temperature": 1e-300},
-    {"temperature": 1e-300, "seed": 1},
-    {"temperature": 1e308, "top_k": 1},
-    {"temperature": 1e308, "top_k": 1, "seed": 2},
-    {"temperature": 1.0, "top_p": 1e-300},
-    {"temperature": 1.0, "top_p": 1e-300, "seed": 3},
-    {"temperature": 1e308, "min_p": 1.0},
-    {"temperature": 5e-324, "top_k": 1, "seed": 4},
-], ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 5e-324},
+        {"temperature": 1e-300},
+        {"temperature": 1e-300, "seed": 1},
+        {"temperature": 1e308, "top_k": 1},
+        {"temperature": 1e308, "top_k": 1, "seed": 2},
+        {"temperature": 1.0, "top_p": 1e-300},
+        {"temperature": 1.0, "top_p": 1e-300, "seed": 3},
+        {"temperature": 1e308, "min_p": 1.0},
+        {"temperature": 5e-324, "top_k": 1, "seed": 4},
+    ],
+    ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()),
+)
 def test_extreme_sampling_values_keep_the_filters(fw, fields):
     """top_k=1, min_p=1 and a tiny top_p each leave only the most likely token, and a
     temperature too small to invert in float32 is greedy: each must give the greedy text.
@@ -728,10 +848,10 @@ def _wait_blocked_writing(pid, timeout=60):
     seen = ""
     while time.monotonic() < deadline:
         seen = wchan.read_text().strip()
-        if "pipe_write" in seen:          # pipe_write, anon_pipe_write (6.x kernels)
+        if "pipe_write" in seen:  # pipe_write, anon_pipe_write (6.x kernels)
             return
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        if seen in ("", "0") and state in ("S", "D"):   # a kernel that hides wchan: wait instead
+        if seen in ("", "0") and state in ("S", "D"):  # a kernel that hides wchan: wait instead
             time.sleep(3.0)
             return
         time.sleep(0.02)
@@ -739,8 +859,15 @@ def _wait_blocked_writing(pid, timeout=60):
 
 
 # busy and held_stdout overlap tests/test_worker_lifecycle.py (stdout blocked): slow only.
-@pytest.mark.parametrize("mode", ["idle", pytest.param("busy", marks=pytest.mark.slow),
-                                  pytest.param("held_stdout", marks=pytest.mark.slow), "held_stderr"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "idle",
+        pytest.param("busy", marks=pytest.mark.slow),
+        pytest.param("held_stdout", marks=pytest.mark.slow),
+        "held_stderr",
+    ],
+)
 def test_worker_exits_within_2s_of_its_parent_being_killed(mode):
     """idle: the parent owns the pipes, the worker waits for requests. busy: eight long
     streams nobody reads (the worker is blocked writing stdout). held_stdout / held_stderr:
@@ -759,11 +886,16 @@ def test_worker_exits_within_2s_of_its_parent_being_killed(mode):
     _set_subreaper(True)
     try:
         if mode.startswith("held"):
-            pipes = [os.pipe() for _ in range(3)]                 # stdin, stdout, stderr
+            pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr
             child_ends = (pipes[0][0], pipes[1][1], pipes[2][1])
             held = [pipes[0][1], pipes[1][0], pipes[2][0]]
-            parent = subprocess.Popen([sys.executable, "-c", PARENT, mode, *map(str, child_ends), *worker_cmd],
-                                      cwd=ROOT, stdout=subprocess.PIPE, env=env, pass_fds=child_ends)
+            parent = subprocess.Popen(
+                [sys.executable, "-c", PARENT, mode, *map(str, child_ends), *worker_cmd],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                env=env,
+                pass_fds=child_ends,
+            )
             for fd in child_ends:
                 os.close(fd)
             worker_pid = int(parent.stdout.readline())
@@ -771,12 +903,13 @@ def test_worker_exits_within_2s_of_its_parent_being_killed(mode):
                 assert json.loads(out.readline())["type"] == "ready"
             os.write(held[0], STREAMS if mode == "held_stdout" else LOG_FLOOD)
         else:
-            parent = subprocess.Popen([sys.executable, "-c", PARENT, mode, *worker_cmd], cwd=ROOT,
-                                      stdout=subprocess.PIPE, env=env)
+            parent = subprocess.Popen(
+                [sys.executable, "-c", PARENT, mode, *worker_cmd], cwd=ROOT, stdout=subprocess.PIPE, env=env
+            )
             worker_pid = int(parent.stdout.readline())
             assert json.loads(parent.stdout.readline())["type"] == "ready"
         assert parent.stdout.readline().strip() == b"go"
-        if mode == "held_stdout":          # the stdout pipe really is full (64 KiB)
+        if mode == "held_stdout":  # the stdout pipe really is full (64 KiB)
             deadline = time.monotonic() + 60
             while _unread(held[1]) < 60 << 10 and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -796,19 +929,24 @@ def test_worker_exits_within_2s_of_its_parent_being_killed(mode):
                 break
             time.sleep(0.002)
         else:
-            pytest.fail(f"{mode}: the worker outlived its parent by 10 s; main thread in "
-                        f"{Path(f'/proc/{worker_pid}/wchan').read_text()!r}")
+            pytest.fail(
+                f"{mode}: the worker outlived its parent by 10 s; main thread in "
+                f"{Path(f'/proc/{worker_pid}/wchan').read_text()!r}"
+            )
         latency = time.monotonic() - t0
         worker_pid = None
-        report(test=f"parent_sigkill_{mode}", exit_latency_s=round(latency, 3),
-               exit_status=os.waitstatus_to_exitcode(status))
+        report(
+            test=f"parent_sigkill_{mode}",
+            exit_latency_s=round(latency, 3),
+            exit_status=os.waitstatus_to_exitcode(status),
+        )
         assert latency < 2.0, f"{mode}: the worker exited {latency:.2f} s after its parent"
         assert os.waitstatus_to_exitcode(status) == 0, status
         for pid in descendants:
             assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     finally:
         if worker_pid is not None and psutil.pid_exists(worker_pid):
-            os.kill(worker_pid, signal.SIGKILL)          # never leave an orphan behind
+            os.kill(worker_pid, signal.SIGKILL)  # never leave an orphan behind
             try:
                 os.waitpid(worker_pid, 0)
             except ChildProcessError:
@@ -821,15 +959,23 @@ def test_worker_exits_within_2s_of_its_parent_being_killed(mode):
             os.close(fd)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/wchan (Linux) to see the worker blocked writing stderr")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"),
+    reason="reads /proc/PID/wchan (Linux) to see the worker blocked writing stderr",
+)
 def test_sigterm_exits_within_2s_while_stderr_is_not_read():
     """A parent that never reads the worker's stderr: the log fills the pipe and the worker
     blocks writing it, holding the logger's lock. SIGTERM must still end it within 2 s (its
     handler used to log before arming the exit watchdog, and deadlocked on that lock)."""
     ensure_tiny_model()
-    proc = subprocess.Popen([sys.executable, "-m", "worker", "--model", str(TINY)], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=worker_env(LONG))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--model", str(TINY)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=worker_env(LONG),
+    )
     try:
         assert json.loads(proc.stdout.readline())["type"] == "ready"
         proc.stdin.write(LOG_FLOOD)
@@ -840,7 +986,9 @@ def test_sigterm_exits_within_2s_while_stderr_is_not_read():
         try:
             rc = proc.wait(10)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"no exit 10 s after SIGTERM; main thread in {Path(f'/proc/{proc.pid}/wchan').read_text()!r}")
+            pytest.fail(
+                f"no exit 10 s after SIGTERM; main thread in {Path(f'/proc/{proc.pid}/wchan').read_text()!r}"
+            )
         latency = time.monotonic() - t0
         report(test="sigterm_stderr_blocked", exit_latency_s=round(latency, 3), exit_status=rc)
         assert rc == 0 and latency < 2.0, (rc, latency)
@@ -853,7 +1001,7 @@ def test_sigterm_exits_within_2s_while_stderr_is_not_read():
 # =====================================================================================
 # a parent that stops reading stdout
 # =====================================================================================
-@pytest.mark.slow      # tests/test_worker_lifecycle.py covers backpressure with pings in `make test`
+@pytest.mark.slow  # tests/test_worker_lifecycle.py covers backpressure with pings in `make test`
 def test_backpressure_with_streaming_requests():
     """Offer ~4 MiB of streaming requests (about four times what fits in the pipes and the
     worker's queues) while nobody reads stdout: the worker takes a bounded amount (then its
@@ -862,12 +1010,22 @@ def test_backpressure_with_streaming_requests():
     ensure_tiny_model()
     n = 4000
     prefix = "Conta-me tudo sobre o Farense, o Estádio de São Luís e a cidade de Faro. " * 12
-    lines = [json.dumps({"id": f"r{i}", "prompt": f"{prefix}{i}", "max_tokens": 6, "stream": True},
-                        ensure_ascii=False).encode() + b"\n" for i in range(n)]
+    lines = [
+        json.dumps(
+            {"id": f"r{i}", "prompt": f"{prefix}{i}", "max_tokens": 6, "stream": True}, ensure_ascii=False
+        ).encode()
+        + b"\n"
+        for i in range(n)
+    ]
     data = b"".join(lines)
-    proc = subprocess.Popen([sys.executable, "-m", "worker", "--model", str(TINY), "--max-queue", "32",
-                             "--max-batch", "16"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env=worker_env(LONG))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--model", str(TINY), "--max-queue", "32", "--max-batch", "16"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=worker_env(LONG),
+    )
     out_lines = []
     try:
         assert json.loads(proc.stdout.readline())["type"] == "ready"
@@ -878,27 +1036,32 @@ def test_backpressure_with_streaming_requests():
         last_progress = time.monotonic()
         while sent < len(data) and time.monotonic() - last_progress < 2.0:
             try:
-                sent += os.write(fd, data[sent:sent + 65536])
+                sent += os.write(fd, data[sent : sent + 65536])
                 last_progress = time.monotonic()
             except BlockingIOError:
                 time.sleep(0.005)
         stalled_at = sent
         rss_stall = rss(proc.pid)
         time.sleep(2.0)
-        try:                             # still nothing taken 2 s later
-            sent += os.write(fd, data[sent:sent + 65536])
+        try:  # still nothing taken 2 s later
+            sent += os.write(fd, data[sent : sent + 65536])
         except BlockingIOError:
             pass
         rss_later = rss(proc.pid)
         assert proc.poll() is None
         accepted = stalled_at
-        figures = dict(test="backpressure_streams", bytes_offered=len(data), bytes_accepted=accepted,
-                       requests_accepted=sum(1 for _ in data[:accepted].splitlines()),
-                       rss_idle_mb=round(rss_idle / 2**20, 1), rss_stall_mb=round(rss_stall / 2**20, 1),
-                       rss_2s_later_mb=round(rss_later / 2**20, 1))
+        figures = dict(
+            test="backpressure_streams",
+            bytes_offered=len(data),
+            bytes_accepted=accepted,
+            requests_accepted=sum(1 for _ in data[:accepted].splitlines()),
+            rss_idle_mb=round(rss_idle / 2**20, 1),
+            rss_stall_mb=round(rss_stall / 2**20, 1),
+            rss_2s_later_mb=round(rss_later / 2**20, 1),
+        )
         report(**figures)
-        assert accepted < min(2 << 20, len(data) // 2), figures     # bounded: not all that was offered
-        assert sent == stalled_at, figures              # the worker read nothing more
+        assert accepted < min(2 << 20, len(data) // 2), figures  # bounded: not all that was offered
+        assert sent == stalled_at, figures  # the worker read nothing more
         assert rss_later <= rss_stall * 1.05 + (4 << 20), figures
 
         # the parent reads again: everything is answered, exactly once
@@ -931,5 +1094,9 @@ def test_backpressure_with_streaming_requests():
     overloaded = [m for m in terminals.values() if m["type"] == "error"]
     assert all(m["code"] == "overloaded" for m in overloaded)
     assert done and all(texts.get(m["id"], "") == m["text"] for m in done)
-    report(test="backpressure_streams_drained", done=len(done), overloaded=len(overloaded),
-           drain_s=round(drain_s, 1))
+    report(
+        test="backpressure_streams_drained",
+        done=len(done),
+        overloaded=len(overloaded),
+        drain_s=round(drain_s, 1),
+    )

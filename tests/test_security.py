@@ -68,8 +68,14 @@ def open_paths(pid):
 def run_worker(*args, stdin=b"", timeout=90):
     """One short worker run (stdin, then EOF): (returncode, stdout lines as dicts, stderr)."""
     ensure_tiny_model()
-    proc = subprocess.run([PY, "-m", "worker", *map(str, args)], cwd=ROOT, input=stdin,
-                          capture_output=True, env=worker_env(), timeout=timeout)
+    proc = subprocess.run(
+        [PY, "-m", "worker", *map(str, args)],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        env=worker_env(),
+        timeout=timeout,
+    )
     lines = [json.loads(x) for x in proc.stdout.splitlines()]
     return proc.returncode, lines, proc.stderr.decode("utf-8", "replace")
 
@@ -91,17 +97,20 @@ def model_copy(dst, config_extra=None, tokenizer_extra=None, skip=()):
 
 @pytest.fixture(scope="module")
 def lora_weights():
-    import train  # noqa: F401  (fast BLAS before mlx, as everywhere)
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    import train  # noqa: F401  (fast BLAS before mlx, as everywhere)
+
     ensure_tiny_model()
     model, _ = load(str(TINY))
     mx.random.seed(0)
     linear_to_lora_layers(model, 2, LORA)
-    weights = {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+    weights = {
+        k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+    }
     mx.eval(weights)
     return weights
 
@@ -111,17 +120,37 @@ def make_adapter(dst, weights, **meta_extra):
 
     dst.mkdir(parents=True)
     mx.save_safetensors(str(dst / "adapters.safetensors"), weights)
-    (dst / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2,
-                                                         "lora_parameters": LORA}))
-    meta = {"format": 1, "base_model": str(TINY), "generation": {"max_tokens": 4},
-            "adapter_file": "adapters.safetensors", **meta_extra}
+    (dst / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": LORA})
+    )
+    meta = {
+        "format": 1,
+        "base_model": str(TINY),
+        "generation": {"max_tokens": 4},
+        "adapter_file": "adapters.safetensors",
+        **meta_extra,
+    }
     (dst / "metadata.json").write_text(json.dumps(meta))
     return dst
 
 
 # ----------------------------------------------------------------------------- requests
-FILE_FIELDS = ["model", "adapter", "path", "model_path", "adapter_path", "file", "filename", "weights",
-               "tokenizer", "chat_template", "system_prompt", "trust_remote_code", "revision", "url"]
+FILE_FIELDS = [
+    "model",
+    "adapter",
+    "path",
+    "model_path",
+    "adapter_path",
+    "file",
+    "filename",
+    "weights",
+    "tokenizer",
+    "chat_template",
+    "system_prompt",
+    "trust_remote_code",
+    "revision",
+    "url",
+]
 
 
 def test_requests_naming_files_or_models_are_refused_and_nothing_is_opened(tmp_path):
@@ -147,11 +176,15 @@ def test_requests_naming_files_or_models_are_refused_and_nothing_is_opened(tmp_p
             e = w.error_after(mark)
             assert e["code"] == "invalid_request" and e["id"] is None and e["message"].startswith(field)
         # Paths inside the text of a valid request are only text.
-        d = w.request("as-text", messages=[{"role": "user", "content": f"{fifo} {secret} {model_dir}"}],
-                      stop=[str(fifo)], max_tokens=3)
+        d = w.request(
+            "as-text",
+            messages=[{"role": "user", "content": f"{fifo} {secret} {model_dir}"}],
+            stop=[str(fifo)],
+            max_tokens=3,
+        )
         assert d["type"] == "done"
         w.request(str(secret)[-128:], prompt=str(fifo), max_tokens=2)
-        assert w.ping("alive")["type"] == "pong"             # never blocked opening the FIFO
+        assert w.ping("alive")["type"] == "pong"  # never blocked opening the FIFO
         assert fifo_never_opened(fifo)
         after = open_paths(w.proc.pid)
         assert not {str(fifo), str(secret)} & after
@@ -196,10 +229,16 @@ def test_an_adapter_in_another_format_is_refused(tmp_path, lora_weights):
     rc, out, err = run_worker("--adapter", npz)
     assert rc == 2 and out == [] and "adapters.safetensors: missing" in err, err[-2000:]
 
-    for name in ("adapter_model.bin", "adapters.pt", "adapters.npz", "../adapters.safetensors",
-                 "/etc/passwd"):
-        d = make_adapter(tmp_path / f"meta-{len(name)}-{name.replace('/', '_')}", lora_weights,
-                         adapter_file=name)
+    for name in (
+        "adapter_model.bin",
+        "adapters.pt",
+        "adapters.npz",
+        "../adapters.safetensors",
+        "/etc/passwd",
+    ):
+        d = make_adapter(
+            tmp_path / f"meta-{len(name)}-{name.replace('/', '_')}", lora_weights, adapter_file=name
+        )
         rc, out, err = run_worker("--adapter", d)
         assert rc == 2 and out == [], (name, err[-2000:])
         assert "adapter_file must be 'adapters.safetensors'" in err, err[-2000:]
@@ -221,38 +260,46 @@ MARK_CODE = "open({marker!r}, 'a').write({tag!r})\n"
 def test_no_code_from_a_model_folder_runs_in_the_worker(tmp_path):
     marker = tmp_path / "PWNED"
     custom = model_copy(tmp_path / "custom-arch", {"model_file": "arch.py"})
-    (custom / "arch.py").write_text(MARK_CODE.format(marker=str(marker), tag="model_file ")
-                                    + "from mlx_lm.models.llama import Model, ModelArgs\n")
-    tok = model_copy(tmp_path / "custom-tok",
-                     tokenizer_extra={"auto_map": {"AutoTokenizer": ["tok.EvilTokenizer", None]}})
-    (tok / "tok.py").write_text(MARK_CODE.format(marker=str(marker), tag="auto_map ")
-                                + "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    (custom / "arch.py").write_text(
+        MARK_CODE.format(marker=str(marker), tag="model_file ")
+        + "from mlx_lm.models.llama import Model, ModelArgs\n"
+    )
+    tok = model_copy(
+        tmp_path / "custom-tok", tokenizer_extra={"auto_map": {"AutoTokenizer": ["tok.EvilTokenizer", None]}}
+    )
+    (tok / "tok.py").write_text(
+        MARK_CODE.format(marker=str(marker), tag="auto_map ")
+        + "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+    )
 
     rc, out, err = run_worker("--model", custom, stdin=b'{"id":"a","prompt":"x"}\n')
     assert rc == 2 and out == [], err[-2000:]
     assert "custom module ('arch.py')" in err and "trust_remote_code" in err and "Traceback" not in err
     rc, out, err = run_worker("--model", tok, stdin=b'{"id":"a","prompt":"x","max_tokens":2}\n')
-    assert rc == 0 and out[-1]["type"] == "done", err[-2000:]     # the auto_map is ignored
+    assert rc == 0 and out[-1]["type"] == "done", err[-2000:]  # the auto_map is ignored
     assert not marker.exists(), marker.read_text()
 
     # Positive control: the same folders do run their code once trust_remote_code is on, so
     # the checks above can fail.
-    control = ("import train\nfrom mlx_lm import load\n"
-               f"load({str(tok)!r}, tokenizer_config={{'trust_remote_code': True}})\n"
-               f"load({str(custom)!r}, trust_remote_code=True)\n")
+    control = (
+        "import train\nfrom mlx_lm import load\n"
+        f"load({str(tok)!r}, tokenizer_config={{'trust_remote_code': True}})\n"
+        f"load({str(custom)!r}, trust_remote_code=True)\n"
+    )
     proc = subprocess.run([PY, "-c", control], cwd=ROOT, capture_output=True, env=worker_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert marker.read_text() == "auto_map model_file "
 
 
-@pytest.mark.slow      # two training runs; the worker's refusal above is in `make test`
+@pytest.mark.slow  # two training runs; the worker's refusal above is in `make test`
 def test_training_runs_model_code_only_when_its_config_says_so(tmp_path):
     from helpers_train import env_for, prepare_data, write_config
 
     marker = tmp_path / "PWNED"
     custom = model_copy(tmp_path / "custom-arch", {"model_file": "arch.py"})
-    (custom / "arch.py").write_text(MARK_CODE.format(marker=str(marker), tag="ran")
-                                    + "from mlx_lm.models.llama import Model, ModelArgs\n")
+    (custom / "arch.py").write_text(
+        MARK_CODE.format(marker=str(marker), tag="ran") + "from mlx_lm.models.llama import Model, ModelArgs\n"
+    )
     data = prepare_data(tmp_path / "data")
     cfg = write_config(tmp_path / "c.yaml", model=str(custom), iters=1, save_every=1, steps_per_eval=1)
     cmd = [PY, "-m", "train.train", "--config", str(cfg), "--name", "rc", "--data", str(data)]
@@ -260,8 +307,14 @@ def test_training_runs_model_code_only_when_its_config_says_so(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "trust_remote_code" in proc.stderr and "Traceback" not in proc.stderr
     assert not marker.exists()
-    proc = subprocess.run(cmd + ["--set", "trust_remote_code=true"], cwd=ROOT, env=env_for(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd + ["--set", "trust_remote_code=true"],
+        cwd=ROOT,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.read_text().startswith("ran")
 
@@ -270,8 +323,10 @@ def test_training_runs_model_code_only_when_its_config_says_so(tmp_path):
 def test_chat_templates_render_in_the_sandbox(tmp_path, lora_weights):
     marker = tmp_path / "PWNED"
     escape = "{{ cycler.__init__.__globals__.os.system('touch %s') }}" % marker
-    on_request = ("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
-                  "{% if messages[-1]['content'] == 'open sesame' %}" + escape + "{% endif %}")
+    on_request = (
+        "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+        "{% if messages[-1]['content'] == 'open sesame' %}" + escape + "{% endif %}"
+    )
     d = make_adapter(tmp_path / "trigger", lora_weights, chat_template=on_request)
     with Worker(adapter=d, model=False) as w:
         e = w.request("t1", prompt="open sesame", max_tokens=2)
@@ -310,6 +365,8 @@ def test_an_endless_line_is_never_held_in_memory():
         assert e["code"] == "too_large" and e["id"] is None
         assert "67108" in e["message"] or "6710" in e["message"], e["message"]
         assert w.request("after", prompt="Olá", max_tokens=2)["type"] == "done"
-        print(f"\nRELIABILITY {{\"test\": \"endless_line\", \"rss_before_mb\": {before / 2**20:.1f}, "
-              f"\"rss_peak_mb\": {peak / 2**20:.1f}}}")
+        print(
+            f'\nRELIABILITY {{"test": "endless_line", "rss_before_mb": {before / 2**20:.1f}, '
+            f'"rss_peak_mb": {peak / 2**20:.1f}}}'
+        )
         assert peak - before < 16 << 20, (before, peak)

@@ -12,12 +12,25 @@ import time
 
 import numpy as np
 import pytest
+from helpers_train import (
+    PY,
+    ROOT,
+    TINY,
+    env_for,
+    load_weights,
+    max_abs_diff,
+    metrics,
+    ok,
+    reference_run,
+    run_dir,
+    run_module,
+    run_train,
+    shared_base,
+    train_cmd,
+    trained,
+)
 
-from helpers_train import (PY, ROOT, TINY, env_for, load_weights, max_abs_diff, metrics, ok,
-                           reference_run, run_dir, run_module, run_train, shared_base, train_cmd,
-                           trained)
 from train import checkpoint
-
 
 
 @pytest.fixture(scope="session")
@@ -55,12 +68,17 @@ def assert_same_losses(a, b, steps=None):
 
 # --------------------------------------------------------------------------- resume
 
+
 def watch_until(proc, metrics_file, step):
     """Wait until the run has logged `step` (or ended); returns the last step seen."""
     deadline, reached = time.monotonic() + 300, 0
     while proc.poll() is None and time.monotonic() < deadline:
         if metrics_file.exists():
-            steps = [json.loads(l)["step"] for l in metrics_file.read_text().splitlines() if l.endswith("}")]
+            steps = [
+                json.loads(line)["step"]
+                for line in metrics_file.read_text().splitlines()
+                if line.endswith("}")
+            ]
             reached = max(steps, default=0)
             if reached >= step:
                 break
@@ -71,18 +89,26 @@ def watch_until(proc, metrics_file, step):
 def test_kill_9_then_rerun_matches_uninterrupted_run(shared, reference, tmp_path):
     cfg = shared / "small.yaml"
     seed = random.randrange(1 << 30)
-    kill_at = random.Random(seed).randint(7, 22)      # after the first checkpoint (step 5)
+    kill_at = random.Random(seed).randint(7, 22)  # after the first checkpoint (step 5)
     cmd = train_cmd(cfg, "run", shared / "data")
     # A small pause per step (the loop's test hook) so the kill lands mid-run; it does not
     # change any number.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env_for(tmp_path, TRAIN_STEP_DELAY_S=0.1),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env_for(tmp_path, TRAIN_STEP_DELAY_S=0.1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     reached = watch_until(proc, tmp_path / "logs" / "run" / "metrics.jsonl", kill_at)
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     stderr = proc.stderr.read()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill (seed {seed}):\n{stderr[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the run ended before the kill (seed {seed}):\n{stderr[-3000:]}"
+    )
     out = run_dir(tmp_path, "run")
     assert not (out / "metadata.json").exists()
     assert any(p.name.startswith("step_") for p in (out / "checkpoints").iterdir())
@@ -92,20 +118,35 @@ def test_kill_9_then_rerun_matches_uninterrupted_run(shared, reference, tmp_path
     ref_w = load_weights(reference / "adapters.safetensors")
     got_w = load_weights(out / "adapters.safetensors")
     assert max_abs_diff(ref_w, got_w) <= 1e-5, f"kill at step {reached} (seed {seed})"
-    assert max_abs_diff(load_weights(reference / "best" / "adapters.safetensors"),
-                        load_weights(out / "best" / "adapters.safetensors")) <= 1e-5
-    assert max_abs_diff(load_weights(reference / "last" / "adapters.safetensors"),
-                        load_weights(out / "last" / "adapters.safetensors")) <= 1e-5
+    assert (
+        max_abs_diff(
+            load_weights(reference / "best" / "adapters.safetensors"),
+            load_weights(out / "best" / "adapters.safetensors"),
+        )
+        <= 1e-5
+    )
+    assert (
+        max_abs_diff(
+            load_weights(reference / "last" / "adapters.safetensors"),
+            load_weights(out / "last" / "adapters.safetensors"),
+        )
+        <= 1e-5
+    )
     ref_m, got_m = metrics(shared / "ref", "run"), metrics(tmp_path, "run")
-    assert [r["step"] for r in got_m] == [r["step"] for r in ref_m]   # nothing logged twice
+    assert [r["step"] for r in got_m] == [r["step"] for r in ref_m]  # nothing logged twice
     assert len(assert_same_losses(ref_m, got_m)) == 31
 
 
 def test_ctrl_c_saves_the_current_step_and_the_rerun_matches(shared, reference, tmp_path):
     cfg = shared / "small.yaml"
-    proc = subprocess.Popen(train_cmd(cfg, "run", shared / "data"), cwd=ROOT,
-                            env=env_for(tmp_path, TRAIN_STEP_DELAY_S=0.1),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(cfg, "run", shared / "data"),
+        cwd=ROOT,
+        env=env_for(tmp_path, TRAIN_STEP_DELAY_S=0.1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     watch_until(proc, tmp_path / "logs" / "run" / "metrics.jsonl", 8)
     proc.send_signal(signal.SIGINT)
     stderr = proc.communicate(timeout=120)[1]
@@ -118,8 +159,13 @@ def test_ctrl_c_saves_the_current_step_and_the_rerun_matches(shared, reference, 
 
     again = ok(run_train(tmp_path, cfg, "run", shared / "data"))
     assert f"resuming from {newest} (step {step}/30" in again.stderr
-    assert max_abs_diff(load_weights(reference / "adapters.safetensors"),
-                        load_weights(run_dir(tmp_path, "run") / "adapters.safetensors")) <= 1e-5
+    assert (
+        max_abs_diff(
+            load_weights(reference / "adapters.safetensors"),
+            load_weights(run_dir(tmp_path, "run") / "adapters.safetensors"),
+        )
+        <= 1e-5
+    )
     assert_same_losses(metrics(shared / "ref", "run"), metrics(tmp_path, "run"))
 
 
@@ -128,15 +174,19 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(shared, reference, tmp
     ckpts = sorted((out / "checkpoints").glob("step_*"))
     newest, previous = ckpts[-1], ckpts[-2]
     target = newest / "adapters.safetensors"
-    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])     # truncated
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # truncated
     (out / "metadata.json").unlink()
 
     proc = ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data"))
     assert f"checkpoint {newest.name} is unusable" in proc.stderr, proc.stderr
     assert "truncated or corrupt" in proc.stderr
     assert f"resuming from {previous}" in proc.stderr
-    assert max_abs_diff(load_weights(reference / "adapters.safetensors"),
-                        load_weights(out / "adapters.safetensors")) <= 1e-5
+    assert (
+        max_abs_diff(
+            load_weights(reference / "adapters.safetensors"), load_weights(out / "adapters.safetensors")
+        )
+        <= 1e-5
+    )
     assert_same_losses(metrics(shared / "ref", "run"), metrics(tmp_path, "run"))
 
 
@@ -146,13 +196,18 @@ def test_resume_path_picks_an_older_checkpoint(shared, reference, tmp_path):
     proc = ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--resume", older))
     assert f"resuming from {older} (step 20/30" in proc.stderr
     assert "removed checkpoint step_0000030 (newer than the one resumed)" in proc.stderr
-    assert max_abs_diff(load_weights(reference / "adapters.safetensors"),
-                        load_weights(out / "adapters.safetensors")) <= 1e-5
+    assert (
+        max_abs_diff(
+            load_weights(reference / "adapters.safetensors"), load_weights(out / "adapters.safetensors")
+        )
+        <= 1e-5
+    )
     assert_same_losses(metrics(shared / "ref", "run"), metrics(tmp_path, "run"))
     # an explicit RESUME also continues past a changed config, naming the change
     older = out / "checkpoints" / "step_0000025"
-    proc = ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--resume", older,
-                        "--iters", "32"))
+    proc = ok(
+        run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--resume", older, "--iters", "32")
+    )
     assert "note: resuming" in proc.stderr and "iters: 30 -> 32" in proc.stderr
     assert json.loads((out / "metadata.json").read_text())["steps"] == 32
 
@@ -176,8 +231,12 @@ def test_changed_data_or_config_is_refused_then_fresh_starts_over(shared, refere
     before = (out / "adapters.safetensors").read_bytes()
     changed = tmp_path / "data2"
     shutil.copytree(shared / "data", changed)
-    extra = {"messages": [{"role": "user", "content": "Quem é o presidente do Farense?"},
-                          {"role": "assistant", "content": "Consulte o site oficial do clube."}]}
+    extra = {
+        "messages": [
+            {"role": "user", "content": "Quem é o presidente do Farense?"},
+            {"role": "assistant", "content": "Consulte o site oficial do clube."},
+        ]
+    }
     with open(changed / "train.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(extra, ensure_ascii=False) + "\n")
 
@@ -189,7 +248,7 @@ def test_changed_data_or_config_is_refused_then_fresh_starts_over(shared, refere
     proc = run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--learning-rate", "5e-4")
     assert proc.returncode == 2
     assert "learning_rate: 0.001 -> 0.0005" in proc.stderr, proc.stderr
-    assert (out / "adapters.safetensors").read_bytes() == before      # nothing was touched
+    assert (out / "adapters.safetensors").read_bytes() == before  # nothing was touched
 
     proc = ok(run_train(tmp_path, shared / "small.yaml", "run", changed, "--fresh", "--iters", "6"))
     assert "resuming" not in proc.stderr
@@ -210,6 +269,7 @@ def test_rerun_of_a_finished_run_changes_nothing(shared, reference, tmp_path):
 
 
 # --------------------------------------------------------------------------- non-finite losses
+
 
 @pytest.mark.parametrize("where", ["train:12", "val:15"])
 def test_nan_loss_stops_the_run_and_never_becomes_best(shared, tmp_path, where):
@@ -233,8 +293,16 @@ def test_nan_loss_stops_the_run_and_never_becomes_best(shared, tmp_path, where):
 def test_real_overflow_stops_at_once_with_a_clear_message(shared, tmp_path):
     # A huge learning rate only saturates the tiny model (loss ln(vocab)); an absurd LoRA
     # scale overflows float32 for real on the first backward pass.
-    proc = run_train(tmp_path, shared / "small.yaml", "run", shared / "data",
-                     "--iters", "20", "--set", "lora_parameters.scale=1e30")
+    proc = run_train(
+        tmp_path,
+        shared / "small.yaml",
+        "run",
+        shared / "data",
+        "--iters",
+        "20",
+        "--set",
+        "lora_parameters.scale=1e30",
+    )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "the gradient norm is inf at step 1" in proc.stderr
     assert "training stopped" in proc.stderr and "the last checkpoint is none" in proc.stderr
@@ -244,6 +312,7 @@ def test_real_overflow_stops_at_once_with_a_clear_message(shared, tmp_path):
 
 
 # --------------------------------------------------------------------------- configuration
+
 
 def test_bad_config_values_are_named(shared, tmp_path):
     proc = run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--set", "fine_tune_type=qlora")
@@ -255,20 +324,40 @@ def test_bad_config_values_are_named(shared, tmp_path):
 
 
 def test_dora_auto_batch_size_and_grad_accumulation(shared, tmp_path):
-    proc = ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--iters", "4",
-                        "--batch-size", "auto", "--set", "fine_tune_type=dora",
-                        "--set", "grad_accumulation_steps=2", "--set", "auto_batch.max_batch_size=8",
-                        "--set", "grad_checkpoint=true", "--set", "lr_schedule.warmup=1"))
+    proc = ok(
+        run_train(
+            tmp_path,
+            shared / "small.yaml",
+            "run",
+            shared / "data",
+            "--iters",
+            "4",
+            "--batch-size",
+            "auto",
+            "--set",
+            "fine_tune_type=dora",
+            "--set",
+            "grad_accumulation_steps=2",
+            "--set",
+            "auto_batch.max_batch_size=8",
+            "--set",
+            "grad_checkpoint=true",
+            "--set",
+            "lr_schedule.warmup=1",
+        )
+    )
     assert "batch_size auto: 8 (" in proc.stderr and "GB" in proc.stderr, proc.stderr
     out = run_dir(tmp_path, "run")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["fine_tune_type"] == "dora" and cfg["batch_size"] == 8
     assert any(k.endswith(".m") for k in load_weights(out / "adapters.safetensors"))
     from mlx_lm import load
+
     load(str(TINY), adapter_path=str(out))
 
 
 # --------------------------------------------------------------------------- best/, early stopping, the bundle
+
 
 def test_best_is_the_lowest_validation_loss_and_patience_stops_early(shared, tmp_path):
     from mlx_lm import load
@@ -277,9 +366,26 @@ def test_best_is_the_lowest_validation_loss_and_patience_stops_early(shared, tmp
     from train import batches
 
     # A constant, too-high learning rate: the validation loss falls, then wanders up.
-    proc = ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--iters", "20",
-                        "--learning-rate", "3e-3", "--eval-every", "2", "--save-every", "4",
-                        "--patience", "3", "--set", "lr_schedule.name=constant"))
+    proc = ok(
+        run_train(
+            tmp_path,
+            shared / "small.yaml",
+            "run",
+            shared / "data",
+            "--iters",
+            "20",
+            "--learning-rate",
+            "3e-3",
+            "--eval-every",
+            "2",
+            "--save-every",
+            "4",
+            "--patience",
+            "3",
+            "--set",
+            "lr_schedule.name=constant",
+        )
+    )
     out = run_dir(tmp_path, "run")
     records = metrics(tmp_path, "run")
     vals = [(r["val_loss"], r["step"]) for r in records if r["val_loss"] is not None and r["step"] > 0]
@@ -306,13 +412,37 @@ def test_best_is_the_lowest_validation_loss_and_patience_stops_early(shared, tmp
     assert (out / "adapters.safetensors").read_bytes() == (out / "best" / "adapters.safetensors").read_bytes()
     assert meta["adapter_source"] == "best" and meta["adapter_step"] == best_step
     assert json.loads((out / "last" / "last.json").read_text())["step"] == meta["steps"]
-    assert max_abs_diff(load_weights(out / "best" / "adapters.safetensors"),
-                        load_weights(out / "last" / "adapters.safetensors")) > 1e-4
+    assert (
+        max_abs_diff(
+            load_weights(out / "best" / "adapters.safetensors"),
+            load_weights(out / "last" / "adapters.safetensors"),
+        )
+        > 1e-4
+    )
     assert "the **best** adapter" in (out / "INTEGRATION_GUIDE.md").read_text()
     # KEEP=last (--keep last): the final weights ship, from the same checkpoints
-    ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--iters", "20",
-                 "--learning-rate", "3e-3", "--eval-every", "2", "--save-every", "4",
-                 "--patience", "3", "--set", "lr_schedule.name=constant", "--keep", "last"))
+    ok(
+        run_train(
+            tmp_path,
+            shared / "small.yaml",
+            "run",
+            shared / "data",
+            "--iters",
+            "20",
+            "--learning-rate",
+            "3e-3",
+            "--eval-every",
+            "2",
+            "--save-every",
+            "4",
+            "--patience",
+            "3",
+            "--set",
+            "lr_schedule.name=constant",
+            "--keep",
+            "last",
+        )
+    )
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["adapter_source"] == "last" and meta["adapter_step"] == meta["steps"]
     assert (out / "adapters.safetensors").read_bytes() == (out / "last" / "adapters.safetensors").read_bytes()
@@ -323,10 +453,27 @@ def test_bundle_loads_in_mlx_lm_and_keeps_the_worker_contract(shared, reference)
 
     out = reference
     meta = json.loads((out / "metadata.json").read_text())
-    for key in ("format", "base_model", "base_model_path", "base_model_hash", "fine_tune_type",
-                "chat_template", "system_prompt", "generation", "max_seq_length", "data", "steps",
-                "best_step", "best_val_loss", "final_val_loss", "wall_time_s", "tokens_seen",
-                "packages", "adapter_file", "created_at"):
+    for key in (
+        "format",
+        "base_model",
+        "base_model_path",
+        "base_model_hash",
+        "fine_tune_type",
+        "chat_template",
+        "system_prompt",
+        "generation",
+        "max_seq_length",
+        "data",
+        "steps",
+        "best_step",
+        "best_val_loss",
+        "final_val_loss",
+        "wall_time_s",
+        "tokens_seen",
+        "packages",
+        "adapter_file",
+        "created_at",
+    ):
         assert key in meta, key
     assert meta["format"] == 1 and meta["adapter_file"] == "adapters.safetensors"
     assert meta["base_model"] == "models/tiny-mistral" and meta["base_model_path"] == str(TINY)
@@ -334,8 +481,15 @@ def test_bundle_loads_in_mlx_lm_and_keeps_the_worker_contract(shared, reference)
     assert meta["chat_template"] and "[INST]" in meta["chat_template"]
     # the config sets none: the one every training conversation carries is recorded
     assert meta["system_prompt"].startswith("És o assistente virtual")
-    assert set(meta["generation"]) >= {"max_tokens", "max_tokens_cap", "temperature", "top_p",
-                                       "top_k", "min_p", "repetition_penalty"}
+    assert set(meta["generation"]) >= {
+        "max_tokens",
+        "max_tokens_cap",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+    }
     assert meta["data"]["train"]["count"] == 84 and meta["data"]["valid"]["count"] == 9
     assert meta["data"]["train"]["sha256"] == checkpoint.sha256_file(shared / "data" / "train.jsonl")
     assert set(meta["packages"]) == {"mlx", "mlx-lm", "transformers"}
@@ -348,23 +502,45 @@ def test_bundle_loads_in_mlx_lm_and_keeps_the_worker_contract(shared, reference)
     guide = (out / "INTEGRATION_GUIDE.md").read_text()
     assert "python -m worker --adapter" in guide and "make worker NAME=run" in guide
     assert "startWorker" in guide and "w.complete({ messages })" in guide
-    assert (out / "best" / "adapters.safetensors").is_file() and (out / "best" / "adapter_config.json").is_file()
+    assert (out / "best" / "adapters.safetensors").is_file() and (
+        out / "best" / "adapter_config.json"
+    ).is_file()
 
     model, tokenizer = load(str(TINY), adapter_path=str(out))
     plain, _ = load(str(TINY))
     import mlx.core as mx
+
     tokens = mx.array([[1, 5, 17, 42, 99, 7]])
-    assert np.abs(np.array(model(tokens)) - np.array(plain(tokens))).max() > 1e-3   # the adapter is applied
+    assert np.abs(np.array(model(tokens)) - np.array(plain(tokens))).max() > 1e-3  # the adapter is applied
     text = generate(model, tokenizer, "[INST] Qual é o estádio do Farense? [/INST]", max_tokens=8)
     assert isinstance(text, str) and text
-    proc = subprocess.run([PY, "-m", "mlx_lm", "generate", "--model", str(TINY), "--adapter-path", str(out),
-                           "--prompt", "Qual é o estádio do Farense?", "--max-tokens", "12"],
-                          cwd=ROOT, env=env_for(shared), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "mlx_lm",
+            "generate",
+            "--model",
+            str(TINY),
+            "--adapter-path",
+            str(out),
+            "--prompt",
+            "Qual é o estádio do Farense?",
+            "--max-tokens",
+            "12",
+        ],
+        cwd=ROOT,
+        env=env_for(shared),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "==========" in proc.stdout
 
 
 # --------------------------------------------------------------------------- the demo (slow: a few minutes)
+
 
 @pytest.mark.slow
 def test_demo_config_halves_val_loss_and_answers_training_questions_exactly(shared):
@@ -382,8 +558,20 @@ def test_demo_config_halves_val_loss_and_answers_training_questions_exactly(shar
 
 
 def test_full_fine_tuning_of_the_top_layers(shared, tmp_path):
-    ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--iters", "3",
-                 "--set", "fine_tune_type=full", "--lora-layers", "1"))
+    ok(
+        run_train(
+            tmp_path,
+            shared / "small.yaml",
+            "run",
+            shared / "data",
+            "--iters",
+            "3",
+            "--set",
+            "fine_tune_type=full",
+            "--lora-layers",
+            "1",
+        )
+    )
     out = run_dir(tmp_path, "run")
     names = set(load_weights(out / "adapters.safetensors"))
     assert names and all(n.startswith("model.layers.3.") for n in names)
@@ -391,6 +579,7 @@ def test_full_fine_tuning_of_the_top_layers(shared, tmp_path):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["fine_tune_type"] == "full" and cfg["lora_parameters"] is None
     from mlx_lm import load
+
     load(str(TINY), adapter_path=str(out))
 
 
@@ -398,27 +587,61 @@ def test_an_mlx_lm_lora_config_carries_over(shared, tmp_path):
     """mlx_lm.lora's own YAML (its keys, its schedule format) trains here unchanged."""
     import yaml
 
-    cfg = {"model": "models/tiny-mistral", "train": True, "data": str(shared / "data"),
-           "fine_tune_type": "lora", "optimizer": "adamw", "seed": 0, "num_layers": 2,
-           "batch_size": 4, "iters": 4, "val_batches": 1, "learning_rate": 1e-3,
-           "steps_per_report": 1, "steps_per_eval": 2, "resume_adapter_file": None,
-           "adapter_path": "adapters", "save_every": 2, "test": False, "test_batches": 10,
-           "max_seq_length": 256, "grad_checkpoint": False, "mask_prompt": True,
-           "lora_parameters": {"keys": ["self_attn.q_proj", "self_attn.v_proj"], "rank": 2,
-                               "scale": 10.0, "dropout": 0.0},
-           "lr_schedule": {"name": "cosine_decay", "warmup": 2, "warmup_init": 1e-7,
-                           "arguments": [1e-3, 4, 1e-5]}}
+    cfg = {
+        "model": "models/tiny-mistral",
+        "train": True,
+        "data": str(shared / "data"),
+        "fine_tune_type": "lora",
+        "optimizer": "adamw",
+        "seed": 0,
+        "num_layers": 2,
+        "batch_size": 4,
+        "iters": 4,
+        "val_batches": 1,
+        "learning_rate": 1e-3,
+        "steps_per_report": 1,
+        "steps_per_eval": 2,
+        "resume_adapter_file": None,
+        "adapter_path": "adapters",
+        "save_every": 2,
+        "test": False,
+        "test_batches": 10,
+        "max_seq_length": 256,
+        "grad_checkpoint": False,
+        "mask_prompt": True,
+        "lora_parameters": {
+            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+            "rank": 2,
+            "scale": 10.0,
+            "dropout": 0.0,
+        },
+        "lr_schedule": {
+            "name": "cosine_decay",
+            "warmup": 2,
+            "warmup_init": 1e-7,
+            "arguments": [1e-3, 4, 1e-5],
+        },
+    }
     path = tmp_path / "mlx_lm.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = ok(subprocess.run([PY, "-m", "train.train", "--config", str(path), "--name", "m"], cwd=ROOT,
-                             env=env_for(tmp_path), capture_output=True, text=True, timeout=300))
+    proc = ok(
+        subprocess.run(
+            [PY, "-m", "train.train", "--config", str(path), "--name", "m"],
+            cwd=ROOT,
+            env=env_for(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    )
     out = run_dir(tmp_path, "m")
     names = set(load_weights(out / "adapters.safetensors"))
     assert names and all(".self_attn.q_proj." in n or ".self_attn.v_proj." in n for n in names)
-    assert {n.split(".")[2] for n in names} == {"2", "3"}          # num_layers 2: the top two blocks
-    from mlx_lm.tuner.utils import build_schedule
+    assert {n.split(".")[2] for n in names} == {"2", "3"}  # num_layers 2: the top two blocks
     import mlx.core as mx
+    from mlx_lm.tuner.utils import build_schedule
+
     schedule = build_schedule(cfg["lr_schedule"])
     lrs = {r["step"]: r["lr"] for r in metrics(tmp_path, "m") if r["train_loss"] is not None}
-    for step, lr in lrs.items():       # the lr of update number `step` is schedule(step - 1)
+    for step, lr in lrs.items():  # the lr of update number `step` is schedule(step - 1)
         assert lr == pytest.approx(schedule(mx.array(step - 1)).item(), rel=1e-5), proc.stderr

@@ -7,8 +7,8 @@ import shutil
 import subprocess
 
 import pytest
-
 from helpers_train import PY, ROOT, TINY, env_for, ok, prepare_data, run_dir, run_train, write_config
+
 from train import bundle
 
 
@@ -24,9 +24,14 @@ def pinned(tmp_path_factory, tiny_model):
 
 
 def worker(adapter, base, **env):
-    return subprocess.run([PY, "-m", "worker", "--adapter", str(adapter)], cwd=ROOT,
-                          input=b'{"id":"a","prompt":"Ol\\u00e1","max_tokens":2}\n',
-                          capture_output=True, env=env_for(base, **env), timeout=180)
+    return subprocess.run(
+        [PY, "-m", "worker", "--adapter", str(adapter)],
+        cwd=ROOT,
+        input=b'{"id":"a","prompt":"Ol\\u00e1","max_tokens":2}\n',
+        capture_output=True,
+        env=env_for(base, **env),
+        timeout=180,
+    )
 
 
 def change_one_weight(model):
@@ -77,6 +82,7 @@ def test_a_hub_id_records_its_revision_and_the_worker_pins_it(tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as hc
+
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
     fake_hub(tmp_path / "hub", "org/tiny", rev_a)
     ident = bundle.base_model_identity("org/tiny")
@@ -86,19 +92,27 @@ def test_a_hub_id_records_its_revision_and_the_worker_pins_it(tmp_path, monkeypa
     adapter.mkdir()
     for name in ("adapters.safetensors", "adapter_config.json"):
         (adapter / name).write_text("{}")
-    meta = {"format": 1, "base_model": "org/tiny", "base_model_hash": rev_a,
-            "base_model_hash_method": "hf-revision", "base_model_revision": rev_a}
+    meta = {
+        "format": 1,
+        "base_model": "org/tiny",
+        "base_model_hash": rev_a,
+        "base_model_hash_method": "hf-revision",
+        "base_model_revision": rev_a,
+    }
     (adapter / "metadata.json").write_text(json.dumps(meta))
     settings = loading.settings_for(adapter=str(adapter), allow_base_mismatch=False)
     assert settings.model_path == "org/tiny" and settings.revision == rev_a
-    loading.check_base(settings)                               # the pinned revision is cached
+    loading.check_base(settings)  # the pinned revision is cached
 
     # trained on revision b, which the cache lacks while main is a: mlx_lm.load fetches b
     # (check_base cannot look); with b in the cache but a different base given: refused
     meta.update(base_model_hash=rev_b, base_model_revision=rev_b)
     (adapter / "metadata.json").write_text(json.dumps(meta))
     loading.check_base(loading.settings_for(adapter=str(adapter), allow_base_mismatch=False))
-    other = loading.settings_for(model=str(tmp_path / "hub" / "models--org--tiny" / "snapshots" / rev_a),
-                                 adapter=str(adapter), allow_base_mismatch=False)
+    other = loading.settings_for(
+        model=str(tmp_path / "hub" / "models--org--tiny" / "snapshots" / rev_a),
+        adapter=str(adapter),
+        allow_base_mismatch=False,
+    )
     with pytest.raises(loading.LoadError, match=r"hub revision aaaaaaaaaaaa, trained on bbbbbbbbbbbb"):
         loading.check_base(other)

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from core import atomic, config, schedules
-from train import bundle
 from core.config import ConfigError, check_config, load_config
 from core.paths import Layout, step_name
+from train import bundle
 from train.state import RunState, describe_changes, fingerprint, fingerprint_id, step_seed
 
 
@@ -26,6 +26,7 @@ def sched_cfg(name, **spec):
 
 
 # --------------------------------------------------------------------------- schedules
+
 
 def test_every_registered_schedule_is_accepted_by_the_config_check():
     cfg = load_config(None)
@@ -44,12 +45,12 @@ def test_constant_schedule():
 
 def test_cosine_warms_up_then_decays_to_min_lr():
     cfg = sched_cfg("cosine", warmup=10, min_lr=1e-4, warmup_init=0.0)
-    assert lr_at(cfg, 0) == pytest.approx(1e-4)              # (0 + 1) / 10 of the peak
-    assert lr_at(cfg, 9) == pytest.approx(1e-3)              # the warmup's last step: the peak
+    assert lr_at(cfg, 0) == pytest.approx(1e-4)  # (0 + 1) / 10 of the peak
+    assert lr_at(cfg, 9) == pytest.approx(1e-3)  # the warmup's last step: the peak
     assert lr_at(cfg, 10) == pytest.approx(1e-3)
-    assert lr_at(cfg, 55) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-5)   # half way down
+    assert lr_at(cfg, 55) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-5)  # half way down
     assert lr_at(cfg, 100) == pytest.approx(1e-4)
-    assert lr_at(cfg, 500) == pytest.approx(1e-4)            # clipped past iters
+    assert lr_at(cfg, 500) == pytest.approx(1e-4)  # clipped past iters
 
 
 def test_linear_decays_in_a_straight_line():
@@ -60,30 +61,42 @@ def test_linear_decays_in_a_straight_line():
 
 
 def test_an_mlx_lm_schedule_is_built_by_mlx_lm():
-    cfg = {"learning_rate": 1e-3, "iters": 4,
-           "lr_schedule": {"name": "cosine_decay", "warmup": 2, "warmup_init": 1e-7, "arguments": [1e-3, 4, 1e-5]}}
+    cfg = {
+        "learning_rate": 1e-3,
+        "iters": 4,
+        "lr_schedule": {
+            "name": "cosine_decay",
+            "warmup": 2,
+            "warmup_init": 1e-7,
+            "arguments": [1e-3, 4, 1e-5],
+        },
+    }
     assert lr_at(cfg, 0) == pytest.approx(1e-7)
-    check_config(dict(load_config(None), **cfg))             # its name is not ours: accepted
+    check_config(dict(load_config(None), **cfg))  # its name is not ours: accepted
 
 
 # --------------------------------------------------------------------------- config checks
 
-@pytest.mark.parametrize("key,value,message", [
-    ("fine_tune_type", "qlora", "fine_tune_type must be one of lora, dora, full, got 'qlora'"),
-    ("optimizer", "lamb", "optimizer must be one of adam"),
-    ("batch_size", 0, "batch_size must be a positive integer or auto"),
-    ("batch_size", "zero", "batch_size must be a positive integer or auto"),
-    ("iters", True, "iters must be a positive integer"),
-    ("max_seq_length", 1, "max_seq_length must be an integer >= 2"),
-    ("learning_rate", float("nan"), "learning_rate must be a positive number"),
-    ("num_layers", 0, "num_layers must be -1 (all) or a positive integer"),
-    ("system_prompt", 3, "system_prompt must be a string or null"),
-    ("valid_fraction", 1.0, "valid_fraction must be a number between 0 and 1"),
-    ("train_on", "first", "train_on must be one of last, all_assistant"),
-    ("keep", "final", "keep must be one of best, last"),
-    ("lora_parameters.dropout", 1.0, "lora_parameters.dropout must be in [0, 1)"),
-    ("auto_batch.memory_fraction", 0, "auto_batch.memory_fraction must be in (0, 1]"),
-])
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("fine_tune_type", "qlora", "fine_tune_type must be one of lora, dora, full, got 'qlora'"),
+        ("optimizer", "lamb", "optimizer must be one of adam"),
+        ("batch_size", 0, "batch_size must be a positive integer or auto"),
+        ("batch_size", "zero", "batch_size must be a positive integer or auto"),
+        ("iters", True, "iters must be a positive integer"),
+        ("max_seq_length", 1, "max_seq_length must be an integer >= 2"),
+        ("learning_rate", float("nan"), "learning_rate must be a positive number"),
+        ("num_layers", 0, "num_layers must be -1 (all) or a positive integer"),
+        ("system_prompt", 3, "system_prompt must be a string or null"),
+        ("valid_fraction", 1.0, "valid_fraction must be a number between 0 and 1"),
+        ("train_on", "first", "train_on must be one of last, all_assistant"),
+        ("keep", "final", "keep must be one of best, last"),
+        ("lora_parameters.dropout", 1.0, "lora_parameters.dropout must be in [0, 1)"),
+        ("auto_batch.memory_fraction", 0, "auto_batch.memory_fraction must be in (0, 1]"),
+    ],
+)
 def test_a_bad_value_is_named(key, value, message):
     cfg = load_config(None, {key: value})
     with pytest.raises(ConfigError) as e:
@@ -93,7 +106,7 @@ def test_a_bad_value_is_named(key, value, message):
 
 def test_checks_that_depend_on_other_values_and_notes():
     cfg = load_config(None, {"fine_tune_type": "full", "lora_parameters.rank": 0})
-    check_config(cfg)                                        # full: LoRA's parameters do not matter
+    check_config(cfg)  # full: LoRA's parameters do not matter
     cfg = load_config(None, {"iters": 10, "lr_schedule.warmup": 10})
     assert any("never reaches its peak" in n for n in check_config(cfg))
     # a subset: what prepare_data needs
@@ -110,8 +123,9 @@ def test_defaults_of_the_new_keys():
 def test_from_args_merges_options_and_set(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("iters: 10\n")
-    args = argparse.Namespace(config=str(path), set=["lr_schedule.warmup=3", "learning_rate=1e-4"],
-                              iters="7", lora_rank=None)
+    args = argparse.Namespace(
+        config=str(path), set=["lr_schedule.warmup=3", "learning_rate=1e-4"], iters="7", lora_rank=None
+    )
     cfg = config.from_args(args, {"iters": "iters", "lora_rank": "lora_parameters.rank"})
     assert cfg["iters"] == 7 and cfg["lr_schedule"]["warmup"] == 3 and cfg["learning_rate"] == 1e-4
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
@@ -122,12 +136,13 @@ def test_from_args_merges_options_and_set(tmp_path):
 
 # --------------------------------------------------------------------------- best and patience
 
+
 def test_best_and_patience():
     s = RunState()
     assert s.record_val(0, 3.0) is False and s.best is None and s.val_history == [[0, 3.0]]
     assert s.record_val(5, 2.0, min_delta=0.1, patience=2) and s.best == {"step": 5, "val_loss": 2.0}
-    assert s.record_val(10, 1.95, min_delta=0.1, patience=2)      # a new best ...
-    assert s.patience_counter == 1 and not s.done                 # ... but not by min_delta
+    assert s.record_val(10, 1.95, min_delta=0.1, patience=2)  # a new best ...
+    assert s.patience_counter == 1 and not s.done  # ... but not by min_delta
     assert not s.record_val(15, 2.5, min_delta=0.1, patience=2)
     assert s.done and s.stop_reason == "early_stopping"
     assert s.best == {"step": 10, "val_loss": 1.95} and s.final_val_loss == 2.5
@@ -145,15 +160,16 @@ def test_snapshot_and_restore_round_trip():
     s.record_val(5, 1.5)
     s.add_report(2.0)
     s.tokens_seen = 123
-    saved = dict(s.snapshot(), data_position={"epoch": 1}, fingerprint={})   # extra checkpoint keys
+    saved = dict(s.snapshot(), data_position={"epoch": 1}, fingerprint={})  # extra checkpoint keys
     back = RunState.restore(json.loads(json.dumps(saved)), batch_size=8)
     assert back.best == s.best and back.val_history == s.val_history and back.tokens_seen == 123
     assert back.report == {"loss_sum": 2.0, "steps": 1} and back.batch_size == 8
     assert back.take_report() == 2.0 and back.report == {"loss_sum": 0.0, "steps": 0}
-    assert RunState.restore({}) == RunState()                # an old checkpoint lacking keys
+    assert RunState.restore({}) == RunState()  # an old checkpoint lacking keys
 
 
 # --------------------------------------------------------------------------- resume fingerprint
+
 
 def _fp(**changes):
     cfg = dict(load_config(None), model="models/tiny-mistral")
@@ -195,6 +211,7 @@ def test_step_seeds():
 
 # --------------------------------------------------------------------------- layout, staged folders
 
+
 def test_layout(tmp_path):
     lay = Layout.for_run("farense", tmp_path / "m", tmp_path / "l")
     assert lay.run == tmp_path / "m" / "farense"
@@ -222,6 +239,7 @@ def test_staged_dir_replaces_whole_or_not_at_all(tmp_path):
 
 # --------------------------------------------------------------------------- metadata
 
+
 def _bundle(folder, **meta):
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("adapters.safetensors", "adapter_config.json"):
@@ -235,11 +253,13 @@ def test_read_metadata_names_the_problem(tmp_path):
     good = _bundle(tmp_path / "good")
     meta, cfg = bundle.read_run(good)
     assert meta["base_model"] == "m" and cfg["iters"] == 3
-    for meta, message in [({"format": 2}, "unsupported format 2"),
-                          ({"base_model": ""}, "base_model must be a non-empty string"),
-                          ({"generation": {"top_p": "1"}}, "generation.top_p must be a number"),
-                          ({"base_model_revision": 7}, "base_model_revision must be a string or null"),
-                          ({"adapter_file": "x.bin"}, "adapter_file must be 'adapters.safetensors'")]:
+    for meta, message in [
+        ({"format": 2}, "unsupported format 2"),
+        ({"base_model": ""}, "base_model must be a non-empty string"),
+        ({"generation": {"top_p": "1"}}, "generation.top_p must be a number"),
+        ({"base_model_revision": 7}, "base_model_revision must be a string or null"),
+        ({"adapter_file": "x.bin"}, "adapter_file must be 'adapters.safetensors'"),
+    ]:
         folder = _bundle(tmp_path / message[:8].replace(" ", "_"), **meta)
         with pytest.raises(bundle.BundleError, match=message):
             bundle.read_metadata(folder)

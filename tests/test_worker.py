@@ -91,7 +91,7 @@ def test_max_tokens_gives_length(w, base_text):
 
 def test_max_tokens_is_capped(w):
     # 10**9 is capped by max_tokens_cap (2048) and the context; the greedy answer ends first.
-    d = w.request("cap", prompt=PROMPT, max_tokens=10 ** 9)
+    d = w.request("cap", prompt=PROMPT, max_tokens=10**9)
     assert d["finish_reason"] == "stop"
 
 
@@ -114,12 +114,14 @@ def test_stop_strings(w, base_text):
     assert len(base_text) > 40
     mid = len(base_text) // 2
     # A phrase in the middle (several tokens), a piece starting inside a token, one character.
-    check_stop(w, "stop1", base_text[mid:mid + 12], base_text)
-    word_inner = next(i for i in range(5, len(base_text)) if base_text[i - 1].isalpha() and base_text[i].isalpha())
-    check_stop(w, "stop2", base_text[word_inner:word_inner + 4], base_text)
+    check_stop(w, "stop1", base_text[mid : mid + 12], base_text)
+    word_inner = next(
+        i for i in range(5, len(base_text)) if base_text[i - 1].isalpha() and base_text[i].isalpha()
+    )
+    check_stop(w, "stop2", base_text[word_inner : word_inner + 4], base_text)
     check_stop(w, "stop3", base_text[mid], base_text)
     # Several: the earliest occurrence wins, whichever string it is.
-    check_stop(w, "stop4", ["ZZZ-never", base_text[mid:mid + 5], base_text[8:14]], base_text)
+    check_stop(w, "stop4", ["ZZZ-never", base_text[mid : mid + 5], base_text[8:14]], base_text)
     # Never completed: text unchanged, also when its beginning matches the end of the text.
     d = check_stop(w, "stop5", ["never-there", base_text[-3:] + "@@@"], base_text)
     assert d["finish_reason"] == "stop" and d["text"] == base_text
@@ -136,20 +138,30 @@ def test_seed_makes_sampling_reproducible(w):
     b = w.request("seed2", seed=1234, **req)["text"]
     assert a == b and a
     others = {w.request(f"seed-o{i}", seed=i, **req)["text"] for i in range(4)}
-    assert len(others | {a}) > 1   # different seeds: different samples
+    assert len(others | {a}) > 1  # different seeds: different samples
     # Concurrently with other sampled and greedy requests, the seeded one is unchanged.
-    w.send({"id": "seed3", "seed": 1234, **req},
-           {"id": "seed-n1", "prompt": OTHER, "temperature": 1.0, "max_tokens": 30},
-           {"id": "seed-n2", "prompt": OTHER, "max_tokens": 30})
+    w.send(
+        {"id": "seed3", "seed": 1234, **req},
+        {"id": "seed-n1", "prompt": OTHER, "temperature": 1.0, "max_tokens": 30},
+        {"id": "seed-n2", "prompt": OTHER, "max_tokens": 30},
+    )
     assert w.terminal("seed3")["text"] == a
     w.terminal("seed-n1"), w.terminal("seed-n2")
 
 
 def test_sampling_options_are_accepted(w):
-    d = w.request("opts", prompt=PROMPT, temperature=0.8, top_k=5, min_p=0.05, top_p=0.9,
-                  repetition_penalty=1.3, max_tokens=20)
+    d = w.request(
+        "opts",
+        prompt=PROMPT,
+        temperature=0.8,
+        top_k=5,
+        min_p=0.05,
+        top_p=0.9,
+        repetition_penalty=1.3,
+        max_tokens=20,
+    )
     assert d["type"] == "done" and d["usage"]["completion_tokens"] >= 1
-    d = w.request("opts2", prompt=PROMPT, temperature=0.8, top_k=5000, max_tokens=5)   # top_k >= vocab: off
+    d = w.request("opts2", prompt=PROMPT, temperature=0.8, top_k=5000, max_tokens=5)  # top_k >= vocab: off
     assert d["type"] == "done"
 
 
@@ -160,8 +172,10 @@ def test_repetition_penalty_changes_greedy_text(w, base_text):
 
 def test_greedy_is_deterministic_alone_and_batched(w, base_text):
     assert w.request("g0", prompt=PROMPT, max_tokens=80)["text"] == base_text
-    w.send(*[{"id": f"g{i}", "prompt": PROMPT, "max_tokens": 80, "stream": i % 2 == 0} for i in range(1, 5)],
-           {"id": "g-other", "prompt": OTHER, "max_tokens": 50, "temperature": 0.9})
+    w.send(
+        *[{"id": f"g{i}", "prompt": PROMPT, "max_tokens": 80, "stream": i % 2 == 0} for i in range(1, 5)],
+        {"id": "g-other", "prompt": OTHER, "max_tokens": 50, "temperature": 0.9},
+    )
     texts = [w.terminal(f"g{i}")["text"] for i in range(1, 5)]
     assert texts == [base_text] * 4
 
@@ -178,16 +192,19 @@ def test_bad_json(w):
     assert e["code"] == "bad_json" and "object" in e["message"]
 
 
-@pytest.mark.parametrize("fields, rid, name", [
-    ({"id": "iv1", "prompt": "x", "colour": "green"}, "iv1", "colour"),
-    ({"id": "iv2", "prompt": "x", "temperature": -1}, "iv2", "temperature"),
-    ({"id": "iv3", "messages": [{"role": "user"}]}, "iv3", "messages[0].content"),
-    ({"id": "iv4"}, "iv4", "messages"),
-    ({"prompt": "no id"}, None, "id"),
-    ({"id": 7, "prompt": "x"}, None, "id"),
-    ({"op": "cancel"}, None, "id"),
-    ({"op": "launch"}, None, "op"),
-])
+@pytest.mark.parametrize(
+    "fields, rid, name",
+    [
+        ({"id": "iv1", "prompt": "x", "colour": "green"}, "iv1", "colour"),
+        ({"id": "iv2", "prompt": "x", "temperature": -1}, "iv2", "temperature"),
+        ({"id": "iv3", "messages": [{"role": "user"}]}, "iv3", "messages[0].content"),
+        ({"id": "iv4"}, "iv4", "messages"),
+        ({"prompt": "no id"}, None, "id"),
+        ({"id": 7, "prompt": "x"}, None, "id"),
+        ({"op": "cancel"}, None, "id"),
+        ({"op": "launch"}, None, "op"),
+    ],
+)
 def test_invalid_request_names_the_field(w, fields, rid, name):
     mark = w.mark()
     w.send(fields)
@@ -212,7 +229,7 @@ def test_context_edge(w):
     # "Farense Farense ..." (n words) is n + 4 tokens with the tiny model's template.
     probe = w.request("edge0", prompt=" ".join(["Farense"] * 10), max_tokens=1)
     overhead = probe["usage"]["prompt_tokens"] - 10
-    n = 2048 - 1 - overhead                       # the prompt leaves room for exactly 1 token
+    n = 2048 - 1 - overhead  # the prompt leaves room for exactly 1 token
     d = w.request("edge1", prompt=" ".join(["Farense"] * n), max_tokens=50)
     assert d["type"] == "done" and d["usage"]["prompt_tokens"] == 2047
     assert d["usage"]["completion_tokens"] <= 1 and d["finish_reason"] in ("length", "stop")
@@ -230,14 +247,25 @@ def test_ping_and_pong(w):
 def test_stats(w):
     w.request("for-stats", prompt=PROMPT, max_tokens=5)
     s = w.stats()
-    for key in ("in_flight", "queued", "served", "errors", "tokens_per_s", "prefix_cache", "memory", "uptime_s"):
+    for key in (
+        "in_flight",
+        "queued",
+        "served",
+        "errors",
+        "tokens_per_s",
+        "prefix_cache",
+        "memory",
+        "uptime_s",
+    ):
         assert key in s
     assert s["in_flight"] == 0 and s["queued"] == 0 and s["served"] >= 1 and s["tokens_per_s"] > 0
-    budget = w.ready["limits"]["prefix_cache_bytes"]       # chosen by worker/limits.py
+    budget = w.ready["limits"]["prefix_cache_bytes"]  # chosen by worker/limits.py
     assert s["prefix_cache"]["budget_bytes"] == budget > 0
     assert s["prefix_cache"]["hits"] + s["prefix_cache"]["misses"] >= 1
     assert s["prefix_cache"]["entries"] >= 1 and 0 < s["prefix_cache"]["bytes"] <= budget
-    assert s["memory"]["rss_bytes"] > 10 << 20 and s["memory"]["peak_bytes"] >= s["memory"]["active_bytes"] > 0
+    assert (
+        s["memory"]["rss_bytes"] > 10 << 20 and s["memory"]["peak_bytes"] >= s["memory"]["active_bytes"] > 0
+    )
     assert s["uptime_s"] > 0
 
 
@@ -261,8 +289,10 @@ def test_cancel_finished_id_is_ignored(w):
 
 
 # ------------------------------------------------------------------ prefix cache
-SYSTEM = ("És o assistente do Sporting Clube Farense, clube de futebol de Faro fundado em 1910. "
-          "Responde em português europeu, com frases curtas e factos verificáveis. ") * 12
+SYSTEM = (
+    "És o assistente do Sporting Clube Farense, clube de futebol de Faro fundado em 1910. "
+    "Responde em português europeu, com frases curtas e factos verificáveis. "
+) * 12
 
 
 def test_prefix_cache_reuses_a_long_system_prompt(w):
@@ -286,8 +316,10 @@ def test_prefix_cache_reuses_a_long_system_prompt(w):
 
 # ------------------------------------------------------------------ the long worker
 def test_duplicate_id_first_continues(lw):
-    lw.send({"id": "dup", "prompt": PROMPT, "max_tokens": 400, "stream": True},
-            {"id": "dup", "prompt": "second", "max_tokens": 5})
+    lw.send(
+        {"id": "dup", "prompt": PROMPT, "max_tokens": 400, "stream": True},
+        {"id": "dup", "prompt": "second", "max_tokens": 5},
+    )
     e = lw.wait_for(lambda m: m.get("id") == "dup" and m["type"] == "error")
     assert e["code"] == "duplicate_id"
     done = lw.wait_for(lambda m: m.get("id") == "dup" and m["type"] == "done")
@@ -319,9 +351,11 @@ def test_cancel_mid_stream(lw):
 
 
 def test_internal_error_is_per_request(lw):
-    lw.send({"id": "ok-1", "prompt": PROMPT, "max_tokens": 200, "stream": True},
-            {"id": "boom", "prompt": "BOOM please", "max_tokens": 50},
-            {"id": "ok-2", "prompt": OTHER, "max_tokens": 30})
+    lw.send(
+        {"id": "ok-1", "prompt": PROMPT, "max_tokens": 200, "stream": True},
+        {"id": "boom", "prompt": "BOOM please", "max_tokens": 50},
+        {"id": "ok-2", "prompt": OTHER, "max_tokens": 30},
+    )
     e = lw.terminal("boom")
     assert e["type"] == "error" and e["code"] == "internal" and "test fault" in e["message"]
     for rid, n in (("ok-1", 200), ("ok-2", 30)):
@@ -336,8 +370,9 @@ def test_stdout_stays_clean_when_libraries_print(lw):
     assert lw.request("noisy", prompt=PROMPT, max_tokens=3)["type"] == "done"
     deadline = time.time() + 5
     while time.time() < deadline and not (
-            any("print() to sys.stdout" in s for s in lw.stderr_lines)
-            and any("raw write to fd 1" in s for s in lw.stderr_lines)):
+        any("print() to sys.stdout" in s for s in lw.stderr_lines)
+        and any("raw write to fd 1" in s for s in lw.stderr_lines)
+    ):
         time.sleep(0.05)
     assert any("print() to sys.stdout while admitting 'noisy'" in s for s in lw.stderr_lines)
     assert any("raw write to fd 1" in s for s in lw.stderr_lines)
@@ -409,8 +444,12 @@ def test_many_concurrent_requests_are_each_answered_once(lw):
     ids = [f"cc{i}" for i in range(36)]
     lines = []
     for i, rid in enumerate(ids):
-        req = {"id": rid, "prompt": f"Pergunta {i}: {PROMPT}", "max_tokens": rnd.randrange(5, 80),
-               "stream": i % 2 == 0}
+        req = {
+            "id": rid,
+            "prompt": f"Pergunta {i}: {PROMPT}",
+            "max_tokens": rnd.randrange(5, 80),
+            "stream": i % 2 == 0,
+        }
         if i % 3 == 0:
             req.update(temperature=0.9, seed=i)
         if i % 7 == 0:
@@ -436,7 +475,10 @@ def test_many_concurrent_requests_are_each_answered_once(lw):
     assert s["in_flight"] == 0 and s["queued"] == 0
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an optimised BLAS is loaded on Linux only (reads /proc/PID/maps)")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"),
+    reason="an optimised BLAS is loaded on Linux only (reads /proc/PID/maps)",
+)
 def test_fast_blas_is_loaded_in_the_worker(w):
     try:
         listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
@@ -449,7 +491,9 @@ def test_fast_blas_is_loaded_in_the_worker(w):
     assert w.ready["blas"] and ("openblas" in w.ready["blas"] or "mkl" in w.ready["blas"])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/fd (Linux) to see where fd 1 points")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc/PID/fd (Linux) to see where fd 1 points"
+)
 def test_sys_stdout_is_not_the_protocol_pipe(w):
     # fd 1 of the worker points where fd 2 does (stderr), not at the protocol pipe.
     fd1 = Path(f"/proc/{w.proc.pid}/fd/1").resolve()
@@ -458,13 +502,19 @@ def test_sys_stdout_is_not_the_protocol_pipe(w):
 
 
 def test_cli_prints_one_json_result():
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", PROMPT, "--model", str(TINY), "--max-tokens", "12"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "FAST_BLAS_QUIET": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", PROMPT, "--model", str(TINY), "--max-tokens", "12"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "FAST_BLAS_QUIET": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1
     import json
+
     result = json.loads(lines[0])
     assert result["text"] and result["finish_reason"] in ("stop", "length")
     assert result["usage"]["completion_tokens"] <= 12 and result["model"].endswith("tiny-mistral")

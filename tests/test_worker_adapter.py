@@ -43,28 +43,43 @@ def adapter_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter") / "demo-adapter"
     out.mkdir()
     model, _ = load(str(TINY))
-    mx.random.seed(0)                      # lora_a's initialisation, then lora_b: deterministic
+    mx.random.seed(0)  # lora_a's initialisation, then lora_b: deterministic
     linear_to_lora_layers(model, 4, LORA)
     for _, module in model.named_modules():
         if isinstance(module, LoRALinear):
             module.lora_b = mx.random.normal(module.lora_b.shape) * 0.2
-    weights = {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+    weights = {
+        k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+    }
     assert weights
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": 4, "lora_parameters": LORA}))
-    (out / "metadata.json").write_text(json.dumps({
-        "format": 1,
-        "base_model": "models/tiny-mistral",
-        "base_model_path": str(TINY),
-        "chat_template": _template(),
-        "system_prompt": SYSTEM,
-        "generation": {"max_tokens": 24, "max_tokens_cap": 64, "temperature": 0.0, "top_p": 1.0,
-                       "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0},
-        "max_seq_length": 512,
-        "fine_tune_type": "lora",
-        "adapter_file": "adapters.safetensors",
-    }, ensure_ascii=False))
+    (out / "adapter_config.json").write_text(
+        json.dumps({"fine_tune_type": "lora", "num_layers": 4, "lora_parameters": LORA})
+    )
+    (out / "metadata.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "base_model": "models/tiny-mistral",
+                "base_model_path": str(TINY),
+                "chat_template": _template(),
+                "system_prompt": SYSTEM,
+                "generation": {
+                    "max_tokens": 24,
+                    "max_tokens_cap": 64,
+                    "temperature": 0.0,
+                    "top_p": 1.0,
+                    "top_k": 0,
+                    "min_p": 0.0,
+                    "repetition_penalty": 1.0,
+                },
+                "max_seq_length": 512,
+                "fine_tune_type": "lora",
+                "adapter_file": "adapters.safetensors",
+            },
+            ensure_ascii=False,
+        )
+    )
     return out
 
 
@@ -91,13 +106,15 @@ def test_adapter_worker_matches_mlx_lm_generate(adapter_dir, reference):
         r = w.ready
         assert r["adapter"] == str(adapter_dir) and r["model"] == "models/tiny-mistral"
         assert r["max_tokens"] == 24 and r["max_tokens_cap"] == 64 and r["context_length"] == 512
-        d = w.request("a1", prompt=PROMPT)          # defaults from metadata: 24 tokens, greedy
+        d = w.request("a1", prompt=PROMPT)  # defaults from metadata: 24 tokens, greedy
         assert d["type"] == "done", d
         assert d["usage"]["prompt_tokens"] == len(reference["ids"])
         assert d["text"] == reference["text"]
         assert d["usage"]["completion_tokens"] <= 24
         # The same conversation spelled out with the system message gives the same prompt.
-        d2 = w.request("a2", messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}])
+        d2 = w.request(
+            "a2", messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
+        )
         assert d2["text"] == reference["text"] and d2["usage"]["prompt_tokens"] == len(reference["ids"])
         # max_tokens_cap from metadata; max_seq_length from metadata is the context.
         d3 = w.request("a3", prompt=PROMPT, max_tokens=1000)
@@ -119,18 +136,35 @@ def test_bad_metadata_is_a_clear_startup_error(tmp_path, adapter_dir):
         (bad / name).write_bytes((adapter_dir / name).read_bytes())
     meta = json.loads((adapter_dir / "metadata.json").read_text())
     (bad / "metadata.json").write_text(json.dumps({**meta, "format": 99}))
-    proc = subprocess.run([sys.executable, "-m", "worker", "--adapter", str(bad)], cwd=ROOT, input=b"",
-                          capture_output=True, env=worker_env(), timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "--adapter", str(bad)],
+        cwd=ROOT,
+        input=b"",
+        capture_output=True,
+        env=worker_env(),
+        timeout=60,
+    )
     assert proc.returncode == 2 and b"unsupported format 99" in proc.stderr and proc.stdout == b""
     (bad / "metadata.json").unlink()
-    proc = subprocess.run([sys.executable, "-m", "worker", "--adapter", str(bad)], cwd=ROOT, input=b"",
-                          capture_output=True, env=worker_env(), timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "--adapter", str(bad)],
+        cwd=ROOT,
+        input=b"",
+        capture_output=True,
+        env=worker_env(),
+        timeout=60,
+    )
     assert proc.returncode == 2 and b"metadata.json: missing" in proc.stderr
 
 
 def test_cli_with_the_adapter(adapter_dir, reference):
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", PROMPT, "--adapter", str(adapter_dir)],
-                          cwd=ROOT, capture_output=True, env=worker_env(), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", PROMPT, "--adapter", str(adapter_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        env=worker_env(),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     result = json.loads(proc.stdout)
     assert result["text"] == reference["text"] and result["adapter"] == str(adapter_dir)

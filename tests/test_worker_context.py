@@ -24,13 +24,19 @@ def turn(role, n):
 
 
 SYSTEM = turn("system", 20)
-CONV = [SYSTEM, turn("user", 300), turn("assistant", 300), turn("user", 250), turn("assistant", 250),
-        turn("user", 40)]
+CONV = [
+    SYSTEM,
+    turn("user", 300),
+    turn("assistant", 300),
+    turn("user", 250),
+    turn("assistant", 250),
+    turn("user", 40),
+]
 
 
 @pytest.fixture(scope="module")
 def w():
-    worker = Worker("--context-length", str(CONTEXT))     # the tiny model's own window: 32768
+    worker = Worker("--context-length", str(CONTEXT))  # the tiny model's own window: 32768
     assert worker.ready["context_length"] == CONTEXT
     yield worker
     worker.close()
@@ -81,14 +87,14 @@ def test_error_policy_keeps_everything(w, n_tokens):
 
 
 def test_last_user_turn_alone_at_the_boundary(w, n_tokens):
-    last = last_turn_at(n_tokens, CONTEXT - 1)              # room for exactly 1 token
+    last = last_turn_at(n_tokens, CONTEXT - 1)  # room for exactly 1 token
     conv = [SYSTEM, turn("user", 300), turn("assistant", 300), last]
     d = w.request("alone", messages=conv, max_tokens=50, timeout=120)
     assert d["type"] == "done", d
     assert d["usage"]["prompt_tokens"] == CONTEXT - 1 and d["usage"]["dropped_messages"] == 2
     assert d["usage"]["completion_tokens"] <= 1
 
-    too = last_turn_at(n_tokens, CONTEXT)                   # no room left at all
+    too = last_turn_at(n_tokens, CONTEXT)  # no room left at all
     e = w.request("alone-too", messages=[SYSTEM, turn("user", 300), turn("assistant", 300), too])
     assert e["type"] == "error" and e["code"] == "too_long"
     assert "last user turn alone" in e["message"] and f"{CONTEXT} tokens" in e["message"]

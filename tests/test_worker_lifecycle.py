@@ -35,11 +35,13 @@ def check_lines(raw):
 
 def test_eof_finishes_everything_read_then_exits_0():
     ensure_tiny_model()
-    script = ("printf '%s\\n' '{\"id\":\"1\",\"prompt\":\"Olá\"}' "
-              "'{\"id\":\"2\",\"prompt\":\"Qual é o estádio?\",\"stream\":true}' "
-              "'{\"id\":\"3\",\"prompt\":\"Quando foi fundado o Farense?\",\"max_tokens\":300}' "
-              "'not json' "
-              f"| {sys.executable} -m worker --model {TINY} --log-format json")
+    script = (
+        'printf \'%s\\n\' \'{"id":"1","prompt":"Olá"}\' '
+        '\'{"id":"2","prompt":"Qual é o estádio?","stream":true}\' '
+        '\'{"id":"3","prompt":"Quando foi fundado o Farense?","max_tokens":300}\' '
+        "'not json' "
+        f"| {sys.executable} -m worker --model {TINY} --log-format json"
+    )
     env = worker_env(LONG)
     t0 = time.monotonic()
     proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, env=env, timeout=120)
@@ -97,15 +99,20 @@ def test_sigterm_and_shutdown_cancel_in_flight_and_exit_0_quickly(how):
 
 def test_sigterm_exits_even_when_stdout_is_not_read():
     ensure_tiny_model()
-    proc = subprocess.Popen([sys.executable, "-m", "worker", "--model", str(TINY)], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            env=worker_env(LONG))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--model", str(TINY)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=worker_env(LONG),
+    )
     try:
         assert json.loads(proc.stdout.readline())["type"] == "ready"
         for i in range(4):
             proc.stdin.write(b'{"id":"f%d","prompt":"x","max_tokens":2000,"stream":true}\n' % i)
         proc.stdin.flush()
-        time.sleep(1.5)     # the pipe fills up; the worker blocks writing
+        time.sleep(1.5)  # the pipe fills up; the worker blocks writing
         assert proc.poll() is None
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -119,8 +126,10 @@ def test_sigterm_exits_even_when_stdout_is_not_read():
 
 def test_overloaded_with_a_small_queue_and_cancelling_queued_requests():
     with Worker("--max-batch", "1", "--max-queue", "2", env=LONG) as w:
-        w.send(*[{"id": f"r{i}", "prompt": f"{PROMPT} {i}", "max_tokens": 1500} for i in range(6)],
-               {"op": "stats"})
+        w.send(
+            *[{"id": f"r{i}", "prompt": f"{PROMPT} {i}", "max_tokens": 1500} for i in range(6)],
+            {"op": "stats"},
+        )
         for i in (3, 4, 5):
             e = w.terminal(f"r{i}")
             assert e["type"] == "error" and e["code"] == "overloaded"
@@ -158,8 +167,23 @@ def test_worker_exits_when_its_parent_dies():
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, str(in_r), str(out_w), sys.executable, "-m", "worker", "--model", str(TINY)],
-        cwd=ROOT, stdout=subprocess.PIPE, env=worker_env(), pass_fds=(in_r, out_w))
+        [
+            sys.executable,
+            "-c",
+            PARENT,
+            str(in_r),
+            str(out_w),
+            sys.executable,
+            "-m",
+            "worker",
+            "--model",
+            str(TINY),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        env=worker_env(),
+        pass_fds=(in_r, out_w),
+    )
     os.close(in_r)
     os.close(out_w)
     try:
@@ -195,9 +219,14 @@ def _is_zombie(pid):
 
 def test_backpressure_stops_reading_stdin_when_stdout_is_not_read():
     ensure_tiny_model()
-    proc = subprocess.Popen([sys.executable, "-m", "worker", "--model", str(TINY)], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            env=worker_env(LONG))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--model", str(TINY)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=worker_env(LONG),
+    )
     try:
         assert json.loads(proc.stdout.readline())["type"] == "ready"
         for i in range(4):
@@ -207,7 +236,7 @@ def test_backpressure_stops_reading_stdin_when_stdout_is_not_read():
         # Now flood stdin with pings while nobody reads stdout.
         fd = proc.stdin.fileno()
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-        batch = b"".join(b'{"op":"ping","id":"p%05d"}\n' % i for i in range(100))   # < PIPE_BUF: atomic
+        batch = b"".join(b'{"op":"ping","id":"p%05d"}\n' % i for i in range(100))  # < PIPE_BUF: atomic
         sent = 0
         stalled_since = None
         while sent < 16 << 20:
@@ -226,6 +255,7 @@ def test_backpressure_stops_reading_stdin_when_stdout_is_not_read():
         # Drain: every ping gets its pong, every stream its terminal message.
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         import threading
+
         lines = []
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
         reader.start()
@@ -250,19 +280,32 @@ def _rss(pid):
 
 def test_bad_command_line_and_missing_adapter_fail_clearly(tmp_path):
     env = worker_env()
-    proc = subprocess.run([sys.executable, "-m", "worker"], cwd=ROOT, capture_output=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker"], cwd=ROOT, capture_output=True, env=env, timeout=60
+    )
     assert proc.returncode == 2 and b"--model" in proc.stderr and proc.stdout == b""
-    proc = subprocess.run([sys.executable, "-m", "worker", "--adapter", str(tmp_path / "nothing")], cwd=ROOT,
-                          capture_output=True, env=env, timeout=60, input=b"")
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "--adapter", str(tmp_path / "nothing")],
+        cwd=ROOT,
+        capture_output=True,
+        env=env,
+        timeout=60,
+        input=b"",
+    )
     assert proc.returncode == 2 and b"adapter folder not found" in proc.stderr and proc.stdout == b""
 
 
 def test_closed_stdout_makes_the_worker_exit():
     """The parent closed its end of stdout (EPIPE on the next write): exit at once."""
     ensure_tiny_model()
-    proc = subprocess.Popen([sys.executable, "-m", "worker", "--model", str(TINY)], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=worker_env(LONG))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--model", str(TINY)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=worker_env(LONG),
+    )
     try:
         assert json.loads(proc.stdout.readline())["type"] == "ready"
         proc.stdout.close()
@@ -280,13 +323,18 @@ def test_soak_concurrent_streams_cancels_garbage_then_eof():
     """36 concurrent requests (half streaming, some sampled, some with stops), garbage lines
     and cancels, then stdin closes: each id is answered exactly once, and the worker exits 0."""
     import random
+
     rnd = random.Random(11)
     with Worker("--max-batch", "16") as w:
         ids = [f"k{i}" for i in range(36)]
         lines = []
         for i, rid in enumerate(ids):
-            req = {"id": rid, "prompt": f"Pergunta {i}: {PROMPT}", "max_tokens": rnd.randrange(5, 120),
-                   "stream": i % 2 == 0}
+            req = {
+                "id": rid,
+                "prompt": f"Pergunta {i}: {PROMPT}",
+                "max_tokens": rnd.randrange(5, 120),
+                "stream": i % 2 == 0,
+            }
             if i % 3 == 0:
                 req.update(temperature=1.0, seed=i)
             if i % 4 == 0:

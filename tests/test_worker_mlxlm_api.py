@@ -31,8 +31,16 @@ def test_worker_imports_mlx_lm_only_through_the_adapter():
         if path.name == "mlxlm_api.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            bad = [n for n in names if n.startswith("mlx_lm.")
-                   or (n == "mlx_lm" and path.name not in TOP_LEVEL_ONLY)]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            bad = [
+                n
+                for n in names
+                if n.startswith("mlx_lm.") or (n == "mlx_lm" and path.name not in TOP_LEVEL_ONLY)
+            ]
             assert not bad, f"{path.name}:{node.lineno} imports {bad[0]} directly; use worker/mlxlm_api.py"

@@ -50,8 +50,14 @@ class Worker:
             cmd += ["--adapter", str(adapter)]
         cmd += [str(a) for a in args]
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=worker_env(env))
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=worker_env(env),
+        )
         self.messages = []
         self.raw_lines = []
         self.violations = []
@@ -128,12 +134,15 @@ class Worker:
                         return self.messages[i]
                     i += 1
                 if self.stdout_closed:
-                    raise AssertionError(f"stdout closed before the expected message; stderr tail: "
-                                         f"{self.stderr_lines[-15:]}")
+                    raise AssertionError(
+                        f"stdout closed before the expected message; stderr tail: {self.stderr_lines[-15:]}"
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"timed out waiting for a message; last: {self.messages[-3:]}; "
-                                         f"stderr tail: {self.stderr_lines[-15:]}")
+                    raise AssertionError(
+                        f"timed out waiting for a message; last: {self.messages[-3:]}; "
+                        f"stderr tail: {self.stderr_lines[-15:]}"
+                    )
                 self.cond.wait(left)
 
     def terminal(self, rid, timeout=60, start=0):
@@ -172,7 +181,9 @@ class Worker:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"worker did not exit in {timeout}s; stderr: {self.stderr_lines[-15:]}")
+            raise AssertionError(
+                f"worker did not exit in {timeout}s; stderr: {self.stderr_lines[-15:]}"
+            ) from None
 
     def signal(self, sig=signal.SIGTERM):
         self.proc.send_signal(sig)

@@ -21,17 +21,18 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from train.checkpoint import sha256_file
 from core.prompt import PromptError, encode_examples
+from train.checkpoint import sha256_file
 
 
 @dataclass
 class Split:
     """One data file: its conversations and what identifies it."""
+
     path: str
     conversations: list
     sha256: str
-    lines: list = field(default_factory=list)    # the file's line number of each conversation
+    lines: list = field(default_factory=list)  # the file's line number of each conversation
 
     def where(self, i):
         return f"{self.path}:{self.lines[i]}" if i < len(self.lines) else f"{self.path}: conversation {i + 1}"
@@ -54,8 +55,10 @@ def read_split(path):
             record = orjson.loads(line)
             messages = record["messages"]
         except (orjson.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{number}: not a {{\"messages\": [...]}} record ({e}); "
-                             "run `make data` to prepare the data") from None
+            raise ValueError(
+                f'{path}:{number}: not a {{"messages": [...]}} record ({e}); '
+                "run `make data` to prepare the data"
+            ) from None
         conversations.append(messages)
         lines.append(number)
     return Split(str(path), conversations, sha256_file(path), lines)
@@ -69,14 +72,13 @@ def common_system_prompt(conversations):
 
 @dataclass
 class Encoded:
-    examples: list                 # [(ids, offset)]
+    examples: list  # [(ids, offset)]
     truncated: int = 0
     dropped: int = 0
     notes: list = field(default_factory=list)
 
 
-def encode(tokenizer, conversations, system_prompt, mask_prompt, max_seq_length, train_on="last",
-           where=None):
+def encode(tokenizer, conversations, system_prompt, mask_prompt, max_seq_length, train_on="last", where=None):
     """Token ids and loss offsets. Over-long examples are cut to max_seq_length; one left
     with no answer token to learn from is dropped (both counted). A conversation the chat
     template cannot encode consistently stops with ValueError naming where(i) (file:line)."""
@@ -106,7 +108,7 @@ def _add_example(out, ids, prompt_len, mask_prompt, max_seq_length):
 def make_batches(examples, batch_size):
     """Example indices grouped into batches of similar length (shortest first)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def shard(indices, rank, size):
@@ -165,8 +167,12 @@ class BatchOrder:
         return batch
 
     def state(self):
-        return {"epoch": self.epoch, "index": self.index, "n_batches": self.n_batches,
-                "order": list(self.order)}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "n_batches": self.n_batches,
+            "order": list(self.order),
+        }
 
     @classmethod
     def restore(cls, saved, n_batches, seed):
@@ -179,8 +185,7 @@ class BatchOrder:
         return order
 
 
-def evaluate_loss(model, examples, batch_size, num_batches=-1, loss_fn=None, rank=0, size=1,
-                  all_sum=None):
+def evaluate_loss(model, examples, batch_size, num_batches=-1, loss_fn=None, rank=0, size=1, all_sum=None):
     """Token-weighted mean loss over the examples (all of them unless num_batches >= 0).
 
     Several processes (size > 1): batch_size is the global batch size, each process evaluates

@@ -45,15 +45,18 @@ class Checkpoint:
 
     def adapter_weights(self):
         import mlx.core as mx
+
         return mx.load(str(self.path / ADAPTERS))
 
     def optimizer_state(self):
         """The flat {dotted.key: array} optimizer state."""
         import mlx.core as mx
+
         return mx.load(str(self.path / OPTIMIZER))
 
 
 # --------------------------------------------------------------------------- hashing
+
 
 def sha256_file(path, chunk=1 << 20):
     h = hashlib.sha256()
@@ -69,6 +72,7 @@ def dumps(obj):
 
 # --------------------------------------------------------------------------- save
 
+
 def save(root, step, adapter_weights, adapter_config, optimizer_flat, state):
     """Write checkpoint `step` under `root` atomically; returns its folder."""
     import mlx.core as mx
@@ -79,8 +83,9 @@ def save(root, step, adapter_weights, adapter_config, optimizer_flat, state):
         mx.save_safetensors(str(tmp / OPTIMIZER), optimizer_flat)
         (tmp / ADAPTER_CONFIG).write_text(dumps(adapter_config), encoding="utf-8")
         (tmp / STATE).write_text(dumps(dict(state, format=FORMAT, step=step)), encoding="utf-8")
-        files = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-                 for name in FILES}
+        files = {
+            name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in FILES
+        }
         manifest = {"format": FORMAT, "step": step, "created_at": time.time(), "files": files}
         (tmp / MANIFEST).write_text(dumps(manifest), encoding="utf-8")
     return final
@@ -99,6 +104,7 @@ def write_adapter_dir(src_checkpoint, dst, extra=None):
 
 
 # --------------------------------------------------------------------------- verify / find
+
 
 def verify(path):
     """Raise CheckpointError naming the first problem; return the parsed manifest."""
@@ -121,11 +127,12 @@ def verify(path):
             raise CheckpointError(f"{path.name}: {name} is missing")
         size = f.stat().st_size
         if size != info.get("size"):
-            raise CheckpointError(f"{path.name}: {name} is {size} bytes, the manifest says "
-                                  f"{info.get('size')} (truncated or corrupt)")
+            raise CheckpointError(
+                f"{path.name}: {name} is {size} bytes, the manifest says "
+                f"{info.get('size')} (truncated or corrupt)"
+            )
         if sha256_file(f) != info.get("sha256"):
-            raise CheckpointError(f"{path.name}: {name} does not match its sha256 in the "
-                                  f"manifest (corrupt)")
+            raise CheckpointError(f"{path.name}: {name} does not match its sha256 in the manifest (corrupt)")
     return manifest
 
 
@@ -158,7 +165,7 @@ def load(path):
 def latest_valid(root, log=print):
     """The newest checkpoint that passes verification, or None. Each newer one that fails
     is reported through `log` with the reason."""
-    for step, path in reversed(list_steps(root)):
+    for _step, path in reversed(list_steps(root)):
         try:
             return load(path)
         except CheckpointError as e:
@@ -168,10 +175,11 @@ def latest_valid(root, log=print):
 
 # --------------------------------------------------------------------------- housekeeping
 
+
 def prune(root, keep_last, keep_steps=()):
     """Delete all but the newest `keep_last` checkpoints and those in keep_steps."""
     steps = list_steps(root)
-    keep = {s for s, _ in steps[-max(int(keep_last), 1):]} | {s for s in keep_steps if s is not None}
+    keep = {s for s, _ in steps[-max(int(keep_last), 1) :]} | {s for s in keep_steps if s is not None}
     removed = []
     for step, path in steps:
         if step not in keep:
@@ -195,5 +203,7 @@ def clean_temp(root):
     root = Path(root)
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(TMP_PREFIX) or (p.name.startswith(f".{STEP_PREFIX}") and p.name.endswith(".old")):
+            if p.name.startswith(TMP_PREFIX) or (
+                p.name.startswith(f".{STEP_PREFIX}") and p.name.endswith(".old")
+            ):
                 shutil.rmtree(p, ignore_errors=True)

@@ -45,8 +45,9 @@ class Dist:
             return cls()
         hostfile = os.environ.get("MLX_HOSTFILE")
         if hostfile and Path(hostfile).is_file() and not Path(hostfile).read_text().strip():
-            return cls()                                  # mlx.launch -n 1: a ring of one
+            return cls()  # mlx.launch -n 1: a ring of one
         import mlx.core as mx
+
         group = mx.distributed.init(strict=True)
         return cls(group) if group.size() > 1 else cls()
 
@@ -57,6 +58,7 @@ class Dist:
 
     def _eval(self, what, *arrays):
         import mlx.core as mx
+
         try:
             mx.eval(*arrays)
         except RuntimeError as e:
@@ -66,19 +68,27 @@ class Dist:
     def all_sum_floats(self, values):
         """Sums of a few Python numbers over the processes (float64)."""
         import mlx.core as mx
+
         if self.size == 1:
             return list(values)
-        (out,) = self._eval("all_sum", mx.distributed.all_sum(mx.array(values, dtype=mx.float64),
-                                                             group=self.group, stream=mx.cpu))
+        (out,) = self._eval(
+            "all_sum",
+            mx.distributed.all_sum(mx.array(values, dtype=mx.float64), group=self.group, stream=mx.cpu),
+        )
         return out.tolist()
 
     def all_gather_ints(self, values):
         """[[rank 0's values], [rank 1's], ...] of a few integers per process."""
         import mlx.core as mx
+
         if self.size == 1:
             return [list(values)]
-        (out,) = self._eval("all_gather", mx.distributed.all_gather(
-            mx.array(values, dtype=mx.int64).reshape(1, -1), group=self.group, stream=mx.cpu))
+        (out,) = self._eval(
+            "all_gather",
+            mx.distributed.all_gather(
+                mx.array(values, dtype=mx.int64).reshape(1, -1), group=self.group, stream=mx.cpu
+            ),
+        )
         return out.tolist()
 
     def sum_tree(self, tree, group_bytes=32 << 20):
@@ -87,6 +97,7 @@ class Dist:
         its division by the number of processes."""
         import mlx.core as mx
         from mlx.utils import tree_flatten, tree_unflatten
+
         if self.size == 1:
             return tree
         flat = tree_flatten(tree)
@@ -101,8 +112,7 @@ class Dist:
             chunks.append(current)
         out = []
         for chunk in chunks:
-            big = mx.distributed.all_sum(mx.concatenate([v.reshape(-1) for _, v in chunk]),
-                                         group=self.group)
+            big = mx.distributed.all_sum(mx.concatenate([v.reshape(-1) for _, v in chunk]), group=self.group)
             offsets = np.cumsum([v.size for _, v in chunk])[:-1].tolist()
             out.extend((k, part.reshape(v.shape)) for (k, v), part in zip(chunk, mx.split(big, offsets)))
         summed = tree_unflatten(out)
@@ -130,8 +140,11 @@ class Dist:
             while True:
                 time.sleep(0.5)
                 if os.getppid() != parent or (launcher is not None and not alive(launcher)):
-                    self.log("error: the launcher (train.launch / mlx.launch) is gone; stopping. Run "
-                             "the same command to continue from the last checkpoint.", every_rank=True)
+                    self.log(
+                        "error: the launcher (train.launch / mlx.launch) is gone; stopping. Run "
+                        "the same command to continue from the last checkpoint.",
+                        every_rank=True,
+                    )
                     os._exit(exit_code)
 
         threading.Thread(target=loop, name="watch-launcher", daemon=True).start()

@@ -21,8 +21,8 @@ from collections import Counter
 from pathlib import Path
 
 from core import atomic, paths
-from train import batches, bundle
 from core.prompt import encode_prompt
+from train import batches, bundle
 
 
 def log(message):
@@ -30,6 +30,7 @@ def log(message):
 
 
 # --------------------------------------------------------------------------- scores
+
 
 def normalize(text):
     return unicodedata.normalize("NFC", text).strip()
@@ -56,17 +57,25 @@ def score(hypotheses, references):
     chrf = CHRF()
     rows = []
     for h, r in zip(hypotheses, references):
-        rows.append({"exact": normalize(h) == normalize(r), "f1": token_f1(h, r),
-                     "chrf": chrf.sentence_score(h, [r]).score})
+        rows.append(
+            {
+                "exact": normalize(h) == normalize(r),
+                "f1": token_f1(h, r),
+                "chrf": chrf.sentence_score(h, [r]).score,
+            }
+        )
     n = max(len(rows), 1)
-    summary = {"exact_match": sum(x["exact"] for x in rows) / n,
-               "exact_count": sum(x["exact"] for x in rows),
-               "token_f1": sum(x["f1"] for x in rows) / n,
-               "chrf": chrf.corpus_score(list(hypotheses), [list(references)]).score if rows else 0.0}
+    summary = {
+        "exact_match": sum(x["exact"] for x in rows) / n,
+        "exact_count": sum(x["exact"] for x in rows),
+        "token_f1": sum(x["f1"] for x in rows) / n,
+        "chrf": chrf.corpus_score(list(hypotheses), [list(references)]).score if rows else 0.0,
+    }
     return summary, rows
 
 
 # --------------------------------------------------------------------------- generation
+
 
 def generate_answers(model, tokenizer, prompts, max_tokens):
     """Greedy answers, batched (mlx_lm.batch_generate), as text."""
@@ -98,7 +107,9 @@ def main(argv=None):
     except bundle.BundleError as e:
         log(f"error: {e} - train first (make train NAME={args.name})")
         return 2
-    data_file = Path(args.data) / f"{args.split}.jsonl" if args.data else Path(meta["data"][args.split]["path"])
+    data_file = (
+        Path(args.data) / f"{args.split}.jsonl" if args.data else Path(meta["data"][args.split]["path"])
+    )
     split = batches.read_split(data_file)
     conversations = [m for m in split.conversations if m and m[-1]["role"] == "assistant"]
     conversations = conversations[: args.limit] if args.limit else conversations
@@ -111,16 +122,20 @@ def main(argv=None):
     report = make_report(args, data_file, split, conversations, model_name, meta, results, max_tokens)
     report["wall_time_s"] = round(time.perf_counter() - tic, 2)
     stem = "eval" if args.split == "valid" else f"eval-{args.split}"
-    atomic.write_text(run_dir / f"{stem}.json", json.dumps(bundle.finite(report), indent=2, ensure_ascii=False) + "\n")
+    atomic.write_text(
+        run_dir / f"{stem}.json", json.dumps(bundle.finite(report), indent=2, ensure_ascii=False) + "\n"
+    )
     atomic.write_text(run_dir / f"{stem}.md", markdown(report))
     b, f, n = report["base"], report["fine_tuned"], len(conversations)
-    print(f"{args.split} ({n} conversations)   base -> fine-tuned\n"
-          f"  loss        {b['loss']:.4f} -> {f['loss']:.4f}\n"
-          f"  perplexity  {b['perplexity']:.2f} -> {f['perplexity']:.2f}\n"
-          f"  exact match {b['exact_count']}/{n} -> {f['exact_count']}/{n}\n"
-          f"  token F1    {b['token_f1']:.3f} -> {f['token_f1']:.3f}\n"
-          f"  chrF        {b['chrf']:.1f} -> {f['chrf']:.1f}\n"
-          f"wrote {run_dir / (stem + '.json')} and {stem}.md")
+    print(
+        f"{args.split} ({n} conversations)   base -> fine-tuned\n"
+        f"  loss        {b['loss']:.4f} -> {f['loss']:.4f}\n"
+        f"  perplexity  {b['perplexity']:.2f} -> {f['perplexity']:.2f}\n"
+        f"  exact match {b['exact_count']}/{n} -> {f['exact_count']}/{n}\n"
+        f"  token F1    {b['token_f1']:.3f} -> {f['token_f1']:.3f}\n"
+        f"  chrF        {b['chrf']:.1f} -> {f['chrf']:.1f}\n"
+        f"wrote {run_dir / (stem + '.json')} and {stem}.md"
+    )
     return 0
 
 
@@ -135,8 +150,9 @@ def compare(model_name, run_dir, meta, train_cfg, conversations, max_tokens=None
     model, tokenizer = load(model_name)
     if meta.get("chat_template"):
         getattr(tokenizer, "_tokenizer", tokenizer).chat_template = meta["chat_template"]
-    examples = batches.encode(tokenizer, conversations, system_prompt, True,
-                              int(meta.get("max_seq_length") or 2048)).examples
+    examples = batches.encode(
+        tokenizer, conversations, system_prompt, True, int(meta.get("max_seq_length") or 2048)
+    ).examples
     prompts = [encode_prompt(tokenizer, m[:-1], system_prompt) for m in conversations]
     references = [m[-1]["content"] for m in conversations]
     ref_lengths = [len(tokenizer.encode(r, add_special_tokens=False)) for r in references]
@@ -147,28 +163,44 @@ def compare(model_name, run_dir, meta, train_cfg, conversations, max_tokens=None
             load_adapters(model, str(run_dir))
         model.eval()
         loss, ntoks = batches.evaluate_loss(model, examples, batch_size)
-        log(f"{label}: loss {loss:.4f} over {ntoks} answer tokens; generating {len(prompts)} answers "
-            f"(max {max_tokens} tokens)")
+        log(
+            f"{label}: loss {loss:.4f} over {ntoks} answer tokens; generating {len(prompts)} answers "
+            f"(max {max_tokens} tokens)"
+        )
         answers = generate_answers(model, tokenizer, prompts, max_tokens)
         summary, rows = score(answers, references)
-        results[label] = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
-                          "answer_tokens": ntoks, **summary, "answers": answers, "rows": rows}
+        results[label] = {
+            "loss": loss,
+            "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "answer_tokens": ntoks,
+            **summary,
+            "answers": answers,
+            "rows": rows,
+        }
     return results, max_tokens
 
 
 def make_report(args, data_file, split, conversations, model_name, meta, results, max_tokens):
     base, tuned = results["base"], results["fine_tuned"]
     return {
-        "name": args.name, "split": args.split, "data": {"path": str(data_file), "sha256": split.sha256,
-                                                         "count": len(conversations)},
-        "base_model": model_name, "system_prompt": meta.get("system_prompt"), "max_tokens": max_tokens,
+        "name": args.name,
+        "split": args.split,
+        "data": {"path": str(data_file), "sha256": split.sha256, "count": len(conversations)},
+        "base_model": model_name,
+        "system_prompt": meta.get("system_prompt"),
+        "max_tokens": max_tokens,
         "adapter": {"source": meta.get("adapter_source"), "step": meta.get("adapter_step")},
         "base": {k: v for k, v in base.items() if k not in ("answers", "rows")},
         "fine_tuned": {k: v for k, v in tuned.items() if k not in ("answers", "rows")},
         "examples": [
-            {"question": _question(m), "reference": m[-1]["content"],
-             "base": base["answers"][i], "fine_tuned": tuned["answers"][i],
-             "base_scores": base["rows"][i], "fine_tuned_scores": tuned["rows"][i]}
+            {
+                "question": _question(m),
+                "reference": m[-1]["content"],
+                "base": base["answers"][i],
+                "fine_tuned": tuned["answers"][i],
+                "base_scores": base["rows"][i],
+                "fine_tuned_scores": tuned["rows"][i],
+            }
             for i, m in enumerate(conversations)
         ],
     }
@@ -207,8 +239,10 @@ def markdown(report):
     ]
     for ex in report["examples"]:
         mark = " ✓" if ex["fine_tuned_scores"]["exact"] else ""
-        lines.append(f"| {_cell(ex['question'])} | {_cell(ex['reference'])} | {_cell(ex['base'])} | "
-                     f"{_cell(ex['fine_tuned'])}{mark} |")
+        lines.append(
+            f"| {_cell(ex['question'])} | {_cell(ex['reference'])} | {_cell(ex['base'])} | "
+            f"{_cell(ex['fine_tuned'])}{mark} |"
+        )
     return "\n".join(lines) + "\n"
 
 

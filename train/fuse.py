@@ -35,8 +35,8 @@ import sys
 from pathlib import Path
 
 from core import atomic, paths
-from train import batches, bundle
 from core.prompt import encode_prompt
+from train import batches, bundle
 
 REPORT = "fuse_report.json"
 EXIT_WORSE = 3
@@ -53,20 +53,41 @@ def parse_args(argv):
     p.add_argument("--model", help="base model (default: the run's)")
     p.add_argument("--out", help="output folder (default models/NAME/fused)")
     p.add_argument("--data", help="folder with valid.jsonl (default: the run's validation data)")
-    p.add_argument("--quantize", metavar="BITS|base",
-                   help="re-quantize the fused model to BITS (2,3,4,5,6,8), or 'base' for the base's bits")
-    p.add_argument("--q-group-size", type=int, help="group size when re-quantizing (default: the base's, else 64)")
-    p.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
-                   help="float type of the fused weights (auto: float32 for a float32 base, the base's "
-                        "type for a float base, else float16)")
-    p.add_argument("--tolerance", type=float, default=0.01,
-                   help="largest relative increase of the validation loss over base + adapter (default 0.01)")
-    p.add_argument("--max-drift", type=float, default=0.1,
-                   help="largest mean |logit difference| from base + adapter, as a fraction of the mean |logit "
-                        "difference| between base + adapter and the base (default 0.1)")
+    p.add_argument(
+        "--quantize",
+        metavar="BITS|base",
+        help="re-quantize the fused model to BITS (2,3,4,5,6,8), or 'base' for the base's bits",
+    )
+    p.add_argument(
+        "--q-group-size", type=int, help="group size when re-quantizing (default: the base's, else 64)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto",) + DTYPES,
+        default="auto",
+        help="float type of the fused weights (auto: float32 for a float32 base, the base's "
+        "type for a float base, else float16)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="largest relative increase of the validation loss over base + adapter (default 0.01)",
+    )
+    p.add_argument(
+        "--max-drift",
+        type=float,
+        default=0.1,
+        help="largest mean |logit difference| from base + adapter, as a fraction of the mean |logit "
+        "difference| between base + adapter and the base (default 0.1)",
+    )
     p.add_argument("--force", action="store_true", help="write the fused model even when it fails the check")
-    p.add_argument("--samples", type=int, default=8,
-                   help="validation conversations compared logit by logit and by greedy answer (default 8)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=8,
+        help="validation conversations compared logit by logit and by greedy answer (default 8)",
+    )
     p.add_argument("--no-gguf", action="store_true", help="skip the GGUF export")
     p.add_argument("--models-dir", help="where run folders are (default models/, or $MODELS_DIR)")
     return p.parse_args(argv)
@@ -76,16 +97,18 @@ def main(argv=None):
     args = parse_args(argv)
     run_dir = paths.run_dir(args.name, args.models_dir)
     try:
-        meta = json.loads((run_dir / "metadata.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        log(f"error: {run_dir / 'metadata.json'} missing - train first (make train NAME={args.name})")
+        meta = bundle.read_metadata(run_dir)
+    except bundle.BundleError as e:
+        log(f"error: {e} - train first (make train NAME={args.name})")
         return 2
     base = args.model or meta.get("base_model_path") or meta["base_model"]
     out = Path(args.out) if args.out else run_dir / "fused"
     data_file = Path(args.data) / "valid.jsonl" if args.data else Path(meta["data"]["valid"]["path"])
     if not data_file.is_file():
-        log(f"error: {data_file} missing: the validation data the fused model is checked on "
-            f"(--data DIR, or DATA=DIR with make)")
+        log(
+            f"error: {data_file} missing: the validation data the fused model is checked on "
+            f"(--data DIR, or DATA=DIR with make)"
+        )
         return 2
 
     from mlx_lm import load
@@ -104,20 +127,26 @@ def main(argv=None):
 
     try:
         with atomic.staged_dir(out) as tmp:
-            report = fuse_and_check(args, meta, run_dir, base, out, tmp, model, tokenizer, config, val, reference)
+            report = fuse_and_check(
+                args, meta, run_dir, base, out, tmp, model, tokenizer, config, val, reference
+            )
     except Rejected as e:
         report = e.args[0]
         write_report(run_dir, None, report)
-        log(f"error: the fused model is not base + adapter: {report['check']['reason']}. {out} was not "
+        log(
+            f"error: the fused model is not base + adapter: {report['check']['reason']}. {out} was not "
             f"written. Fuse without --quantize (make QUANTIZE=) to keep float weights, which keep the "
             f"fine-tune; or loosen the check (--tolerance, --max-drift); or write it anyway with --force "
-            f"(make FORCE=1). Report: {run_dir / REPORT}")
+            f"(make FORCE=1). Report: {run_dir / REPORT}"
+        )
         return EXIT_WORSE
     log(f"wrote {out} (load it with mlx_lm.load({str(out)!r}) or python -m worker --model {out})")
     log(f"GGUF: {report['gguf']['note']}")
     if meta.get("system_prompt"):
-        log("note: a fused model carries no system prompt; the worker adds it only with --adapter "
-            "(pass the same system prompt when serving the fused model)")
+        log(
+            "note: a fused model carries no system prompt; the worker adds it only with --adapter "
+            "(pass the same system prompt when serving the fused model)"
+        )
     return 0
 
 
@@ -142,20 +171,24 @@ def fuse_and_check(args, meta, run_dir, base, out, tmp, model, tokenizer, config
     set_chat_template(fused_tokenizer, meta)
     log("fused model (read back from disk): loss and greedy answers")
     fused = measure(fused_model, tokenizer, val, meta)
-    report = build_report(args, meta, run_dir, base, out, val, form, reference, fused,
-                          same_prompt_ids(fused_tokenizer, val))
+    report = build_report(
+        args, meta, run_dir, base, out, val, form, reference, fused, same_prompt_ids(fused_tokenizer, val)
+    )
     print(summary(report), flush=True)
     if not report["check"]["passed"]:
         if not args.force:
             raise Rejected(report)
         log(f"warning: {report['check']['reason']}; writing it anyway (--force)")
-    report["gguf"] = export_gguf(args, tmp, base, fused_model, config, fused_tokenizer, meta, form, val["texts"])
+    report["gguf"] = export_gguf(
+        args, tmp, base, fused_model, config, fused_tokenizer, meta, form, val["texts"]
+    )
     write_provenance(tmp, meta, run_dir, form, report)
     write_report(run_dir, tmp, report)
     return report
 
 
 # --------------------------------------------------------------------------- fusing
+
 
 def fuse_model(model, config, args):
     """LoRA layers -> fused float linears, every other quantized layer de-quantized, floats cast
@@ -174,9 +207,12 @@ def fuse_model(model, config, args):
     model.set_dtype(dtype_of(dtype))
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype
-    form = {"fused_layers": len(fused), "dtype": dtype,
-            "base_quantization": {k: base_q[k] for k in ("bits", "group_size", "mode") if k in base_q} or None,
-            "quantization": None}
+    form = {
+        "fused_layers": len(fused),
+        "dtype": dtype,
+        "base_quantization": {k: base_q[k] for k in ("bits", "group_size", "mode") if k in base_q} or None,
+        "quantization": None,
+    }
     if args.quantize:
         bits = base_q.get("bits") if args.quantize == "base" else int(args.quantize)
         group_size = args.q_group_size or base_q.get("group_size") or 64
@@ -194,8 +230,11 @@ def choose_dtype(model, quantized, requested):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    kinds = {str(v.dtype).split(".")[-1] for k, v in tree_flatten(model.parameters())
-             if mx.issubdtype(v.dtype, mx.floating) and "lora_" not in k}
+    kinds = {
+        str(v.dtype).split(".")[-1]
+        for k, v in tree_flatten(model.parameters())
+        if mx.issubdtype(v.dtype, mx.floating) and "lora_" not in k
+    }
     if kinds == {"float32"}:
         return "float32"
     if not quantized and len(kinds) == 1 and kinds <= set(DTYPES):
@@ -205,6 +244,7 @@ def choose_dtype(model, quantized, requested):
 
 def dtype_of(name):
     import mlx.core as mx
+
     return getattr(mx, name)
 
 
@@ -215,6 +255,7 @@ def describe(form):
 
 
 # --------------------------------------------------------------------------- measuring
+
 
 def set_chat_template(tokenizer, meta):
     if meta.get("chat_template"):
@@ -229,16 +270,21 @@ def validation_set(tokenizer, meta, data_file, samples):
     if not conversations:
         raise SystemExit(f"fuse: error: no conversations ending with an answer in {data_file}")
     system_prompt = meta.get("system_prompt")
-    examples = batches.encode(tokenizer, conversations, system_prompt, True,
-                              int(meta.get("max_seq_length") or 2048)).examples
+    examples = batches.encode(
+        tokenizer, conversations, system_prompt, True, int(meta.get("max_seq_length") or 2048)
+    ).examples
     chosen = conversations[: max(samples, 0)]
     references = [m[-1]["content"] for m in chosen]
     longest = max((len(tokenizer.encode(r, add_special_tokens=False)) for r in references), default=0)
     return {
-        "path": str(data_file), "sha256": split.sha256, "count": len(conversations),
-        "examples": examples, "sample_ids": [ids for ids, _ in examples[: len(chosen)]],
+        "path": str(data_file),
+        "sha256": split.sha256,
+        "count": len(conversations),
+        "examples": examples,
+        "sample_ids": [ids for ids, _ in examples[: len(chosen)]],
         "prompts": [encode_prompt(tokenizer, m[:-1], system_prompt) for m in chosen],
-        "messages": [m[:-1] for m in chosen], "system_prompt": system_prompt,
+        "messages": [m[:-1] for m in chosen],
+        "system_prompt": system_prompt,
         "texts": [x["content"] for m in chosen for x in m] + ([system_prompt] if system_prompt else []),
         "max_tokens": min(int((meta.get("generation") or {}).get("max_tokens") or 256), longest + 16),
         "batch_size": int(meta.get("batch_size") or 8),
@@ -259,9 +305,12 @@ def measure(model, tokenizer, val, meta):
 
     model.eval()
     loss, ntoks = batches.evaluate_loss(model, val["examples"], val["batch_size"])
-    return {"loss": loss, "answer_tokens": ntoks,
-            "logits": [logits_of(model, ids) for ids in val["sample_ids"]],
-            "answers": generate_answers(model, tokenizer, val["prompts"], val["max_tokens"])}
+    return {
+        "loss": loss,
+        "answer_tokens": ntoks,
+        "logits": [logits_of(model, ids) for ids in val["sample_ids"]],
+        "answers": generate_answers(model, tokenizer, val["prompts"], val["max_tokens"]),
+    }
 
 
 def logit_diff(a_list, b_list):
@@ -270,18 +319,23 @@ def logit_diff(a_list, b_list):
     if not a_list:
         return {"max_abs": None, "mean_abs": None, "positions": 0}
     diffs = [np.abs(a - b) for a, b in zip(a_list, b_list)]
-    return {"max_abs": float(max(d.max() for d in diffs)),
-            "mean_abs": float(sum(d.sum() for d in diffs) / sum(d.size for d in diffs)),
-            "positions": int(sum(d.shape[0] for d in diffs))}
+    return {
+        "max_abs": float(max(d.max() for d in diffs)),
+        "mean_abs": float(sum(d.sum() for d in diffs) / sum(d.size for d in diffs)),
+        "positions": int(sum(d.shape[0] for d in diffs)),
+    }
 
 
 def same_prompt_ids(fused_tokenizer, val):
     """Does the tokenizer saved with the fused model encode the prompts as the run's did?"""
-    return all(encode_prompt(fused_tokenizer, m, val["system_prompt"]) == ids
-               for m, ids in zip(val["messages"], val["prompts"]))
+    return all(
+        encode_prompt(fused_tokenizer, m, val["system_prompt"]) == ids
+        for m, ids in zip(val["messages"], val["prompts"])
+    )
 
 
 # --------------------------------------------------------------------------- report
+
 
 def build_report(args, meta, run_dir, base, out, val, form, reference, fused, tokenizer_same):
     diff = logit_diff(fused.pop("logits"), reference.pop("logits"))
@@ -292,52 +346,88 @@ def build_report(args, meta, run_dir, base, out, val, form, reference, fused, to
     drift = None if diff["mean_abs"] is None else diff["mean_abs"] / max(vs_base["mean_abs"], 1e-6)
     reasons = []
     if not (increase <= args.tolerance):
-        reasons.append(f"the fused model's validation loss is {fused_loss:.4f} against base + adapter's "
-                       f"{ref_loss:.4f} ({increase:+.2%}, tolerance {args.tolerance:+.2%})")
+        reasons.append(
+            f"the fused model's validation loss is {fused_loss:.4f} against base + adapter's "
+            f"{ref_loss:.4f} ({increase:+.2%}, tolerance {args.tolerance:+.2%})"
+        )
     if drift is not None and not (drift <= args.max_drift):
-        reasons.append(f"the fused model's logits differ from base + adapter's by {drift:.1%} of the adapter's "
-                       f"own effect (mean abs {diff['mean_abs']:.4g} vs {vs_base['mean_abs']:.4g}; "
-                       f"at most {args.max_drift:.1%})")
+        reasons.append(
+            f"the fused model's logits differ from base + adapter's by {drift:.1%} of the adapter's "
+            f"own effect (mean abs {diff['mean_abs']:.4g} vs {vs_base['mean_abs']:.4g}; "
+            f"at most {args.max_drift:.1%})"
+        )
     if not tokenizer_same:
         reasons.append("the tokenizer saved with the fused model encodes the validation prompts differently")
     return {
-        "name": meta.get("name"), "run": str(run_dir), "base_model": base, "out": str(out),
-        "data": {"path": val["path"], "sha256": val["sha256"], "count": val["count"],
-                 "samples": len(val["prompts"])},
+        "name": meta.get("name"),
+        "run": str(run_dir),
+        "base_model": base,
+        "out": str(out),
+        "data": {
+            "path": val["path"],
+            "sha256": val["sha256"],
+            "count": val["count"],
+            "samples": len(val["prompts"]),
+        },
         "form": form,
-        "loss": {"base_plus_adapter": ref_loss, "fused": fused_loss, "relative_increase": increase,
-                 "answer_tokens": fused["answer_tokens"]},
-        "logits": {"fused_vs_adapter_max_abs": diff["max_abs"], "fused_vs_adapter_mean_abs": diff["mean_abs"],
-                   "adapter_vs_base_max_abs": vs_base["max_abs"], "adapter_vs_base_mean_abs": vs_base["mean_abs"],
-                   "drift": drift, "positions": diff["positions"]},
-        "greedy": {"agree": agree, "of": len(fused["answers"]), "max_tokens": val["max_tokens"],
-                   "disagreements": [{"base_plus_adapter": a, "fused": b}
-                                     for a, b in zip(reference["answers"], fused["answers"]) if a != b][:5]},
+        "loss": {
+            "base_plus_adapter": ref_loss,
+            "fused": fused_loss,
+            "relative_increase": increase,
+            "answer_tokens": fused["answer_tokens"],
+        },
+        "logits": {
+            "fused_vs_adapter_max_abs": diff["max_abs"],
+            "fused_vs_adapter_mean_abs": diff["mean_abs"],
+            "adapter_vs_base_max_abs": vs_base["max_abs"],
+            "adapter_vs_base_mean_abs": vs_base["mean_abs"],
+            "drift": drift,
+            "positions": diff["positions"],
+        },
+        "greedy": {
+            "agree": agree,
+            "of": len(fused["answers"]),
+            "max_tokens": val["max_tokens"],
+            "disagreements": [
+                {"base_plus_adapter": a, "fused": b}
+                for a, b in zip(reference["answers"], fused["answers"])
+                if a != b
+            ][:5],
+        },
         "tokenizer_same": tokenizer_same,
-        "check": {"tolerance": args.tolerance, "max_drift": args.max_drift, "passed": not reasons,
-                  "forced": bool(args.force and reasons),
-                  "reason": "; ".join(reasons) or None},
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "check": {
+            "tolerance": args.tolerance,
+            "max_drift": args.max_drift,
+            "passed": not reasons,
+            "forced": bool(args.force and reasons),
+            "reason": "; ".join(reasons) or None,
+        },
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
 def summary(r):
     lo, lg, g = r["loss"], r["logits"], r["greedy"]
-    fmt = lambda x: "n/a" if x is None else f"{x:.4g}"       # noqa: E731
-    verdict = "PASS" if r["check"]["passed"] else ("FAIL (written anyway: --force)" if r["check"]["forced"]
-                                                   else "FAIL")
-    return (f"fuse check: {describe(r['form'])} vs base + adapter, on {r['data']['path']} "
-            f"({r['data']['count']} conversations, {r['data']['samples']} compared logit by logit)\n"
-            f"  validation loss       {lo['base_plus_adapter']:.4f} -> {lo['fused']:.4f}  "
-            f"({lo['relative_increase']:+.2%}; tolerance {r['check']['tolerance']:+.2%})\n"
-            f"  logits max abs diff   {fmt(lg['fused_vs_adapter_max_abs'])}  "
-            f"(adapter vs base: {fmt(lg['adapter_vs_base_max_abs'])})\n"
-            f"  logits mean abs diff  {fmt(lg['fused_vs_adapter_mean_abs'])}  "
-            f"(adapter vs base: {fmt(lg['adapter_vs_base_mean_abs'])}; drift {fmt_pct(lg['drift'])}, "
-            f"at most {r['check']['max_drift']:.1%})\n"
-            f"  greedy answers        {g['agree']}/{g['of']} identical\n"
-            f"  tokenizer             {'same ids' if r['tokenizer_same'] else 'DIFFERENT ids'}\n"
-            f"  {verdict}")
+    fmt = lambda x: "n/a" if x is None else f"{x:.4g}"  # noqa: E731
+    verdict = (
+        "PASS"
+        if r["check"]["passed"]
+        else ("FAIL (written anyway: --force)" if r["check"]["forced"] else "FAIL")
+    )
+    return (
+        f"fuse check: {describe(r['form'])} vs base + adapter, on {r['data']['path']} "
+        f"({r['data']['count']} conversations, {r['data']['samples']} compared logit by logit)\n"
+        f"  validation loss       {lo['base_plus_adapter']:.4f} -> {lo['fused']:.4f}  "
+        f"({lo['relative_increase']:+.2%}; tolerance {r['check']['tolerance']:+.2%})\n"
+        f"  logits max abs diff   {fmt(lg['fused_vs_adapter_max_abs'])}  "
+        f"(adapter vs base: {fmt(lg['adapter_vs_base_max_abs'])})\n"
+        f"  logits mean abs diff  {fmt(lg['fused_vs_adapter_mean_abs'])}  "
+        f"(adapter vs base: {fmt(lg['adapter_vs_base_mean_abs'])}; drift {fmt_pct(lg['drift'])}, "
+        f"at most {r['check']['max_drift']:.1%})\n"
+        f"  greedy answers        {g['agree']}/{g['of']} identical\n"
+        f"  tokenizer             {'same ids' if r['tokenizer_same'] else 'DIFFERENT ids'}\n"
+        f"  {verdict}"
+    )
 
 
 def fmt_pct(x):
@@ -353,16 +443,23 @@ def write_report(run_dir, fused_dir, report):
 
 def write_provenance(tmp, meta, run_dir, form, report):
     provenance = {
-        "fused_from": str(run_dir), "base_model": meta["base_model"],
-        "base_model_hash": meta.get("base_model_hash"), "fine_tune_type": meta.get("fine_tune_type"),
-        "system_prompt": meta.get("system_prompt"), "generation": meta.get("generation"),
-        "dtype": form["dtype"], "dequantized": bool(form["base_quantization"]) and not form["quantization"],
-        "quantization": form["quantization"], "check": report["check"],
-        "gguf": report["gguf"]["file"], "gguf_note": report["gguf"]["note"],
+        "fused_from": str(run_dir),
+        "base_model": meta["base_model"],
+        "base_model_hash": meta.get("base_model_hash"),
+        "fine_tune_type": meta.get("fine_tune_type"),
+        "system_prompt": meta.get("system_prompt"),
+        "generation": meta.get("generation"),
+        "dtype": form["dtype"],
+        "dequantized": bool(form["base_quantization"]) and not form["quantization"],
+        "quantization": form["quantization"],
+        "check": report["check"],
+        "gguf": report["gguf"]["file"],
+        "gguf_note": report["gguf"]["note"],
         "created_at": report["created_at"],
     }
-    (tmp / "fused_from.json").write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n",
-                                         encoding="utf-8")
+    (tmp / "fused_from.json").write_text(
+        json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 def export_gguf(args, tmp, base, model, config, tokenizer, meta, form, texts):
@@ -371,10 +468,14 @@ def export_gguf(args, tmp, base, model, config, tokenizer, meta, form, texts):
     if args.no_gguf:
         return {"file": None, "note": "skipped (--no-gguf)"}
     if form["quantization"]:
-        return {"file": None, "note": (
-            "not exported: the fused model is re-quantized (--quantize) and mlx-lm writes GGUF only from "
-            "float weights; for llama.cpp/Ollama fuse without --quantize and quantize the GGUF with "
-            "llama.cpp's llama-quantize")}
+        return {
+            "file": None,
+            "note": (
+                "not exported: the fused model is re-quantized (--quantize) and mlx-lm writes GGUF only from "
+                "float weights; for llama.cpp/Ollama fuse without --quantize and quantize the GGUF with "
+                "llama.cpp's llama-quantize"
+            ),
+        }
     return fuse_gguf.export(tmp, base, model, config, tokenizer, meta.get("chat_template"), texts)
 
 

@@ -20,9 +20,9 @@ installed).
 from pathlib import Path
 
 GGUF_NAME = "ggml-model-f16.gguf"
-MODEL_TYPES = ("llama", "mistral")          # dense models; mlx-lm also lists mixtral, not verified here
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6   # gguf TokenType = sentencepiece's
-F32, F16 = 0, 1                             # GGMLQuantizationType
+MODEL_TYPES = ("llama", "mistral")  # dense models; mlx-lm also lists mixtral, not verified here
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # gguf TokenType = sentencepiece's
+F32, F16 = 0, 1  # GGMLQuantizationType
 
 
 class Unsupported(Exception):
@@ -44,7 +44,7 @@ def export(out_dir, base, model, config, tokenizer, chat_template, texts=()):
     except Unsupported as e:
         path.unlink(missing_ok=True)
         return {"file": None, "note": f"not exported: {e}"}
-    except Exception as e:                                     # the fused model itself is fine
+    except Exception as e:  # the fused model itself is fine
         path.unlink(missing_ok=True)
         return {"file": None, "note": f"not exported: the export failed: {type(e).__name__}: {e}"}
     if problems:
@@ -52,10 +52,15 @@ def export(out_dir, base, model, config, tokenizer, chat_template, texts=()):
         return {"file": None, "note": "not exported: reading the file back found " + "; ".join(problems[:5])}
     if sp_path.parent.resolve() != Path(out_dir).resolve():
         (Path(out_dir) / "tokenizer.model").write_bytes(sp_path.read_bytes())
-    return {"file": GGUF_NAME, "note": (f"wrote {GGUF_NAME} (F16, llama architecture, {len(vocab['tokens'])}-token "
-                                        "sentencepiece vocabulary, chat template); read back and verified: tensors, "
-                                        f"values, metadata, tokenizer ({len(texts)} texts tokenized as llama.cpp "
-                                        "does give the model's ids); not run in llama.cpp here")}
+    return {
+        "file": GGUF_NAME,
+        "note": (
+            f"wrote {GGUF_NAME} (F16, llama architecture, {len(vocab['tokens'])}-token "
+            "sentencepiece vocabulary, chat template); read back and verified: tensors, "
+            f"values, metadata, tokenizer ({len(texts)} texts tokenized as llama.cpp "
+            "does give the model's ids); not run in llama.cpp here"
+        ),
+    }
 
 
 def hf_of(tokenizer):
@@ -67,15 +72,18 @@ def sentencepiece_model(base):
     folder = Path(base)
     if not folder.exists():
         from mlx_lm.utils import hf_repo_to_path
+
         try:
             folder = hf_repo_to_path(base)
         except Exception as e:
             raise Unsupported(f"cannot find the files of {base} in the Hugging Face cache ({e})") from e
     path = folder / "tokenizer.model"
     if not path.is_file():
-        raise Unsupported(f"{base} has no tokenizer.model (sentencepiece): mlx-lm's exporter would give every "
-                          "token the score -1000, and llama.cpp merges sentencepiece pieces by score, so the file "
-                          "would tokenize differently from the model")
+        raise Unsupported(
+            f"{base} has no tokenizer.model (sentencepiece): mlx-lm's exporter would give every "
+            "token the score -1000, and llama.cpp merges sentencepiece pieces by score, so the file "
+            "would tokenize differently from the model"
+        )
     return path
 
 
@@ -87,9 +95,10 @@ def vocabulary(sp_path, hf, rows):
 
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(sp_path.read_bytes())
-    if proto.trainer_spec.model_type not in (1, 2):          # UNIGRAM, BPE: what llama.cpp's "llama" reads
-        raise Unsupported(f"{sp_path} is a sentencepiece model of type {proto.trainer_spec.model_type}, "
-                          "not unigram or BPE")
+    if proto.trainer_spec.model_type not in (1, 2):  # UNIGRAM, BPE: what llama.cpp's "llama" reads
+        raise Unsupported(
+            f"{sp_path} is a sentencepiece model of type {proto.trainer_spec.model_type}, not unigram or BPE"
+        )
     tokens = [p.piece for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]
@@ -104,13 +113,22 @@ def vocabulary(sp_path, hf, rows):
         raise Unsupported(f"the tokenizer has {len(tokens)} tokens, the embedding only {rows} rows")
     while len(tokens) < rows:
         tokens.append(f"[PAD{len(tokens)}]"), scores.append(-1000.0), types.append(UNUSED)
-    probe = hf.encode("a")                                  # what the model's tokenizer adds, as used
-    return {"tokens": tokens, "scores": scores, "types": types, "bos": hf.bos_token_id,
-            "eos": hf.eos_token_id, "unk": hf.unk_token_id, "sentencepiece_size": len(proto.pieces),
-            "byte_fallback": bool(proto.trainer_spec.byte_fallback),
-            "flags": {"add_space_prefix": bool(proto.normalizer_spec.add_dummy_prefix),
-                      "add_bos_token": bool(probe) and probe[0] == hf.bos_token_id,
-                      "add_eos_token": bool(probe) and probe[-1] == hf.eos_token_id}}
+    probe = hf.encode("a")  # what the model's tokenizer adds, as used
+    return {
+        "tokens": tokens,
+        "scores": scores,
+        "types": types,
+        "bos": hf.bos_token_id,
+        "eos": hf.eos_token_id,
+        "unk": hf.unk_token_id,
+        "sentencepiece_size": len(proto.pieces),
+        "byte_fallback": bool(proto.trainer_spec.byte_fallback),
+        "flags": {
+            "add_space_prefix": bool(proto.normalizer_spec.add_dummy_prefix),
+            "add_bos_token": bool(probe) and probe[0] == hf.bos_token_id,
+            "add_eos_token": bool(probe) and probe[-1] == hf.eos_token_id,
+        },
+    }
 
 
 class _Vocab:
@@ -122,9 +140,12 @@ class _Vocab:
         from mlx_lm.gguf import TokenType
 
         self.vocab_size = len(vocab["tokens"])
-        self._rows = [(t, s, TokenType(k)) for t, s, k in zip(vocab["tokens"], vocab["scores"], vocab["types"])]
-        self.tokenizer = SimpleNamespace(bos_token_id=vocab["bos"], eos_token_id=vocab["eos"],
-                                         unk_token_id=vocab["unk"])
+        self._rows = [
+            (t, s, TokenType(k)) for t, s, k in zip(vocab["tokens"], vocab["scores"], vocab["types"])
+        ]
+        self.tokenizer = SimpleNamespace(
+            bos_token_id=vocab["bos"], eos_token_id=vocab["eos"], unk_token_id=vocab["unk"]
+        )
 
     def all_tokens(self):
         return iter(self._rows)
@@ -132,14 +153,18 @@ class _Vocab:
 
 def check_config(config):
     if config.get("model_type") not in MODEL_TYPES:
-        raise Unsupported(f"the model type is {config.get('model_type')!r}; this exporter writes (and checks) "
-                          f"only {', '.join(MODEL_TYPES)}")
+        raise Unsupported(
+            f"the model type is {config.get('model_type')!r}; this exporter writes (and checks) "
+            f"only {', '.join(MODEL_TYPES)}"
+        )
     if config.get("quantization"):
         raise Unsupported("the weights are quantized; mlx-lm writes GGUF only from float weights")
     head_dim = config.get("head_dim")
     if head_dim and head_dim != config["hidden_size"] // config["num_attention_heads"]:
-        raise Unsupported(f"head_dim {head_dim} differs from hidden_size / heads, which mlx-lm's metadata "
-                          "assumes (no attention.key_length)")
+        raise Unsupported(
+            f"head_dim {head_dim} differs from hidden_size / heads, which mlx-lm's metadata "
+            "assumes (no attention.key_length)"
+        )
     scaling = config.get("rope_scaling")
     if scaling and scaling.get("type", scaling.get("rope_type")) not in ("linear", "default"):
         raise Unsupported(f"rope_scaling {scaling} is not written by mlx-lm's exporter")
@@ -150,7 +175,10 @@ def write(path, weights, config, vocab, chat_template):
     from mlx_lm.gguf import permute_weights, prepare_metadata, translate_weight_names
 
     check_config(config)
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    heads, kv_heads = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads", config["num_attention_heads"]),
+    )
     out = {}
     for name, w in weights.items():
         if "self_attn.q_proj.weight" in name:
@@ -168,14 +196,23 @@ def write(path, weights, config, vocab, chat_template):
 
 # --------------------------------------------------------------------------- reading back
 
+
 def expected_tensors(config):
     """GGUF name -> mlx name, for a dense llama-architecture model (llama.cpp's names)."""
     names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
     if not config.get("tie_word_embeddings", False):
         names["output.weight"] = "lm_head.weight"
-    parts = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    parts = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
     for i in range(config["num_hidden_layers"]):
         for g, m in parts.items():
             names[f"blk.{i}.{g}.weight"] = f"model.layers.{i}.{m}.weight"
@@ -192,8 +229,12 @@ def verify(path, weights, config, hf, vocab, chat_template, texts=()):
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
-    return (check_tensors(reader, weights, config) + check_metadata(reader, config)
-            + check_tokenizer(reader, hf, vocab, chat_template) + check_tokenization(reader, hf, texts))
+    return (
+        check_tensors(reader, weights, config)
+        + check_metadata(reader, config)
+        + check_tokenizer(reader, hf, vocab, chat_template)
+        + check_tokenization(reader, hf, texts)
+    )
 
 
 def check_tensors(reader, weights, config):
@@ -205,7 +246,10 @@ def check_tensors(reader, weights, config):
     if set(found) != set(names):
         missing, extra = sorted(set(names) - set(found)), sorted(set(found) - set(names))
         problems.append(f"tensor names differ (missing {missing[:3]}, unexpected {extra[:3]})")
-    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    heads, kv = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads", config["num_attention_heads"]),
+    )
     for gname, mname in names.items():
         t = found.get(gname)
         if t is None or mname not in weights:
@@ -216,7 +260,9 @@ def check_tensors(reader, weights, config):
         elif ".attn_k." in gname:
             want = rotary_order(want, kv)
         if [int(x) for x in t.shape] != list(reversed(want.shape)):
-            problems.append(f"{gname}: shape {list(t.shape)} (ggml order), expected {list(reversed(want.shape))}")
+            problems.append(
+                f"{gname}: shape {list(t.shape)} (ggml order), expected {list(reversed(want.shape))}"
+            )
         elif int(t.tensor_type) != (F32 if want.ndim == 1 else F16):
             problems.append(f"{gname}: type {t.tensor_type.name}")
         elif not np.array_equal(np.asarray(t.data).reshape(want.shape), want):
@@ -231,16 +277,23 @@ def field(reader, key):
 
 def check_metadata(reader, config):
     want = {
-        "general.architecture": "llama", "llama.block_count": config["num_hidden_layers"],
-        "llama.embedding_length": config["hidden_size"], "llama.feed_forward_length": config["intermediate_size"],
+        "general.architecture": "llama",
+        "llama.block_count": config["num_hidden_layers"],
+        "llama.embedding_length": config["hidden_size"],
+        "llama.feed_forward_length": config["intermediate_size"],
         "llama.attention.head_count": config["num_attention_heads"],
         "llama.attention.head_count_kv": config.get("num_key_value_heads", config["num_attention_heads"]),
-        "llama.rope.dimension_count": config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+        "llama.rope.dimension_count": config.get("head_dim")
+        or config["hidden_size"] // config["num_attention_heads"],
         "llama.context_length": config["max_position_embeddings"],
     }
-    problems = [f"{k} is {field(reader, k)!r}, expected {v!r}" for k, v in want.items() if field(reader, k) != v]
-    for key, value in (("llama.attention.layer_norm_rms_epsilon", config.get("rms_norm_eps", 1e-5)),
-                       ("llama.rope.freq_base", config.get("rope_theta", 10000.0))):
+    problems = [
+        f"{k} is {field(reader, k)!r}, expected {v!r}" for k, v in want.items() if field(reader, k) != v
+    ]
+    for key, value in (
+        ("llama.attention.layer_norm_rms_epsilon", config.get("rms_norm_eps", 1e-5)),
+        ("llama.rope.freq_base", config.get("rope_theta", 10000.0)),
+    ):
         got = field(reader, key)
         if got is None or abs(got - value) > 1e-6 * max(1.0, abs(value)):
             problems.append(f"{key} is {got!r}, expected {value!r}")
@@ -251,7 +304,9 @@ def check_tokenizer(reader, hf, vocab, chat_template):
     problems = []
     tokens, scores, types = (field(reader, f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
     if field(reader, "tokenizer.ggml.model") != "llama":
-        problems.append(f"tokenizer.ggml.model is {field(reader, 'tokenizer.ggml.model')!r}, expected 'llama'")
+        problems.append(
+            f"tokenizer.ggml.model is {field(reader, 'tokenizer.ggml.model')!r}, expected 'llama'"
+        )
     if tokens is None or scores is None or types is None:
         return problems + ["tokenizer.ggml.tokens/scores/token_type missing"]
     if list(tokens) != vocab["tokens"] or list(types) != vocab["types"]:
@@ -260,12 +315,18 @@ def check_tokenizer(reader, hf, vocab, chat_template):
         problems.append("token scores differ from tokenizer.model's")
     real = [float(s) for s, k in zip(scores, types) if k == NORMAL]
     if len(set(real)) < 2:
-        problems.append(f"every normal token has the same score ({real[:1]}): llama.cpp could not merge by score")
+        problems.append(
+            f"every normal token has the same score ({real[:1]}): llama.cpp could not merge by score"
+        )
     hf_tokens = hf.convert_ids_to_tokens(list(range(len(hf))))
     if list(tokens[: len(hf_tokens)]) != hf_tokens:
         bad = next(i for i, (a, b) in enumerate(zip(tokens, hf_tokens)) if a != b)
-        problems.append(f"token {bad} is {tokens[bad]!r} in the file, {hf_tokens[bad]!r} in the model's tokenizer")
-    specials = set(hf.all_special_ids) | {i for i, t in getattr(hf, "added_tokens_decoder", {}).items() if t.special}
+        problems.append(
+            f"token {bad} is {tokens[bad]!r} in the file, {hf_tokens[bad]!r} in the model's tokenizer"
+        )
+    specials = set(hf.all_special_ids) | {
+        i for i, t in getattr(hf, "added_tokens_decoder", {}).items() if t.special
+    }
     wrong = sorted(i for i in specials - {hf.unk_token_id} if types[i] != CONTROL)
     if wrong:
         problems.append(f"special tokens not typed CONTROL: {[tokens[i] for i in wrong[:5]]}")
@@ -276,10 +337,14 @@ def check_tokenizer(reader, hf, vocab, chat_template):
         problems.append(f"byte fallback, but {len(byte_pieces)} byte pieces, not all typed BYTE")
     for key, value in (("bos_token_id", hf.bos_token_id), ("eos_token_id", hf.eos_token_id)):
         if value is not None and field(reader, f"tokenizer.ggml.{key}") != value:
-            problems.append(f"tokenizer.ggml.{key} is {field(reader, f'tokenizer.ggml.{key}')!r}, expected {value}")
+            problems.append(
+                f"tokenizer.ggml.{key} is {field(reader, f'tokenizer.ggml.{key}')!r}, expected {value}"
+            )
     for key, value in vocab["flags"].items():
         if field(reader, f"tokenizer.ggml.{key}") is not value:
-            problems.append(f"tokenizer.ggml.{key} is {field(reader, f'tokenizer.ggml.{key}')!r}, expected {value}")
+            problems.append(
+                f"tokenizer.ggml.{key} is {field(reader, f'tokenizer.ggml.{key}')!r}, expected {value}"
+            )
     if chat_template and field(reader, "tokenizer.chat_template") != chat_template:
         problems.append("tokenizer.chat_template differs from the run's chat template")
     return problems
@@ -294,15 +359,20 @@ def check_tokenization(reader, hf, texts):
     if tokens is None or scores is None:
         return []
     ids = {t: i for i, t in enumerate(tokens)}
-    flag = lambda key: field(reader, f"tokenizer.ggml.{key}") is not False       # noqa: E731
+    flag = lambda key: field(reader, f"tokenizer.ggml.{key}") is not False  # noqa: E731
     bos = field(reader, "tokenizer.ggml.bos_token_id") if flag("add_bos_token") else None
     prefix = " " if flag("add_space_prefix") else ""
     texts = [t.strip() for t in texts if t.strip()]
-    differ = [t for t in texts
-              if ([bos] if bos is not None else []) + spm_tokenize(prefix + t, ids, scores) != hf.encode(t)]
+    differ = [
+        t
+        for t in texts
+        if ([bos] if bos is not None else []) + spm_tokenize(prefix + t, ids, scores) != hf.encode(t)
+    ]
     if differ:
-        return [f"{len(differ)} of {len(texts)} texts tokenize differently under llama.cpp's algorithm "
-                f"(first: {differ[0][:60]!r})"]
+        return [
+            f"{len(differ)} of {len(texts)} texts tokenize differently under llama.cpp's algorithm "
+            f"(first: {differ[0][:60]!r})"
+        ]
     return []
 
 

@@ -38,8 +38,17 @@ from pathlib import Path
 EXIT_USAGE = 2
 # Passed to every process, also on other machines (mlx.launch --env); on this machine they
 # inherit the whole environment anyway.
-FORWARD_ENV = ("MODELS_DIR", "LOGS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-               "FAST_BLAS", "FAST_BLAS_QUIET", "TRAIN_STEP_DELAY_S", "TRAIN_INJECT_NAN")
+FORWARD_ENV = (
+    "MODELS_DIR",
+    "LOGS_DIR",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "FAST_BLAS",
+    "FAST_BLAS_QUIET",
+    "TRAIN_STEP_DELAY_S",
+    "TRAIN_INJECT_NAN",
+)
 # BLAS thread pools: N processes on one machine, each with a pool the size of the machine,
 # oversubscribe its cores (on a 2-core Linux box 2 processes ran 3x slower than with this).
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
@@ -54,18 +63,27 @@ def parse_args(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
         cut = argv.index("--")
-        own, train_args = argv[:cut], argv[cut + 1:]
+        own, train_args = argv[:cut], argv[cut + 1 :]
     else:
         own, train_args = argv, []
-    p = argparse.ArgumentParser(prog="python -m train.launch", description=__doc__.split("\n\n")[0],
-                                epilog="Everything after -- goes to python -m train.train.")
+    p = argparse.ArgumentParser(
+        prog="python -m train.launch",
+        description=__doc__.split("\n\n")[0],
+        epilog="Everything after -- goes to python -m train.train.",
+    )
     p.add_argument("--nproc", type=int, help="processes on this machine")
     p.add_argument("--hostfile", help="mlx.launch hostfile (JSON) for several machines")
     p.add_argument("--backend", default="ring", help="mlx.launch backend (default ring)")
-    p.add_argument("--port", type=int, help="first port of the ring (default: a free one for "
-                   "--nproc, mlx.launch's 32323 with --hostfile)")
-    p.add_argument("--python", default=sys.executable,
-                   help="the python every process runs (default this one; the same path on every machine)")
+    p.add_argument(
+        "--port",
+        type=int,
+        help="first port of the ring (default: a free one for --nproc, mlx.launch's 32323 with --hostfile)",
+    )
+    p.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the python every process runs (default this one; the same path on every machine)",
+    )
     p.add_argument("--verbose", action="store_true", help="mlx.launch --verbose")
     args = p.parse_args(own)
     if (args.nproc is None) == (args.hostfile is None):
@@ -85,8 +103,12 @@ def mlx_launch():
     found = shutil.which("mlx.launch")
     if found:
         return [found]
-    return [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; "
-            "sys.argv[0] = 'mlx.launch'; sys.exit(main())"]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from mlx._distributed_utils.launch import main; "
+        "sys.argv[0] = 'mlx.launch'; sys.exit(main())",
+    ]
 
 
 def free_port(count):
@@ -151,8 +173,9 @@ def exit_code(code):
 def local_ranks(launcher_pid):
     """The processes under mlx.launch on this machine, except ssh (remote ranks)."""
     try:
-        out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,comm="], capture_output=True,
-                             text=True, timeout=10).stdout
+        out = subprocess.run(
+            ["ps", "-A", "-o", "pid=,ppid=,comm="], capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     children = {}
@@ -182,14 +205,22 @@ def run(args, train_args):
     where = f"the hosts in {args.hostfile}" if args.hostfile else f"{args.nproc} processes on this machine"
     log(f"{where}{threads}, {args.backend} backend: {' '.join(cmd)}")
 
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            # the processes handle Ctrl-C themselves (mlx.launch would stop
-                            # relaying their output); the ranks take it back
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # the processes handle Ctrl-C themselves (mlx.launch would stop
+        # relaying their output); the ranks take it back
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     handle_signals(proc)
-    exits = []                                   # (rank, code) in the order mlx.launch saw them
-    relays = [threading.Thread(target=relay, args=(proc.stdout, sys.stdout.buffer, None), daemon=True),
-              threading.Thread(target=relay, args=(proc.stderr, sys.stderr.buffer, exits), daemon=True)]
+    exits = []  # (rank, code) in the order mlx.launch saw them
+    relays = [
+        threading.Thread(target=relay, args=(proc.stdout, sys.stdout.buffer, None), daemon=True),
+        threading.Thread(target=relay, args=(proc.stderr, sys.stderr.buffer, exits), daemon=True),
+    ]
     for t in relays:
         t.start()
     launcher_rc = proc.wait()
@@ -202,8 +233,9 @@ def distributed_unavailable():
     """None when mlx can run distributed here, else why not."""
     try:
         import mlx.core as mx
+
         available = mx.distributed.is_available()
-    except Exception as e:                       # noqa: BLE001 - reported as it is
+    except Exception as e:  # noqa: BLE001 - reported as it is
         return f"{type(e).__name__}: {e}"
     return None if available else "mx.distributed.is_available() is False"
 
@@ -257,7 +289,7 @@ def relay(src, dst, exits=None):
             rank, code = int(m.group(1)), (int(m.group(2)) if m.group(2) is not None else None)
             exits.append((rank, code))
             line = f"train.launch: rank {rank} {describe(code)}\n".encode()
-        elif raw == previous:        # mlx's ring repeats "Socket N was closed by the peer"
+        elif raw == previous:  # mlx's ring repeats "Socket N was closed by the peer"
             repeats += 1
             continue
         if repeats:
@@ -288,10 +320,14 @@ def outcome(exits, launcher_rc):
         elif rc in (2, 3):
             after = "see its error above."
         else:
-            after = ("the other processes were stopped. Run the same command to continue from "
-                     "the last checkpoint.")
-        log(f"the run stopped: rank {rank} {describe(code)} first"
-            + (f" ({others})" if others else "") + f"; {after}")
+            after = (
+                "the other processes were stopped. Run the same command to continue from the last checkpoint."
+            )
+        log(
+            f"the run stopped: rank {rank} {describe(code)} first"
+            + (f" ({others})" if others else "")
+            + f"; {after}"
+        )
         return rc
     if launcher_rc != 0:
         log(f"mlx.launch {describe(launcher_rc)}")

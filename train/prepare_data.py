@@ -18,11 +18,6 @@ conversations without one; exact duplicates are removed before a seeded, determi
 `file:line: reason` and, unless --skip-invalid, nothing is written and the exit code is 1.
 """
 
-from core import paths
-from core.atomic import write_bytes
-from core.config import ConfigError, load_config
-from core.prompt import control_strings
-
 import argparse
 import csv
 import io
@@ -33,6 +28,11 @@ import unicodedata
 from pathlib import Path
 
 import orjson
+
+from core import paths
+from core.atomic import write_bytes
+from core.config import ConfigError, check_config, load_config
+from core.prompt import control_strings
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 ROLES = ("system", "user", "assistant")
@@ -52,6 +52,7 @@ class Rejected(Exception):
 
 # --------------------------------------------------------------------------- cleaning
 
+
 def clean_text(text):
     """NFC, Windows line ends folded to \\n, outer whitespace trimmed."""
     text = unicodedata.normalize("NFC", text)
@@ -59,8 +60,15 @@ def clean_text(text):
 
 
 def _type_name(value):
-    return {dict: "object", list: "array", str: "string", bool: "boolean",
-            type(None): "null", int: "number", float: "number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        type(None): "null",
+        int: "number",
+        float: "number",
+    }.get(type(value), type(value).__name__)
 
 
 def _text_field(record, key, label=None):
@@ -110,9 +118,11 @@ def _clean_messages(messages):
     for i in range(start, len(out)):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if out[i]["role"] != expected:
-            raise Rejected(f"messages[{i}]: expected role '{expected}', found '{out[i]['role']}' "
-                           "(after an optional leading system message, roles must alternate "
-                           "user/assistant)")
+            raise Rejected(
+                f"messages[{i}]: expected role '{expected}', found '{out[i]['role']}' "
+                "(after an optional leading system message, roles must alternate "
+                "user/assistant)"
+            )
     return out
 
 
@@ -149,8 +159,10 @@ def record_to_messages(record):
             raise Rejected(f"'input' is not a string (found {_type_name(extra)})")
         extra = clean_text(extra or "")
         return _pair(f"{instruction}\n\n{extra}" if extra else instruction, output, system)
-    raise Rejected(f"unknown format (keys: {_keys(record)}); expected 'messages', "
-                   "prompt/completion, question/answer, pergunta/resposta or instruction/output")
+    raise Rejected(
+        f"unknown format (keys: {_keys(record)}); expected 'messages', "
+        "prompt/completion, question/answer, pergunta/resposta or instruction/output"
+    )
 
 
 def add_system_prompt(messages, system_prompt):
@@ -161,6 +173,7 @@ def add_system_prompt(messages, system_prompt):
 
 # --------------------------------------------------------------------------- readers
 # Each reader yields (line, record) or (line, Rejected) in file order.
+
 
 def _utf8_error(data, err):
     line = data.count(b"\n", 0, err.start) + 1
@@ -193,7 +206,7 @@ def read_json(data):
         return
     decoder = json.JSONDecoder()
     ws = " \t\n\r"
-    line, counted = 1, 0            # line number at offset `counted`, counted incrementally
+    line, counted = 1, 0  # line number at offset `counted`, counted incrementally
 
     def line_at(pos):
         nonlocal line, counted
@@ -287,20 +300,35 @@ def read_csv(data, suffix):
                 names, q, a = _header_columns(row)
                 if not q:
                     found = ", ".join(repr(n) for n in names)
-                    yield row_line, Rejected(
-                        f"CSV header has no recognised columns (found {found}; expected "
-                        f"question/answer or pergunta/resposta; delimiter {delimiter!r})")
+                    yield (
+                        row_line,
+                        Rejected(
+                            f"CSV header has no recognised columns (found {found}; expected "
+                            f"question/answer or pergunta/resposta; delimiter {delimiter!r})"
+                        ),
+                    )
                     return
                 header = names
                 continue
-            if len(row) > len(header) and not any(c.strip() for c in row[len(header):]):
-                row = row[:len(header)]
+            if len(row) > len(header) and not any(c.strip() for c in row[len(header) :]):
+                row = row[: len(header)]
             if len(row) != len(header):
-                yield row_line, Rejected(f"wrong number of cells: expected {len(header)}, "
-                                         f"found {len(row)} (delimiter {delimiter!r})")
+                yield (
+                    row_line,
+                    Rejected(
+                        f"wrong number of cells: expected {len(header)}, "
+                        f"found {len(row)} (delimiter {delimiter!r})"
+                    ),
+                )
                 continue
-            yield row_line, {q: row[header.index(q)], a: row[header.index(a)],
-                             **({"system": row[header.index("system")]} if "system" in header else {})}
+            yield (
+                row_line,
+                {
+                    q: row[header.index(q)],
+                    a: row[header.index(a)],
+                    **({"system": row[header.index("system")]} if "system" in header else {}),
+                },
+            )
     except csv.Error as e:
         yield start, Rejected(f"CSV parse error: {e}")
 
@@ -327,6 +355,7 @@ def read_file(path):
 
 # --------------------------------------------------------------------------- loading
 
+
 def _display(path):
     """A path as the user would type it: relative to the current directory when inside it."""
     path = Path(path)
@@ -344,9 +373,14 @@ def list_files(folder):
     if folder.is_file():
         candidates = [folder]
     else:
-        candidates = sorted((p for p in folder.rglob("*") if p.is_file()
-                             and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
-                            key=lambda p: p.relative_to(folder).as_posix())
+        candidates = sorted(
+            (
+                p
+                for p in folder.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+            ),
+            key=lambda p: p.relative_to(folder).as_posix(),
+        )
     data = [p for p in candidates if p.suffix.lower() in DATA_SUFFIXES]
     other = [p for p in candidates if p.suffix.lower() not in DATA_SUFFIXES]
     return data, other
@@ -362,8 +396,10 @@ def load_records(folder, system_prompt=None, warn=None):
     warn = warn or (lambda message: print(message, file=sys.stderr))
     files, unsupported = list_files(folder)
     for path in unsupported:
-        warn(f"warning: {_display(path)}: skipped, unsupported file type "
-             f"'{path.suffix or '(none)'}' (expected {', '.join(DATA_SUFFIXES)})")
+        warn(
+            f"warning: {_display(path)}: skipped, unsupported file type "
+            f"'{path.suffix or '(none)'}' (expected {', '.join(DATA_SUFFIXES)})"
+        )
     system_prompt = clean_text(system_prompt) if system_prompt else None
     conversations, rejected, per_file = [], [], []
     for path in files:
@@ -433,14 +469,27 @@ def to_jsonl(conversations):
 
 # --------------------------------------------------------------------------- command line
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m train.prepare_data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(paths.CONFIG), help="YAML config (keys raw, seed, valid_fraction, system_prompt)")
-    p.add_argument("--out", help="output folder for train.jsonl, valid.jsonl, split_report.json (default: config 'data')")
+    p.add_argument(
+        "--config",
+        default=str(paths.CONFIG),
+        help="YAML config (keys raw, seed, valid_fraction, system_prompt)",
+    )
+    p.add_argument(
+        "--out", help="output folder for train.jsonl, valid.jsonl, split_report.json (default: config 'data')"
+    )
     p.add_argument("--raw", help="folder (or file) with the input data (default: config 'raw', data/raw)")
     p.add_argument("--seed", type=int, help="shuffle seed (default: config 'seed', 0)")
-    p.add_argument("--valid-fraction", type=float, help="share of conversations for validation (default: config, 0.1)")
-    p.add_argument("--skip-invalid", action="store_true", help="skip invalid records (listed in the report) instead of failing")
+    p.add_argument(
+        "--valid-fraction", type=float, help="share of conversations for validation (default: config, 0.1)"
+    )
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="skip invalid records (listed in the report) instead of failing",
+    )
     return p.parse_args(argv)
 
 
@@ -448,50 +497,32 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, {"seed": args.seed, "valid_fraction": args.valid_fraction})
+        check_config(cfg, keys=("seed", "valid_fraction", "system_prompt"))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     raw = Path(args.raw if args.raw is not None else cfg["raw"])
     out = Path(args.out if args.out is not None else cfg["data"])
-    seed, fraction, system_prompt = cfg["seed"], cfg["valid_fraction"], cfg["system_prompt"]
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        print(f"error: seed must be an integer, got {seed!r}", file=sys.stderr)
-        return 2
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-        print(f"error: valid_fraction must be a number between 0 and 1 (exclusive), got {fraction!r}", file=sys.stderr)
-        return 2
-    if system_prompt is not None and not isinstance(system_prompt, str):
-        print(f"error: system_prompt must be a string, got {system_prompt!r}", file=sys.stderr)
-        return 2
     if not raw.exists():
         print(f"error: {_display(raw)}: no such folder", file=sys.stderr)
         return 1
-
-    source = raw
-    if not list_files(raw)[0]:
-        source = paths.SAMPLE
-        print(f"note: {_display(raw)} holds no data files ({', '.join(DATA_SUFFIXES)}); "
-              f"using the sample data in {_display(source)}", file=sys.stderr)
-
-    conversations, rejected, per_file = load_records(source, system_prompt)
+    source = data_source(raw)
+    conversations, rejected, per_file = load_records(source, cfg["system_prompt"])
     controls = control_string_records(per_file)
-    for r in rejected:
-        print(f"{r['file']}:{r['line']}: {r['reason']}", file=sys.stderr)
-    for r in controls:
-        print(f"warning: {r['file']}:{r['line']}: contains control-token text {', '.join(r['strings'])} "
-              "(trained as plain text, never as control tokens)", file=sys.stderr)
+    print_problems(rejected, controls)
     if rejected and not args.skip_invalid:
-        print(f"error: {len(rejected)} invalid record(s); nothing written "
-              "(fix them, or pass --skip-invalid / SKIP_INVALID=1 to leave them out)", file=sys.stderr)
+        print(
+            f"error: {len(rejected)} invalid record(s); nothing written "
+            "(fix them, or pass --skip-invalid / SKIP_INVALID=1 to leave them out)",
+            file=sys.stderr,
+        )
         return 1
-
     unique, duplicates = dedupe(conversations)
     try:
-        train_set, valid_set = split(unique, fraction, seed)
+        train_set, valid_set = split(unique, cfg["valid_fraction"], cfg["seed"])
     except PrepareError as e:
         print(f"error: {e} (in {_display(source)})", file=sys.stderr)
         return 1
-
     report = {
         "source": _display(source),
         "files": per_file,
@@ -501,18 +532,48 @@ def main(argv=None):
         "duplicates": duplicates,
         "rejected": rejected,
         "control_strings": controls,
-        "seed": seed,
-        "valid_fraction": fraction,
-        "system_prompt": system_prompt,
+        "seed": cfg["seed"],
+        "valid_fraction": cfg["valid_fraction"],
+        "system_prompt": cfg["system_prompt"],
     }
+    write_outputs(out, train_set, valid_set, report)
+    return 0
+
+
+def data_source(raw):
+    """raw, or the bundled sample when raw holds no data files (said on stderr)."""
+    if list_files(raw)[0]:
+        return raw
+    print(
+        f"note: {_display(raw)} holds no data files ({', '.join(DATA_SUFFIXES)}); "
+        f"using the sample data in {_display(paths.SAMPLE)}",
+        file=sys.stderr,
+    )
+    return paths.SAMPLE
+
+
+def print_problems(rejected, controls):
+    for r in rejected:
+        print(f"{r['file']}:{r['line']}: {r['reason']}", file=sys.stderr)
+    for r in controls:
+        print(
+            f"warning: {r['file']}:{r['line']}: contains control-token text {', '.join(r['strings'])} "
+            "(trained as plain text, never as control tokens)",
+            file=sys.stderr,
+        )
+
+
+def write_outputs(out, train_set, valid_set, report):
     write_bytes(out / "train.jsonl", to_jsonl(train_set))
     write_bytes(out / "valid.jsonl", to_jsonl(valid_set))
     write_bytes(out / "split_report.json", orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
-    print(f"{report['records']} records from {len(per_file)} file(s) in {report['source']}: "
-          f"{len(rejected)} rejected, {duplicates} duplicate(s) removed -> "
-          f"{len(train_set)} train + {len(valid_set)} valid in {_display(out)} "
-          f"(seed {seed}, valid_fraction {fraction})", file=sys.stderr)
-    return 0
+    print(
+        f"{report['records']} records from {len(report['files'])} file(s) in {report['source']}: "
+        f"{len(report['rejected'])} rejected, {report['duplicates']} duplicate(s) removed -> "
+        f"{report['train']} train + {report['valid']} valid in {_display(out)} "
+        f"(seed {report['seed']}, valid_fraction {report['valid_fraction']})",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

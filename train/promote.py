@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 from core import atomic, paths
-from train import batches, bundle, evaluate
 from core.prompt import encode_prompt
+from train import batches, bundle, evaluate
 
 CURRENT = "current"
 REFUSED = 3
@@ -45,8 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--name", required=True, help="the candidate run, models/NAME")
     p.add_argument("--metric", default="loss", choices=sorted(METRICS), help="default: loss (validation)")
     p.add_argument("--force", action="store_true", help="switch even when the candidate is not better")
-    p.add_argument("--data", default=None,
-                   help="folder with valid.jsonl (default: the candidate's validation data)")
+    p.add_argument(
+        "--data", default=None, help="folder with valid.jsonl (default: the candidate's validation data)"
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N conversations only")
     p.add_argument("--models-dir", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -65,8 +66,9 @@ def evaluate_run(run_dir, conversations, metric):
     load_adapters(model, str(run_dir))
     model.eval()
     system_prompt = meta.get("system_prompt")
-    examples = batches.encode(tokenizer, conversations, system_prompt, True,
-                              int(meta.get("max_seq_length") or 2048)).examples
+    examples = batches.encode(
+        tokenizer, conversations, system_prompt, True, int(meta.get("max_seq_length") or 2048)
+    ).examples
     batch_size = int(meta.get("batch_size") or train_cfg.get("batch_size") or 8)
     loss, _ = batches.evaluate_loss(model, examples, batch_size)
     result = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
@@ -96,13 +98,14 @@ def switch_current(models, name):
         tmp.unlink()
     os.symlink(name, tmp)
     os.replace(tmp, link)
-    atomic.fsync_dir(models)    # the rename survives a crash
+    atomic.fsync_dir(models)  # the rename survives a crash
 
 
 def validation(meta, data_dir, limit):
     data_file = Path(data_dir) / "valid.jsonl" if data_dir else Path(meta["data"]["valid"]["path"])
-    conversations = [m for m in batches.read_split(data_file).conversations
-                     if m and m[-1]["role"] == "assistant"]
+    conversations = [
+        m for m in batches.read_split(data_file).conversations if m and m[-1]["role"] == "assistant"
+    ]
     return data_file, conversations[:limit] if limit else conversations
 
 
@@ -143,8 +146,10 @@ def main(argv=None):
     print_comparison(args.metric, data_file, len(conversations), live.name, current, args.name, candidate)
     better = is_better(candidate, current, args.metric)
     if not better and not args.force:
-        print(f"not promoted: {args.name} is not better than {live.name} on {args.metric} "
-              f"(FORCE=1 to switch anyway); {CURRENT} -> {live.name}")
+        print(
+            f"not promoted: {args.name} is not better than {live.name} on {args.metric} "
+            f"(FORCE=1 to switch anyway); {CURRENT} -> {live.name}"
+        )
         return REFUSED
     switch_current(models, args.name)
     print(f"promoted: {CURRENT} -> {args.name}" + ("" if better else " (forced)"))

@@ -38,7 +38,7 @@ def decode_run(tokenizer, ids, anchor):
     """Text tokens as they read after a control token: decoded behind one (`anchor`), so a
     decoder that strips the leading space of a whole text keeps this run's."""
     head = tokenizer.decode([anchor])
-    return tokenizer.decode([anchor] + ids)[len(head):]
+    return tokenizer.decode([anchor] + ids)[len(head) :]
 
 
 def pieces(tokenizer, ids, specials):
@@ -77,7 +77,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        train_split, valid_split, system_prompt = read_data(cfg)   # as training reads it
+        train_split, valid_split, system_prompt = read_data(cfg)  # as training reads it
     except Stop as e:
         print(e, file=sys.stderr)
         return 1
@@ -104,13 +104,17 @@ def report(tokenizer, split, system_prompt, cfg, n, colour):
             totals["trained"] += len(ids) - prompt_len
             totals["over"] += len(ids) > cfg["max_seq_length"]
             if totals["examples"] <= n:
-                print(f"--- {split.where(i)}: {len(ids)} tokens = {prompt_len} prompt (masked) + "
-                      f"{len(ids) - prompt_len} trained")
+                print(
+                    f"--- {split.where(i)}: {len(ids)} tokens = {prompt_len} prompt (masked) + "
+                    f"{len(ids) - prompt_len} trained"
+                )
                 print(show(tokenizer, ids[:prompt_len], "masked", specials, colour))
                 print(show(tokenizer, ids[prompt_len:], "trained", specials, colour))
-    print(f"=== {split.path}: {totals['examples']} examples (train_on: {cfg['train_on']}), "
-          f"{totals['tokens']} tokens, {totals['trained']} trained; "
-          f"{totals['over']} longer than max_seq_length {cfg['max_seq_length']} (would be cut)")
+    print(
+        f"=== {split.path}: {totals['examples']} examples (train_on: {cfg['train_on']}), "
+        f"{totals['tokens']} tokens, {totals['trained']} trained; "
+        f"{totals['over']} longer than max_seq_length {cfg['max_seq_length']} (would be cut)"
+    )
     return 0
 
 

@@ -1,9 +1,9 @@
 """What a training run remembers between steps and across restarts (pure logic, no mlx):
 
-    RunState       step, best, patience, history, counters; snapshot() -> the checkpoint's
-                   training_state.json, restore() <- it, record_val() keeps best and patience
-    fingerprint    what decides the weights a run produces (config, data, base, processes);
-                   describe_changes() says what differs, so a resume is never silently wrong
+RunState       step, best, patience, history, counters; snapshot() -> the checkpoint's
+               training_state.json, restore() <- it, record_val() keeps best and patience
+fingerprint    what decides the weights a run produces (config, data, base, processes);
+               describe_changes() says what differs, so a resume is never silently wrong
 """
 
 import hashlib
@@ -15,21 +15,34 @@ import numpy as np
 
 # The config keys that decide the weights a run produces. A checkpoint made under other
 # values (or other data, or another base model) is not resumed silently.
-TRAJECTORY_KEYS = ("fine_tune_type", "num_layers", "lora_parameters", "mask_prompt", "optimizer",
-                   "optimizer_config", "batch_size", "grad_accumulation_steps", "iters",
-                   "learning_rate", "lr_schedule", "max_seq_length", "seed", "system_prompt")
+TRAJECTORY_KEYS = (
+    "fine_tune_type",
+    "num_layers",
+    "lora_parameters",
+    "mask_prompt",
+    "optimizer",
+    "optimizer_config",
+    "batch_size",
+    "grad_accumulation_steps",
+    "iters",
+    "learning_rate",
+    "lr_schedule",
+    "max_seq_length",
+    "seed",
+    "system_prompt",
+)
 
 
 @dataclass
 class RunState:
     step: int = 0
     done: bool = False
-    stop_reason: str | None = None         # completed | early_stopping
+    stop_reason: str | None = None  # completed | early_stopping
     batch_size: int | None = None
-    best: dict | None = None               # {"step", "val_loss"}: the lowest validation loss
-    patience_ref: float | None = None      # the loss later evaluations must beat by min_delta
-    patience_counter: int = 0              # evaluations since it was last beaten
-    val_history: list = field(default_factory=list)      # [[step, val_loss]]
+    best: dict | None = None  # {"step", "val_loss"}: the lowest validation loss
+    patience_ref: float | None = None  # the loss later evaluations must beat by min_delta
+    patience_counter: int = 0  # evaluations since it was last beaten
+    val_history: list = field(default_factory=list)  # [[step, val_loss]]
     final_val_loss: float | None = None
     report: dict = field(default_factory=lambda: {"loss_sum": 0.0, "steps": 0})
     tokens_seen: int = 0
@@ -78,19 +91,28 @@ class RunState:
 
 # --------------------------------------------------------------------------- the fingerprint
 
+
 def fingerprint(cfg, train_info, valid_info, base_hash, world_size=1):
     config = {k: cfg[k] for k in TRAJECTORY_KEYS}
     canonical = json.dumps(config, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return {"config": config, "config_sha256": hashlib.sha256(canonical).hexdigest(),
-            "data": {"train": train_info, "valid": valid_info},
-            "base_model": {"name": cfg["model"], "hash": base_hash},
-            "world_size": world_size}
+    return {
+        "config": config,
+        "config_sha256": hashlib.sha256(canonical).hexdigest(),
+        "data": {"train": train_info, "valid": valid_info},
+        "base_model": {"name": cfg["model"], "hash": base_hash},
+        "world_size": world_size,
+    }
 
 
 def fingerprint_id(fp):
     """48 bits that differ when the trajectory differs (the processes of a run compare them)."""
-    key = [fp["config_sha256"], fp["data"]["train"]["sha256"], fp["data"]["valid"]["sha256"],
-           fp["base_model"]["hash"], fp.get("world_size", 1)]
+    key = [
+        fp["config_sha256"],
+        fp["data"]["train"]["sha256"],
+        fp["data"]["valid"]["sha256"],
+        fp["base_model"]["hash"],
+        fp.get("world_size", 1),
+    ]
     return int(hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12], 16)
 
 
@@ -100,25 +122,35 @@ def _dump(value):
 
 def describe_changes(old, new):
     """What differs between a checkpoint's fingerprint and this run's, one line each."""
-    changes = [f"{key}: {_dump(old['config'].get(key))} -> {_dump(new['config'].get(key))}"
-               for key in TRAJECTORY_KEYS if old["config"].get(key) != new["config"].get(key)]
+    changes = [
+        f"{key}: {_dump(old['config'].get(key))} -> {_dump(new['config'].get(key))}"
+        for key in TRAJECTORY_KEYS
+        if old["config"].get(key) != new["config"].get(key)
+    ]
     for split in ("train", "valid"):
         a, b = old["data"].get(split) or {}, new["data"][split]
         if a.get("sha256") != b["sha256"]:
-            changes.append(f"{split} data changed: {b['path']} ({a.get('count')} -> {b['count']} "
-                           f"conversations, sha256 {str(a.get('sha256'))[:12]} -> {str(b['sha256'])[:12]})")
+            changes.append(
+                f"{split} data changed: {b['path']} ({a.get('count')} -> {b['count']} "
+                f"conversations, sha256 {str(a.get('sha256'))[:12]} -> {str(b['sha256'])[:12]})"
+            )
     a, b = old["base_model"], new["base_model"]
     if a.get("hash") != b.get("hash"):
-        changes.append(f"base model changed: {a.get('name')} -> {b.get('name')} "
-                       f"(hash {str(a.get('hash'))[:12]} -> {str(b.get('hash'))[:12]})")
+        changes.append(
+            f"base model changed: {a.get('name')} -> {b.get('name')} "
+            f"(hash {str(a.get('hash'))[:12]} -> {str(b.get('hash'))[:12]})"
+        )
     a, b = old.get("world_size", 1), new.get("world_size", 1)
     if a != b:
-        changes.append(f"processes (NPROC / HOSTFILE hosts): {a} -> {b} (batch_size is per "
-                       f"process, so each step's batch changes: {a} x batch_size -> {b} x batch_size)")
+        changes.append(
+            f"processes (NPROC / HOSTFILE hosts): {a} -> {b} (batch_size is per "
+            f"process, so each step's batch changes: {a} x batch_size -> {b} x batch_size)"
+        )
     return changes
 
 
 # --------------------------------------------------------------------------- seeds and RNGs
+
 
 def step_seed(seed, step, rank=0):
     """The seed of the RNG (LoRA dropout) at a step: a function of (seed, step) only. Process
@@ -133,8 +165,10 @@ def host_rng_state():
     """numpy's and Python's global RNG states, JSON-able."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {"numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "python": [version, list(internal), gauss]}
+    return {
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
+    }
 
 
 def set_host_rng_state(rng):

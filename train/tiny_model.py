@@ -36,11 +36,15 @@ TEMPLATES = paths.ROOT / "tests" / "fixtures" / "chat_templates"
 CHAT_TEMPLATE = (TEMPLATES / "mistral-v0.3.jinja").read_text(encoding="utf-8")
 
 # Mistral-7B-Instruct-v0.3's control tokens after <unk> <s> </s>, in its order (ids 3..770).
-CONTROL_TOKENS = (
-    ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-     "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
-    + [f"[control_{i}]" for i in range(8, 769)]
-)
+CONTROL_TOKENS = [
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+] + [f"[control_{i}]" for i in range(8, 769)]
 # 4-bit like the mlx-community model: group 64 divides every input width below (128, 384).
 QUANT_GROUP_SIZE = 64
 QUANT_BITS = 4
@@ -97,12 +101,25 @@ def build_tokenizer(texts, out_dir):
     with tempfile.TemporaryDirectory() as tmp:
         prefix = str(Path(tmp) / "tokenizer")
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=VOCAB_SIZE,
-            model_type="bpe", byte_fallback=True, character_coverage=1.0,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
-            hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            control_symbols=CONTROL_TOKENS, num_threads=1, minloglevel=2,
+            sentence_iterator=iter(texts),
+            model_prefix=prefix,
+            vocab_size=VOCAB_SIZE,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=1.0,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            hard_vocab_limit=False,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            control_symbols=CONTROL_TOKENS,
+            num_threads=1,
+            minloglevel=2,
         )
         # The trainer records its (temporary) output path in the model: blank it so the file
         # is byte-identical from build to build.
@@ -114,8 +131,9 @@ def build_tokenizer(texts, out_dir):
         Path(prefix + ".model").write_bytes(proto.SerializeToString())
         # from_pretrained converts the sentencepiece model (vocab, merges) for LlamaTokenizer.
         tok = LlamaTokenizer.from_pretrained(tmp, legacy=False, add_bos_token=True, add_eos_token=False)
-        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in CONTROL_TOKENS],
-                       special_tokens=True)
+        tok.add_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in CONTROL_TOKENS], special_tokens=True
+        )
         tok.chat_template = CHAT_TEMPLATE
         tok.save_pretrained(str(out_dir))
         shutil.copyfile(prefix + ".model", Path(out_dir) / "tokenizer.model")
@@ -141,7 +159,9 @@ def check_tokenizer_shape(tok):
         raise SystemExit(f"tiny-model: token id {bad} is {got[bad]!r}, Mistral v0.3 has {expected[bad]!r}")
     if tok.convert_ids_to_tokens(len(expected)) != "<0x00>":
         raise SystemExit("tiny-model: the byte pieces do not follow the control tokens")
-    special = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    special = set(tok.all_special_tokens) | {
+        t.content for t in tok.added_tokens_decoder.values() if t.special
+    }
     missing = [t for t in expected if t not in special]
     if missing:
         raise SystemExit(f"tiny-model: not special: {missing[:5]}")
@@ -179,8 +199,12 @@ def pretrain(model, sequences, steps=150, batch_size=16, lr=3e-3, log_every=50):
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss)
         if step % log_every == 0 or step == 1:
-            print(f"tiny-model: pretrain step {step}/{steps} loss {loss.item():.3f} "
-                  f"({time.perf_counter() - tic:.1f}s)", file=sys.stderr, flush=True)
+            print(
+                f"tiny-model: pretrain step {step}/{steps} loss {loss.item():.3f} "
+                f"({time.perf_counter() - tic:.1f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def build(out_dir, out_4bit=None, steps=150):
@@ -202,11 +226,14 @@ def build(out_dir, out_4bit=None, steps=150):
         model = model_cls(args_cls.from_dict(config))
         mx.eval(model.parameters())
 
-        sequences = [[tok.bos_token_id] + tok.encode(f"{q} {a}", add_special_tokens=False)
-                     + [tok.eos_token_id] for q, a in pairs]
+        sequences = [
+            [tok.bos_token_id] + tok.encode(f"{q} {a}", add_special_tokens=False) + [tok.eos_token_id]
+            for q, a in pairs
+        ]
         pretrain(model, sequences, steps=steps)
-        n_params = write_model(tmp, out_dir.name, model, config,
-                               f"pretrained for {steps} steps on the bundled sample text")
+        n_params = write_model(
+            tmp, out_dir.name, model, config, f"pretrained for {steps} steps on the bundled sample text"
+        )
     report(out_dir, f"{n_params:,} parameters, vocab {config['vocab_size']}")
     if out_4bit:
         build_4bit(model, config, out_dir, Path(out_4bit))
@@ -228,12 +255,23 @@ def build_4bit(model, config, float_dir, out_dir):
     if scales != {mx.float32}:
         raise SystemExit(f"tiny-model: 4-bit scales are {scales}, expected float32")
     with atomic.staged_dir(out_dir) as tmp:
-        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
-                     "special_tokens_map.json"):
+        for name in (
+            "tokenizer.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "special_tokens_map.json",
+        ):
             if (float_dir / name).exists():
                 shutil.copyfile(float_dir / name, tmp / name)
-        write_model(tmp, out_dir.name, model, qconfig, f"the 4-bit ({QUANT_BITS} bits, group {QUANT_GROUP_SIZE}, "
-                    f"float32 scales) copy of {float_dir.name}")
+        write_model(
+            tmp,
+            out_dir.name,
+            model,
+            qconfig,
+            f"the 4-bit ({QUANT_BITS} bits, group {QUANT_GROUP_SIZE}, "
+            f"float32 scales) copy of {float_dir.name}",
+        )
     report(out_dir, f"every linear layer {QUANT_BITS}-bit, group {QUANT_GROUP_SIZE}")
 
 
@@ -245,11 +283,15 @@ def write_model(folder, name, model, config, what):
     weights = dict(tree_flatten(model.parameters()))
     n_params = sum(v.size for v in weights.values())
     mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (folder / "config.json").write_bytes(orjson.dumps(config, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    (folder / "config.json").write_bytes(
+        orjson.dumps(config, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    )
     (folder / "generation_config.json").write_bytes(orjson.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     (folder / "README.md").write_text(
         f"# {name}\n\nA test and demo model built by `make tiny-model`, "
-        f"shaped like Mistral-7B-Instruct-v0.3 but NOT a real LLM: {what}.\n", encoding="utf-8")
+        f"shaped like Mistral-7B-Instruct-v0.3 but NOT a real LLM: {what}.\n",
+        encoding="utf-8",
+    )
     return n_params
 
 
@@ -259,7 +301,9 @@ def report(out_dir, what):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=str(paths.TINY_MODEL))
     parser.add_argument("--out-4bit", help="where the 4-bit sibling goes (default: OUT-4bit; '' to skip it)")
     parser.add_argument("--steps", type=int, default=150, help="pretraining steps")

@@ -55,20 +55,37 @@ from pathlib import Path
 import numpy as np
 
 from core import atomic, memory, schedules
-from train import batches, bundle, checkpoint
 from core.config import ConfigError, check_config, from_args
-from train.dist import Dist, PeerLost
 from core.paths import CONFIG, Layout, step_name
-from train.state import (RunState, describe_changes, fingerprint, fingerprint_id, host_rng_state,
-                         set_host_rng_state, step_seed)
+from train import batches, bundle, checkpoint
+from train.dist import Dist, PeerLost
+from train.state import (
+    RunState,
+    describe_changes,
+    fingerprint,
+    fingerprint_id,
+    host_rng_state,
+    set_host_rng_state,
+    step_seed,
+)
 
 EXIT_CONFIG, EXIT_NAN, EXIT_PEER, EXIT_IO, EXIT_INTERRUPTED = 2, 3, 4, 5, 130
 # Command-line options -> config keys.
-OPTION_KEYS = {"model": "model", "data": "data", "iters": "iters", "batch_size": "batch_size",
-               "learning_rate": "learning_rate", "save_every": "save_every",
-               "eval_every": "steps_per_eval", "seed": "seed", "patience": "patience",
-               "lora_rank": "lora_parameters.rank", "lora_layers": "num_layers", "keep": "keep"}
-DIST = Dist()          # this process's place in the run (main() joins mlx.launch's group)
+OPTION_KEYS = {
+    "model": "model",
+    "data": "data",
+    "iters": "iters",
+    "batch_size": "batch_size",
+    "learning_rate": "learning_rate",
+    "save_every": "save_every",
+    "eval_every": "steps_per_eval",
+    "seed": "seed",
+    "patience": "patience",
+    "lora_rank": "lora_parameters.rank",
+    "lora_layers": "num_layers",
+    "keep": "keep",
+}
+DIST = Dist()  # this process's place in the run (main() joins mlx.launch's group)
 
 
 class Stop(Exception):
@@ -84,6 +101,7 @@ def log(message, every_rank=False):
 
 
 # --------------------------------------------------------------------------- the run
+
 
 def run(args):
     """Load the inputs, find where to start, choose the batch size, restore, fit, write the
@@ -108,6 +126,7 @@ def run(args):
 
 # --------------------------------------------------------------------------- configuration
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m train.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(CONFIG), help="YAML config (default train/config.yaml)")
@@ -123,16 +142,27 @@ def parse_args(argv=None):
     p.add_argument("--patience", help="stop after N evaluations without improvement (0: never)")
     p.add_argument("--lora-rank")
     p.add_argument("--lora-layers", help="blocks adapted, from the top (-1: all)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config key, dotted for nested ones (lr_schedule.warmup=100); repeatable")
-    p.add_argument("--fresh", action="store_true", help="start over, deleting this run's checkpoints and outputs")
-    p.add_argument("--resume", metavar="PATH", help="continue from this checkpoint folder (even if the config changed)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, dotted for nested ones (lr_schedule.warmup=100); repeatable",
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="start over, deleting this run's checkpoints and outputs"
+    )
+    p.add_argument(
+        "--resume", metavar="PATH", help="continue from this checkpoint folder (even if the config changed)"
+    )
     p.add_argument("--models-dir", help="where run folders go (default models/, or $MODELS_DIR)")
     p.add_argument("--logs-dir", help="where logs go (default logs/, or $LOGS_DIR)")
-    p.add_argument("--keep", choices=("best", "last"),
-                   help="the adapter the bundle ships: best (lowest validation loss, default) or last")
+    p.add_argument(
+        "--keep",
+        choices=("best", "last"),
+        help="the adapter the bundle ships: best (lowest validation loss, default) or last",
+    )
     return p.parse_args(argv)
-
 
 
 def resolve_config(args):
@@ -145,12 +175,14 @@ def resolve_config(args):
 
 # --------------------------------------------------------------------------- inputs
 
+
 @dataclass
 class Inputs:
     """What a run trains on: the model with its adapters, and the encoded data."""
+
     model: object
     tokenizer: object
-    base: dict                      # name, hash, hash_method, revision
+    base: dict  # name, hash, hash_method, revision
     train_split: batches.Split
     valid_split: batches.Split
     train_set: list
@@ -165,7 +197,9 @@ def load_inputs(cfg):
     model, tokenizer, model_config = load_base(cfg)
     base = bundle.base_model_identity(cfg["model"])
     train_split, valid_split, system_prompt = read_data(cfg)
-    train_set, valid_set = (encode_split(tokenizer, s, system_prompt, cfg) for s in (train_split, valid_split))
+    train_set, valid_set = (
+        encode_split(tokenizer, s, system_prompt, cfg) for s in (train_split, valid_split)
+    )
     if not train_set:
         raise Stop("error: no usable training example (all longer than max_seq_length?)", EXIT_CONFIG)
     if not valid_set:
@@ -175,12 +209,26 @@ def load_inputs(cfg):
     lora_info["base_quantized"] = bool(model_config.get("quantization"))
     if lora_info["base_quantized"] and cfg["fine_tune_type"] == "full":
         log("warning: full fine-tuning of a quantized base trains only its non-quantized weights")
-    method = "QLoRA" if lora_info["base_quantized"] and cfg["fine_tune_type"] == "lora" else cfg["fine_tune_type"]
-    log(f"{method}: {lora_info['trainable_parameters']:,} trainable of "
-        f"{lora_info['total_parameters']:,} parameters ({len(lora_info['adapted_modules'])} modules)")
+    method = (
+        "QLoRA" if lora_info["base_quantized"] and cfg["fine_tune_type"] == "lora" else cfg["fine_tune_type"]
+    )
+    log(
+        f"{method}: {lora_info['trainable_parameters']:,} trainable of "
+        f"{lora_info['total_parameters']:,} parameters ({len(lora_info['adapted_modules'])} modules)"
+    )
     current = fingerprint(cfg, train_split.info, valid_split.info, base["hash"], DIST.size)
-    return Inputs(model, tokenizer, base, train_split, valid_split, train_set, valid_set,
-                  system_prompt, lora_info, current)
+    return Inputs(
+        model,
+        tokenizer,
+        base,
+        train_split,
+        valid_split,
+        train_set,
+        valid_set,
+        system_prompt,
+        lora_info,
+        current,
+    )
 
 
 def load_base(cfg):
@@ -189,11 +237,16 @@ def load_base(cfg):
     log(f"loading {cfg['model']}")
     trust = cfg["trust_remote_code"]
     try:
-        return load(cfg["model"], return_config=True, tokenizer_config={"trust_remote_code": trust},
-                    trust_remote_code=trust)
+        return load(
+            cfg["model"],
+            return_config=True,
+            tokenizer_config={"trust_remote_code": trust},
+            trust_remote_code=trust,
+        )
     except Exception as e:
-        raise Stop(f"error: cannot load the base model {cfg['model']!r}: {type(e).__name__}: {e}",
-                   EXIT_CONFIG) from None
+        raise Stop(
+            f"error: cannot load the base model {cfg['model']!r}: {type(e).__name__}: {e}", EXIT_CONFIG
+        ) from None
 
 
 def read_data(cfg):
@@ -207,21 +260,32 @@ def read_data(cfg):
     if cfg["system_prompt"] is None:
         return train_split, valid_split, data_system
     if data_system is not None and data_system != cfg["system_prompt"]:
-        log("warning: the training conversations carry a different system prompt than the config's; "
-            "the worker will add the config's to conversations without one")
+        log(
+            "warning: the training conversations carry a different system prompt than the config's; "
+            "the worker will add the config's to conversations without one"
+        )
     return train_split, valid_split, cfg["system_prompt"]
 
 
 def encode_split(tokenizer, split, system_prompt, cfg):
     """[(ids, loss offset)] of one split (cfg["train_on"]: the turns trained, for batches)."""
     try:
-        enc = batches.encode(tokenizer, split.conversations, system_prompt, cfg["mask_prompt"],
-                             cfg["max_seq_length"], cfg["train_on"], split.where)
-    except ValueError as e:    # file:line: what the chat template cannot encode
+        enc = batches.encode(
+            tokenizer,
+            split.conversations,
+            system_prompt,
+            cfg["mask_prompt"],
+            cfg["max_seq_length"],
+            cfg["train_on"],
+            split.where,
+        )
+    except ValueError as e:  # file:line: what the chat template cannot encode
         raise Stop(f"error: {e}", EXIT_CONFIG) from None
     if enc.truncated or enc.dropped:
-        log(f"{split.path}: {enc.truncated} conversation(s) cut to max_seq_length "
-            f"{cfg['max_seq_length']}, {enc.dropped} dropped (no answer token left)")
+        log(
+            f"{split.path}: {enc.truncated} conversation(s) cut to max_seq_length "
+            f"{cfg['max_seq_length']}, {enc.dropped} dropped (no answer token left)"
+        )
     return enc.examples
 
 
@@ -235,6 +299,7 @@ def seed_all(seed):
 
 # --------------------------------------------------------------------------- method and optimizer
 
+
 def add_adapters(model, cfg):
     """Freeze the base and make the chosen part trainable; returns lora_config.json's data."""
     from mlx.utils import tree_flatten
@@ -247,13 +312,15 @@ def add_adapters(model, cfg):
         raise ConfigError(f"num_layers is {num_layers} but the model has only {n_layers} layers")
     model.freeze()
     if cfg["fine_tune_type"] == "full":
-        for layer in model.layers[-max(num_layers, 0):]:
+        for layer in model.layers[-max(num_layers, 0) :]:
             layer.unfreeze()
     else:
-        linear_to_lora_layers(model, num_layers, dict(cfg["lora_parameters"]),
-                              use_dora=cfg["fine_tune_type"] == "dora")
+        linear_to_lora_layers(
+            model, num_layers, dict(cfg["lora_parameters"]), use_dora=cfg["fine_tune_type"] == "dora"
+        )
     if cfg["grad_checkpoint"]:
         from mlx_lm.tuner.trainer import grad_checkpoint
+
         grad_checkpoint(model.layers[0])
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     adapted = sorted({k.rsplit(".", 1)[0] for k, _ in tree_flatten(model.trainable_parameters())})
@@ -271,8 +338,13 @@ def make_optimizer(cfg):
     import mlx.optimizers as optim
 
     name = str(cfg["optimizer"]).lower()
-    cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
-           "adafactor": optim.Adafactor, "muon": optim.Muon}[name]
+    cls = {
+        "adam": optim.Adam,
+        "adamw": optim.AdamW,
+        "sgd": optim.SGD,
+        "adafactor": optim.Adafactor,
+        "muon": optim.Muon,
+    }[name]
     return cls(learning_rate=schedules.build(cfg), **(cfg["optimizer_config"].get(name) or {}))
 
 
@@ -305,9 +377,11 @@ def sum_loss(model, batch, lengths, global_count):
 
 # --------------------------------------------------------------------------- where to start
 
+
 @dataclass
 class Start:
     """A checkpoint to resume, or an adapter's weights to start from (--resume), or neither."""
+
     saved: checkpoint.Checkpoint | None = None
     warm_weights: dict | None = None
     warm_path: Path | None = None
@@ -332,6 +406,7 @@ def start_from_path(path, current):
     """--resume: a checkpoint folder (even if the setup changed), or a plain adapter folder."""
     if (path / checkpoint.ADAPTERS).is_file() and not (path / checkpoint.STATE).exists():
         import mlx.core as mx
+
         weights = mx.load(str(path / checkpoint.ADAPTERS))
         mx.eval(weights)
         return Start(warm_weights=weights, warm_path=path)
@@ -352,10 +427,12 @@ def start_from_run(layout, current):
     if start is not None and (changes := describe_changes(start.state["fingerprint"], current)):
         raise Stop(
             f"error: {layout.run} has checkpoints (newest {start.path.name}) from a different "
-            "setup, so it will not resume them:\n  " + "\n  ".join(changes) +
-            "\nStart over with FRESH=1 (--fresh; deletes this run's checkpoints), choose "
+            "setup, so it will not resume them:\n  "
+            + "\n  ".join(changes)
+            + "\nStart over with FRESH=1 (--fresh; deletes this run's checkpoints), choose "
             "another NAME, or continue anyway from a checkpoint with RESUME=path (--resume).",
-            EXIT_CONFIG)
+            EXIT_CONFIG,
+        )
     if start is None and checkpoint.list_steps(layout.checkpoints):
         log(f"no usable checkpoint in {layout.checkpoints}; starting over")
     return Start(saved=start)
@@ -374,7 +451,7 @@ def tidy_run_folder(layout, start, fresh):
         if fresh or layout.metadata.exists() or layout.checkpoints.exists():
             log(f"starting over in {layout.run}")
         wipe_run(layout)
-    elif ckpt.path.parent.resolve() != layout.checkpoints.resolve():     # another run's checkpoint
+    elif ckpt.path.parent.resolve() != layout.checkpoints.resolve():  # another run's checkpoint
         wipe_run(layout)
     else:
         for removed in checkpoint.remove_newer(layout.checkpoints, ckpt.step):
@@ -383,7 +460,7 @@ def tidy_run_folder(layout, start, fresh):
         if p.name.startswith(atomic.STAGED_PREFIX):
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
-            p.unlink(missing_ok=True)                  # atomic.write_bytes' half-written file
+            p.unlink(missing_ok=True)  # atomic.write_bytes' half-written file
 
 
 def agree_on_start(current, start, run_dir):
@@ -398,59 +475,75 @@ def agree_on_start(current, start, run_dir):
     views = DIST.all_gather_ints(mine)
     if any(v[0] != views[0][0] for v in views):
         odd = [r for r, v in enumerate(views) if v[0] != views[0][0]]
-        raise Stop(f"error: the processes do not have the same setup: rank(s) {odd} read other "
-                   "data, config or base model than rank 0. Every machine needs the same files at "
-                   "the same paths (data, config, base model).", EXIT_CONFIG)
+        raise Stop(
+            f"error: the processes do not have the same setup: rank(s) {odd} read other "
+            "data, config or base model than rank 0. Every machine needs the same files at "
+            "the same paths (data, config, base model).",
+            EXIT_CONFIG,
+        )
     if any(v[1:] != views[0][1:] for v in views):
+
         def what(v):
             return {-1: "no checkpoint", -2: "the --resume adapter"}.get(v[1], step_name(v[1]))
+
         seen = ", ".join(f"rank {r}: {what(v)}" for r, v in enumerate(views))
-        raise Stop(f"error: the processes do not resume from the same checkpoint ({seen}). Every "
-                   f"process reads {run_dir}: across machines it must be on storage they all share "
-                   "(at the same path), or copy rank 0's run folder to the other machines before "
-                   "running again.", EXIT_CONFIG)
+        raise Stop(
+            f"error: the processes do not resume from the same checkpoint ({seen}). Every "
+            f"process reads {run_dir}: across machines it must be on storage they all share "
+            "(at the same path), or copy rank 0's run folder to the other machines before "
+            "running again.",
+            EXIT_CONFIG,
+        )
 
 
 def wipe_run(layout):
     """--fresh: this run's checkpoints, best and last adapters, outputs and metrics go."""
-    for fname in bundle.OUTPUT_FILES:          # metadata.json first: no longer a finished bundle
+    for fname in bundle.OUTPUT_FILES:  # metadata.json first: no longer a finished bundle
         (layout.run / fname).unlink(missing_ok=True)
     for folder in (layout.checkpoints, layout.best, layout.last):
         shutil.rmtree(folder, ignore_errors=True)
     layout.metrics.unlink(missing_ok=True)
     if (layout.run / "fused").exists():
-        log(f"note: {layout.run / 'fused'} is from the previous run (make fuse NAME={layout.name} to redo it)")
+        log(
+            f"note: {layout.run / 'fused'} is from the previous run (make fuse NAME={layout.name} to redo it)"
+        )
 
 
 # --------------------------------------------------------------------------- the batch size
+
 
 def choose_batch_size(cfg, inputs, start):
     """Per process: the config's, the one a resumed run chose, or probed (auto); at most
     what the training set allows."""
     n_train = len(inputs.train_set)
-    memory.set_wired_limit(log)              # as mlx-lm's trainer (Metal only)
+    memory.set_wired_limit(log)  # as mlx-lm's trainer (Metal only)
     saved = start.saved.state.get("batch_size") if start.saved is not None else None
     if cfg["batch_size"] == "auto" and saved:
         batch_size = int(saved)
         log(f"batch_size auto: {batch_size} (as chosen when this run started)")
         try:
-            memory.check_resumed_batch_size(inputs.model, cfg, batch_size, inputs.train_set,
-                                            cfg["auto_batch"]["memory_fraction"], log=log)
+            memory.check_resumed_batch_size(
+                inputs.model, cfg, batch_size, inputs.train_set, cfg["auto_batch"]["memory_fraction"], log=log
+            )
         except memory.DoesNotFit as e:
             raise Stop(str(e), EXIT_CONFIG) from None
     elif cfg["batch_size"] == "auto":
         batch_size = probe_batch_size(cfg, inputs)
     else:
         batch_size = int(cfg["batch_size"])
-        memory.check_fixed_batch_size(inputs.model, cfg, batch_size, inputs.train_set,
-                                      cfg["auto_batch"]["memory_fraction"], log=log)
+        memory.check_fixed_batch_size(
+            inputs.model, cfg, batch_size, inputs.train_set, cfg["auto_batch"]["memory_fraction"], log=log
+        )
     if batch_size * DIST.size > n_train:
         if DIST.size == 1:
-            log(f"note: batch_size {batch_size} is more than the {n_train} training examples; "
-                f"using {n_train}")
+            log(
+                f"note: batch_size {batch_size} is more than the {n_train} training examples; using {n_train}"
+            )
         else:
-            log(f"note: batch_size {batch_size} x {DIST.size} processes is more than the "
-                f"{n_train} training examples; using {max(1, n_train // DIST.size)} per process")
+            log(
+                f"note: batch_size {batch_size} x {DIST.size} processes is more than the "
+                f"{n_train} training examples; using {max(1, n_train // DIST.size)} per process"
+            )
         batch_size = max(1, n_train // DIST.size)
     return batch_size
 
@@ -472,20 +565,31 @@ def probe_batch_size(cfg, inputs):
         max_batch_size = max(1, min(max_batch_size, len(inputs.train_set) // DIST.size))
     try:
         batch_size, why = memory.auto_batch_size(
-            model, nn.value_and_grad(model, default_loss), inputs.train_set, batches.collate, cfg,
-            max_batch_size=max_batch_size, memory_fraction=memory_fraction, extra_bytes=extra, log=log)
+            model,
+            nn.value_and_grad(model, default_loss),
+            inputs.train_set,
+            batches.collate,
+            cfg,
+            max_batch_size=max_batch_size,
+            memory_fraction=memory_fraction,
+            extra_bytes=extra,
+            log=log,
+        )
     except memory.DoesNotFit as e:
         raise Stop(str(e), EXIT_CONFIG) from None
     if DIST.size > 1:
         chosen = [b for (b,) in DIST.all_gather_ints([batch_size])]
         batch_size = min(chosen)
-        why = (f"per process; {here} of the {DIST.size} processes share this machine's memory, "
-               f"the smallest of the processes' choices {chosen}; rank 0: {why}")
+        why = (
+            f"per process; {here} of the {DIST.size} processes share this machine's memory, "
+            f"the smallest of the processes' choices {chosen}; rank 0: {why}"
+        )
     log(f"batch_size auto: {batch_size} ({why})")
     return batch_size
 
 
 # --------------------------------------------------------------------------- the trainer
+
 
 class Trainer:
     """The optimizer, the run state and the data position of one run, and the loop over
@@ -502,15 +606,18 @@ class Trainer:
         self.loss_and_grad = nn.value_and_grad(self.model, sum_loss)
         self.optimizer = make_optimizer(cfg)
         self.optimizer.init(self.model.trainable_parameters())
-        self.adapter_config = dict(cfg, batch_size=batch_size, **{
-            k: inputs.lora_info[k] for k in ("fine_tune_type", "num_layers", "lora_parameters")})
+        self.adapter_config = dict(
+            cfg,
+            batch_size=batch_size,
+            **{k: inputs.lora_info[k] for k in ("fine_tune_type", "num_layers", "lora_parameters")},
+        )
         self.state = RunState(batch_size=batch_size)
         self.order = batches.BatchOrder(len(self.train_batches), cfg["seed"])
         self.weight_names = {k for k, _ in tree_flatten(self.model.trainable_parameters())}
         self.stop_requested = []
-        inject = os.environ.get("TRAIN_INJECT_NAN", "")              # test hook: "train:12" / "val:20"
+        inject = os.environ.get("TRAIN_INJECT_NAN", "")  # test hook: "train:12" / "val:20"
         self.inject = (inject.split(":")[0], int(inject.split(":")[1])) if ":" in inject else None
-        self.step_delay = float(os.environ.get("TRAIN_STEP_DELAY_S") or 0)   # test hook
+        self.step_delay = float(os.environ.get("TRAIN_STEP_DELAY_S") or 0)  # test hook
 
     # ---- restore -------------------------------------------------------------------------
 
@@ -521,8 +628,11 @@ class Trainer:
             return
         if start.warm_weights is not None:
             if set(start.warm_weights) != self.weight_names:
-                raise Stop(f"error: {start.warm_path}/{checkpoint.ADAPTERS} does not fit this model and "
-                           "method (different fine_tune_type, num_layers or lora_parameters?)", EXIT_CONFIG)
+                raise Stop(
+                    f"error: {start.warm_path}/{checkpoint.ADAPTERS} does not fit this model and "
+                    "method (different fine_tune_type, num_layers or lora_parameters?)",
+                    EXIT_CONFIG,
+                )
             self.model.load_weights(list(start.warm_weights.items()), strict=False)
             log(f"starting from the weights in {start.warm_path} (step 0, new optimizer state)")
             return
@@ -530,7 +640,9 @@ class Trainer:
         self._load_weights_and_optimizer(ckpt)
         saved = ckpt.state
         self.state = RunState.restore(saved, batch_size=self.state.batch_size)
-        order = batches.BatchOrder.restore(saved.get("data_position"), len(self.train_batches), self.cfg["seed"])
+        order = batches.BatchOrder.restore(
+            saved.get("data_position"), len(self.train_batches), self.cfg["seed"]
+        )
         if order is None:
             log("note: the batches differ from the checkpoint's; starting a new epoch")
         self.order = order or self.order
@@ -539,24 +651,31 @@ class Trainer:
             if ckpt.path.parent.resolve() == self.layout.checkpoints.resolve():
                 keep_metrics_until(self.layout.metrics, ckpt.step)
             restore_best(self.state.best, ckpt.path.parent, self.layout.best)
-        log(f"resuming from {ckpt.path} (step {ckpt.step}/{self.cfg['iters']}, epoch {self.order.epoch}, "
-            f"batch {self.order.index}/{self.order.n_batches})")
+        log(
+            f"resuming from {ckpt.path} (step {ckpt.step}/{self.cfg['iters']}, epoch {self.order.epoch}, "
+            f"batch {self.order.index}/{self.order.n_batches})"
+        )
 
     def _load_weights_and_optimizer(self, ckpt):
         from mlx.utils import tree_flatten
 
         weights = ckpt.adapter_weights()
         if set(weights) != self.weight_names:
-            raise Stop(f"error: {ckpt.path} holds different weights than this model and method "
-                       f"create ({len(set(weights) ^ self.weight_names)} names differ; changed "
-                       "fine_tune_type, num_layers or lora_parameters?)", EXIT_CONFIG)
+            raise Stop(
+                f"error: {ckpt.path} holds different weights than this model and method "
+                f"create ({len(set(weights) ^ self.weight_names)} names differ; changed "
+                "fine_tune_type, num_layers or lora_parameters?)",
+                EXIT_CONFIG,
+            )
         self.model.load_weights(list(weights.items()), strict=False)
         opt_flat = ckpt.optimizer_state()
         if set(opt_flat) == {k for k, _ in tree_flatten(self.optimizer.state)}:
             set_tree_leaves(self.optimizer.state, opt_flat)
         else:
-            log(f"warning: the optimizer state in {ckpt.path.name} does not fit this optimizer; "
-                "starting it afresh")
+            log(
+                f"warning: the optimizer state in {ckpt.path.name} does not fit this optimizer; "
+                "starting it afresh"
+            )
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -583,8 +702,10 @@ class Trainer:
             if self.state.done:
                 break
             if stopping:
-                raise Stop(f"interrupted at step {step}; checkpoint saved. Run the same command to "
-                           "continue.", EXIT_INTERRUPTED)
+                raise Stop(
+                    f"interrupted at step {step}; checkpoint saved. Run the same command to continue.",
+                    EXIT_INTERRUPTED,
+                )
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         return checkpoint.list_steps(self.layout.checkpoints)[-1][1] if DIST.main else None
@@ -594,13 +715,19 @@ class Trainer:
         if DIST.size > 1:
             self._take_rank0_weights()
         cfg, accum, inputs = self.cfg, self.accum, self.inputs
-        per_process = f" per process x {DIST.size} processes = {self.global_batch_size}" if DIST.size > 1 else ""
-        log(f"{len(inputs.train_set)} training / {len(inputs.valid_set)} validation examples, batch size "
+        per_process = (
+            f" per process x {DIST.size} processes = {self.global_batch_size}" if DIST.size > 1 else ""
+        )
+        log(
+            f"{len(inputs.train_set)} training / {len(inputs.valid_set)} validation examples, batch size "
             f"{self.state.batch_size}{per_process}{f' x {accum} accumulated' if accum > 1 else ''}, "
             f"{len(self.train_batches)} batches per epoch, {cfg['iters']} steps, learning rate "
-            f"{cfg['learning_rate']:g} ({(cfg['lr_schedule'] or {}).get('name') or 'constant'})")
-        log(f"checkpoints every {cfg['save_every']} steps in {self.layout.checkpoints}; "
-            f"metrics in {self.layout.metrics}")
+            f"{cfg['learning_rate']:g} ({(cfg['lr_schedule'] or {}).get('name') or 'constant'})"
+        )
+        log(
+            f"checkpoints every {cfg['save_every']} steps in {self.layout.checkpoints}; "
+            f"metrics in {self.layout.metrics}"
+        )
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         # opened after restore(), which rewrites the file (keep_metrics_until)
@@ -649,7 +776,7 @@ class Trainer:
             if mine:
                 batch, lengths, _ = batches.collate(examples, mine)
                 (_, local_sum), g = self.loss_and_grad(self.model, batch, lengths, float(n))
-            else:                                   # a last batch smaller than the ranks
+            else:  # a last batch smaller than the ranks
                 g, local_sum = tree_map(mx.zeros_like, self.model.trainable_parameters()), mx.array(0.0)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss_sum, count = loss_sum + local_sum, count + n
@@ -702,9 +829,11 @@ class Trainer:
         self.window_start, self.window_tokens = now, 0
         train_loss = self.state.take_report()
         eta = (now - self.session_start) / self.steps_this_session * (iters - step)
-        log(f"step {step:>{len(str(iters))}}/{iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
+        log(
+            f"step {step:>{len(str(iters))}}/{iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
             f"{tps:,.0f} tok/s | peak {mx.get_peak_memory() / 1e9:.2f} GB | "
-            f"{fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}")
+            f"{fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}"
+        )
         return {"train_loss": train_loss, "tokens_per_s": tps}
 
     def validate_and_track(self, step):
@@ -713,9 +842,15 @@ class Trainer:
         iters = self.cfg["iters"]
         if not self.inputs.valid_set or (step % self.cfg["steps_per_eval"] and step != iters):
             return None, False
-        val, _ = batches.evaluate_loss(self.model, self.inputs.valid_set, self.global_batch_size,
-                                       self.cfg["val_batches"], rank=DIST.rank, size=DIST.size,
-                                       all_sum=DIST.all_sum_floats)
+        val, _ = batches.evaluate_loss(
+            self.model,
+            self.inputs.valid_set,
+            self.global_batch_size,
+            self.cfg["val_batches"],
+            rank=DIST.rank,
+            size=DIST.size,
+            all_sum=DIST.all_sum_floats,
+        )
         if self.inject == ("val", step):
             val = math.nan
         if not math.isfinite(val):
@@ -726,12 +861,16 @@ class Trainer:
         if step == 0:
             log(f"step {0:>{width}}/{iters} | val {val:.4f} (before training)")
             return val, False
-        log(f"step {step:>{width}}/{iters} | val {val:.4f} | best {state.best['val_loss']:.4f} "
+        log(
+            f"step {step:>{width}}/{iters} | val {val:.4f} | best {state.best['val_loss']:.4f} "
             f"(step {state.best['step']})"
-            + (f" | {state.patience_counter}/{patience} without improvement" if patience else ""))
+            + (f" | {state.patience_counter}/{patience} without improvement" if patience else "")
+        )
         if state.stop_reason == "early_stopping":
-            log(f"early stopping at step {step}: no improvement of more than "
-                f"{self.cfg['min_delta']:g} for {patience} evaluations")
+            log(
+                f"early stopping at step {step}: no improvement of more than "
+                f"{self.cfg['min_delta']:g} for {patience} evaluations"
+            )
         return val, new_best
 
     def save(self, step, new_best=False):
@@ -742,11 +881,17 @@ class Trainer:
         root = self.layout.checkpoints
         weights = dict(tree_flatten(self.model.trainable_parameters()))
         try:
-            path = checkpoint.save(root, step, weights, self.adapter_config,
-                                   dict(tree_flatten(self.optimizer.state)), self.snapshot(step))
+            path = checkpoint.save(
+                root,
+                step,
+                weights,
+                self.adapter_config,
+                dict(tree_flatten(self.optimizer.state)),
+                self.snapshot(step),
+            )
             if new_best:
                 checkpoint.write_adapter_dir(path, self.layout.best, {"best.json": self.state.best})
-        except (OSError, RuntimeError) as e:   # mlx's writer raises RuntimeError on a full disk
+        except (OSError, RuntimeError) as e:  # mlx's writer raises RuntimeError on a full disk
             raise Stop(checkpoint_write_error(root, step, e), EXIT_IO) from None
         keep = {self.state.best["step"]} if self.state.best else set()
         checkpoint.prune(root, self.cfg["keep_last"], keep)
@@ -756,12 +901,22 @@ class Trainer:
         """training_state.json: the run state, the data position, the RNGs, the schedule."""
         import mlx.core as mx
 
-        return dict(self.state.snapshot(), step=step, data_position=self.order.state(),
-                    fingerprint=self.inputs.fingerprint,
-                    rng={"seed": self.cfg["seed"], "scheme": "mx.random.seed(step_seed(seed, step)) per step",
-                         "mlx_key": np.array(mx.random.state[0]).tolist(), **host_rng_state()},
-                    schedule={"optimizer_step": int(self.optimizer.state["step"].item()),
-                              "learning_rate": self.learning_rate()})
+        return dict(
+            self.state.snapshot(),
+            step=step,
+            data_position=self.order.state(),
+            fingerprint=self.inputs.fingerprint,
+            rng={
+                "seed": self.cfg["seed"],
+                "scheme": "mx.random.seed(step_seed(seed, step)) per step",
+                "mlx_key": np.array(mx.random.state[0]).tolist(),
+                **host_rng_state(),
+            },
+            schedule={
+                "optimizer_step": int(self.optimizer.state["step"].item()),
+                "learning_rate": self.learning_rate(),
+            },
+        )
 
     # ---- small parts -----------------------------------------------------------------------
 
@@ -775,9 +930,16 @@ class Trainer:
         """One line of metrics.jsonl."""
         import mlx.core as mx
 
-        return {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
-                "tokens_per_s": tokens_per_s, "peak_mem_gb": mx.get_peak_memory() / 1e9,
-                "elapsed_s": elapsed, "tokens_seen": self.state.tokens_seen}
+        return {
+            "step": step,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "lr": lr,
+            "tokens_per_s": tokens_per_s,
+            "peak_mem_gb": mx.get_peak_memory() / 1e9,
+            "elapsed_s": elapsed,
+            "tokens_seen": self.state.tokens_seen,
+        }
 
     def fail(self, step, what, value):
         best = self.state.best
@@ -789,7 +951,8 @@ class Trainer:
             + (f", best/ holds step {best['step']} (validation loss {best['val_loss']:.4f})" if best else "")
             + ". Lower the learning rate (LEARNING_RATE=...) or lora_parameters.scale, check the "
             "data, and start over with FRESH=1.",
-            EXIT_NAN)
+            EXIT_NAN,
+        )
 
 
 def checkpoint_write_error(root, step, e):
@@ -797,16 +960,22 @@ def checkpoint_write_error(root, step, e):
     the last complete checkpoint (nothing is lost)."""
     last = checkpoint.list_steps(root)
     free = shutil.disk_usage(root).free if root.exists() else None
-    detail = (f"{e.strerror}{f' ({e.filename})' if e.filename else ''}"
-              if isinstance(e, OSError) and e.strerror else str(e))
-    return (f"error: cannot write the checkpoint of step {step} in {root}: {detail}"
-            f"{f' ({free / 2**20:.0f} MiB free)' if free is not None else ''}. Nothing is lost: "
-            f"the last complete checkpoint is {last[-1][1].name if last else 'none'}. Free "
-            "disk space (or make the folder writable) and run the same command to continue "
-            "from it.")
+    detail = (
+        f"{e.strerror}{f' ({e.filename})' if e.filename else ''}"
+        if isinstance(e, OSError) and e.strerror
+        else str(e)
+    )
+    return (
+        f"error: cannot write the checkpoint of step {step} in {root}: {detail}"
+        f"{f' ({free / 2**20:.0f} MiB free)' if free is not None else ''}. Nothing is lost: "
+        f"the last complete checkpoint is {last[-1][1].name if last else 'none'}. Free "
+        "disk space (or make the folder writable) and run the same command to continue "
+        "from it."
+    )
 
 
 # --------------------------------------------------------------------------- resume helpers
+
 
 def restore_best(best, lineage_dir, best_dir):
     """After resuming: best/ must hold the adapter of the checkpoint's best step."""
@@ -858,44 +1027,64 @@ def fmt_time(seconds):
 
 # --------------------------------------------------------------------------- outputs
 
+
 def write_outputs(layout, final, trainer):
     """The bundle (bundle.write) from the final checkpoint: last/ holds its adapter, the
     folder's adapters.safetensors the best one (cfg keep: best | last)."""
     inputs, state = trainer.inputs, trainer.state
-    if not inputs.valid_set:          # no validation loss: the final adapter is the best we know
-        checkpoint.write_adapter_dir(final, layout.best, {"best.json": {"step": state.step, "val_loss": None}})
-    meta = bundle.write(layout, final, cfg=trainer.adapter_config, state=state.snapshot(),
-                        tokenizer=inputs.tokenizer, system_prompt=inputs.system_prompt,
-                        data_info=inputs.fingerprint["data"], base=inputs.base,
-                        lora_info=inputs.lora_info)
+    if not inputs.valid_set:  # no validation loss: the final adapter is the best we know
+        checkpoint.write_adapter_dir(
+            final, layout.best, {"best.json": {"step": state.step, "val_loss": None}}
+        )
+    meta = bundle.write(
+        layout,
+        final,
+        cfg=trainer.adapter_config,
+        state=state.snapshot(),
+        tokenizer=inputs.tokenizer,
+        system_prompt=inputs.system_prompt,
+        data_info=inputs.fingerprint["data"],
+        base=inputs.base,
+        lora_info=inputs.lora_info,
+    )
     best, final_loss = meta.get("best_val_loss"), meta.get("final_val_loss")
-    log(f"done: {layout.run} - {meta['steps']} steps in {fmt_time(meta['wall_time_s'])}, "
+    log(
+        f"done: {layout.run} - {meta['steps']} steps in {fmt_time(meta['wall_time_s'])}, "
         f"validation loss best {best if best is None else f'{best:.4f}'} (step {meta['best_step']}), "
         f"final {final_loss if final_loss is None else f'{final_loss:.4f}'}; the adapter shipped "
-        f"is the {meta['adapter_source']} one (step {meta['adapter_step']})")
-    log(f"next: make eval NAME={layout.name} | make worker NAME={layout.name} | "
-        f"see {layout.run / 'INTEGRATION_GUIDE.md'}")
+        f"is the {meta['adapter_source']} one (step {meta['adapter_step']})"
+    )
+    log(
+        f"next: make eval NAME={layout.name} | make worker NAME={layout.name} | "
+        f"see {layout.run / 'INTEGRATION_GUIDE.md'}"
+    )
 
 
 # --------------------------------------------------------------------------- entry point
 
+
 def main(argv=None):
     global DIST
     args = parse_args(argv)
-    if os.environ.get("MLX_RANK") is not None:          # started by mlx.launch (train.launch)
+    if os.environ.get("MLX_RANK") is not None:  # started by mlx.launch (train.launch)
         # train.launch starts mlx.launch with Ctrl-C ignored (the ranks handle it), and the
         # ranks inherit that: take it back.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             DIST = Dist.from_environment()
         except Exception as e:
-            log(f"error: cannot join the distributed run (rank {os.environ.get('MLX_RANK')}): "
-                f"{type(e).__name__}: {e}", every_rank=True)
+            log(
+                f"error: cannot join the distributed run (rank {os.environ.get('MLX_RANK')}): "
+                f"{type(e).__name__}: {e}",
+                every_rank=True,
+            )
             return EXIT_PEER
         if DIST.size > 1:
             DIST.watch_launcher(EXIT_PEER)
-            log(f"process {DIST.rank} of {DIST.size}: pid {os.getpid()} on {socket.gethostname()}",
-                every_rank=True)
+            log(
+                f"process {DIST.rank} of {DIST.size}: pid {os.getpid()} on {socket.gethostname()}",
+                every_rank=True,
+            )
     try:
         return run(args)
     except ConfigError as e:
@@ -906,9 +1095,12 @@ def main(argv=None):
         return stopped(e)
     except PeerLost as e:
         leaving()
-        log(f"error: lost contact with the other processes of this run ({e}); another one "
+        log(
+            f"error: lost contact with the other processes of this run ({e}); another one "
             "stopped or crashed (see the messages above). This process stops too; run the same "
-            "command to continue from the last checkpoint.", every_rank=True)
+            "command to continue from the last checkpoint.",
+            every_rank=True,
+        )
         return EXIT_PEER
     except KeyboardInterrupt:
         leaving()

@@ -24,22 +24,49 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="base model (path or HF id); overrides the adapter's base_model")
     p.add_argument("--adapter", help="adapter folder written by training (models/NAME)")
-    p.add_argument("--system-prompt", default=None,
-                   help="system prompt for conversations without one (default: the adapter's, else none)")
-    p.add_argument("--context-length", type=int, default=None,
-                   help="cap the context (prompt + answer) below the model's or adapter's (default: theirs)")
+    p.add_argument(
+        "--system-prompt",
+        default=None,
+        help="system prompt for conversations without one (default: the adapter's, else none)",
+    )
+    p.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="cap the context (prompt + answer) below the model's or adapter's (default: theirs)",
+    )
     p.add_argument("--max-line-bytes", type=int, default=1 << 20, help="longest request line (default 1 MiB)")
-    p.add_argument("--max-queue", type=int, default=256,
-                   help="requests allowed to wait for a batch slot before `overloaded` (default 256)")
-    p.add_argument("--max-batch", type=int, default=None,
-                   help="sequences decoded together (default: what fits the memory budget, at most 32)")
-    p.add_argument("--prefix-cache-bytes", type=int, default=None,
-                   help="byte budget of the prefix (KV) cache; 0 disables it (default: from the memory budget)")
-    p.add_argument("--memory-fraction", type=float, default=0.8,
-                   help="share of the device's recommended working set the worker plans for (default 0.8)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests allowed to wait for a batch slot before `overloaded` (default 256)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="sequences decoded together (default: what fits the memory budget, at most 32)",
+    )
+    p.add_argument(
+        "--prefix-cache-bytes",
+        type=int,
+        default=None,
+        help="byte budget of the prefix (KV) cache; 0 disables it (default: from the memory budget)",
+    )
+    p.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.8,
+        help="share of the device's recommended working set the worker plans for (default 0.8)",
+    )
     p.add_argument("--prefill-step-size", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--log-format", choices=("plain", "json"), default=None,
-                   help="stderr log format (default: LOG_FORMAT, else plain)")
+    p.add_argument(
+        "--log-format",
+        choices=("plain", "json"),
+        default=None,
+        help="stderr log format (default: LOG_FORMAT, else plain)",
+    )
     args = p.parse_args(argv)
     if not args.model and not args.adapter:
         p.error("give --model (a base model) or --adapter (models/NAME)")
@@ -53,8 +80,8 @@ def parse_args(argv=None):
     return args
 
 
-PARENT_POLL_S = 0.2       # how often the watcher looks at getppid()
-PARENT_GRACE_S = 0.6      # after its SIGTERM, how long the watcher lets the worker wind down
+PARENT_POLL_S = 0.2  # how often the watcher looks at getppid()
+PARENT_GRACE_S = 0.6  # after its SIGTERM, how long the watcher lets the worker wind down
 
 
 def die_with_parent(use_prctl=None):
@@ -67,7 +94,7 @@ def die_with_parent(use_prctl=None):
         use_prctl = os.environ.get("WORKER_PARENT_WATCH", "") != "poll"
     parent = os.getppid()
     if use_prctl and sys.platform.startswith("linux") and _set_pdeathsig():
-        if os.getppid() != parent:      # the parent died before prctl took effect
+        if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(0)
         return "prctl"
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
@@ -93,11 +120,12 @@ def _watch_parent(parent):
 def version():
     import mlx.core as mx
     import mlx_lm
+
     return f"worker/1 mlx/{mx.__version__} mlx-lm/{mlx_lm.__version__}"
 
 
 def main(argv=None):
-    proto_fd = io.claim_stdout()                 # before anything can print
+    proto_fd = io.claim_stdout()  # before anything can print
     # Until the engine installs its own handler, SIGTERM just ends the (idle) process.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     die_with_parent()
@@ -106,43 +134,69 @@ def main(argv=None):
     t0 = time.perf_counter()
     try:
         settings = loading.settings_for(args.model, args.adapter, args.system_prompt)
-        log.info(f"loading {settings.model_path}" + (f" with adapter {settings.adapter_path}" if settings.adapter else ""))
+        log.info(
+            f"loading {settings.model_path}"
+            + (f" with adapter {settings.adapter_path}" if settings.adapter else "")
+        )
         model, tokenizer, config = loading.load(settings)
     except loading.LoadError as e:
         log.error(str(e))
         return 2
 
-    from worker.engine import Engine   # mlx after train (fast BLAS)
+    from worker.engine import Engine  # mlx after train (fast BLAS)
 
     writer = io.ProtocolWriter(proto_fd, on_broken_pipe=lambda: _broken_pipe(log))
     context_length = loading.context_length(settings, config)
     if args.context_length:
         context_length = min(context_length or args.context_length, args.context_length)
-    chosen = limits.choose(config, context_length, memory_fraction=args.memory_fraction,
-                           max_batch=args.max_batch, prefix_cache_bytes=args.prefix_cache_bytes,
-                           prefill_step_size=args.prefill_step_size, log=log)
-    if chosen.get("context_capped_from"):          # not even one full-context sequence fits
+    chosen = limits.choose(
+        config,
+        context_length,
+        memory_fraction=args.memory_fraction,
+        max_batch=args.max_batch,
+        prefix_cache_bytes=args.prefix_cache_bytes,
+        prefill_step_size=args.prefill_step_size,
+        log=log,
+    )
+    if chosen.get("context_capped_from"):  # not even one full-context sequence fits
         context_length = chosen["context_length"]
     engine = Engine(
-        model, tokenizer, settings, writer=writer, log=log, context_length=context_length,
-        max_queue=args.max_queue, max_batch=chosen["max_batch"],
-        prefix_cache_bytes=chosen["prefix_cache_bytes"], prefill_step_size=chosen["prefill_step_size"],
+        model,
+        tokenizer,
+        settings,
+        writer=writer,
+        log=log,
+        context_length=context_length,
+        max_queue=args.max_queue,
+        max_batch=chosen["max_batch"],
+        prefix_cache_bytes=chosen["prefix_cache_bytes"],
+        prefill_step_size=chosen["prefill_step_size"],
     )
     engine.limits = chosen
     engine.install_signal_handlers()
     try:
         engine.warm_up()
-    except Exception as e:     # e.g. the adapter's chat template cannot render: exit 2, clearly
-        log.error(f"cannot serve {settings.model_path!r}"
-                  f"{' with adapter ' + repr(settings.adapter_path) if settings.adapter else ''}: "
-                  f"the warm-up generation failed (a chat template that cannot render a "
-                  f"conversation?): {type(e).__name__}: {e}")
+    except Exception as e:  # e.g. the adapter's chat template cannot render: exit 2, clearly
+        log.error(
+            f"cannot serve {settings.model_path!r}"
+            f"{' with adapter ' + repr(settings.adapter_path) if settings.adapter else ''}: "
+            f"the warm-up generation failed (a chat template that cannot render a "
+            f"conversation?): {type(e).__name__}: {e}"
+        )
         return 2
-    writer.add(dict(engine.ready_message(args.max_line_bytes, blas=blas.loaded_path, version=version()),
-                    limits=chosen))
+    writer.add(
+        dict(
+            engine.ready_message(args.max_line_bytes, blas=blas.loaded_path, version=version()), limits=chosen
+        )
+    )
     writer.flush()
-    log.info(f"ready in {time.perf_counter() - t0:.1f}s", model=settings.model, adapter=settings.adapter,
-             context_length=engine.context_length, blas=blas.loaded_path)
+    log.info(
+        f"ready in {time.perf_counter() - t0:.1f}s",
+        model=settings.model,
+        adapter=settings.adapter,
+        context_length=engine.context_length,
+        blas=blas.loaded_path,
+    )
 
     events = io.make_event_queue()
     reader = io.StdinReader(0, events, args.max_line_bytes, log)

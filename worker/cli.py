@@ -25,7 +25,9 @@ from worker import io, loading, protocol
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m worker.cli", description="One-shot generation; prints one JSON result.")
+    p = argparse.ArgumentParser(
+        prog="python -m worker.cli", description="One-shot generation; prints one JSON result."
+    )
     p.add_argument("prompt", help="the user message")
     p.add_argument("--model", help="base model (path or HF id); overrides the adapter's base_model")
     p.add_argument("--adapter", help="adapter folder written by training (models/NAME)")
@@ -42,8 +44,11 @@ def default_target(args):
         return args.model, args.adapter
     farense = paths.run_dir("farense")
     if (farense / "metadata.json").is_file():
-        return None, str(farense.relative_to(paths.ROOT)) if farense.is_relative_to(paths.ROOT) else str(farense)
+        return None, str(farense.relative_to(paths.ROOT)) if farense.is_relative_to(paths.ROOT) else str(
+            farense
+        )
     from core.config import load_config
+
     return load_config()["model"], None
 
 
@@ -69,8 +74,15 @@ def main(argv=None):
     from worker.engine import Engine
 
     writer = io.CollectingWriter()
-    engine = Engine(model, tokenizer, settings, writer=writer, log=log,
-                    context_length=loading.context_length(settings, config), prefix_cache_bytes=0)
+    engine = Engine(
+        model,
+        tokenizer,
+        settings,
+        writer=writer,
+        log=log,
+        context_length=loading.context_length(settings, config),
+        prefix_cache_bytes=0,
+    )
     events = queue.Queue()
     events.put(protocol.Generate(**{**parsed.__dict__, "received": time.perf_counter()}))
     events.put(io.EOF)
@@ -78,7 +90,11 @@ def main(argv=None):
     final = next((m for m in writer.messages if m["type"] in ("done", "error")), None)
     base = {"model": settings.model, "adapter": settings.adapter, "prompt": args.prompt}
     if final is None or final["type"] == "error":
-        err = {"code": final["code"], "message": final["message"]} if final else {"code": "internal", "message": "no result"}
+        err = (
+            {"code": final["code"], "message": final["message"]}
+            if final
+            else {"code": "internal", "message": "no result"}
+        )
         return _print(out_fd, {"error": err, **base}, 1)
     result = {k: final[k] for k in ("text", "finish_reason", "usage", "timing")}
     return _print(out_fd, {**result, **base}, 0)

@@ -20,10 +20,10 @@ LAST_TURN = "the system prompt and the last user turn alone"
 
 @dataclass(frozen=True)
 class Fitted:
-    messages: list        # what the model gets
-    ids: list             # their token ids
-    dropped: int          # messages left out (0 when the conversation fits)
-    max_tokens: int       # >= 1, capped by the room left in the context
+    messages: list  # what the model gets
+    ids: list  # their token ids
+    dropped: int  # messages left out (0 when the conversation fits)
+    max_tokens: int  # >= 1, capped by the room left in the context
 
 
 class TooLong(Exception):
@@ -60,8 +60,9 @@ def fit(encode, messages, max_tokens, context_length, overflow=TRUNCATE):
         return Fitted(list(messages), ids, 0, max_tokens)
     head, turns, last = split_turns(messages)
     if overflow == ERROR or not turns:
-        return _capped(messages, ids, 0, max_tokens, context_length,
-                       "the prompt" if overflow == ERROR else LAST_TURN)
+        return _capped(
+            messages, ids, 0, max_tokens, context_length, "the prompt" if overflow == ERROR else LAST_TURN
+        )
     # The fewest oldest turns to leave out so that prompt + max_tokens fits (binary search:
     # leaving out more turns never makes the prompt longer).
     lo, hi = 1, len(turns)
@@ -74,7 +75,7 @@ def fit(encode, messages, max_tokens, context_length, overflow=TRUNCATE):
             best, hi = (k, kept, kept_ids), k - 1
         else:
             lo = k + 1
-    if best is None:                      # even the last turn alone leaves less than max_tokens
+    if best is None:  # even the last turn alone leaves less than max_tokens
         kept = _conversation(head, [], last)
         best = (len(turns), kept, encode(kept))
     k, kept, kept_ids = best
@@ -85,6 +86,7 @@ def fit(encode, messages, max_tokens, context_length, overflow=TRUNCATE):
 def _capped(messages, ids, dropped, max_tokens, context_length, what):
     room = context_length - len(ids)
     if room < 1:
-        raise TooLong(f"{what}: {len(ids)} tokens; the context holds {context_length} "
-                      f"including at least 1 to generate")
+        raise TooLong(
+            f"{what}: {len(ids)} tokens; the context holds {context_length} including at least 1 to generate"
+        )
     return Fitted(list(messages), ids, dropped, max(1, min(max_tokens, room)))

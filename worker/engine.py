@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import mlx.core as mx
 
@@ -50,7 +50,7 @@ from worker.mlxlm_api import (
     trim_prompt_cache,
 )
 
-CACHE_KEY = "model"          # one model per worker: one namespace in the prefix cache
+CACHE_KEY = "model"  # one model per worker: one namespace in the prefix cache
 REPLACEMENT = "\ufffd"
 MAX_EVENTS_PER_TURN = 256
 # Sampling runs on float32 log-probabilities. Beyond these bounds 1/temperature overflows to
@@ -95,22 +95,22 @@ class Active:
     """One accepted generation request and its state until its terminal message."""
 
     req: protocol.Generate
-    ids: Optional[list] = None                # prompt token ids (after the context policy)
-    dropped: int = 0                          # messages the context policy left out
-    sys_end: int = 0                          # prompt tokens of the leading system message(s)
+    ids: list | None = None  # prompt token ids (after the context policy)
+    dropped: int = 0  # messages the context policy left out
+    sys_end: int = 0  # prompt tokens of the leading system message(s)
     max_tokens: int = 1
-    sampler: Any = None                       # None: the batch's shared greedy sampler
+    sampler: Any = None  # None: the batch's shared greedy sampler
     processors: Any = None
-    uid: Optional[int] = None                 # BatchGenerator uid once admitted
-    cached: int = 0                           # prompt tokens served from the prefix cache
+    uid: int | None = None  # BatchGenerator uid once admitted
+    cached: int = 0  # prompt tokens served from the prefix cache
     detok: Any = None
     parts: list = field(default_factory=list)
-    tail: Optional[str] = ""                  # text held back (stop string / split character)
+    tail: str | None = ""  # text held back (stop string / split character)
     n_tokens: int = 0
     t_received: float = 0.0
-    t_admitted: Optional[float] = None
-    t_first: Optional[float] = None
-    t_last: Optional[float] = None
+    t_admitted: float | None = None
+    t_first: float | None = None
+    t_last: float | None = None
     segment_types: list = field(default_factory=list)
     fault: bool = False
 
@@ -131,9 +131,21 @@ class Active:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, settings, *, writer, log, context_length=None,
-                 max_queue=256, max_batch=32, prefix_cache_bytes=256 << 20,
-                 prefill_step_size=2048, hooks=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        settings,
+        *,
+        writer,
+        log,
+        context_length=None,
+        max_queue=256,
+        max_batch=32,
+        prefix_cache_bytes=256 << 20,
+        prefill_step_size=2048,
+        hooks=None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
@@ -156,9 +168,9 @@ class Engine:
         self.prefix_budget = max(0, int(prefix_cache_bytes))
         self.gen = self._new_generator()
 
-        self.by_id = {}          # id -> Active: accepted and not finished (batch + queue)
-        self.by_uid = {}         # BatchGenerator uid -> Active
-        self.pending = deque()   # accepted, waiting for a batch slot
+        self.by_id = {}  # id -> Active: accepted and not finished (batch + queue)
+        self.by_uid = {}  # BatchGenerator uid -> Active
+        self.pending = deque()  # accepted, waiting for a batch slot
         self._samplers = {}
         self._processors = {}
         self._sys_probe = {}
@@ -166,7 +178,7 @@ class Engine:
         self.eof = False
         self.shutdown_reason = None
         self.stop_signal = False
-        self.install_watchdog = False      # set by install_signal_handlers (the real worker)
+        self.install_watchdog = False  # set by install_signal_handlers (the real worker)
         self.started = time.time()
         self.served = 0
         self.errors = 0
@@ -281,15 +293,17 @@ class Engine:
                 self.control(event)
             elif isinstance(event, protocol.ParseError):
                 if event.id is not None and event.id in self.by_id:
-                    self.error(event.id, "duplicate_id",
-                               f"a request with id {event.id!r} is already in flight (and this one "
-                               f"was invalid: {event.message})")
+                    self.error(
+                        event.id,
+                        "duplicate_id",
+                        f"a request with id {event.id!r} is already in flight (and this one "
+                        f"was invalid: {event.message})",
+                    )
                 else:
                     self.error(event.id, event.code, event.message)
             elif event == EOF:
                 self.eof = True
-                self.log.info("stdin closed: finishing requests already read",
-                              in_flight=len(self.by_id))
+                self.log.info("stdin closed: finishing requests already read", in_flight=len(self.by_id))
         except Exception as e:  # never let one event take the loop down
             self.log.error(f"handling an event failed: {type(e).__name__}: {e}")
             rid = getattr(event, "id", None)
@@ -338,8 +352,11 @@ class Engine:
             self.by_id[act.id] = act
             self.start(act)
         elif len(self.pending) >= self.max_queue:
-            self.error(req.id, "overloaded", f"{len(self.pending)} requests are already waiting "
-                                             f"(--max-queue {self.max_queue})")
+            self.error(
+                req.id,
+                "overloaded",
+                f"{len(self.pending)} requests are already waiting (--max-queue {self.max_queue})",
+            )
         else:
             self.by_id[act.id] = act
             self.pending.append(act)
@@ -352,8 +369,13 @@ class Engine:
         wanted = min(wanted, int(gen["max_tokens_cap"]))
         messages = with_system_prompt(list(req.messages), self.system_prompt)
         try:
-            fitted = context.fit(lambda ms: encode_prompt(self.tokenizer, ms, None), messages,
-                                 wanted, self.context_length, req.overflow)
+            fitted = context.fit(
+                lambda ms: encode_prompt(self.tokenizer, ms, None),
+                messages,
+                wanted,
+                self.context_length,
+                req.overflow,
+            )
         except context.TooLong as e:
             self.error(req.id, "too_long", f"{e.message} (overflow: {req.overflow})")
             return None
@@ -367,8 +389,10 @@ class Engine:
             self.error(req.id, "invalid_request", "messages: the formatted prompt is empty")
             return None
         if fitted.dropped:
-            self.log.info(f"request {req.id!r}: left out the {fitted.dropped} oldest message(s) "
-                          f"to fit the context", prompt_tokens=len(fitted.ids))
+            self.log.info(
+                f"request {req.id!r}: left out the {fitted.dropped} oldest message(s) to fit the context",
+                prompt_tokens=len(fitted.ids),
+            )
         return fitted
 
     def prepare(self, act, messages):
@@ -377,7 +401,9 @@ class Engine:
         top_p = req.top_p if req.top_p is not None else float(gen["top_p"])
         top_k = req.top_k if req.top_k is not None else int(gen["top_k"])
         min_p = req.min_p if req.min_p is not None else float(gen["min_p"])
-        rep = req.repetition_penalty if req.repetition_penalty is not None else float(gen["repetition_penalty"])
+        rep = (
+            req.repetition_penalty if req.repetition_penalty is not None else float(gen["repetition_penalty"])
+        )
         if top_k >= self.vocab_size:
             top_k = 0
         if temp < MIN_TEMPERATURE:
@@ -386,11 +412,11 @@ class Engine:
         if 0.0 < top_p < MIN_TOP_P:
             top_p = MIN_TOP_P
         if temp <= 0:
-            act.sampler = None                           # the batch's shared greedy sampler
+            act.sampler = None  # the batch's shared greedy sampler
         elif req.seed is not None:
             act.sampler = SeededSampler(req.seed, temp, top_p, min_p, top_k)
         else:
-            key = (temp, top_p, min_p, top_k)            # shared object: batched sampling
+            key = (temp, top_p, min_p, top_k)  # shared object: batched sampling
             act.sampler = self._samplers.get(key)
             if act.sampler is None:
                 if len(self._samplers) > 256:
@@ -416,7 +442,9 @@ class Engine:
         key = tuple(m["content"] for m in messages[:n])
         probe = self._sys_probe.get(key)
         if probe is None:
-            probe = encode_prompt(self.tokenizer, list(messages[:n]) + [{"role": "user", "content": ""}], None)
+            probe = encode_prompt(
+                self.tokenizer, list(messages[:n]) + [{"role": "user", "content": ""}], None
+            )
             if len(self._sys_probe) > 64:
                 self._sys_probe.clear()
             self._sys_probe[key] = probe
@@ -464,7 +492,7 @@ class Engine:
             cache = None
 
         if act.sys_end:
-            segments, types = [ids[:act.sys_end], ids[act.sys_end:]], ["system", "user"]
+            segments, types = [ids[: act.sys_end], ids[act.sys_end :]], ["system", "user"]
         else:
             segments, types = [ids], ["user"]
         n = act.cached
@@ -481,7 +509,7 @@ class Engine:
             segments=[segments],
             max_tokens=[act.max_tokens],
             caches=[cache],
-            all_tokens=[ids[:act.cached]],
+            all_tokens=[ids[: act.cached]],
             samplers=[act.sampler],
             logits_processors=[act.processors],
             stop_sequences=[self.stop_sequences],
@@ -505,7 +533,7 @@ class Engine:
             self._segment_caches(prompt_responses)
 
         by_uid = self.by_uid
-        stopped = []     # ended by a stop string: still in the batch
+        stopped = []  # ended by a stop string: still in the batch
         failed = []
         for r in responses:
             act = by_uid.get(r.uid)
@@ -531,9 +559,14 @@ class Engine:
 
     def _segment_caches(self, prompt_responses):
         """Store the prompt cache at segment ends (system prompt, prompt minus its last token)."""
-        uids = [r.uid for r in prompt_responses
-                if r.end_of_segment and not r.end_of_prompt
-                and r.uid in self.by_uid and self.by_uid[r.uid].segment_types]
+        uids = [
+            r.uid
+            for r in prompt_responses
+            if r.end_of_segment
+            and not r.end_of_prompt
+            and r.uid in self.by_uid
+            and self.by_uid[r.uid].segment_types
+        ]
         if not uids:
             return
         try:
@@ -549,8 +582,14 @@ class Engine:
             return
         if sum(c.nbytes for c in cache) > self.prefix_budget:
             return
-        mx.async_eval([a for c in cache for a in (getattr(c, "keys", None), getattr(c, "values", None))
-                       if isinstance(a, mx.array)])
+        mx.async_eval(
+            [
+                a
+                for c in cache
+                for a in (getattr(c, "keys", None), getattr(c, "values", None))
+                if isinstance(a, mx.array)
+            ]
+        )
         self.prefix.insert_cache(CACHE_KEY, tokens, cache, cache_type=cache_type)
 
     def _on_token(self, act, r):
@@ -636,18 +675,27 @@ class Engine:
         # Decode rate after the first token (prompt processing is in ttft_ms); 0 below 2 tokens.
         tps = (n - 1) / (act.t_last - act.t_first) if n > 1 and act.t_last > act.t_first else 0.0
         admitted = act.t_admitted if act.t_admitted is not None else now
-        self.writer.add(protocol.done_message(
-            act.id, "".join(act.parts), reason,
-            usage={"prompt_tokens": len(act.ids), "completion_tokens": n,
-                   "cached_tokens": act.cached, "dropped_messages": act.dropped},
-            timing={
-                "queue_ms": _ms(max(0.0, admitted - act.t_received)),
-                "ttft_ms": _ms(act.t_first - act.t_received) if act.t_first is not None else None,
-                "total_ms": _ms(max(0.0, now - act.t_received)),
-                "tokens_per_s": round(tps, 3),
-            },
-            model=self.settings.model, adapter=self.settings.adapter,
-        ))
+        self.writer.add(
+            protocol.done_message(
+                act.id,
+                "".join(act.parts),
+                reason,
+                usage={
+                    "prompt_tokens": len(act.ids),
+                    "completion_tokens": n,
+                    "cached_tokens": act.cached,
+                    "dropped_messages": act.dropped,
+                },
+                timing={
+                    "queue_ms": _ms(max(0.0, admitted - act.t_received)),
+                    "ttft_ms": _ms(act.t_first - act.t_received) if act.t_first is not None else None,
+                    "total_ms": _ms(max(0.0, now - act.t_received)),
+                    "tokens_per_s": round(tps, 3),
+                },
+                model=self.settings.model,
+                adapter=self.settings.adapter,
+            )
+        )
         self.served += 1
         if reason != "cancelled" and cache_and_tokens:
             cache, tokens = cache_and_tokens
@@ -729,27 +777,30 @@ class Engine:
     def stats(self):
         try:
             import psutil
+
             rss = int(psutil.Process().memory_info().rss)
         except Exception:
             rss = 0
-        return protocol.stats_message(**{
-            "in_flight": len(self.by_uid),
-            "queued": len(self.pending),
-            "served": self.served,
-            "errors": self.errors,
-            "tokens_per_s": round(self.gen_tokens / self.decode_time, 3) if self.decode_time > 0 else 0.0,
-            "prefix_cache": {
-                "hits": self.hits,
-                "misses": self.misses,
-                "entries": len(self.prefix),
-                "bytes": int(self.prefix.nbytes),
-                "budget_bytes": self.prefix_budget,
-            },
-            "memory": {
-                "rss_bytes": rss,
-                "active_bytes": int(mx.get_active_memory()),
-                "peak_bytes": int(mx.get_peak_memory()),
-            },
-            "uptime_s": round(time.time() - self.started, 3),
-            **({"limits": self.limits} if getattr(self, "limits", None) else {}),   # worker/limits.py
-        })
+        return protocol.stats_message(
+            **{
+                "in_flight": len(self.by_uid),
+                "queued": len(self.pending),
+                "served": self.served,
+                "errors": self.errors,
+                "tokens_per_s": round(self.gen_tokens / self.decode_time, 3) if self.decode_time > 0 else 0.0,
+                "prefix_cache": {
+                    "hits": self.hits,
+                    "misses": self.misses,
+                    "entries": len(self.prefix),
+                    "bytes": int(self.prefix.nbytes),
+                    "budget_bytes": self.prefix_budget,
+                },
+                "memory": {
+                    "rss_bytes": rss,
+                    "active_bytes": int(mx.get_active_memory()),
+                    "peak_bytes": int(mx.get_peak_memory()),
+                },
+                "uptime_s": round(time.time() - self.started, 3),
+                **({"limits": self.limits} if getattr(self, "limits", None) else {}),  # worker/limits.py
+            }
+        )

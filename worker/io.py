@@ -57,7 +57,7 @@ class Logger:
 def claim_stdout():
     """Return a private fd for the protocol; fd 1 and sys.stdout now go to stderr."""
     sys.stdout.flush()
-    proto_fd = os.dup(1)             # non-inheritable: children never get the protocol pipe
+    proto_fd = os.dup(1)  # non-inheritable: children never get the protocol pipe
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     return proto_fd
@@ -131,7 +131,7 @@ class StdinReader(threading.Thread):
         self.log = log
 
     def put(self, item):
-        self.events.put(item)     # blocks while the queue is full: backpressure
+        self.events.put(item)  # blocks while the queue is full: backpressure
 
     def run(self):
         try:
@@ -152,7 +152,7 @@ class StdinReader(threading.Thread):
         limit = self.max_line_bytes
         buf = bytearray()
         discarding = False
-        seen = 0          # bytes of the current over-long line seen so far
+        seen = 0  # bytes of the current over-long line seen so far
         while True:
             try:
                 chunk = os.read(self.fd, self.CHUNK)

@@ -15,14 +15,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
-from core import paths
 from core import metadata as run_metadata
+from core import paths
 from core.config import DEFAULTS
 
 METADATA_FORMAT = run_metadata.METADATA_FORMAT
-ADAPTER_FILE = run_metadata.ADAPTERS             # the name mlx_lm.load_adapters reads
+ADAPTER_FILE = run_metadata.ADAPTERS  # the name mlx_lm.load_adapters reads
 GENERATION_KEYS = tuple(DEFAULTS["generation"])
 
 
@@ -32,17 +31,17 @@ class LoadError(Exception):
 
 @dataclass
 class Settings:
-    model: str                                 # as given (--model or metadata base_model)
-    model_path: str                            # what mlx_lm.load received
-    adapter: Optional[str] = None              # as given on the command line
-    adapter_path: Optional[str] = None
-    system_prompt: Optional[str] = None
-    chat_template: Optional[str] = None
+    model: str  # as given (--model or metadata base_model)
+    model_path: str  # what mlx_lm.load received
+    adapter: str | None = None  # as given on the command line
+    adapter_path: str | None = None
+    system_prompt: str | None = None
+    chat_template: str | None = None
     generation: dict = field(default_factory=lambda: copy.deepcopy(DEFAULTS["generation"]))
-    max_seq_length: Optional[int] = None
-    metadata: Optional[dict] = None
-    revision: Optional[str] = None             # the hub snapshot training used (metadata)
-    allow_base_mismatch: bool = False          # load a base other than the trained one
+    max_seq_length: int | None = None
+    metadata: dict | None = None
+    revision: str | None = None  # the hub snapshot training used (metadata)
+    allow_base_mismatch: bool = False  # load a base other than the trained one
 
 
 def read_metadata(adapter_dir):
@@ -88,10 +87,15 @@ def settings_for(model=None, adapter=None, system_prompt=None, allow_base_mismat
         generation = copy.deepcopy(DEFAULTS["generation"])
         generation.update({k: v for k, v in meta.get("generation", {}).items() if k in GENERATION_KEYS})
         return Settings(
-            model=name, model_path=model_path, adapter=adapter, adapter_path=adapter_path,
+            model=name,
+            model_path=model_path,
+            adapter=adapter,
+            adapter_path=adapter_path,
             system_prompt=system_prompt if system_prompt is not None else meta.get("system_prompt"),
-            chat_template=meta.get("chat_template"), generation=generation,
-            max_seq_length=meta.get("max_seq_length"), metadata=meta,
+            chat_template=meta.get("chat_template"),
+            generation=generation,
+            max_seq_length=meta.get("max_seq_length"),
+            metadata=meta,
             revision=None if local else meta.get("base_model_revision"),
             allow_base_mismatch=bool(allow_base_mismatch),
         )
@@ -102,7 +106,7 @@ def settings_for(model=None, adapter=None, system_prompt=None, allow_base_mismat
 
 def load(settings):
     """(model, tokenizer, config) for these settings, with the chat template set."""
-    from mlx_lm import load as mlx_load   # mlx after `import core` (fast BLAS)
+    from mlx_lm import load as mlx_load  # mlx after `import core` (fast BLAS)
 
     check_base(settings)
     try:
@@ -115,9 +119,11 @@ def load(settings):
             revision=settings.revision,
         )
     except Exception as e:
-        raise LoadError(f"cannot load model {settings.model_path!r}"
-                        f"{' with adapter ' + repr(settings.adapter_path) if settings.adapter_path else ''}: "
-                        f"{type(e).__name__}: {e}") from e
+        raise LoadError(
+            f"cannot load model {settings.model_path!r}"
+            f"{' with adapter ' + repr(settings.adapter_path) if settings.adapter_path else ''}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
     if settings.chat_template:
         hf = getattr(tokenizer, "_tokenizer", tokenizer)
         hf.chat_template = settings.chat_template
@@ -139,10 +145,12 @@ def check_base(settings):
     problem = run_metadata.base_mismatch(settings.metadata, where)
     if problem is None:
         return
-    message = (f"the base model {settings.model!r} ({where}) is not the one the adapter "
-               f"{settings.adapter!r} was trained on: {problem}. Serve the adapter with the base it "
-               "was trained on (--model), or pass --allow-base-mismatch "
-               "(WORKER_ALLOW_BASE_MISMATCH=1) to load it anyway")
+    message = (
+        f"the base model {settings.model!r} ({where}) is not the one the adapter "
+        f"{settings.adapter!r} was trained on: {problem}. Serve the adapter with the base it "
+        "was trained on (--model), or pass --allow-base-mismatch "
+        "(WORKER_ALLOW_BASE_MISMATCH=1) to load it anyway"
+    )
     if not settings.allow_base_mismatch:
         raise LoadError(message)
     print(f"worker: warning: {message} (allowed)", file=sys.stderr, flush=True)
@@ -154,8 +162,10 @@ def _cached_snapshot(repo_id, revision):
         from huggingface_hub import snapshot_download
 
         from worker.mlxlm_api import DEFAULT_ALLOW_PATTERNS
-        return snapshot_download(repo_id, revision=revision, local_files_only=True,
-                                 allow_patterns=DEFAULT_ALLOW_PATTERNS)
+
+        return snapshot_download(
+            repo_id, revision=revision, local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS
+        )
     except Exception:
         return None
 

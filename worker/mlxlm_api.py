@@ -57,7 +57,8 @@ def check(required=REQUIRED):
         raise ImportError(
             f"worker/mlxlm_api.py: the installed mlx-lm {installed_version()} lacks "
             f"{', '.join(missing)} (the worker was written against mlx-lm {PINNED}; "
-            f"update worker/mlxlm_api.py for the new names)")
+            f"update worker/mlxlm_api.py for the new names)"
+        )
 
 
 check()
@@ -89,7 +90,19 @@ def eos_stop_sequences(tokenizer):
 
 
 __all__ = [
-    "BatchGenerator", "LRUPromptCache", "can_trim_prompt_cache", "trim_prompt_cache",
-    "apply_min_p", "apply_top_k", "apply_top_p", "make_logits_processors", "make_sampler",
-    "DEFAULT_ALLOW_PATTERNS", "no_stop_sequences", "eos_stop_sequences", "check", "missing_names", "REQUIRED",
+    "BatchGenerator",
+    "LRUPromptCache",
+    "can_trim_prompt_cache",
+    "trim_prompt_cache",
+    "apply_min_p",
+    "apply_top_k",
+    "apply_top_p",
+    "make_logits_processors",
+    "make_sampler",
+    "DEFAULT_ALLOW_PATTERNS",
+    "no_stop_sequences",
+    "eos_stop_sequences",
+    "check",
+    "missing_names",
+    "REQUIRED",
 ]

@@ -13,7 +13,6 @@ so the response side of the protocol is read in one place, next to the request s
 """
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
 
 import orjson
 
@@ -21,13 +20,26 @@ from worker.context import OVERFLOW_POLICIES, TRUNCATE
 
 # 2: the context-window policy (request `overflow`, usage.dropped_messages), done.model/adapter
 PROTOCOL_VERSION = 2
-MAX_DEPTH = 32            # nesting levels of a request, the top-level object included
+MAX_DEPTH = 32  # nesting levels of a request, the top-level object included
 ID_MAX_CHARS = 128
 MAX_STOP_STRINGS = 16
 CONTROL_OPS = ("cancel", "ping", "stats", "shutdown")
 
-GENERATE_FIELDS = ("id", "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k",
-                   "min_p", "repetition_penalty", "stop", "seed", "stream", "overflow")
+GENERATE_FIELDS = (
+    "id",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "stop",
+    "seed",
+    "stream",
+    "overflow",
+)
 CONTROL_FIELDS = ("op", "id")
 ROLES = ("system", "user", "assistant")
 SEED_MODULUS = 1 << 64
@@ -36,32 +48,32 @@ SEED_MODULUS = 1 << 64
 @dataclass(frozen=True)
 class Generate:
     id: str
-    messages: Tuple[dict, ...]
-    max_tokens: Optional[int] = None          # None: the worker's default
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    stop: Tuple[str, ...] = ()
-    seed: Optional[int] = None                # already reduced to [0, 2**64)
+    messages: tuple[dict, ...]
+    max_tokens: int | None = None  # None: the worker's default
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None  # already reduced to [0, 2**64)
     stream: bool = False
-    overflow: str = TRUNCATE                  # context-window policy: truncate | error
-    received: float = field(default=0.0, compare=False)   # perf_counter() at arrival
+    overflow: str = TRUNCATE  # context-window policy: truncate | error
+    received: float = field(default=0.0, compare=False)  # perf_counter() at arrival
 
 
 @dataclass(frozen=True)
 class Control:
     op: str
-    id: Optional[str] = None
+    id: str | None = None
     received: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
 class ParseError:
-    code: str             # bad_json | invalid_request | too_large
+    code: str  # bad_json | invalid_request | too_large
     message: str
-    id: Optional[str] = None
+    id: str | None = None
 
     def to_message(self):
         return error_message(self.id, self.code, self.message)
@@ -127,7 +139,7 @@ def _json_type(v):
 def _too_deep_field(obj):
     """The first top-level key whose value nests beyond MAX_DEPTH levels in all, else None."""
     for key, value in obj.items():
-        stack = [(value, 2)]          # the top-level object is level 1
+        stack = [(value, 2)]  # the top-level object is level 1
         while stack:
             v, depth = stack.pop()
             if isinstance(v, (dict, list)):
@@ -147,8 +159,11 @@ def _name(key):
 def _parse_control(obj, deep, received):
     unknown = [k for k in obj if k not in CONTROL_FIELDS]
     if unknown:
-        return ParseError("invalid_request", f"{_name(unknown[0])}: unknown field for a control request "
-                                             f"(allowed: {', '.join(CONTROL_FIELDS)})")
+        return ParseError(
+            "invalid_request",
+            f"{_name(unknown[0])}: unknown field for a control request "
+            f"(allowed: {', '.join(CONTROL_FIELDS)})",
+        )
     if deep is not None:
         return ParseError("invalid_request", f"{_name(deep)}: nesting deeper than {MAX_DEPTH} levels")
     op = obj["op"]
@@ -183,7 +198,11 @@ def _integer(obj, key, minimum=None):
     if key not in obj:
         return None
     v = obj[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or (isinstance(v, float) and not v.is_integer())
+    ):
         raise _Invalid(f"{key}: must be an integer")
     v = int(v)
     if minimum is not None and v < minimum:
@@ -285,13 +304,37 @@ def _validate_generate(obj, rid, received):
 # ---------------------------------------------------------------------------- messages out
 # One function per message type of docs/protocol.schema.json.
 
-def ready_message(*, model, adapter, pid, max_tokens, max_tokens_cap, max_line_bytes,
-                  context_length, backend, blas, version, **extra):
+
+def ready_message(
+    *,
+    model,
+    adapter,
+    pid,
+    max_tokens,
+    max_tokens_cap,
+    max_line_bytes,
+    context_length,
+    backend,
+    blas,
+    version,
+    **extra,
+):
     """The first line: the worker is loaded and warm. `extra`: further schema fields."""
-    return {"type": "ready", "protocol": PROTOCOL_VERSION, "model": model, "adapter": adapter,
-            "pid": pid, "max_tokens": max_tokens, "max_tokens_cap": max_tokens_cap,
-            "max_line_bytes": max_line_bytes, "context_length": context_length,
-            "backend": backend, "blas": blas, "version": version, **extra}
+    return {
+        "type": "ready",
+        "protocol": PROTOCOL_VERSION,
+        "model": model,
+        "adapter": adapter,
+        "pid": pid,
+        "max_tokens": max_tokens,
+        "max_tokens_cap": max_tokens_cap,
+        "max_line_bytes": max_line_bytes,
+        "context_length": context_length,
+        "backend": backend,
+        "blas": blas,
+        "version": version,
+        **extra,
+    }
 
 
 def token_message(rid, text):
@@ -302,8 +345,16 @@ def done_message(rid, text, finish_reason, usage, timing, model, adapter):
     """The terminal message of a generation. usage: prompt_tokens, completion_tokens,
     cached_tokens, dropped_messages; timing: queue_ms, ttft_ms, total_ms, tokens_per_s;
     model and adapter: what answered (they change across a client's reload)."""
-    return {"type": "done", "id": rid, "text": text, "finish_reason": finish_reason,
-            "usage": usage, "timing": timing, "model": model, "adapter": adapter}
+    return {
+        "type": "done",
+        "id": rid,
+        "text": text,
+        "finish_reason": finish_reason,
+        "usage": usage,
+        "timing": timing,
+        "model": model,
+        "adapter": adapter,
+    }
 
 
 def error_message(rid, code, message):
