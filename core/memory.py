@@ -645,18 +645,27 @@ def auto_batch_size(
     return b, why
 
 
+def _run_plan(model, cfg, examples):
+    """(shape, settings, longest sequence, grad_checkpoint) of a training run, or None when the
+    model's shape cannot be read (then the memory model stays out of the way)."""
+    try:
+        shape = shape_from_model(model)
+    except Exception:
+        return None
+    seq_len = max((len(ids) for ids, _ in examples), default=1)
+    return shape, TrainSettings.from_cfg(cfg), seq_len, bool(cfg.get("grad_checkpoint"))
+
+
 def check_resumed_batch_size(model, cfg, batch_size, examples, memory_fraction, log=print):
     """A resumed run's recorded batch size against the budget now: turns on gradient
     checkpointing when that is enough (same results), else raises DoesNotFit with what to do."""
     import mlx.core as mx
 
     set_wired_limit(log)
-    try:
-        shape = shape_from_model(model)
-    except Exception:
+    plan = _run_plan(model, cfg, examples)
+    if plan is None:
         return
-    seq_len = max((len(ids) for ids, _ in examples), default=1)
-    settings, gc = TrainSettings.from_cfg(cfg), bool(cfg.get("grad_checkpoint"))
+    shape, settings, seq_len, gc = plan
     held = int(mx.get_active_memory())
     if not gc:
         budget_bytes, _ = budget(memory_fraction, held=held)
@@ -679,12 +688,10 @@ def check_fixed_batch_size(model, cfg, batch_size, examples, memory_fraction, lo
     predicts it over the budget: on Metal an out-of-memory aborts the process."""
     import mlx.core as mx
 
-    try:
-        shape = shape_from_model(model)
-    except Exception:
+    plan = _run_plan(model, cfg, examples)
+    if plan is None:
         return
-    seq_len = max((len(ids) for ids, _ in examples), default=1)
-    settings, gc = TrainSettings.from_cfg(cfg), bool(cfg.get("grad_checkpoint"))
+    shape, settings, seq_len, gc = plan
     budget_bytes, why = budget(memory_fraction, held=int(mx.get_active_memory()))
     need = training_peak(shape, settings, batch_size, seq_len, gc)["total"]
     if need > budget_bytes:
