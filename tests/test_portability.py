@@ -6,21 +6,18 @@
 - the fsync helper every durable write goes through (F_FULLFSYNC on macOS).
 """
 
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from worker_harness import ROOT, TINY, ensure_tiny_model, worker_env  # noqa: E402
+from worker_harness import ROOT  # noqa: E402
 
 from core import atomic  # noqa: E402
 
@@ -254,67 +251,8 @@ def test_shell_exit_status_survives_a_pipeline_without_lastpipe(tmp_path):
 
 # --------------------------------------------------------------------- parent death
 
-PARENT = r"""
-import os, subprocess, sys, time
-stdin_fd, stdout_fd = int(sys.argv[1]), int(sys.argv[2])
-p = subprocess.Popen(sys.argv[3:], stdin=stdin_fd, stdout=stdout_fd)
-print(p.pid, flush=True)
-time.sleep(600)
-"""
-
-
-def _gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def test_worker_watches_its_parent_without_prctl():
-    """WORKER_PARENT_WATCH=poll turns PR_SET_PDEATHSIG off (as on macOS): the worker's stdin
-    and stdout stay open (the test holds them), so only the getppid watcher can end it."""
-    ensure_tiny_model()
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
-    parent = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            PARENT,
-            str(in_r),
-            str(out_w),
-            sys.executable,
-            "-m",
-            "worker",
-            "--model",
-            str(TINY),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        env=worker_env({"WORKER_PARENT_WATCH": "poll"}),
-        pass_fds=(in_r, out_w),
-    )
-    os.close(in_r)
-    worker_pid = None
-    try:
-        worker_pid = int(parent.stdout.readline())
-        with os.fdopen(out_r, "rb") as out:
-            assert json.loads(out.readline())["type"] == "ready"
-            parent.kill()
-            parent.wait()
-            died = time.monotonic()
-            while not _gone(worker_pid) and time.monotonic() - died < 5:
-                time.sleep(0.02)
-            took = time.monotonic() - died
-            assert _gone(worker_pid), "the worker outlived its parent by 5 s"
-            assert took < 2.0, f"the worker took {took:.2f} s to exit after its parent died"
-    finally:
-        os.close(in_w)
-        os.close(out_w)
-        if parent.poll() is None:
-            parent.kill()
-        if worker_pid and not _gone(worker_pid):
-            os.kill(worker_pid, signal.SIGKILL)
+# The end-to-end parent-death tests (prctl and the getppid watcher alone) are in
+# tests/test_worker_lifecycle.py.
 
 
 def test_die_with_parent_chooses_prctl_only_where_it_exists(monkeypatch):

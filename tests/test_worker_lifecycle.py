@@ -158,59 +158,55 @@ time.sleep(600)
 """
 
 
-def test_worker_exits_when_its_parent_dies():
-    """PR_SET_PDEATHSIG: the worker's stdin stays open (the test holds it), yet killing
-    its parent makes it exit."""
-    if not sys.platform.startswith("linux"):
+@pytest.mark.parametrize("how", ["prctl", "watcher"])
+def test_worker_exits_within_2s_when_its_parent_dies(how):
+    """The worker's stdin and stdout stay open (the test holds them), yet killing its parent
+    makes it exit: through PR_SET_PDEATHSIG (Linux), or with WORKER_PARENT_WATCH=poll turning
+    that off, as on macOS, through the getppid watcher alone."""
+    if how == "prctl" and not sys.platform.startswith("linux"):
         pytest.skip("PR_SET_PDEATHSIG is Linux-only")
     ensure_tiny_model()
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
-    parent = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            PARENT,
-            str(in_r),
-            str(out_w),
-            sys.executable,
-            "-m",
-            "worker",
-            "--model",
-            str(TINY),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        env=worker_env(),
-        pass_fds=(in_r, out_w),
-    )
+    env = worker_env({"WORKER_PARENT_WATCH": "poll"} if how == "watcher" else None)
+    cmd = [
+        sys.executable,
+        "-c",
+        PARENT,
+        str(in_r),
+        str(out_w),
+        sys.executable,
+        "-m",
+        "worker",
+        "--model",
+        str(TINY),
+    ]
+    parent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, env=env, pass_fds=(in_r, out_w))
     os.close(in_r)
-    os.close(out_w)
+    worker_pid = None
     try:
         worker_pid = int(parent.stdout.readline())
         with os.fdopen(out_r, "rb") as out:
             assert json.loads(out.readline())["type"] == "ready"
             parent.kill()
             parent.wait()
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(worker_pid, 0)
-                except ProcessLookupError:
-                    break
-                if _is_zombie(worker_pid):
-                    break
-                time.sleep(0.05)
-            else:
-                os.kill(worker_pid, signal.SIGKILL)
-                pytest.fail("the worker outlived its parent")
+            died = time.monotonic()
+            while not _gone(worker_pid) and time.monotonic() - died < 5:
+                time.sleep(0.02)
+            took = time.monotonic() - died
+            assert _gone(worker_pid), "the worker outlived its parent by 5 s"
+            assert took < 2.0, f"the worker took {took:.2f} s to exit after its parent died"
     finally:
         os.close(in_w)
+        os.close(out_w)
         if parent.poll() is None:
             parent.kill()
+        if worker_pid and not _gone(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
 
 
-def _is_zombie(pid):
+def _gone(pid):
+    """Exited, or a zombie waiting for a parent that is gone."""
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
