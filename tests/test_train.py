@@ -366,26 +366,9 @@ def test_best_is_the_lowest_validation_loss_and_patience_stops_early(shared, tmp
     from train import batches
 
     # A constant, too-high learning rate: the validation loss falls, then wanders up.
-    proc = ok(
-        run_train(
-            tmp_path,
-            shared / "small.yaml",
-            "run",
-            shared / "data",
-            "--iters",
-            "20",
-            "--learning-rate",
-            "3e-3",
-            "--eval-every",
-            "2",
-            "--save-every",
-            "4",
-            "--patience",
-            "3",
-            "--set",
-            "lr_schedule.name=constant",
-        )
-    )
+    options = ["--iters", "20", "--learning-rate", "3e-3", "--eval-every", "2", "--save-every", "4"]
+    options += ["--patience", "3", "--set", "lr_schedule.name=constant"]
+    proc = ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data", *options))
     out = run_dir(tmp_path, "run")
     records = metrics(tmp_path, "run")
     vals = [(r["val_loss"], r["step"]) for r in records if r["val_loss"] is not None and r["step"] > 0]
@@ -421,28 +404,7 @@ def test_best_is_the_lowest_validation_loss_and_patience_stops_early(shared, tmp
     )
     assert "the **best** adapter" in (out / "INTEGRATION_GUIDE.md").read_text()
     # KEEP=last (--keep last): the final weights ship, from the same checkpoints
-    ok(
-        run_train(
-            tmp_path,
-            shared / "small.yaml",
-            "run",
-            shared / "data",
-            "--iters",
-            "20",
-            "--learning-rate",
-            "3e-3",
-            "--eval-every",
-            "2",
-            "--save-every",
-            "4",
-            "--patience",
-            "3",
-            "--set",
-            "lr_schedule.name=constant",
-            "--keep",
-            "last",
-        )
-    )
+    ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data", *options, "--keep", "last"))
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["adapter_source"] == "last" and meta["adapter_step"] == meta["steps"]
     assert (out / "adapters.safetensors").read_bytes() == (out / "last" / "adapters.safetensors").read_bytes()
