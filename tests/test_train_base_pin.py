@@ -23,9 +23,9 @@ def pinned(tmp_path_factory, tiny_model):
     return base, model, run_dir(base, "run")
 
 
-def worker(adapter, base, **env):
+def worker(adapter, base, *args, **env):
     return subprocess.run(
-        [PY, "-m", "worker", "--adapter", str(adapter)],
+        [PY, "-m", "worker", "--adapter", str(adapter), *args],
         cwd=ROOT,
         input=b'{"id":"a","prompt":"Ol\\u00e1","max_tokens":2}\n',
         capture_output=True,
@@ -60,9 +60,11 @@ def test_the_base_is_recorded_and_a_changed_one_is_refused(pinned):
     assert "is not the one the adapter" in err and "--allow-base-mismatch" in err, err[-2000:]
     assert meta["base_model_hash"][:12] in err
 
-    proc = worker(adapter, base, WORKER_ALLOW_BASE_MISMATCH="1")
-    err = proc.stderr.decode()
-    assert proc.returncode == 0 and "warning" in err and "(allowed)" in err, err[-2000:]
+    for override in ({"WORKER_ALLOW_BASE_MISMATCH": "1"}, {}):
+        flag = () if override else ("--allow-base-mismatch",)
+        proc = worker(adapter, base, *flag, **override)
+        err = proc.stderr.decode()
+        assert proc.returncode == 0 and "warning" in err and "(allowed)" in err, err[-2000:]
 
 
 def fake_hub(cache, repo, revision):

@@ -62,6 +62,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--prefill-step-size", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        default=None,
+        help="serve the adapter on a base other than the one it was trained on (warns; also WORKER_ALLOW_BASE_MISMATCH=1)",
+    )
+    p.add_argument(
         "--log-format",
         choices=("plain", "json"),
         default=None,
@@ -133,7 +139,9 @@ def main(argv=None):
     log = io.Logger(args.log_format)
     t0 = time.perf_counter()
     try:
-        settings = loading.settings_for(args.model, args.adapter, args.system_prompt)
+        settings = loading.settings_for(
+            args.model, args.adapter, args.system_prompt, args.allow_base_mismatch
+        )
         log.info(
             f"loading {settings.model_path}"
             + (f" with adapter {settings.adapter_path}" if settings.adapter else "")

@@ -35,6 +35,12 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system-prompt", default=None)
+    p.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        default=None,
+        help="serve the adapter on a base other than the one it was trained on (warns; also WORKER_ALLOW_BASE_MISMATCH=1)",
+    )
     p.add_argument("--log-format", choices=("plain", "json"), default=None)
     return p.parse_args(argv)
 
@@ -65,7 +71,7 @@ def main(argv=None):
     if isinstance(parsed, protocol.ParseError):
         return _print(out_fd, {"error": {"code": parsed.code, "message": parsed.message}}, 1)
     try:
-        settings = loading.settings_for(model_name, adapter, args.system_prompt)
+        settings = loading.settings_for(model_name, adapter, args.system_prompt, args.allow_base_mismatch)
         model, tokenizer, config = loading.load(settings)
     except loading.LoadError as e:
         log.error(str(e))
