@@ -5,26 +5,24 @@ import http from 'node:http';
 import { once } from 'node:events';
 import { createWorker } from '../../../clients/node/index.js';
 import { createApp } from '../app.js';
-import { PYTHON, MODEL, TEST_ENV, TEST_ARGS, FAULT, protocolRecorder, readSse, assertNoInternals, sleep } from '../testlib/helpers.js';
+import { PYTHON, MODEL, TEST_ENV, TEST_ARGS, FAULT, protocolRecorder, readSse, assertNoInternals, sleep, listen } from '../testlib/helpers.js';
 
 const rec = protocolRecorder();
 const logs = [];
 const log = (level, msg, fields = {}) => logs.push({ level, msg, ...fields });
 let worker;
-let server;
+let app;
 let base;
 
 before(async () => {
   worker = createWorker({ python: PYTHON, model: MODEL, env: TEST_ENV, args: TEST_ARGS, onMessage: rec.onMessage });
   rec.attachSend(worker);
-  server = createApp(worker, { log, timeoutMs: 60_000 }).listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  base = `http://127.0.0.1:${server.address().port}`;
+  app = await listen(createApp(worker, { log, timeoutMs: 60_000 }));
+  base = app.base;
 });
 
 after(async () => {
-  server?.closeAllConnections();
-  server?.close();
+  app?.close();
   await worker?.close();
   assert.deepEqual(rec.invalid, [], 'every message matches docs/protocol.schema.json');
 });

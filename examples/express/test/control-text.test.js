@@ -3,34 +3,29 @@
 // worker on models/tiny-mistral (Mistral v0.3's tokenizer shape).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
 import { startWorker } from '../../../clients/node/index.js';
 import { createApp } from '../app.js';
-import { PYTHON, MODEL, TEST_ENV, TEST_ARGS, protocolRecorder } from '../testlib/helpers.js';
+import { PYTHON, MODEL, TEST_ENV, TEST_ARGS, protocolRecorder, listen } from '../testlib/helpers.js';
 
 const CONTROL = ['[INST]', '[/INST]', '</s>', '<s>'];
 const rec = protocolRecorder();
 let worker;
-let server;
-let base;
+let http;
 
 before(async () => {
   worker = await startWorker({ python: PYTHON, model: MODEL, env: TEST_ENV, args: TEST_ARGS, onMessage: rec.onMessage });
   rec.attachSend(worker);
-  server = createApp(worker, { log: () => {}, timeoutMs: 60_000 }).listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  base = `http://127.0.0.1:${server.address().port}`;
+  http = await listen(createApp(worker, { log: () => {}, timeoutMs: 60_000 }));
 });
 
 after(async () => {
-  server?.closeAllConnections();
-  server?.close();
+  http?.close();
   await worker?.close();
   assert.deepEqual(rec.invalid, [], 'every message matches docs/protocol.schema.json');
 });
 
 async function chat(content) {
-  const res = await fetch(`${base}/api/chat`, {
+  const res = await fetch(`${http.base}/api/chat`, {
     method: 'POST', headers: { 'content-type': 'application/json' },
     body: JSON.stringify({ messages: [{ role: 'user', content }], max_tokens: 1 }),
   });

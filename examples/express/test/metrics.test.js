@@ -1,14 +1,13 @@
 // GET /metrics (prom-client), scraped after real traffic through the app and the worker.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
 import path from 'node:path';
 import { startWorker } from '../../../clients/node/index.js';
 import { createApp } from '../app.js';
-import { PYTHON, MODEL, REPO, TEST_ENV, TEST_ARGS, sleep } from '../testlib/helpers.js';
+import { PYTHON, MODEL, REPO, TEST_ENV, TEST_ARGS, sleep, listen } from '../testlib/helpers.js';
 
 let worker;
-let server;
+let http;
 let base;
 let app;
 const dones = [];
@@ -17,14 +16,12 @@ before(async () => {
   worker = await startWorker({ python: PYTHON, model: MODEL, env: TEST_ENV, args: TEST_ARGS, restart: { baseDelayMs: 50 } });
   worker.on('message', (m) => { if (m.type === 'done') dones.push(m); });
   app = createApp(worker, { log: () => {}, reload: () => worker.reload({ model: path.join(REPO, 'models', 'tiny-mistral-4bit') }) });
-  server = app.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  base = `http://127.0.0.1:${server.address().port}`;
+  http = await listen(app);
+  base = http.base;
 });
 
 after(async () => {
-  server?.closeAllConnections();
-  server?.close();
+  http?.close();
   await worker?.close();
 });
 

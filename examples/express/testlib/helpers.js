@@ -1,6 +1,21 @@
 // Shared test helpers (not a test file: node --test runs files under test/ only).
 // The worker-side helpers (paths, schema validation, recorders) are the Node client's.
 export * from '../../../clients/node/testlib/helpers.js';
+import { once } from 'node:events';
+
+/**
+ * Starts an Express app on a free loopback port: { server, base, close }, where close() drops
+ * open connections and stops listening (the worker is the caller's to close).
+ */
+export async function listen(app) {
+  const server = app.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return {
+    server,
+    base: `http://127.0.0.1:${server.address().port}`,
+    close() { server.closeAllConnections(); server.close(); },
+  };
+}
 
 /**
  * Reads a Server-Sent Events body (a fetch Response or an http.IncomingMessage) and returns
