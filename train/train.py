@@ -965,9 +965,13 @@ def checkpoint_write_error(root, step, e):
         if isinstance(e, OSError) and e.strerror
         else str(e)
     )
+    # mlx's writer raises a bare RuntimeError on a full disk: say what the free space shows.
+    space = "" if free is None else f" ({free / 2**20:.0f} MiB free)"
+    if free is not None and free < 16 * 2**20:
+        space = f" - the disk is full{space}"
     return (
         f"error: cannot write the checkpoint of step {step} in {root}: {detail}"
-        f"{f' ({free / 2**20:.0f} MiB free)' if free is not None else ''}. Nothing is lost: "
+        f"{space}. Nothing is lost: "
         f"the last complete checkpoint is {last[-1][1].name if last else 'none'}. Free "
         "disk space (or make the folder writable) and run the same command to continue "
         "from it."
