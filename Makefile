@@ -73,7 +73,7 @@ DEMO_CONFIG := train/demo.yaml
 .PHONY: help setup node-setup tiny-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load demo test test-all bench check-backend clean
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## Create .venv and install pinned dependencies (BACKEND=cpu|cuda, BLAS=mkl|openblas); idempotent
 
@@ -153,7 +153,7 @@ test: $(STAMP) node-setup lint ## Run the linters, then the test suite (Python, 
 	cd clients/node && PYTHON=$(CURDIR)/$(PY) node --test
 	cd examples/express && PYTHON=$(CURDIR)/$(PY) node --test
 
-test-all: $(STAMP) node-setup ## The test suite plus the slow soak and fault tests
+test-all: $(STAMP) node-setup lint ## The linters and the test suite plus the slow soak and fault tests
 	@$(MAKE) --no-print-directory tiny-model
 	$(PY) -m pytest -q tests
 	bash tests/shell/run.sh
