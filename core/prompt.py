@@ -230,11 +230,6 @@ def _encode_text(hf, info, text, at_start):
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def encode(tokenizer, text):
-    """Token ids of template-rendered text (its special-token strings are control tokens)."""
-    return _hf(tokenizer).encode(text, add_special_tokens=False)
-
-
 def encode_prompt(tokenizer, messages, system_prompt=None):
     """Token ids of a conversation to be answered (ends with a generation prompt)."""
     messages = with_system_prompt(messages, system_prompt)
