@@ -39,7 +39,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from worker_harness import REQUEST_VALIDATOR, ROOT, TINY, VALIDATOR, Worker, ensure_tiny_model, worker_env  # noqa: E402
+from worker_harness import (  # noqa: E402
+    REQUEST_VALIDATOR,
+    ROOT,
+    TINY,
+    VALIDATOR,
+    Worker,
+    ensure_tiny_model,
+    spawn_raw,
+    worker_env,
+)
 
 from worker import protocol  # noqa: E402
 
@@ -967,15 +976,7 @@ def test_sigterm_exits_within_2s_while_stderr_is_not_read():
     """A parent that never reads the worker's stderr: the log fills the pipe and the worker
     blocks writing it, holding the logger's lock. SIGTERM must still end it within 2 s (its
     handler used to log before arming the exit watchdog, and deadlocked on that lock)."""
-    ensure_tiny_model()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--model", str(TINY)],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=worker_env(LONG),
-    )
+    proc = spawn_raw(LONG, stderr=subprocess.PIPE)
     try:
         assert json.loads(proc.stdout.readline())["type"] == "ready"
         proc.stdin.write(LOG_FLOOD)

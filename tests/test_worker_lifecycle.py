@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from worker_harness import ROOT, TINY, VALIDATOR, Worker, ensure_tiny_model, worker_env  # noqa: E402
+from worker_harness import ROOT, TINY, VALIDATOR, Worker, ensure_tiny_model, spawn_raw, worker_env  # noqa: E402
 
 PROMPT = "Quando foi fundado o Farense?"
 LONG = {"WORKER_TEST_IGNORE_EOS": "1"}
@@ -98,15 +98,7 @@ def test_sigterm_and_shutdown_cancel_in_flight_and_exit_0_quickly(how):
 
 
 def test_sigterm_exits_even_when_stdout_is_not_read():
-    ensure_tiny_model()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--model", str(TINY)],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=worker_env(LONG),
-    )
+    proc = spawn_raw(LONG, stderr=subprocess.DEVNULL)
     try:
         assert json.loads(proc.stdout.readline())["type"] == "ready"
         for i in range(4):
@@ -214,15 +206,7 @@ def _gone(pid):
 
 
 def test_backpressure_stops_reading_stdin_when_stdout_is_not_read():
-    ensure_tiny_model()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--model", str(TINY)],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=worker_env(LONG),
-    )
+    proc = spawn_raw(LONG, stderr=subprocess.DEVNULL)
     try:
         assert json.loads(proc.stdout.readline())["type"] == "ready"
         for i in range(4):
@@ -293,15 +277,7 @@ def test_bad_command_line_and_missing_adapter_fail_clearly(tmp_path):
 
 def test_closed_stdout_makes_the_worker_exit():
     """The parent closed its end of stdout (EPIPE on the next write): exit at once."""
-    ensure_tiny_model()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--model", str(TINY)],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=worker_env(LONG),
-    )
+    proc = spawn_raw(LONG, stderr=subprocess.PIPE)
     try:
         assert json.loads(proc.stdout.readline())["type"] == "ready"
         proc.stdout.close()

@@ -40,6 +40,20 @@ def worker_env(extra=None):
     return env
 
 
+def spawn_raw(env=None, stderr=subprocess.PIPE):
+    """The worker on the tiny model as a bare Popen, stdin and stdout piped, for tests that must
+    control how (or whether) its output is read, which Worker's reader threads would not allow."""
+    ensure_tiny_model()
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", "--model", str(TINY)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=worker_env(env),
+    )
+
+
 class Worker:
     def __init__(self, *args, model=None, adapter=None, env=None, wait_ready=True, ready_timeout=90):
         ensure_tiny_model()
