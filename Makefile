@@ -77,7 +77,7 @@ help: ## List the targets
 
 setup: $(STAMP) ## Create .venv and install pinned dependencies (BACKEND=cpu|cuda, BLAS=mkl|openblas); idempotent
 
-$(STAMP): requirements.txt requirements-cuda.txt requirements-mkl.txt
+$(STAMP): requirements.txt requirements-cuda.txt requirements-mkl.txt core/native/small_gemm.c .ci/build-small-gemm.sh
 	@if [ -x $(PY) ] && ! PYTHON3=$(PY) sh .ci/find-python.sh >/dev/null 2>&1; then \
 	  echo "setup: $(VENV) has $$($(PY) -V 2>&1), too old for the pinned packages: making it again"; rm -rf $(VENV); fi
 	@test -x $(PY) || { py="$$(PYTHON3='$(PYTHON3)' sh .ci/find-python.sh)" && echo "setup: $$py -m venv $(VENV)" \
@@ -88,6 +88,7 @@ $(STAMP): requirements.txt requirements-cuda.txt requirements-mkl.txt
 	@if [ "$(BLAS)" != mkl ] && [ -e $(VENV)/lib/libmkl_rt.so.3 ]; then echo "setup: BLAS=$(BLAS): removing Intel MKL from $(VENV)"; \
 	  $(PY) -m pip uninstall --yes --quiet mkl intel-openmp tbb tcmlib umf intel-cmplr-lib-ur; fi
 	@bash .ci/install-blas.sh
+	@bash .ci/build-small-gemm.sh
 	@rm -f $(VENV)/.setup-*
 	@touch $@
 

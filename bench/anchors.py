@@ -1,4 +1,5 @@
-"""The anchors: mlx-lm's own training, server and generation, run with the same BLAS as ours.
+"""The anchors: mlx-lm's own training, server and generation, run with the same BLAS as ours
+(not with our small-product kernel, core/native/small_gemm.c, unless SMALL_GEMM=1).
 
     python -m bench.anchors lora   ARGS...   # = python -m mlx_lm lora ARGS...
     python -m bench.anchors server ARGS...   # = python -m mlx_lm server ARGS...
@@ -19,6 +20,12 @@ import sys
 import time
 
 import bench  # noqa: F401  (fast BLAS before mlx)
+
+# The anchor server gets the BLAS but not core/native/small_gemm.c, unless SMALL_GEMM=1 is in
+# its environment: that kernel is this project's own, and what it adds is part of what the
+# comparison measures. (In-process anchors, stream_generate, share the bench's process and so
+# its kernel: those rows measure the worker's own overhead.)
+ANCHOR_DEFAULTS = {"SMALL_GEMM": "0"}
 
 
 class _JsonlCallback:
@@ -92,7 +99,7 @@ class ServerProcess:
             "WARNING",
             *extra_args,
         ]
-        self.env = dict(os.environ if env is None else env)
+        self.env = {**ANCHOR_DEFAULTS, **(os.environ if env is None else env)}
         self.stderr_path = stderr_path
         self.ready_timeout = ready_timeout
         self.proc = None

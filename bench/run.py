@@ -41,7 +41,17 @@ RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 TINY = ROOT / "models" / "tiny-mistral"
 BENCH = ROOT / "models" / "bench-mistral"
-SECTIONS = ("bandwidth", "training", "decode", "concurrency", "ttft", "prefill", "workload", "distributed")
+SECTIONS = (
+    "bandwidth",
+    "small_gemm",
+    "training",
+    "decode",
+    "concurrency",
+    "ttft",
+    "prefill",
+    "workload",
+    "distributed",
+)
 SERVER_ATTEMPTS = 4
 
 PLANS = {
@@ -68,6 +78,8 @@ PLANS = {
         ttft_system_tokens=520,
         bandwidth_gib=0.5,
         bandwidth_repeats=5,
+        small_gemm_m=[1, 8],
+        small_gemm_reps=3,
         dist_repeats=0,
         prefill_model=BENCH,
         prefill_tokens=1000,
@@ -102,6 +114,8 @@ PLANS = {
         ttft_system_tokens=520,
         bandwidth_gib=1.0,
         bandwidth_repeats=8,
+        small_gemm_m=[1, 4, 8, 16],
+        small_gemm_reps=5,
         dist_repeats=2,
         dist_iters=20,
         prefill_model=BENCH,
@@ -791,6 +805,39 @@ def section_bandwidth(plan, tmp, res):
 # =========================================================================== distributed
 
 
+def section_small_gemm(plan, res):
+    """Decoding's products over the decode model's weights: core/native/small_gemm.c vs the BLAS."""
+    from bench import small_gemm
+
+    out = small_gemm.measure(plan["decode_model"], plan["small_gemm_m"], plan["small_gemm_reps"])
+    res["small_gemm"] = out
+    if "skipped" in out:
+        log(f"small_gemm: {out['skipped']}")
+    for m, r in out.get("m", {}).items():
+        log(
+            f"small_gemm M={m}: {r['small_s'] * 1e3:.1f} ms vs BLAS {r['blas_s'] * 1e3:.1f} ms ({r['paired']:.2f}x)"
+        )
+
+
+def small_gemm_rows(sg):
+    """Read rates (weight bytes / time) of decoding's products at each M, ours vs the BLAS."""
+    if not sg or "m" not in sg:
+        return []
+    gb = sg["weights_bytes"] / 1e9
+    return [
+        report.row(
+            f"decode products x @ W^T, M={m} (read rate)",
+            gb / r["small_s"],
+            gb / r["blas_s"],
+            "GB/s",
+            ours_label="small_gemm",
+            anchor_label=Path(sg["blas"]).name,
+            paired=r["paired"],
+        )
+        for m, r in sg["m"].items()
+    ]
+
+
 def section_distributed(plan, tmp, res):
     """Training tokens/s with NPROC=1 and NPROC=2 (mlx.launch) at the same global batch."""
     if not plan["dist_repeats"]:
@@ -987,6 +1034,7 @@ def build_rows(res):
             )
         )
     rows += prefill_rows(res.get("prefill"))
+    rows += small_gemm_rows(res.get("small_gemm"))
     rows += workload_rows(res.get("workload"))
     bw = res.get("bandwidth")
     if bw and dec:
@@ -1290,6 +1338,8 @@ def main(argv=None):
             try:
                 if name == "bandwidth":
                     section_bandwidth(plan, tmp, res)
+                elif name == "small_gemm":
+                    section_small_gemm(plan, res)
                 elif name == "training":
                     section_training(plan, tmp, res)
                 elif name == "decode":

@@ -75,7 +75,9 @@ function stacks(o, ports) {
     },
     mlx_lm: {
       start: () => startServer('mlx_lm server', py, ['-m', 'bench.anchors', 'server', '--model', o.model, '--host', '127.0.0.1',
-        '--port', String(ports.mlx_lm), '--log-level', 'WARNING'], {}, `http://127.0.0.1:${ports.mlx_lm}/health`),
+        '--port', String(ports.mlx_lm), '--log-level', 'WARNING'],
+      // the BLAS, not our small-product kernel (bench/anchors.py ANCHOR_DEFAULTS)
+      { SMALL_GEMM: process.env.SMALL_GEMM ?? '0' }, `http://127.0.0.1:${ports.mlx_lm}/health`),
       url: `http://127.0.0.1:${ports.mlx_lm}/v1/chat/completions`,
       model: o.model,
     },

@@ -1,0 +1,295 @@
+/* Small-M float32 products for decoding on the CPU (Linux).
+
+   Decoding multiplies a few rows of activations (M = the streams in the batch, 1..16) by every
+   weight matrix of the model: y = x @ W^T, W stored (N, K) row-major, as mlx calls
+   cblas_sgemm(RowMajor, NoTrans, Trans, M, N, K, ...). That product is a read of W, bounded by
+   memory bandwidth; on the 2-core AMD EPYC we develop on, Intel MKL reads W at ~15 GB/s for M=1
+   and ~7 GB/s for M=8, OpenBLAS and BLIS at ~19 GB/s for M=1, where the memory gives 32-48 GB/s
+   to two threads (docs/PERFORMANCE.md, `python -m bench.small_gemm`).
+
+   This library exports cblas_sgemm. core/blas.py loads it with RTLD_GLOBAL before the
+   optimised BLAS and before mlx, so libmlx's cblas_sgemm resolves here, and hands it the BLAS's
+   own cblas_sgemm (small_gemm_set_fallback). It computes that one case with M <= max_m itself
+   (each W row streamed once, dot products against the M rows of x in registers, rows of W split
+   over a small pool of threads) and forwards every other call unchanged.
+
+   Threads: helpers spin for spin_us after a product (decode calls ~110 products back to back),
+   then sleep on a condition variable, so an idle worker costs nothing. One product at a time
+   uses the pool; a concurrent caller computes on its own thread. fork() resets the pool. */
+
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, MAX_THREADS = 16, VL = 16, ROW_TILE = 16 };
+
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
+                         int, float, float *, int);
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef float v4 __attribute__((vector_size(16), aligned(4)));
+
+typedef struct {
+  int m, n, k, lda, ldb, ldc;
+  int head; /* the first `head` columns are summed one by one, so that vector loads are aligned */
+  float alpha, beta;
+  const float *a, *b;
+  float *c;
+  int parts;
+} job_t;
+
+static sgemm_fn fallback;
+static int max_m = 16, n_threads = 1, spin_us = 100;
+static atomic_long small_calls, forwarded_calls;
+
+/* ------------------------------------------------------------------ kernels */
+
+static inline v16 load16(const float *p) {
+  v16 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline float hsum(v16 v) {
+  v8 a, b;
+  memcpy(&a, &v, sizeof a);
+  memcpy(&b, (char *)&v + sizeof a, sizeof b);
+  a += b;
+  v4 c, d;
+  memcpy(&c, &a, sizeof c);
+  memcpy(&d, (char *)&a + sizeof c, sizeof d);
+  c += d;
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+static inline float rest(const float *x, const float *w, int head, int from, int k) {
+  float dot = 0.0f;
+  for (int i = 0; i < head; i++) dot += x[i] * w[i];
+  for (int i = from; i < k; i++) dot += x[i] * w[i];
+  return dot;
+}
+
+static inline void store(const job_t *j, int r, int col, float dot) {
+  float *out = j->c + (size_t)r * j->ldc + col;
+  *out = j->alpha * dot + (j->beta == 0.0f ? 0.0f : j->beta * *out); /* beta 0: C is not read */
+}
+
+/* Rows [j0, j1) of W against rows [r0, r0 + MB) of x (for MB >= 6 two W rows at a time): each 16 floats of
+   W are loaded once and multiplied into MB accumulators, each 16 floats of x serve both rows. */
+#define DOT_BLOCK(MB)                                                                        \
+  static void dot_block_##MB(const job_t *j, int r0, int j0, int j1) {                       \
+    const int k = j->k, h = j->head, kv = h + (k - h) / VL * VL;                                                     \
+    const float *x = j->a + (size_t)r0 * j->lda;                                             \
+    int col = j0;                                                                            \
+    for (; MB >= 6 && col + 1 < j1; col += 2) { /* pairs pay off once x is 6+ rows */  \
+      const float *w0 = j->b + (size_t)col * j->ldb, *w1 = w0 + j->ldb;                      \
+      v16 acc0[MB] = {0}, acc1[MB] = {0};                                                    \
+      for (int i = h; i < kv; i += VL) {                                                     \
+        const v16 a = load16(w0 + i), b = load16(w1 + i);                                    \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MB; r++) {                               \
+          const v16 xv = load16(x + (size_t)r * j->lda + i);                                 \
+          acc0[r] += xv * a;                                                                 \
+          acc1[r] += xv * b;                                                                 \
+        }                                                                                    \
+      }                                                                                      \
+      for (int r = 0; r < MB; r++) {                                                         \
+        store(j, r0 + r, col, hsum(acc0[r]) + rest(x + (size_t)r * j->lda, w0, h, kv, k));     \
+        store(j, r0 + r, col + 1, hsum(acc1[r]) + rest(x + (size_t)r * j->lda, w1, h, kv, k)); \
+      }                                                                                      \
+    }                                                                                        \
+    for (; col < j1; col++) {                                                                \
+      const float *w = j->b + (size_t)col * j->ldb;                                          \
+      v16 acc[MB] = {0};                                                                     \
+      for (int i = h; i < kv; i += VL) {                                                     \
+        const v16 wv = load16(w + i);                                                        \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MB; r++) acc[r] +=                       \
+            load16(x + (size_t)r * j->lda + i) * wv;                                         \
+      }                                                                                      \
+      for (int r = 0; r < MB; r++)                                                           \
+        store(j, r0 + r, col, hsum(acc[r]) + rest(x + (size_t)r * j->lda, w, h, kv, k));       \
+    }                                                                                        \
+  }
+DOT_BLOCK(1)
+DOT_BLOCK(2)
+DOT_BLOCK(3)
+DOT_BLOCK(4)
+DOT_BLOCK(5)
+DOT_BLOCK(6)
+DOT_BLOCK(7)
+DOT_BLOCK(8)
+
+typedef void (*block_fn)(const job_t *, int, int, int);
+static const block_fn BLOCKS[9] = {0,           dot_block_1, dot_block_2, dot_block_3, dot_block_4,
+                                   dot_block_5, dot_block_6, dot_block_7, dot_block_8};
+
+/* Part p of `parts` of the product: a contiguous range of W rows, in tiles of ROW_TILE rows so
+   that for M > 8 the second block of x finds the tile still in cache. */
+static void run_part(const job_t *j, int p) {
+  const int per = (j->n + j->parts - 1) / j->parts;
+  const int j0 = p * per, j1 = j0 + per < j->n ? j0 + per : j->n;
+  for (int t0 = j0; t0 < j1; t0 += ROW_TILE) {
+    const int t1 = t0 + ROW_TILE < j1 ? t0 + ROW_TILE : j1;
+    for (int r0 = 0; r0 < j->m; r0 += 8) BLOCKS[j->m - r0 < 8 ? j->m - r0 : 8](j, r0, t0, t1);
+  }
+}
+
+/* ------------------------------------------------------------------ thread pool */
+
+static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER; /* one product uses the helpers */
+static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static atomic_uint generation;
+static atomic_int pending;
+static int sleepers, helpers_started;
+static unsigned pool_generation; /* the generation when the helpers were started */
+static job_t current;
+
+static double now_us(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e6 + t.tv_nsec * 1e-3;
+}
+
+static unsigned wait_for_work(unsigned seen) {
+  const double until = now_us() + spin_us;
+  for (int i = 0;; i++) {
+    unsigned g = atomic_load(&generation);
+    if (g != seen) return g;
+    if ((i & 255) == 255 && now_us() > until) break;
+  }
+  pthread_mutex_lock(&wake_lock);
+  sleepers++;
+  while (atomic_load(&generation) == seen) pthread_cond_wait(&wake, &wake_lock);
+  sleepers--;
+  pthread_mutex_unlock(&wake_lock);
+  return atomic_load(&generation);
+}
+
+static void *helper(void *arg) {
+  const int part = (int)(intptr_t)arg;
+  unsigned seen = pool_generation; /* not the current value: a job may be posted before we run */
+  for (;;) {
+    seen = wait_for_work(seen);
+    if (part < current.parts) run_part(&current, part);
+    atomic_fetch_sub(&pending, 1);
+  }
+  return NULL;
+}
+
+static void start_helpers(void) {
+  pool_generation = atomic_load(&generation);
+  for (int p = 1; p < n_threads; p++) {
+    pthread_t t;
+    if (pthread_create(&t, NULL, helper, (void *)(intptr_t)p) != 0) break;
+    pthread_detach(t);
+    helpers_started++;
+  }
+}
+
+static void run_parallel(job_t *j) {
+  pthread_once(&pool_once, start_helpers);
+  j->parts = helpers_started + 1;
+  current = *j;
+  atomic_store(&pending, helpers_started);
+  atomic_fetch_add(&generation, 1);
+  pthread_mutex_lock(&wake_lock);
+  if (sleepers) pthread_cond_broadcast(&wake);
+  pthread_mutex_unlock(&wake_lock);
+  run_part(&current, 0);
+  for (int i = 0; atomic_load(&pending) > 0; i++)
+    if ((i & 1023) == 1023) sched_yield(); /* a helper may be descheduled on a busy machine */
+}
+
+static void reset_after_fork(void) { /* the child has no helper threads */
+  pthread_mutex_init(&pool_busy, NULL);
+  pthread_mutex_init(&wake_lock, NULL);
+  pthread_cond_init(&wake, NULL);
+  pool_once = (pthread_once_t)PTHREAD_ONCE_INIT;
+  helpers_started = sleepers = 0;
+}
+
+/* ------------------------------------------------------------------ alignment */
+
+/* mlx maps weights straight from safetensors, so W rows usually start off a 64-byte line (24
+   bytes off for the bench model): every 64-byte load would straddle two lines. When all rows
+   share one misalignment (ldb a multiple of 16 floats), x is copied so that its columns sit at
+   the same offset, and the first `head` columns are done one by one: every vector load of W and
+   x is then aligned (measured: 1 thread 32 -> 18 ms over the bench model's weights). */
+static __thread float *x_copy;
+static __thread size_t x_copy_floats;
+
+static void align_to_weights(job_t *j) {
+  const uintptr_t addr = (uintptr_t)j->b;
+  if (addr % sizeof(float) != 0 || j->ldb % VL != 0) return;
+  const int offset = (int)(addr % 64 / sizeof(float)); /* floats past the line start */
+  const int ld = (j->k + 2 * VL - 1) / VL * VL;           /* room for the offset, 16-float rows */
+  const size_t need = (size_t)j->m * ld;
+  if (need > x_copy_floats) {
+    free(x_copy);
+    x_copy = aligned_alloc(64, need * sizeof(float));
+    x_copy_floats = x_copy ? need : 0;
+    if (!x_copy) return;
+  }
+  for (int r = 0; r < j->m; r++)
+    memcpy(x_copy + (size_t)r * ld + offset, j->a + (size_t)r * j->lda, j->k * sizeof(float));
+  j->a = x_copy + offset;
+  j->lda = ld;
+  j->head = (VL - offset) % VL < j->k ? (VL - offset) % VL : j->k;
+}
+
+/* ------------------------------------------------------------------ entry points */
+
+static int env_int(const char *name, int fallback_value, int lo, int hi) {
+  const char *s = getenv(name);
+  if (!s || !*s) return fallback_value;
+  int v = atoi(s);
+  return v < lo ? lo : v > hi ? hi : v;
+}
+
+__attribute__((constructor)) static void configure(void) {
+  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  n_threads = env_int("SMALL_GEMM_THREADS", cpus < 1 ? 1 : cpus > 8 ? 8 : (int)cpus, 1, MAX_THREADS);
+  max_m = env_int("SMALL_GEMM_MAX_M", 16, 0, 64);
+  spin_us = env_int("SMALL_GEMM_SPIN_US", 100, 0, 100000);
+  pthread_atfork(NULL, NULL, reset_after_fork);
+}
+
+void small_gemm_set_fallback(sgemm_fn f) { fallback = f; }
+int small_gemm_threads(void) { return n_threads; }
+int small_gemm_max_m(void) { return max_m; }
+void small_gemm_counts(long *small, long *forwarded) {
+  *small = atomic_load(&small_calls);
+  *forwarded = atomic_load(&forwarded_calls);
+}
+
+void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                 const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) {
+  if (order != ROW_MAJOR || trans_a != NO_TRANS || trans_b != TRANS || m < 1 || m > max_m ||
+      n < 1 || k < 1) {
+    atomic_fetch_add(&forwarded_calls, 1);
+    if (!fallback) {
+      fputs("small_gemm: no BLAS to forward to (core/blas.py calls small_gemm_set_fallback)\n", stderr);
+      abort();
+    }
+    fallback(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  atomic_fetch_add(&small_calls, 1);
+  job_t j = {m, n, k, lda, ldb, ldc, 0, alpha, beta, a, b, c, 1};
+  align_to_weights(&j);
+  /* below ~256 KB of W, waking a helper costs more than it saves */
+  if (n_threads > 1 && (size_t)n * k >= 65536 && pthread_mutex_trylock(&pool_busy) == 0) {
+    run_parallel(&j);
+    pthread_mutex_unlock(&pool_busy);
+  } else {
+    run_part(&j, 0);
+  }
+}
