@@ -14,7 +14,7 @@ x86-64) is preferred when present: about 2x OpenBLAS 0.3.21 in decoding (docs/PE
 
 Small products (decoding): `make setup` compiles core/native/small_gemm.c into the venv's lib/
 where a C compiler exists. When that library is there it is loaded ahead of the BLAS, takes
-libmlx's cblas_sgemm for the products decoding makes (M <= 16 rows of activations against a
+libmlx's cblas_sgemm for the products decoding makes (M <= 32 rows of activations against a
 weight matrix) and hands every other call to the BLAS: on the 2-core AMD EPYC we develop on,
 decoding reads the weights 1.6x (1 stream) to 2.7x (4 streams) faster than MKL's own kernels
 (docs/PERFORMANCE.md). Opt out with SMALL_GEMM=0; SMALL_GEMM_THREADS, SMALL_GEMM_MAX_M and

@@ -1,0 +1,102 @@
+"""Where one CPU decode step goes beyond its products: mlx's per-op cost, in one process.
+
+    python -m bench.repro_mlx_cpu_dispatch [--model models/bench-mistral]
+
+1. The cost of one small op: a chain of 400 elementwise ops on a (1, 768) float32 array
+   (what norms, RoPE and attention are made of at one token), microseconds per op.
+2. The ops of one decode step of the model (mlx-lm, KV cache, one token), counted by type from
+   the graph (`mx.export_to_dot`): on the CPU the fast ops (rms_norm, rope, attention) have no
+   kernel and run as their fallback graphs.
+3. `nn.RoPE` at one token (1, 12, 1, 64), 32 calls as in a 16-layer step: as mlx-lm calls it,
+   and the same call under `mx.compile` (fused, bitwise equal), microseconds per call.
+4. One decode step against its products alone (every weight matrix, x @ W^T, one graph).
+
+mlx 0.32.4 on the 2-core AMD EPYC: ~4 us per op; ~2,200 nodes per step; RoPE 99 us per call
+(33 us compiled); step 23-25 ms of which products 14-15 ms (docs/PERFORMANCE.md).
+"""
+
+import argparse
+import collections
+import io
+import re
+import statistics
+import sys
+import time
+
+import bench  # noqa: F401  (fast BLAS before mlx)
+
+
+def median_us(fn, n=20):
+    fn()
+    times = []
+    for _ in range(n):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times) * 1e6
+
+
+def per_op_us(mx, ops=400):
+    x = mx.ones((1, 768))
+    mx.eval(x)
+
+    def chain():
+        y = x
+        for _ in range(ops // 2):
+            y = y * 1.0001 + 0.5
+        mx.eval(y)
+
+    return median_us(chain) / ops
+
+
+def step_ops(mx, model, cache):
+    out = model(mx.array([[5]]), cache=cache)
+    dot = io.StringIO()
+    mx.export_to_dot(dot, out)
+    return collections.Counter(re.findall(r'label ="([A-Za-z]+)', dot.getvalue()))
+
+
+def rope_us(mx, nn):
+    rope = nn.RoPE(64, base=1e6)
+    compiled = mx.compile(lambda x, off: mx.fast.rope(x, 64, traditional=False, base=1e6, scale=1.0, offset=off))
+    x, off = mx.random.normal((1, 12, 1, 64)), mx.array([100])
+    mx.eval(x, off)
+    equal = mx.array_equal(rope(x, offset=off), compiled(x, off)).item()
+    plain = median_us(lambda: mx.eval([rope(x, offset=off) for _ in range(32)])) / 32
+    fused = median_us(lambda: mx.eval([compiled(x, off) for _ in range(32)])) / 32
+    return plain, fused, equal
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.repro_mlx_cpu_dispatch", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/bench-mistral")
+    args = p.parse_args(argv)
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    mx.set_default_device(mx.cpu)
+    print(f"mlx {mx.__version__}, CPU")
+    op = per_op_us(mx)
+    print(f"1. one small elementwise op: {op:.1f} us")
+    model, _ = load(args.model)
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[1, 2, 3, 4]]), cache=cache))
+    ops = step_ops(mx, model, cache)
+    total = sum(ops.values())
+    print(f"2. one decode step: {total} graph nodes ({total * op / 1e3:.1f} ms at {op:.1f} us each); by type:")
+    print("   " + ", ".join(f"{name} {n}" for name, n in ops.most_common(16)))
+    plain, fused, equal = rope_us(mx, nn)
+    print(f"3. nn.RoPE, one token: {plain:.0f} us per call; under mx.compile {fused:.0f} us (bitwise equal: {equal})")
+    weights = [v for k, v in tree_flatten(model.parameters()) if v.ndim == 2 and "embed" not in k]
+    xs = {w.shape[1]: mx.ones((1, w.shape[1])) for w in weights}
+    products = median_us(lambda: mx.eval([xs[w.shape[1]] @ w.T for w in weights])) / 1e3
+    step = median_us(lambda: mx.eval(model(mx.array([[5]]), cache=cache))) / 1e3
+    print(f"4. decode step {step:.1f} ms; its products alone {products:.1f} ms; the rest {step - products:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
