@@ -154,7 +154,7 @@ def versions():
         "backend": "metal" if metal else "cuda" if cuda else "cpu",
         "memory": _memory_info(info),
         "blas": blas.loaded_path or blas.status or "-",
-        "small products": blas.SMALL_GEMM_PATH if blas.small_gemm else "BLAS only (core/native/small_gemm.c not loaded)",
+        "small products": blas.SMALL_GEMM_PATH if blas.small_gemm else "BLAS only (small_gemm not loaded)",
         "node": _node_version() or "not found",
     }
 

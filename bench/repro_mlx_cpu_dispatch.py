@@ -19,21 +19,14 @@ import argparse
 import collections
 import io
 import re
-import statistics
 import sys
-import time
 
 import bench  # noqa: F401  (fast BLAS before mlx)
+from bench.decode_parts import median_time
 
 
 def median_us(fn, n=20):
-    fn()
-    times = []
-    for _ in range(n):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times) * 1e6
+    return median_time(fn, n) * 1e6
 
 
 def per_op_us(mx, ops=400):
@@ -58,7 +51,9 @@ def step_ops(mx, model, cache):
 
 def rope_us(mx, nn):
     rope = nn.RoPE(64, base=1e6)
-    compiled = mx.compile(lambda x, off: mx.fast.rope(x, 64, traditional=False, base=1e6, scale=1.0, offset=off))
+    compiled = mx.compile(
+        lambda x, off: mx.fast.rope(x, 64, traditional=False, base=1e6, scale=1.0, offset=off)
+    )
     x, off = mx.random.normal((1, 12, 1, 64)), mx.array([100])
     mx.eval(x, off)
     equal = mx.array_equal(rope(x, offset=off), compiled(x, off)).item()
@@ -68,7 +63,9 @@ def rope_us(mx, nn):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.repro_mlx_cpu_dispatch", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.repro_mlx_cpu_dispatch", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--model", default="models/bench-mistral")
     args = p.parse_args(argv)
     import mlx.core as mx
@@ -86,15 +83,21 @@ def main(argv=None):
     mx.eval(model(mx.array([[1, 2, 3, 4]]), cache=cache))
     ops = step_ops(mx, model, cache)
     total = sum(ops.values())
-    print(f"2. one decode step: {total} graph nodes ({total * op / 1e3:.1f} ms at {op:.1f} us each); by type:")
+    print(
+        f"2. one decode step: {total} graph nodes ({total * op / 1e3:.1f} ms at {op:.1f} us each); by type:"
+    )
     print("   " + ", ".join(f"{name} {n}" for name, n in ops.most_common(16)))
     plain, fused, equal = rope_us(mx, nn)
-    print(f"3. nn.RoPE, one token: {plain:.0f} us per call; under mx.compile {fused:.0f} us (bitwise equal: {equal})")
+    print(
+        f"3. nn.RoPE, one token: {plain:.0f} us per call; under mx.compile {fused:.0f} us (bitwise equal: {equal})"
+    )
     weights = [v for k, v in tree_flatten(model.parameters()) if v.ndim == 2 and "embed" not in k]
     xs = {w.shape[1]: mx.ones((1, w.shape[1])) for w in weights}
     products = median_us(lambda: mx.eval([xs[w.shape[1]] @ w.T for w in weights])) / 1e3
     step = median_us(lambda: mx.eval(model(mx.array([[5]]), cache=cache))) / 1e3
-    print(f"4. decode step {step:.1f} ms; its products alone {products:.1f} ms; the rest {step - products:.1f} ms")
+    print(
+        f"4. decode step {step:.1f} ms; its products alone {products:.1f} ms; the rest {step - products:.1f} ms"
+    )
     return 0
 
 

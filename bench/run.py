@@ -802,7 +802,7 @@ def section_bandwidth(plan, tmp, res):
     )
 
 
-# =========================================================================== distributed
+# =========================================================================== small_gemm
 
 
 def section_small_gemm(plan, res):
@@ -836,6 +836,9 @@ def small_gemm_rows(sg):
         )
         for m, r in sg["m"].items()
     ]
+
+
+# =========================================================================== distributed
 
 
 def section_distributed(plan, tmp, res):

@@ -369,3 +369,25 @@ def test_cpu_prefill_chunk_is_short():
         ]
         == 1024
     )  # a value given is kept
+
+
+def test_small_gemm_measure_and_rows(tiny_model):
+    from bench import run, small_gemm
+    from core import blas
+
+    res = small_gemm.measure(tiny_model, ms=[1, 3], reps=1)
+    if blas.small_gemm is None:
+        assert "not loaded" in res["skipped"] and run.small_gemm_rows(res) == []
+        pytest.skip(res["skipped"])
+    assert res["weights_bytes"] > 0 and sorted(res["m"]) == [1, 3]
+    for r in res["m"].values():
+        assert r["blas_s"] > 0 and r["small_s"] > 0 and r["paired"] > 0
+    rows = run.small_gemm_rows(res)
+    assert [r["name"] for r in rows] == [
+        "decode products x @ W^T, M=1 (read rate)",
+        "decode products x @ W^T, M=3 (read rate)",
+    ]
+    m1 = res["m"][1]
+    assert rows[0]["ours"] == pytest.approx(res["weights_bytes"] / 1e9 / m1["small_s"])
+    assert rows[0]["anchor"] == pytest.approx(res["weights_bytes"] / 1e9 / m1["blas_s"])
+    assert rows[0]["paired_ratio"] == m1["paired"] and rows[0]["unit"] == "GB/s"
