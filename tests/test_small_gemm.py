@@ -7,6 +7,7 @@ once, after fork(), and the build script with and without a compiler.
 
 import ctypes
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -174,6 +175,18 @@ def run_python(code, **env):
     return subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=full, capture_output=True, text=True, timeout=120
     )
+
+
+@needs_lib
+def test_threads_follow_the_cpus_this_process_may_use():
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert 1 <= blas.small_gemm.small_gemm_threads() <= min(usable, 8)
+    code = "import core; from core import blas; print(blas.small_gemm.small_gemm_threads())"
+    assert run_python(code, SMALL_GEMM_THREADS="3").stdout.strip() == "3"
+    if hasattr(os, "sched_setaffinity") and shutil.which("taskset"):
+        pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                                text=True, env={**os.environ, "FAST_BLAS_QUIET": "1"}, timeout=120)  # fmt: skip
+        assert pinned.stdout.strip() == "1", pinned.stderr
 
 
 @needs_lib

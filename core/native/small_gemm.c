@@ -17,6 +17,7 @@
    then sleep on a condition variable, so an idle worker costs nothing. One product at a time
    uses the pool; a concurrent caller computes on its own thread. fork() resets the pool. */
 
+#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
@@ -254,9 +255,28 @@ static int env_int(const char *name, int fallback_value, int lo, int hi) {
   return v < lo ? lo : v > hi ? hi : v;
 }
 
+/* The CPUs this process may really use: its affinity mask and, in a container, its cgroup v2
+   quota ("200000 100000" = 2 CPUs), not every CPU of the host: a helper waiting for a CPU the
+   quota does not give would stall every product. */
+static long usable_cpus(void) {
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) n = CPU_COUNT(&set);
+  FILE *f = fopen("/sys/fs/cgroup/cpu.max", "r");
+  if (f) {
+    long quota, period;
+    if (fscanf(f, "%ld %ld", &quota, &period) == 2 && quota > 0 && period > 0)
+      n = (quota + period - 1) / period < n ? (quota + period - 1) / period : n;
+    fclose(f); /* "max 100000": no quota */
+  }
+#endif
+  return n < 1 ? 1 : n;
+}
+
 __attribute__((constructor)) static void configure(void) {
-  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-  n_threads = env_int("SMALL_GEMM_THREADS", cpus < 1 ? 1 : cpus > 8 ? 8 : (int)cpus, 1, MAX_THREADS);
+  const long cpus = usable_cpus();
+  n_threads = env_int("SMALL_GEMM_THREADS", cpus > 8 ? 8 : (int)cpus, 1, MAX_THREADS);
   max_m = env_int("SMALL_GEMM_MAX_M", 32, 0, 256); /* MKL is as fast from ~M=40 */
   spin_us = env_int("SMALL_GEMM_SPIN_US", 100, 0, 100000);
   pthread_atfork(NULL, NULL, reset_after_fork);
