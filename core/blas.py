@@ -14,9 +14,9 @@ x86-64) is preferred when present: about 2x OpenBLAS 0.3.21 in decoding (docs/PE
 
 Small products (decoding): `make setup` compiles core/native/small_gemm.c into the venv's lib/
 where a C compiler exists. When that library is there it is loaded ahead of the BLAS, takes
-libmlx's cblas_sgemm for the products decoding makes (M <= 32 rows of activations against a
+libmlx's cblas_sgemm for the products decoding makes (M <= 128 rows of activations against a
 weight matrix) and hands every other call to the BLAS: on the 2-core AMD EPYC we develop on,
-decoding reads the weights 1.7-1.9x (1 stream) to 2.5-3x (4 streams) faster than MKL's own kernels
+decoding's products run 2-3x as fast as MKL's own kernels (1-16 streams)
 (docs/PERFORMANCE.md). Opt out with SMALL_GEMM=0; SMALL_GEMM_THREADS, SMALL_GEMM_MAX_M and
 SMALL_GEMM_SPIN_US tune it (read when it loads).
 

@@ -78,7 +78,7 @@ def run_case(fn, rng, m, n, k, pad=0, w_offset=0, alpha=1.0, beta=0.0):
 
 
 @needs_lib
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16, 32])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16, 17, 40, 128])
 @pytest.mark.parametrize("k", [1, 15, 16, 17, 768, 2051])
 def test_products_match_numpy(m, k):
     fn = sgemm(blas.small_gemm.cblas_sgemm)
@@ -98,11 +98,11 @@ def test_products_match_numpy(m, k):
 
 
 @needs_lib
-@pytest.mark.parametrize("layout", ["B not transposed", "A transposed", "column-major", "M=33", "M=64"])
+@pytest.mark.parametrize("layout", ["B not transposed", "A transposed", "column-major", "M=129", "M=256"])
 def test_other_products_are_forwarded_to_the_blas(layout):
     fn = sgemm(blas.small_gemm.cblas_sgemm)
     rng = np.random.default_rng(7)
-    m, n, k = {"M=33": 33, "M=64": 64}.get(layout, 4), 40, 33
+    m, n, k = {"M=129": 129, "M=256": 256}.get(layout, 4), 40, 33
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((n, k)).astype(np.float32)
     c = np.zeros((m, n), np.float32)  # row-major x @ w.T in every layout below
@@ -125,7 +125,7 @@ def test_mlx_products_land_in_the_kernel():
     rng = np.random.default_rng(1)
     w_np = rng.standard_normal((512, 768)).astype(np.float32)
     w = mx.array(w_np)
-    for m, computed in [(1, True), (8, True), (32, True), (33, False)]:
+    for m, computed in [(1, True), (8, True), (128, True), (129, False)]:
         x_np = rng.standard_normal((m, 768)).astype(np.float32)
         before = counts()
         y = x_np @ w_np.T
@@ -217,4 +217,4 @@ def test_build_script_builds_or_explains(tmp_path):
     )
     assert built.returncode == 0 and out.exists(), built.stderr
     lib = ctypes.CDLL(str(out), mode=os.RTLD_LOCAL)
-    assert lib.small_gemm_max_m() == 32 and lib.small_gemm_threads() >= 1
+    assert lib.small_gemm_max_m() == 128 and lib.small_gemm_threads() >= 1

@@ -1,17 +1,20 @@
 /* Small-M float32 products for decoding on the CPU (Linux).
 
-   Decoding multiplies a few rows of activations (M = the streams in the batch, 1..32) by every
-   weight matrix of the model: y = x @ W^T, W stored (N, K) row-major, as mlx calls
-   cblas_sgemm(RowMajor, NoTrans, Trans, M, N, K, ...). That product is a read of W, bounded by
-   memory bandwidth; on the 2-core AMD EPYC we develop on, Intel MKL reads W at ~15 GB/s for M=1
-   and ~7 GB/s for M=8, OpenBLAS and BLIS at ~19 GB/s for M=1, where the memory gives 32-48 GB/s
-   to two threads (docs/PERFORMANCE.md, `python -m bench.small_gemm`).
+   Decoding multiplies a few rows of activations (M = the streams of the batch, or the tokens
+   of a short prompt) by every weight matrix of the model: y = x @ W^T, W stored (N, K)
+   row-major, as mlx calls cblas_sgemm(RowMajor, NoTrans, Trans, M, N, K, ...). At small M that
+   product is a read of W, bounded by memory bandwidth; on the 2-core AMD EPYC we develop on,
+   Intel MKL reads W at ~15-18 GB/s for M=1 and ~8-9 GB/s for M=8, OpenBLAS and BLIS at 8-19
+   GB/s for M=1, where the memory gives 32-48 GB/s to two threads (docs/PERFORMANCE.md,
+   `python -m bench.small_gemm`).
 
    This library exports cblas_sgemm. core/blas.py loads it with RTLD_GLOBAL before the
    optimised BLAS and before mlx, so libmlx's cblas_sgemm resolves here, and hands it the BLAS's
    own cblas_sgemm (small_gemm_set_fallback). It computes that one case with M <= max_m itself
-   (each W row streamed once, dot products against the M rows of x in registers, rows of W split
-   over a small pool of threads) and forwards every other call unchanged.
+   and forwards every other call unchanged. M < 4: dot products of each W row with the M rows
+   of x (inner kernels); M >= 4: x interleaved, 8 or 16 rows side by side, times 8 W rows at a
+   time (outer kernels). Either way each W row is read once per 16 rows of x, and the rows of
+   W are split over a small pool of threads.
 
    Threads: helpers spin for spin_us after a product (decode calls ~110 products back to back),
    then sleep on a condition variable, so an idle worker costs nothing. One product at a time
@@ -28,7 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
-enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, MAX_THREADS = 16, VL = 16, ROW_TILE = 16 };
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, MAX_THREADS = 16, VL = 16, ROW_TILE = 16, OUTER_FROM_M = 4 };
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
                          int, float, float *, int);
@@ -39,7 +42,8 @@ typedef float v4 __attribute__((vector_size(16), aligned(4)));
 
 typedef struct {
   int m, n, k, lda, ldb, ldc;
-  int head; /* the first `head` columns are summed one by one, so that vector loads are aligned */
+  int head;  /* inner kernels: the first `head` columns are summed one by one (aligned loads) */
+  int width; /* 0: x rows as given (inner kernels); 8 or 16: x interleaved by blocks of rows */
   float alpha, beta;
   const float *a, *b;
   float *c;
@@ -47,7 +51,7 @@ typedef struct {
 } job_t;
 
 static sgemm_fn fallback;
-static int max_m = 32, n_threads = 1, spin_us = 100;
+static int max_m = 128, n_threads = 1, spin_us = 100;
 static atomic_long small_calls, forwarded_calls;
 
 /* ------------------------------------------------------------------ kernels */
@@ -130,14 +134,54 @@ typedef void (*block_fn)(const job_t *, int, int, int);
 static const block_fn BLOCKS[9] = {0,           dot_block_1, dot_block_2, dot_block_3, dot_block_4,
                                    dot_block_5, dot_block_6, dot_block_7, dot_block_8};
 
+/* For M >= 4 the dot products above are bound by arithmetic (each product needs its own
+   horizontal sum; ~60 GFLOP/s at M=8). The outer kernels read x interleaved, B rows side by
+   side (x_t[i * B + r], padded with zeros), and for 8 W rows at a time add W[col][i] * x_t[i]
+   into one B-wide accumulator per W row: no horizontal sums, one vector load of x per 8
+   multiply-adds (M=8: 31 -> 16 ms over the bench model's weights, the memory's pace). */
+#define OUTER_BLOCK(B, VT)                                                                    \
+  static void outer_##B(const job_t *j, int block, int j0, int j1) {                          \
+    const int k = j->k, r0 = block * B, rows = j->m - r0 < B ? j->m - r0 : B;                 \
+    const float *xt = j->a + (size_t)block * k * B;                                           \
+    int col = j0;                                                                             \
+    for (; col + 7 < j1; col += 8) {                                                          \
+      const float *w = j->b + (size_t)col * j->ldb;                                           \
+      VT acc[8] = {0};                                                                        \
+      for (int i = 0; i < k; i++) {                                                           \
+        VT xv;                                                                                \
+        memcpy(&xv, xt + (size_t)i * B, sizeof xv);                                           \
+        _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) acc[c] += xv * w[(size_t)c * j->ldb + i]; \
+      }                                                                                       \
+      for (int c = 0; c < 8; c++)                                                             \
+        for (int r = 0; r < rows; r++) store(j, r0 + r, col + c, acc[c][r]);                  \
+    }                                                                                         \
+    for (; col < j1; col++) {                                                                 \
+      const float *w = j->b + (size_t)col * j->ldb;                                           \
+      VT acc = {0};                                                                           \
+      for (int i = 0; i < k; i++) {                                                           \
+        VT xv;                                                                                \
+        memcpy(&xv, xt + (size_t)i * B, sizeof xv);                                           \
+        acc += xv * w[i];                                                                     \
+      }                                                                                       \
+      for (int r = 0; r < rows; r++) store(j, r0 + r, col, acc[r]);                           \
+    }                                                                                         \
+  }
+OUTER_BLOCK(8, v8)
+OUTER_BLOCK(16, v16)
+
 /* Part p of `parts` of the product: a contiguous range of W rows, in tiles of ROW_TILE rows so
-   that for M > 8 the second block of x finds the tile still in cache. */
+   that the second block of x finds the tile still in cache. */
 static void run_part(const job_t *j, int p) {
   const int per = (j->n + j->parts - 1) / j->parts;
   const int j0 = p * per, j1 = j0 + per < j->n ? j0 + per : j->n;
   for (int t0 = j0; t0 < j1; t0 += ROW_TILE) {
     const int t1 = t0 + ROW_TILE < j1 ? t0 + ROW_TILE : j1;
-    for (int r0 = 0; r0 < j->m; r0 += 8) BLOCKS[j->m - r0 < 8 ? j->m - r0 : 8](j, r0, t0, t1);
+    if (j->width == 8)
+      outer_8(j, 0, t0, t1);
+    else if (j->width == 16)
+      for (int block = 0; block * 16 < j->m; block++) outer_16(j, block, t0, t1);
+    else
+      for (int r0 = 0; r0 < j->m; r0 += 8) BLOCKS[j->m - r0 < 8 ? j->m - r0 : 8](j, r0, t0, t1);
   }
 }
 
@@ -217,33 +261,54 @@ static void reset_after_fork(void) { /* the child has no helper threads */
   helpers_started = sleepers = 0;
 }
 
-/* ------------------------------------------------------------------ alignment */
+/* ------------------------------------------------------------------ copies of x */
+
+static __thread float *x_copy; /* the calling thread's copy of x, read by the helpers too */
+static __thread size_t x_copy_floats;
+
+static float *x_buffer(size_t floats) { /* 64-byte aligned, grown as needed; NULL if no memory */
+  if (floats > x_copy_floats) {
+    free(x_copy);
+    x_copy = aligned_alloc(64, (floats + 15) / 16 * 16 * sizeof(float));
+    x_copy_floats = x_copy ? floats : 0;
+  }
+  return x_copy;
+}
 
 /* mlx maps weights straight from safetensors, so W rows usually start off a 64-byte line (24
    bytes off for the bench model): every 64-byte load would straddle two lines. When all rows
    share one misalignment (ldb a multiple of 16 floats), x is copied so that its columns sit at
    the same offset, and the first `head` columns are done one by one: every vector load of W and
    x is then aligned (measured: 1 thread 32 -> 18 ms over the bench model's weights). */
-static __thread float *x_copy;
-static __thread size_t x_copy_floats;
-
 static void align_to_weights(job_t *j) {
   const uintptr_t addr = (uintptr_t)j->b;
   if (addr % sizeof(float) != 0 || j->ldb % VL != 0) return;
   const int offset = (int)(addr % 64 / sizeof(float)); /* floats past the line start */
   const int ld = (j->k + 2 * VL - 1) / VL * VL;           /* room for the offset, 16-float rows */
-  const size_t need = (size_t)j->m * ld;
-  if (need > x_copy_floats) {
-    free(x_copy);
-    x_copy = aligned_alloc(64, need * sizeof(float));
-    x_copy_floats = x_copy ? need : 0;
-    if (!x_copy) return;
-  }
+  float *copy = x_buffer((size_t)j->m * ld);
+  if (!copy) return;
   for (int r = 0; r < j->m; r++)
-    memcpy(x_copy + (size_t)r * ld + offset, j->a + (size_t)r * j->lda, j->k * sizeof(float));
-  j->a = x_copy + offset;
+    memcpy(copy + (size_t)r * ld + offset, j->a + (size_t)r * j->lda, j->k * sizeof(float));
+  j->a = copy + offset;
   j->lda = ld;
   j->head = (VL - offset) % VL < j->k ? (VL - offset) % VL : j->k;
+}
+
+/* x interleaved for the outer kernels: blocks of `width` rows, x_t[(block * k + i) * width + r],
+   rows past M zero. Returns 0 (inner kernels then) if there is no memory for it. */
+static int interleave_x(job_t *j) {
+  const int width = j->m <= 8 ? 8 : 16, blocks = (j->m + width - 1) / width;
+  float *xt = x_buffer((size_t)blocks * j->k * width);
+  if (!xt) return 0;
+  for (int block = 0; block < blocks; block++)
+    for (int i = 0; i < j->k; i++)
+      for (int r = 0; r < width; r++) {
+        const int row = block * width + r;
+        xt[((size_t)block * j->k + i) * width + r] = row < j->m ? j->a[(size_t)row * j->lda + i] : 0.0f;
+      }
+  j->a = xt;
+  j->width = width;
+  return 1;
 }
 
 /* ------------------------------------------------------------------ entry points */
@@ -277,7 +342,7 @@ static long usable_cpus(void) {
 __attribute__((constructor)) static void configure(void) {
   const long cpus = usable_cpus();
   n_threads = env_int("SMALL_GEMM_THREADS", cpus > 8 ? 8 : (int)cpus, 1, MAX_THREADS);
-  max_m = env_int("SMALL_GEMM_MAX_M", 32, 0, 256); /* MKL is as fast from ~M=40 */
+  max_m = env_int("SMALL_GEMM_MAX_M", 128, 0, 1024); /* MKL is as fast from ~M=200 */
   spin_us = env_int("SMALL_GEMM_SPIN_US", 100, 0, 100000);
   pthread_atfork(NULL, NULL, reset_after_fork);
 }
@@ -303,8 +368,8 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     return;
   }
   atomic_fetch_add(&small_calls, 1);
-  job_t j = {m, n, k, lda, ldb, ldc, 0, alpha, beta, a, b, c, 1};
-  align_to_weights(&j);
+  job_t j = {m, n, k, lda, ldb, ldc, 0, 0, alpha, beta, a, b, c, 1};
+  if (m < OUTER_FROM_M || !interleave_x(&j)) align_to_weights(&j);
   /* below ~256 KB of W, waking a helper costs more than it saves */
   if (n_threads > 1 && (size_t)n * k >= 65536 && pthread_mutex_trylock(&pool_busy) == 0) {
     run_parallel(&j);
