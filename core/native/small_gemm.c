@@ -86,53 +86,29 @@ static inline void store(const job_t *j, int r, int col, float dot) {
   *out = j->alpha * dot + (j->beta == 0.0f ? 0.0f : j->beta * *out); /* beta 0: C is not read */
 }
 
-/* Rows [j0, j1) of W against rows [r0, r0 + MB) of x (for MB >= 6 two W rows at a time): each 16 floats of
-   W are loaded once and multiplied into MB accumulators, each 16 floats of x serve both rows. */
-#define DOT_BLOCK(MB)                                                                        \
-  static void dot_block_##MB(const job_t *j, int r0, int j0, int j1) {                       \
-    const int k = j->k, h = j->head, kv = h + (k - h) / VL * VL;                                                     \
-    const float *x = j->a + (size_t)r0 * j->lda;                                             \
-    int col = j0;                                                                            \
-    for (; MB >= 6 && col + 1 < j1; col += 2) { /* pairs pay off once x is 6+ rows */  \
-      const float *w0 = j->b + (size_t)col * j->ldb, *w1 = w0 + j->ldb;                      \
-      v16 acc0[MB] = {0}, acc1[MB] = {0};                                                    \
-      for (int i = h; i < kv; i += VL) {                                                     \
-        const v16 a = load16(w0 + i), b = load16(w1 + i);                                    \
-        _Pragma("GCC unroll 8") for (int r = 0; r < MB; r++) {                               \
-          const v16 xv = load16(x + (size_t)r * j->lda + i);                                 \
-          acc0[r] += xv * a;                                                                 \
-          acc1[r] += xv * b;                                                                 \
-        }                                                                                    \
-      }                                                                                      \
-      for (int r = 0; r < MB; r++) {                                                         \
-        store(j, r0 + r, col, hsum(acc0[r]) + rest(x + (size_t)r * j->lda, w0, h, kv, k));     \
-        store(j, r0 + r, col + 1, hsum(acc1[r]) + rest(x + (size_t)r * j->lda, w1, h, kv, k)); \
-      }                                                                                      \
-    }                                                                                        \
-    for (; col < j1; col++) {                                                                \
-      const float *w = j->b + (size_t)col * j->ldb;                                          \
-      v16 acc[MB] = {0};                                                                     \
-      for (int i = h; i < kv; i += VL) {                                                     \
-        const v16 wv = load16(w + i);                                                        \
-        _Pragma("GCC unroll 8") for (int r = 0; r < MB; r++) acc[r] +=                       \
-            load16(x + (size_t)r * j->lda + i) * wv;                                         \
-      }                                                                                      \
-      for (int r = 0; r < MB; r++)                                                           \
-        store(j, r0 + r, col, hsum(acc[r]) + rest(x + (size_t)r * j->lda, w, h, kv, k));       \
-    }                                                                                        \
+/* M < 4 (inner kernels): rows [j0, j1) of W against the MB rows of x; each 16 floats of W are
+   loaded once and multiplied into MB accumulators, summed across at the end of the row. */
+#define DOT_BLOCK(MB)                                                                    \
+  static void dot_block_##MB(const job_t *j, int j0, int j1) {                           \
+    const int k = j->k, h = j->head, kv = h + (k - h) / VL * VL;                         \
+    for (int col = j0; col < j1; col++) {                                                \
+      const float *w = j->b + (size_t)col * j->ldb;                                      \
+      v16 acc[MB] = {0};                                                                 \
+      for (int i = h; i < kv; i += VL) {                                                 \
+        const v16 wv = load16(w + i);                                                    \
+        _Pragma("GCC unroll 4") for (int r = 0; r < MB; r++) acc[r] +=                 \
+            load16(j->a + (size_t)r * j->lda + i) * wv;                                  \
+      }                                                                                  \
+      for (int r = 0; r < MB; r++)                                                       \
+        store(j, r, col, hsum(acc[r]) + rest(j->a + (size_t)r * j->lda, w, h, kv, k));   \
+    }                                                                                    \
   }
 DOT_BLOCK(1)
 DOT_BLOCK(2)
 DOT_BLOCK(3)
-DOT_BLOCK(4)
-DOT_BLOCK(5)
-DOT_BLOCK(6)
-DOT_BLOCK(7)
-DOT_BLOCK(8)
 
-typedef void (*block_fn)(const job_t *, int, int, int);
-static const block_fn BLOCKS[9] = {0,           dot_block_1, dot_block_2, dot_block_3, dot_block_4,
-                                   dot_block_5, dot_block_6, dot_block_7, dot_block_8};
+typedef void (*block_fn)(const job_t *, int, int);
+static const block_fn BLOCKS[OUTER_FROM_M] = {0, dot_block_1, dot_block_2, dot_block_3};
 
 /* For M >= 4 the dot products above are bound by arithmetic (each product needs its own
    horizontal sum; ~60 GFLOP/s at M=8). The outer kernels read x interleaved, B rows side by
@@ -181,7 +157,7 @@ static void run_part(const job_t *j, int p) {
     else if (j->width == 16)
       for (int block = 0; block * 16 < j->m; block++) outer_16(j, block, t0, t1);
     else
-      for (int r0 = 0; r0 < j->m; r0 += 8) BLOCKS[j->m - r0 < 8 ? j->m - r0 : 8](j, r0, t0, t1);
+      BLOCKS[j->m](j, t0, t1);
   }
 }
 
@@ -295,7 +271,7 @@ static void align_to_weights(job_t *j) {
 }
 
 /* x interleaved for the outer kernels: blocks of `width` rows, x_t[(block * k + i) * width + r],
-   rows past M zero. Returns 0 (inner kernels then) if there is no memory for it. */
+   rows past M zero. Returns 0 if there is no memory for it. */
 static int interleave_x(job_t *j) {
   const int width = j->m <= 8 ? 8 : 16, blocks = (j->m + width - 1) / width;
   float *xt = x_buffer((size_t)blocks * j->k * width);
@@ -357,8 +333,10 @@ void small_gemm_counts(long *small, long *forwarded) {
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) {
-  if (order != ROW_MAJOR || trans_a != NO_TRANS || trans_b != TRANS || m < 1 || m > max_m ||
-      n < 1 || k < 1) {
+  job_t j = {m, n, k, lda, ldb, ldc, 0, 0, alpha, beta, a, b, c, 1};
+  const int ours = order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS && m >= 1 &&
+                   m <= max_m && n >= 1 && k >= 1;
+  if (!ours || (m >= OUTER_FROM_M && !interleave_x(&j))) { /* (no memory for x: the BLAS) */
     atomic_fetch_add(&forwarded_calls, 1);
     if (!fallback) {
       fputs("small_gemm: no BLAS to forward to (core/blas.py calls small_gemm_set_fallback)\n", stderr);
@@ -368,8 +346,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     return;
   }
   atomic_fetch_add(&small_calls, 1);
-  job_t j = {m, n, k, lda, ldb, ldc, 0, 0, alpha, beta, a, b, c, 1};
-  if (m < OUTER_FROM_M || !interleave_x(&j)) align_to_weights(&j);
+  if (m < OUTER_FROM_M) align_to_weights(&j); /* best effort: unaligned loads without it */
   /* below ~256 KB of W, waking a helper costs more than it saves */
   if (n_threads > 1 && (size_t)n * k >= 65536 && pthread_mutex_trylock(&pool_busy) == 0) {
     run_parallel(&j);
