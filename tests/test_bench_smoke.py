@@ -391,3 +391,12 @@ def test_small_gemm_measure_and_rows(tiny_model):
     assert rows[0]["ours"] == pytest.approx(res["weights_bytes"] / 1e9 / m1["small_s"])
     assert rows[0]["anchor"] == pytest.approx(res["weights_bytes"] / 1e9 / m1["blas_s"])
     assert rows[0]["paired_ratio"] == m1["paired"] and rows[0]["unit"] == "GB/s"
+
+
+def test_anchor_server_runs_without_our_kernel_unless_asked(monkeypatch):
+    from bench.anchors import ServerProcess
+
+    monkeypatch.delenv("SMALL_GEMM", raising=False)
+    assert ServerProcess("m").env["SMALL_GEMM"] == "0"  # the BLAS only: the kernel is ours
+    assert ServerProcess("m", env={"PATH": "/bin"}).env == {"SMALL_GEMM": "0", "PATH": "/bin"}
+    assert ServerProcess("m", env={"SMALL_GEMM": "1"}).env["SMALL_GEMM"] == "1"
