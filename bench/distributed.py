@@ -18,7 +18,6 @@ CPU box; the point of several processes is several Macs.
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from core import paths
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -86,14 +87,7 @@ def measure(
                 timeout=120,
             )
         config = _config(tmp / "bench.yaml", model, iters)
-        env = dict(
-            os.environ,
-            MODELS_DIR=str(tmp / "models"),
-            LOGS_DIR=str(tmp / "logs"),
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            FAST_BLAS_QUIET="1",
-        )
+        env = paths.env_with_outputs_in(tmp)
         for k in nprocs:
             if global_batch % k:
                 raise ValueError(f"global batch {global_batch} is not a multiple of {k} processes")

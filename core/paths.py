@@ -29,6 +29,19 @@ ADAPTER_CONFIG = "adapter_config.json"
 STEP_PREFIX = "step_"
 
 
+def env_with_outputs_in(base):
+    """os.environ for a child process (training, the worker) whose runs and logs go under `base`
+    and which never fetches from the hub: what tests and benchmarks run them with."""
+    return dict(
+        os.environ,
+        MODELS_DIR=str(Path(base) / "models"),
+        LOGS_DIR=str(Path(base) / "logs"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        FAST_BLAS_QUIET="1",
+    )
+
+
 def step_name(step):
     """step_0000200: a checkpoint folder's name (seven digits, more when needed)."""
     return f"{STEP_PREFIX}{int(step):07d}"

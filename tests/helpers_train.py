@@ -2,13 +2,14 @@
 model, every output under a temporary MODELS_DIR / LOGS_DIR."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+from core import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "models" / "tiny-mistral"
@@ -35,14 +36,7 @@ SMALL_CONFIG = {
 
 
 def env_for(base, **extra):
-    env = dict(
-        os.environ,
-        MODELS_DIR=str(base / "models"),
-        LOGS_DIR=str(base / "logs"),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        FAST_BLAS_QUIET="1",
-    )
+    env = paths.env_with_outputs_in(base)
     env.pop("TRAIN_INJECT_NAN", None)
     env.pop("TRAIN_STEP_DELAY_S", None)
     env.update({k: str(v) for k, v in extra.items()})
