@@ -34,6 +34,7 @@ def blas_calls(weights):
     """(sgemv, sgemm) closures over numpy copies of the weights, straight into the loaded BLAS."""
     import numpy as np
 
+    from bench import small_gemm
     from core import blas
 
     if not blas.loaded_path:
@@ -41,7 +42,6 @@ def blas_calls(weights):
     lib = ctypes.CDLL(blas.loaded_path)
     P, N, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.cblas_sgemv.argtypes = [N, N, N, N, F, P, N, P, N, F, P, N]
-    lib.cblas_sgemm.argtypes = [N] * 6 + [F, P, N, P, N, F, P, N]
     ws = [np.array(w, dtype=np.float32, copy=True) for w in weights]  # own memory, not mlx's
     xs = {w.shape[1]: np.ones(w.shape[1], np.float32) for w in ws}
     ys = [np.zeros(w.shape[0], np.float32) for w in ws]
@@ -56,11 +56,8 @@ def blas_calls(weights):
         for n, k, w, x, y in args:
             lib.cblas_sgemv(101, 111, n, k, 1.0, w, k, x, 1, 0.0, y, 1)
 
-    def gemm(_keep=keep):  # y (1 x n) = x (1 x k) @ W^T, as mlx calls it
-        for n, k, w, x, y in args:
-            lib.cblas_sgemm(101, 111, 112, 1, n, k, 1.0, x, k, w, k, 0.0, y, n)
-
-    return gemv, gemm
+    # y (1 x n) = x (1 x k) @ W^T, as mlx calls it
+    return gemv, small_gemm.products(lib.cblas_sgemm, ws, 1)
 
 
 def main(argv=None):

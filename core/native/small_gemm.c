@@ -152,12 +152,10 @@ static void run_part(const job_t *j, int p) {
   const int j0 = p * per, j1 = j0 + per < j->n ? j0 + per : j->n;
   for (int t0 = j0; t0 < j1; t0 += ROW_TILE) {
     const int t1 = t0 + ROW_TILE < j1 ? t0 + ROW_TILE : j1;
-    if (j->width == 8)
-      outer_8(j, 0, t0, t1);
-    else if (j->width == 16)
-      for (int block = 0; block * 16 < j->m; block++) outer_16(j, block, t0, t1);
-    else
+    if (!j->width)
       BLOCKS[j->m](j, t0, t1);
+    else
+      for (int block = 0; block * j->width < j->m; block++) (j->width == 8 ? outer_8 : outer_16)(j, block, t0, t1);
   }
 }
 
@@ -199,7 +197,7 @@ static void *helper(void *arg) {
   unsigned seen = pool_generation; /* not the current value: a job may be posted before we run */
   for (;;) {
     seen = wait_for_work(seen);
-    if (part < current.parts) run_part(&current, part);
+    run_part(&current, part); /* parts = helpers + 1: every helper has one */
     atomic_fetch_sub(&pending, 1);
   }
   return NULL;
@@ -255,7 +253,7 @@ static float *x_buffer(size_t floats) { /* 64-byte aligned, grown as needed; NUL
    bytes off for the bench model): every 64-byte load would straddle two lines. When all rows
    share one misalignment (ldb a multiple of 16 floats), x is copied so that its columns sit at
    the same offset, and the first `head` columns are done one by one: every vector load of W and
-   x is then aligned (measured: 1 thread 32 -> 18 ms over the bench model's weights). */
+   x is then aligned (measured: 1 thread 32 -> 21 ms over the bench model's weights). */
 static void align_to_weights(job_t *j) {
   const uintptr_t addr = (uintptr_t)j->b;
   if (addr % sizeof(float) != 0 || j->ldb % VL != 0) return;
