@@ -10,6 +10,10 @@
 3. `nn.RoPE` at one token (1, 12, 1, 64), 32 calls as in a 16-layer step: as mlx-lm calls it,
    and the same call under `mx.compile` (fused, bitwise equal), microseconds per call.
 4. One decode step against its products alone (every weight matrix, x @ W^T, one graph).
+5. A pipelined decode (`stream_generate`, 200 tokens): the CPU time each thread spends per
+   token (Linux: /proc/self/task), against the wall time. On 2 cores the Python thread (building
+   the next step), mlx's stream thread (every op, and its share of the products) and the
+   products' helper threads share the two CPUs.
 
 mlx 0.32.4 on the 2-core AMD EPYC: ~4 us per op; ~2,200 nodes per step; RoPE 99 us per call
 (33 us compiled); step 23-25 ms of which products 14-15 ms (docs/PERFORMANCE.md).
@@ -18,8 +22,10 @@ mlx 0.32.4 on the 2-core AMD EPYC: ~4 us per op; ~2,200 nodes per step; RoPE 99 
 import argparse
 import collections
 import io
+import os
 import re
 import sys
+import time
 
 import bench  # noqa: F401  (fast BLAS before mlx)
 from bench.decode_parts import median_time
@@ -62,6 +68,46 @@ def rope_us(mx, nn):
     return plain, fused, equal
 
 
+def thread_cpu_s():
+    """{(thread id, name): CPU seconds} of this process; {} where /proc is absent (macOS)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return {}
+    out, tick = {}, os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(tasks):
+        try:
+            stat = open(f"{tasks}/{tid}/stat").read()
+        except OSError:  # the thread ended
+            continue
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        out[(int(tid), name)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def thread_label(tid, name):
+    if tid == os.getpid():  # Linux: the main thread's id is the process id
+        return "Python (main thread)"
+    if name == "small_gemm":
+        return f"small_gemm helper {tid}"
+    return f"{name} {tid}"  # mlx's stream thread is unnamed: the busiest of these
+
+
+def pipelined_cpu_ms(model, tokenizer, tokens=200):
+    """(wall ms per token, [(thread, CPU ms per token)], busiest first) of a greedy stream_generate."""
+    from mlx_lm import stream_generate
+
+    prompt = list(range(3, 103))
+    for _ in stream_generate(model, tokenizer, prompt, max_tokens=8):  # warm
+        pass
+    before, tic, n = thread_cpu_s(), time.perf_counter(), 0
+    for _ in stream_generate(model, tokenizer, prompt, max_tokens=tokens):
+        n += 1
+    wall, after = time.perf_counter() - tic, thread_cpu_s()
+    spent = {t: (after[t] - before.get(t, 0.0)) * 1e3 / n for t in after}
+    rows = sorted(((ms, thread_label(*t)) for t, ms in spent.items() if ms >= 0.2), reverse=True)
+    return wall * 1e3 / n, [(label, ms) for ms, label in rows]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m bench.repro_mlx_cpu_dispatch", description=__doc__.splitlines()[0]
@@ -78,7 +124,7 @@ def main(argv=None):
     print(f"mlx {mx.__version__}, CPU")
     op = per_op_us(mx)
     print(f"1. one small elementwise op: {op:.1f} us")
-    model, _ = load(args.model)
+    model, tokenizer = load(args.model)
     cache = make_prompt_cache(model)
     mx.eval(model(mx.array([[1, 2, 3, 4]]), cache=cache))
     ops = step_ops(mx, model, cache)
@@ -97,6 +143,15 @@ def main(argv=None):
     step = median_us(lambda: mx.eval(model(mx.array([[5]]), cache=cache))) / 1e3
     print(
         f"4. decode step {step:.1f} ms; its products alone {products:.1f} ms; the rest {step - products:.1f} ms"
+    )
+    wall, threads = pipelined_cpu_ms(model, tokenizer)
+    if not threads:
+        print("5. CPU time per thread: not measured (no /proc/self/task on this platform)")
+        return 0
+    total = sum(ms for _, ms in threads)
+    print(
+        f"5. pipelined decode: {wall:.1f} ms a token wall, {total:.1f} ms CPU ({total / wall:.2f} CPUs busy); "
+        + ", ".join(f"{label} {ms:.1f}" for label, ms in threads)
     )
     return 0
 

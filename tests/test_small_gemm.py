@@ -170,6 +170,27 @@ def test_a_forked_child_computes_with_a_fresh_pool():
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+@needs_lib
+@pytest.mark.parametrize("spin_us", ["0", "1000"])
+def test_products_in_a_row_with_more_helpers_than_cpus(spin_us):
+    """Chunks are claimed by whichever thread is free: late and stale helpers (6 threads on
+    this machine's CPUs, sleeping or spinning between products) must neither skip a chunk nor
+    run one with the previous product's shapes."""
+    code = """
+import numpy as np, core
+from core import blas
+from tests.test_small_gemm import sgemm, run_case
+fn, rng, bad = sgemm(blas.small_gemm.cblas_sgemm), np.random.default_rng(5), 0
+for i in range(300):
+    m, n, k = (1, 2048, 768) if i % 3 == 0 else (1 + i % 9, 256 + 16 * (i % 7), 768 + i % 5)
+    got, want = run_case(fn, rng, m, n, k, w_offset=i % 16)
+    bad += not np.abs(got - want).max() <= 1e-4 * (np.abs(want).max() + 1)
+print(blas.small_gemm.small_gemm_threads(), bad)
+"""
+    done = run_python(code, SMALL_GEMM_THREADS="6", SMALL_GEMM_SPIN_US=spin_us)
+    assert done.stdout.split() == ["6", "0"], done.stderr
+
+
 def run_python(code, **env):
     full = {**os.environ, "FAST_BLAS_QUIET": "1", **env}
     return subprocess.run(
@@ -187,6 +208,16 @@ def test_threads_follow_the_cpus_this_process_may_use():
         pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                                 text=True, env={**os.environ, "FAST_BLAS_QUIET": "1"}, timeout=120)  # fmt: skip
         assert pinned.stdout.strip() == "1", pinned.stderr
+
+
+@needs_lib
+def test_helpers_spin_only_with_a_cpu_to_spare():
+    code = "import core; from core import blas; g = blas.small_gemm; print(g.small_gemm_threads(), g.small_gemm_spin_us())"
+    assert run_python(code, SMALL_GEMM_THREADS="1").stdout.split() == ["1", "0"]  # no helper
+    assert run_python(code, SMALL_GEMM_SPIN_US="40").stdout.split()[1] == "40"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads, spin = map(int, run_python(code).stdout.split())
+    assert spin == (100 if 1 < threads < usable else 0)  # every CPU taken: the Python thread needs it
 
 
 @needs_lib

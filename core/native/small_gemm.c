@@ -16,9 +16,11 @@
    time (outer kernels). Either way each W row is read once per 16 rows of x, and the rows of
    W are split over a small pool of threads.
 
-   Threads: helpers spin for spin_us after a product (decode calls ~110 products back to back),
-   then sleep on a condition variable, so an idle worker costs nothing. One product at a time
-   uses the pool; a concurrent caller computes on its own thread. fork() resets the pool. */
+   Threads: the caller and a pool of helpers claim chunks of W's rows until none is left, so a
+   helper that is slow to wake only does less. Helpers sleep on a condition variable between
+   products (spinning spin_us first where a CPU is to spare), so an idle worker costs nothing.
+   One product at a time uses the pool; a concurrent caller computes on its own thread. fork()
+   resets the pool. */
 
 #define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include <pthread.h>
@@ -47,11 +49,11 @@ typedef struct {
   float alpha, beta;
   const float *a, *b;
   float *c;
-  int parts;
+  int chunk, chunks; /* W rows per chunk, chunks in all: the threads claim them one by one */
 } job_t;
 
 static sgemm_fn fallback;
-static int max_m = 128, n_threads = 1, spin_us = 100;
+static int max_m = 128, n_threads = 1, spin_us = 0;
 static atomic_long small_calls, forwarded_calls;
 
 /* ------------------------------------------------------------------ kernels */
@@ -145,11 +147,9 @@ static const block_fn BLOCKS[OUTER_FROM_M] = {0, dot_block_1, dot_block_2, dot_b
 OUTER_BLOCK(8, v8)
 OUTER_BLOCK(16, v16)
 
-/* Part p of `parts` of the product: a contiguous range of W rows, in tiles of ROW_TILE rows so
-   that the second block of x finds the tile still in cache. */
-static void run_part(const job_t *j, int p) {
-  const int per = (j->n + j->parts - 1) / j->parts;
-  const int j0 = p * per, j1 = j0 + per < j->n ? j0 + per : j->n;
+/* W rows [j0, j1) against every row of x, in tiles of ROW_TILE rows so that the second block of
+   x finds the tile still in cache. */
+static void run_rows(const job_t *j, int j0, int j1) {
   for (int t0 = j0; t0 < j1; t0 += ROW_TILE) {
     const int t1 = t0 + ROW_TILE < j1 ? t0 + ROW_TILE : j1;
     if (!j->width)
@@ -166,7 +166,13 @@ static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static atomic_uint generation;
-static atomic_int pending;
+/* The product's chunks are claimed, not assigned: a helper that wakes late (or waits for a CPU
+   the Python thread holds) leaves its share to the caller instead of stalling it. `claim` holds
+   the product's generation (high 32 bits), its number of chunks (16) and the next chunk (16).
+   A claim succeeds only while its product is unfinished, when `current` is that product's: a
+   helper that copied `current` while the caller rewrote it (a torn copy) claims nothing. */
+static _Atomic uint64_t claim;
+static atomic_int chunks_done;
 static int sleepers, helpers_started;
 static unsigned pool_generation; /* the generation when the helpers were started */
 static job_t current;
@@ -192,13 +198,28 @@ static unsigned wait_for_work(unsigned seen) {
   return atomic_load(&generation);
 }
 
+/* Claims and runs chunks of product `gen` until none is left. */
+static void run_chunks(const job_t *j, unsigned gen) {
+  uint64_t v = atomic_load(&claim);
+  while ((unsigned)(v >> 32) == gen && (v & 0xffff) < (v >> 16 & 0xffff)) {
+    if (!atomic_compare_exchange_weak(&claim, &v, v + 1)) continue; /* v reloaded */
+    const int j0 = (int)(v & 0xffff) * j->chunk;
+    run_rows(j, j0, j0 + j->chunk < j->n ? j0 + j->chunk : j->n);
+    atomic_fetch_add(&chunks_done, 1);
+    v = atomic_load(&claim);
+  }
+}
+
 static void *helper(void *arg) {
-  const int part = (int)(intptr_t)arg;
+  (void)arg;
+#ifdef __linux__
+  pthread_setname_np(pthread_self(), "small_gemm"); /* what top -H and the reproducers show */
+#endif
   unsigned seen = pool_generation; /* not the current value: a job may be posted before we run */
   for (;;) {
     seen = wait_for_work(seen);
-    run_part(&current, part); /* parts = helpers + 1: every helper has one */
-    atomic_fetch_sub(&pending, 1);
+    const job_t j = current;
+    run_chunks(&j, seen);
   }
   return NULL;
 }
@@ -207,7 +228,7 @@ static void start_helpers(void) {
   pool_generation = atomic_load(&generation);
   for (int p = 1; p < n_threads; p++) {
     pthread_t t;
-    if (pthread_create(&t, NULL, helper, (void *)(intptr_t)p) != 0) break;
+    if (pthread_create(&t, NULL, helper, NULL) != 0) break;
     pthread_detach(t);
     helpers_started++;
   }
@@ -215,16 +236,21 @@ static void start_helpers(void) {
 
 static void run_parallel(job_t *j) {
   pthread_once(&pool_once, start_helpers);
-  j->parts = helpers_started + 1;
+  /* ~8 chunks per thread, whole tiles: small enough to even out a late helper */
+  const int threads = helpers_started + 1, per = (j->n + 8 * threads - 1) / (8 * threads);
+  j->chunk = (per + ROW_TILE - 1) / ROW_TILE * ROW_TILE;
+  j->chunks = (j->n + j->chunk - 1) / j->chunk;
+  const unsigned gen = atomic_load(&generation) + 1;
   current = *j;
-  atomic_store(&pending, helpers_started);
-  atomic_fetch_add(&generation, 1);
+  atomic_store(&chunks_done, 0);
+  atomic_store(&claim, (uint64_t)gen << 32 | (uint64_t)j->chunks << 16);
+  atomic_store(&generation, gen);
   pthread_mutex_lock(&wake_lock);
   if (sleepers) pthread_cond_broadcast(&wake);
   pthread_mutex_unlock(&wake_lock);
-  run_part(&current, 0);
-  for (int i = 0; atomic_load(&pending) > 0; i++)
-    if ((i & 1023) == 1023) sched_yield(); /* a helper may be descheduled on a busy machine */
+  run_chunks(j, gen);
+  for (int i = 0; atomic_load(&chunks_done) < j->chunks; i++)
+    if ((i & 1023) == 1023) sched_yield(); /* a helper may be descheduled mid-chunk */
 }
 
 static void reset_after_fork(void) { /* the child has no helper threads */
@@ -317,12 +343,16 @@ __attribute__((constructor)) static void configure(void) {
   const long cpus = usable_cpus();
   n_threads = env_int("SMALL_GEMM_THREADS", cpus > 8 ? 8 : (int)cpus, 1, MAX_THREADS);
   max_m = env_int("SMALL_GEMM_MAX_M", 128, 0, 1024); /* MKL is as fast from ~M=200 */
-  spin_us = env_int("SMALL_GEMM_SPIN_US", 100, 0, 100000);
+  /* Spinning pays only with a CPU to spare: where the helpers take every CPU, a spinning helper
+     takes the one the Python thread needs to build the next step (2 cores, pipelined decode:
+     spin 0 -> 41.4 tok/s, 100 us -> 37.4, medians of 6; docs/PERFORMANCE.md). */
+  spin_us = env_int("SMALL_GEMM_SPIN_US", n_threads > 1 && cpus > n_threads ? 100 : 0, 0, 100000);
   pthread_atfork(NULL, NULL, reset_after_fork);
 }
 
 void small_gemm_set_fallback(sgemm_fn f) { fallback = f; }
 int small_gemm_threads(void) { return n_threads; }
+int small_gemm_spin_us(void) { return spin_us; }
 int small_gemm_max_m(void) { return max_m; }
 void small_gemm_counts(long *small, long *forwarded) {
   *small = atomic_load(&small_calls);
@@ -331,7 +361,7 @@ void small_gemm_counts(long *small, long *forwarded) {
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) {
-  job_t j = {m, n, k, lda, ldb, ldc, 0, 0, alpha, beta, a, b, c, 1};
+  job_t j = {m, n, k, lda, ldb, ldc, 0, 0, alpha, beta, a, b, c, 0, 0};
   const int ours = order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS && m >= 1 &&
                    m <= max_m && n >= 1 && k >= 1;
   if (!ours || (m >= OUTER_FROM_M && !interleave_x(&j))) { /* (no memory for x: the BLAS) */
@@ -350,6 +380,6 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     run_parallel(&j);
     pthread_mutex_unlock(&pool_busy);
   } else {
-    run_part(&j, 0);
+    run_rows(&j, 0, n);
   }
 }
