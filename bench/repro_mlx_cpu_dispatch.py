@@ -15,8 +15,9 @@
    the next step), mlx's stream thread (every op, and its share of the products) and the
    products' helper threads share the two CPUs.
 
-mlx 0.32.4 on the 2-core AMD EPYC: ~4 us per op; ~2,200 nodes per step; RoPE 99 us per call
-(33 us compiled); step 23-25 ms of which products 14-15 ms (docs/PERFORMANCE.md).
+mlx 0.32.4 on the 2-core AMD EPYC: ~4 us per op; ~2,200 nodes per step; RoPE 57-99 us per call
+(25-36 us compiled); step 23-25 ms of which products 14-17 ms; pipelined, ~42 ms of CPU a token
+over ~25 ms of wall time: products ~24, the rest ~17 (docs/PERFORMANCE.md).
 """
 
 import argparse

@@ -18,7 +18,8 @@ libmlx's cblas_sgemm for the products decoding makes (M <= 128 rows of activatio
 weight matrix) and hands every other call to the BLAS: on the 2-core AMD EPYC we develop on,
 decoding's products run 2-3x as fast as MKL's own kernels (1-16 streams)
 (docs/PERFORMANCE.md). Opt out with SMALL_GEMM=0; SMALL_GEMM_THREADS, SMALL_GEMM_MAX_M and
-SMALL_GEMM_SPIN_US tune it (read when it loads).
+SMALL_GEMM_SPIN_US tune it (read when it loads); SMALL_GEMM_LIB=path loads another build of it
+(to compare two builds: `python -m bench.decode_env SMALL_GEMM_LIB=a.so SMALL_GEMM_LIB=b.so`).
 
 Threads for a shared machine: unless already set, the BLAS threads go to sleep as soon as a
 call ends instead of spinning for the next one (KMP_BLOCKTIME=0 for MKL's Intel OpenMP,
@@ -49,7 +50,7 @@ SHARED_MACHINE_THREADS = {
     "OPENBLAS_THREAD_TIMEOUT": "4",  # OpenBLAS pthreads: sleep after 2^4 cycles, not 2^28 (~0.1 s)
 }
 
-SMALL_GEMM_PATH = os.path.join(sys.prefix, "lib", "libsmall_gemm.so")
+SMALL_GEMM_PATH = os.environ.get("SMALL_GEMM_LIB") or os.path.join(sys.prefix, "lib", "libsmall_gemm.so")
 
 # What happened in this process: None (not tried), a path, or a reason string.
 loaded_path = None

@@ -400,3 +400,20 @@ def test_anchor_server_runs_without_our_kernel_unless_asked(monkeypatch):
     assert ServerProcess("m").env["SMALL_GEMM"] == "0"  # the BLAS only: the kernel is ours
     assert ServerProcess("m", env={"PATH": "/bin"}).env == {"SMALL_GEMM": "0", "PATH": "/bin"}
     assert ServerProcess("m", env={"SMALL_GEMM": "1"}).env["SMALL_GEMM"] == "1"
+
+
+def test_decode_env_runs_each_variant_in_its_own_process(tiny_model, capsys):
+    from bench import decode_env
+
+    with pytest.raises(ValueError, match="'SPIN' is not NAME=VALUE"):
+        decode_env.parse_variant("A=1 SPIN")
+    assert decode_env.parse_variant("SMALL_GEMM_SPIN_US=0  X=a=b") == {"SMALL_GEMM_SPIN_US": "0", "X": "a=b"}
+    args = [str(tiny_model), "--rounds", "1", "--tokens", "6"]
+    assert decode_env.main(["SMALL_GEMM=0", "SMALL_GEMM=1", "--model", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("round 1/1: ") and len(lines) == 3
+    first, second = lines[1].split(), lines[2].split()
+    assert first[0] == "SMALL_GEMM=0" and first[6] == "1.00x" and float(first[2]) > 0
+    assert second[0] == "SMALL_GEMM=1" and float(second[2]) > 0
+    with pytest.raises(RuntimeError, match="exit 1"):  # a child that fails is named, not averaged
+        decode_env.run_once({}, str(tiny_model / "absent"), 6)

@@ -221,6 +221,15 @@ def test_helpers_spin_only_with_a_cpu_to_spare():
 
 
 @needs_lib
+def test_small_gemm_lib_loads_another_build(tmp_path):
+    code = "import core; from core import blas; print(blas.SMALL_GEMM_PATH, blas.small_gemm is not None)"
+    copy = tmp_path / "other.so"
+    shutil.copy(blas.SMALL_GEMM_PATH, copy)
+    assert run_python(code, SMALL_GEMM_LIB=str(copy)).stdout.split() == [str(copy), "True"]
+    assert run_python(code, SMALL_GEMM_LIB=str(tmp_path / "absent.so")).stdout.split()[1] == "False"
+
+
+@needs_lib
 def test_small_gemm_0_leaves_the_blas_alone():
     code = "import core; from core import blas; print(blas.status, blas.small_gemm is None)"
     assert run_python(code, SMALL_GEMM="0").stdout.split() == ["loaded", "True"]

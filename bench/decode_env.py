@@ -1,0 +1,88 @@
+"""Pipelined decode under different environments, in alternating child processes:
+
+    python -m bench.decode_env SMALL_GEMM_SPIN_US=0 SMALL_GEMM_SPIN_US=100 [--rounds 6] [--tokens 160]
+
+Each argument is one variant: space-separated NAME=VALUE settings (read when the libraries
+load, so each run is its own process). Per round every variant runs once, in turn: greedy
+`mlx_lm.stream_generate` of `--tokens` tokens after a 100-token prompt, on the bench model
+(`bench.anchors.stream_generate_once`, timed as `make bench` times it). Prints each variant's
+median tokens/s and the median of its paired ratios to the first variant. For knobs such as
+SMALL_GEMM_SPIN_US, SMALL_GEMM_THREADS or SMALL_GEMM=0 that one process cannot switch.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+
+from bench import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child(model_dir, tokens):
+    """The decode rate of one run, printed as its last line."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from bench.anchors import stream_generate_once
+
+    mx.set_default_device(mx.cpu)
+    model, tokenizer = load(model_dir)
+    prompt = list(range(3, 103))
+    stream_generate_once(model, tokenizer, prompt, 8)  # warm
+    print(stream_generate_once(model, tokenizer, prompt, tokens)["tokens_per_s"])
+
+
+def parse_variant(text):
+    """ "A=1 B=2" -> {"A": "1", "B": "2"}; ValueError naming the bad setting."""
+    settings = {}
+    for item in text.split():
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"variant {text!r}: {item!r} is not NAME=VALUE")
+        settings[name] = value
+    return settings
+
+
+def run_once(settings, model_dir, tokens):
+    cmd = [sys.executable, "-m", "bench.decode_env", "--child", "--model", model_dir, "--tokens", str(tokens)]
+    env = {**os.environ, "FAST_BLAS_QUIET": "1", **settings}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{settings}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
+    return float(done.stdout.split()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.decode_env", description=__doc__.splitlines()[0])
+    p.add_argument("variants", nargs="*", help='e.g. "SMALL_GEMM_SPIN_US=0" "SMALL_GEMM_SPIN_US=100"')
+    p.add_argument("--model", default="models/bench-mistral")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--tokens", type=int, default=160)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args.model, args.tokens)
+        return 0
+    if len(args.variants) < 2:
+        p.error("give at least two variants to compare")
+    try:
+        variants = [parse_variant(v) for v in args.variants]
+    except ValueError as e:
+        p.error(str(e))
+    rates = [[] for _ in variants]
+    for r in range(args.rounds):
+        for i, settings in enumerate(variants):
+            rates[i].append(run_once(settings, args.model, args.tokens))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{x[-1]:.1f}" for x in rates), flush=True)
+    for text, x in zip(args.variants, rates):
+        paired = report.paired_ratio(x, rates[0])
+        print(
+            f"{text:<40} median {report.median(x):6.1f} tok/s   vs first {paired:.2f}x   {[round(v, 1) for v in x]}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
