@@ -4,7 +4,7 @@
                         [--no-doc] [--keep-tmp]
 
 Progress goes to stderr, the final table to stdout. Results (machine, exact commands, every
-raw sample, medians, ratios, targets) go to bench/results/<date>-<host>[-quick].json, a
+raw sample, medians, ratios, targets) go to bench/results/<date>-<host>[-quick][-<sections>].json, a
 section is appended to docs/PERFORMANCE.md, and the throughput-against-concurrency plot is
 bench/results/<date>-<host>[-quick]-concurrency.png.
 
@@ -1293,6 +1293,16 @@ def parse_args(argv=None):
     return args
 
 
+def results_stem(now, host, quick, sections):
+    """<date>-<host>[-quick], plus -<sections> when a run measures only some of its plan's
+    sections: a partial rerun must not overwrite the whole run's raw samples."""
+    stem = f"{now:%Y-%m-%d}-{host}" + ("-quick" if quick else "")
+    skip = PLANS["quick" if quick else "full"]["skip_sections"]
+    if list(sections) != [s for s in SECTIONS if s not in skip]:
+        stem += "-" + "-".join(sections)
+    return stem
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -1312,7 +1322,7 @@ def main(argv=None):
             )
     now = datetime.datetime.now()
     host = socket.gethostname().split(".")[0]
-    stem = f"{now:%Y-%m-%d}-{host}" + ("-quick" if args.quick else "")
+    stem = results_stem(now, host, args.quick, args.sections)
     results_path = Path(args.results_dir) / f"{stem}.json"
     png_path = Path(args.results_dir) / f"{stem}-concurrency.png"
     tmp = tempfile.mkdtemp(prefix="bench-")

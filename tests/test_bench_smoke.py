@@ -417,3 +417,17 @@ def test_decode_env_runs_each_variant_in_its_own_process(tiny_model, capsys):
     assert second[0] == "SMALL_GEMM=1" and float(second[2]) > 0
     with pytest.raises(RuntimeError, match="exit 1"):  # a child that fails is named, not averaged
         decode_env.run_once({}, str(tiny_model / "absent"), 6)
+
+
+def test_a_partial_run_keeps_the_whole_runs_results():
+    import datetime
+
+    from bench import run
+
+    now = datetime.datetime(2026, 12, 1, 12, 0)
+    full = [s for s in run.SECTIONS if s not in run.PLANS["full"]["skip_sections"]]
+    quick = [s for s in run.SECTIONS if s not in run.PLANS["quick"]["skip_sections"]]
+    assert run.results_stem(now, "vm", False, full) == "2026-12-01-vm"
+    assert run.results_stem(now, "vm", True, quick) == "2026-12-01-vm-quick"
+    assert run.results_stem(now, "vm", False, ["bandwidth", "decode"]) == "2026-12-01-vm-bandwidth-decode"
+    assert run.results_stem(now, "vm", True, ["decode"]) == "2026-12-01-vm-quick-decode"
