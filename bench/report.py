@@ -227,7 +227,7 @@ PERFORMANCE_HEADER = """# Performance
 `make bench` measures this project side by side with its anchor, mlx-lm, in one run
 (bench/run.py): each measurement and its anchor run alternately, several times, and the
 tables below give medians and ratios. `make bench QUICK=1` is the short version. Each run
-appends a section here and writes every raw sample to `bench/results/<date>-<host>[-quick].json`.
+appends a section here and writes every raw sample to `bench/results/<date>-<HHMM>-<host>[-quick].json` (runs before 2026-12-01 13:00: `<date>-<host>[-quick]`, each replaced by the next run of that day).
 
 What is compared:
 

@@ -4,9 +4,9 @@
                         [--no-doc] [--keep-tmp]
 
 Progress goes to stderr, the final table to stdout. Results (machine, exact commands, every
-raw sample, medians, ratios, targets) go to bench/results/<date>-<host>[-quick][-<sections>].json, a
+raw sample, medians, ratios, targets) go to bench/results/<date>-<HHMM>-<host>[-quick][-<sections>].json, a
 section is appended to docs/PERFORMANCE.md, and the throughput-against-concurrency plot is
-bench/results/<date>-<host>[-quick]-concurrency.png.
+bench/results/<date>-<HHMM>-<host>[-quick]-concurrency.png.
 
 Full mode (~8-12 min on 2 busy cores): training on models/tiny-mistral (the ~100M bench model
 trains at ~50 tokens/s here, too slow for the budget), everything else on models/bench-mistral.
@@ -1294,9 +1294,10 @@ def parse_args(argv=None):
 
 
 def results_stem(now, host, quick, sections):
-    """<date>-<host>[-quick], plus -<sections> when a run measures only some of its plan's
-    sections: a partial rerun must not overwrite the whole run's raw samples."""
-    stem = f"{now:%Y-%m-%d}-{host}" + ("-quick" if quick else "")
+    """<date>-<HHMM>-<host>[-quick], plus -<sections> when a run measures only some of its
+    plan's sections: each run's raw samples and plots stay what its PERFORMANCE.md section
+    names (a later run of the same day, or a partial rerun, used to overwrite them)."""
+    stem = f"{now:%Y-%m-%d-%H%M}-{host}" + ("-quick" if quick else "")
     skip = PLANS["quick" if quick else "full"]["skip_sections"]
     if list(sections) != [s for s in SECTIONS if s not in skip]:
         stem += "-" + "-".join(sections)

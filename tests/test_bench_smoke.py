@@ -427,7 +427,9 @@ def test_a_partial_run_keeps_the_whole_runs_results():
     now = datetime.datetime(2026, 12, 1, 12, 0)
     full = [s for s in run.SECTIONS if s not in run.PLANS["full"]["skip_sections"]]
     quick = [s for s in run.SECTIONS if s not in run.PLANS["quick"]["skip_sections"]]
-    assert run.results_stem(now, "vm", False, full) == "2026-12-01-vm"
-    assert run.results_stem(now, "vm", True, quick) == "2026-12-01-vm-quick"
-    assert run.results_stem(now, "vm", False, ["bandwidth", "decode"]) == "2026-12-01-vm-bandwidth-decode"
-    assert run.results_stem(now, "vm", True, ["decode"]) == "2026-12-01-vm-quick-decode"
+    assert run.results_stem(now, "vm", False, full) == "2026-12-01-1200-vm"
+    assert run.results_stem(now, "vm", True, quick) == "2026-12-01-1200-vm-quick"
+    assert (
+        run.results_stem(now, "vm", False, ["bandwidth", "decode"]) == "2026-12-01-1200-vm-bandwidth-decode"
+    )
+    assert run.results_stem(now, "vm", True, ["decode"]) == "2026-12-01-1200-vm-quick-decode"
