@@ -94,15 +94,14 @@ def thread_label(tid, name):
 
 
 def pipelined_cpu_ms(model, tokenizer, tokens=200):
-    """(wall ms per token, [(thread, CPU ms per token)], busiest first) of a greedy stream_generate."""
-    from mlx_lm import stream_generate
+    """(wall ms per token, [(thread, CPU ms per token)], busiest first) of the decode
+    `python -m bench.decode_env` times (greedy stream_generate after a 100-token prompt)."""
+    from bench.anchors import stream_generate_once
+    from bench.decode_env import PROMPT_IDS
 
-    prompt = list(range(3, 103))
-    for _ in stream_generate(model, tokenizer, prompt, max_tokens=8):  # warm
-        pass
-    before, tic, n = thread_cpu_s(), time.perf_counter(), 0
-    for _ in stream_generate(model, tokenizer, prompt, max_tokens=tokens):
-        n += 1
+    stream_generate_once(model, tokenizer, PROMPT_IDS, 8)  # warm
+    before, tic = thread_cpu_s(), time.perf_counter()
+    n = stream_generate_once(model, tokenizer, PROMPT_IDS, tokens)["completion_tokens"]
     wall, after = time.perf_counter() - tic, thread_cpu_s()
     spent = {t: (after[t] - before.get(t, 0.0)) * 1e3 / n for t in after}
     rows = sorted(((ms, thread_label(*t)) for t, ms in spent.items() if ms >= 0.2), reverse=True)

@@ -169,8 +169,8 @@ static atomic_uint generation;
 /* The product's chunks are claimed, not assigned: a helper that wakes late (or waits for a CPU
    the Python thread holds) leaves its share to the caller instead of stalling it. `claim` holds
    the product's generation (high 32 bits), its number of chunks (16) and the next chunk (16).
-   A claim succeeds only while its product is unfinished, when `current` is that product's: a
-   helper that copied `current` while the caller rewrote it (a torn copy) claims nothing. */
+   `current` is read only after a successful claim: until that chunk is done the product is
+   unfinished, so the caller cannot be rewriting `current` for the next one. */
 static _Atomic uint64_t claim;
 static atomic_int chunks_done;
 static int sleepers, helpers_started;
@@ -199,7 +199,8 @@ static unsigned wait_for_work(unsigned seen) {
 }
 
 /* Claims and runs chunks of product `gen` until none is left. */
-static void run_chunks(const job_t *j, unsigned gen) {
+static void run_chunks(unsigned gen) {
+  const job_t *j = &current;
   uint64_t v = atomic_load(&claim);
   while ((unsigned)(v >> 32) == gen && (v & 0xffff) < (v >> 16 & 0xffff)) {
     if (!atomic_compare_exchange_weak(&claim, &v, v + 1)) continue; /* v reloaded */
@@ -218,8 +219,7 @@ static void *helper(void *arg) {
   unsigned seen = pool_generation; /* not the current value: a job may be posted before we run */
   for (;;) {
     seen = wait_for_work(seen);
-    const job_t j = current;
-    run_chunks(&j, seen);
+    run_chunks(seen);
   }
   return NULL;
 }
@@ -248,7 +248,7 @@ static void run_parallel(job_t *j) {
   pthread_mutex_lock(&wake_lock);
   if (sleepers) pthread_cond_broadcast(&wake);
   pthread_mutex_unlock(&wake_lock);
-  run_chunks(j, gen);
+  run_chunks(gen);
   for (int i = 0; atomic_load(&chunks_done) < j->chunks; i++)
     if ((i & 1023) == 1023) sched_yield(); /* a helper may be descheduled mid-chunk */
 }
@@ -344,8 +344,8 @@ __attribute__((constructor)) static void configure(void) {
   n_threads = env_int("SMALL_GEMM_THREADS", cpus > 8 ? 8 : (int)cpus, 1, MAX_THREADS);
   max_m = env_int("SMALL_GEMM_MAX_M", 128, 0, 1024); /* MKL is as fast from ~M=200 */
   /* Spinning pays only with a CPU to spare: where the helpers take every CPU, a spinning helper
-     takes the one the Python thread needs to build the next step (2 cores, pipelined decode:
-     spin 0 -> 41.4 tok/s, 100 us -> 37.4, medians of 6; docs/PERFORMANCE.md). */
+     takes the one the Python thread needs to build the next step (2 cores, pipelined decode,
+     `python -m bench.decode_env`: no spin 40.2 tok/s, 40 us 39.3, 100 us 38.4, medians of 6). */
   spin_us = env_int("SMALL_GEMM_SPIN_US", n_threads > 1 && cpus > n_threads ? 100 : 0, 0, 100000);
   pthread_atfork(NULL, NULL, reset_after_fork);
 }
