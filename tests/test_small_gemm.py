@@ -212,12 +212,18 @@ def test_threads_follow_the_cpus_this_process_may_use():
 
 @needs_lib
 def test_helpers_spin_only_with_a_cpu_to_spare():
-    code = "import core; from core import blas; g = blas.small_gemm; print(g.small_gemm_threads(), g.small_gemm_spin_us())"
-    assert run_python(code, SMALL_GEMM_THREADS="1").stdout.split() == ["1", "0"]  # no helper
+    code = (
+        "import core; from core import blas; g = blas.small_gemm; "
+        "print(g.small_gemm_threads(), g.small_gemm_spin_us(), g.small_gemm_cpus())"
+    )
+    assert run_python(code, SMALL_GEMM_THREADS="1").stdout.split()[:2] == ["1", "0"]  # no helper
     assert run_python(code, SMALL_GEMM_SPIN_US="40").stdout.split()[1] == "40"
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads, spin = map(int, run_python(code).stdout.split())
-    assert spin == (100 if 1 < threads < usable else 0)  # every CPU taken: the Python thread needs it
+    threads, spin, cpus = map(int, run_python(code).stdout.split())  # cpus: affinity and cgroup quota
+    assert spin == (100 if 1 < threads < cpus else 0)  # every CPU taken: the Python thread needs it
+    if cpus >= 2:
+        assert run_python(code, SMALL_GEMM_THREADS=str(cpus - 1)).stdout.split()[1] == (
+            "100" if cpus > 2 else "0"
+        )
 
 
 @needs_lib

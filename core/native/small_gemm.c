@@ -53,7 +53,7 @@ typedef struct {
 } job_t;
 
 static sgemm_fn fallback;
-static int max_m = 128, n_threads = 1, spin_us = 0;
+static int max_m = 128, n_threads = 1, spin_us = 0, cpus = 1;
 static atomic_long small_calls, forwarded_calls;
 
 /* ------------------------------------------------------------------ kernels */
@@ -340,8 +340,8 @@ static long usable_cpus(void) {
 }
 
 __attribute__((constructor)) static void configure(void) {
-  const long cpus = usable_cpus();
-  n_threads = env_int("SMALL_GEMM_THREADS", cpus > 8 ? 8 : (int)cpus, 1, MAX_THREADS);
+  cpus = (int)usable_cpus();
+  n_threads = env_int("SMALL_GEMM_THREADS", cpus > 8 ? 8 : cpus, 1, MAX_THREADS);
   max_m = env_int("SMALL_GEMM_MAX_M", 128, 0, 1024); /* MKL is as fast from ~M=200 */
   /* Spinning pays only with a CPU to spare: where the helpers take every CPU, a spinning helper
      takes the one the Python thread needs to build the next step (2 cores, pipelined decode,
@@ -353,6 +353,7 @@ __attribute__((constructor)) static void configure(void) {
 void small_gemm_set_fallback(sgemm_fn f) { fallback = f; }
 int small_gemm_threads(void) { return n_threads; }
 int small_gemm_spin_us(void) { return spin_us; }
+int small_gemm_cpus(void) { return cpus; }
 int small_gemm_max_m(void) { return max_m; }
 void small_gemm_counts(long *small, long *forwarded) {
   *small = atomic_load(&small_calls);
