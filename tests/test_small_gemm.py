@@ -211,6 +211,23 @@ def test_threads_follow_the_cpus_this_process_may_use():
 
 
 @needs_lib
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="cgroup v2 quotas are Linux's")
+def test_a_cgroup_cpu_quota_caps_the_threads(tmp_path):
+    """In a container the quota, not the host's CPUs, is what the helpers can have."""
+    code = "import core; from core import blas; print(blas.small_gemm.small_gemm_cpus())"
+    usable = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    for text, want in [
+        ("max 100000", usable),
+        ("50000 100000", 1),
+        ("150000 100000", min(2, usable)),
+        ("junk", usable),
+    ]:
+        cpu_max.write_text(text + "\n")
+        assert run_python(code, SMALL_GEMM_CPU_MAX=str(cpu_max)).stdout.strip() == str(want), text
+
+
+@needs_lib
 def test_helpers_spin_only_with_a_cpu_to_spare():
     code = (
         "import core; from core import blas; g = blas.small_gemm; "
