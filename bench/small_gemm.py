@@ -11,11 +11,11 @@ Linux with a C compiler); prints why not otherwise.
 
 import argparse
 import ctypes
-import statistics
 import sys
 import time
 
 import bench  # noqa: F401  (fast BLAS before mlx)
+from bench import report
 
 
 def weight_views(model_dir):
@@ -65,9 +65,9 @@ def measure(model_dir, ms=(1, 8), reps=5):
                 times[name].append(time.perf_counter() - tic)
         blas_t, small_t = times["blas"][1:], times["small"][1:]
         out["m"][m] = {
-            "blas_s": statistics.median(blas_t),
-            "small_s": statistics.median(small_t),
-            "paired": statistics.median(b / s for b, s in zip(blas_t, small_t)),
+            "blas_s": report.median(blas_t),
+            "small_s": report.median(small_t),
+            "paired": report.paired_ratio(blas_t, small_t),
         }
     return out
 
