@@ -234,23 +234,37 @@ def leftovers(base):
 
 
 # ----------------------------------------------------------------------------- kill -9
+def _half_written(found):
+    """The kill fell inside the write: the adapter file is there, the manifest not yet."""
+    return any(
+        checkpoint.ADAPTERS in files and checkpoint.MANIFEST not in files
+        for files in found["tmp_dirs"].values()
+    )
+
+
 def test_kill_9_during_a_checkpoint_write_then_resume(shared, reference, tmp_path):
     """SIGKILL while checkpoint N is half written (a random one of 10..20; its adapter file
     written, its optimizer state being written): the partial folder is left behind, never
     mistaken for a checkpoint, cleaned by the rerun, which resumes from N-5 and ends equal to
-    the uninterrupted run."""
+    the uninterrupted run.
+
+    The kill comes from outside, on the inotify event of the optimizer file; the rest of the
+    folder takes a few milliseconds, so on a loaded machine the kill can land after the manifest
+    or the rename (the CI saw it once). Such a miss is visible on disk; the run is then redone in
+    a fresh folder, at most 3 times; a missed attempt's finished checkpoints must still verify."""
     seed = random.randrange(1 << 30)
     step = random.Random(seed).choice([10, 15, 20])
-    found = kill_at(tmp_path, shared / "small.yaml", shared / "data", f"file:{checkpoint.OPTIMIZER}", step)
-    assert found["tmp_dirs"], f"the kill missed the write (seed {seed}): {found}"
-    assert any(
-        checkpoint.ADAPTERS in files and checkpoint.MANIFEST not in files
-        for files in found["tmp_dirs"].values()
-    ), found
+    for attempt in range(1, 4):
+        base = tmp_path / f"attempt{attempt}"
+        # kill_at verifies every finished checkpoint, a missed attempt included
+        found = kill_at(base, shared / "small.yaml", shared / "data", f"file:{checkpoint.OPTIMIZER}", step)
+        if _half_written(found):
+            break
+    assert _half_written(found), f"3 kills all missed the write (seed {seed}): {found}"
     assert f"step_{step:07d}" not in found["complete"] and f"step_{step - 5:07d}" in found["complete"], found
-    diff = resume_and_compare(tmp_path, shared / "small.yaml", shared / "data", reference, shared)
-    report(test="train_kill_during_checkpoint", seed=seed, max_abs_diff=diff, **found)
-    assert leftovers(tmp_path) == []
+    diff = resume_and_compare(base, shared / "small.yaml", shared / "data", reference, shared)
+    report(test="train_kill_during_checkpoint", seed=seed, attempts=attempt, max_abs_diff=diff, **found)
+    assert leftovers(base) == []
 
 
 @pytest.mark.slow
