@@ -23,12 +23,11 @@ PROMPT_IDS = list(range(3, 103))  # 100 tokens, no tokenizer needed
 
 def child(model_dir, tokens):
     """The decode rate of one run, printed as its last line."""
-    import mlx.core as mx
     from mlx_lm import load
 
     from bench.anchors import stream_generate_once
 
-    mx.set_default_device(mx.cpu)
+    # the default device, as `make bench` decodes (Metal on a Mac; SMALL_GEMM_* act on the CPU only)
     model, tokenizer = load(model_dir)
     stream_generate_once(model, tokenizer, PROMPT_IDS, 8)  # warm
     print(stream_generate_once(model, tokenizer, PROMPT_IDS, tokens)["tokens_per_s"])
