@@ -52,6 +52,8 @@ FORCE         ?=
 N             ?=
 # Benchmarks
 QUICK         ?=
+# Tests
+TESTS         ?=
 
 opt = $(if $(strip $(2)),$(1) $(2))
 flag = $(if $(filter 1 yes true,$(2)),$(1))
@@ -70,7 +72,7 @@ TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
-.PHONY: help setup node-setup tiny-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load demo test test-all bench check-backend clean
+.PHONY: help setup node-setup tiny-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load demo test test-repeat test-all bench check-backend clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -153,6 +155,11 @@ test: $(STAMP) node-setup lint ## Run the linters, then the test suite (Python, 
 	bash tests/shell/run.sh
 	cd clients/node && PYTHON=$(CURDIR)/$(PY) node --test
 	cd examples/express && PYTHON=$(CURDIR)/$(PY) node --test
+
+test-repeat: $(STAMP) ## Rerun chosen tests N times (default 10), each in a fresh pytest: make test-repeat TESTS=tests/x.py::test_y N=20
+	@test -n "$(TESTS)" || { echo "test-repeat: name the tests, e.g. make test-repeat TESTS=tests/test_distributed.py N=20" >&2; exit 2; }
+	@$(MAKE) --no-print-directory tiny-model
+	$(PY) tests/repeat.py -n $(or $(N),10) --keep-going $(TESTS)
 
 test-all: $(STAMP) node-setup lint ## The linters and the test suite plus the slow soak and fault tests
 	@$(MAKE) --no-print-directory tiny-model

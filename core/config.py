@@ -120,7 +120,7 @@ def _merge(base, update, where, strict):
             if strict:
                 raise ConfigError(f"{where}: unknown key '{key}'")
         if isinstance(base.get(key), dict) and isinstance(value, dict):
-            _merge(base[key], value, f"{where}: {key}", strict=key != "optimizer_config")
+            _merge(base[key], value, f"{where}: {key}", strict=strict and key != "optimizer_config")
         else:
             base[key] = value
 

@@ -140,6 +140,21 @@ def test_config_rejects_unknown_key_naming_file(tmp_path):
     assert cfg["learning_rate"] == 1e-4 and cfg["iters"] == 7 and cfg["lora_parameters"]["rank"] == 4
 
 
+
+def test_config_passes_an_optimizers_own_settings_through(tmp_path):
+    """optimizer_config carries mlx-lm's per-optimizer arguments (eps, betas, weight_decay):
+    they reach the optimizer; a typo elsewhere is still refused."""
+    from core.config import ConfigError, load_config
+    from train.train import make_optimizer
+
+    cfg_file = tmp_path / "o.yaml"
+    cfg_file.write_text("optimizer_config:\n  adam:\n    eps: 1.0e-5\n    betas: [0.8, 0.99]\n")
+    opt = make_optimizer(load_config(cfg_file))
+    assert opt.eps == 1e-5 and list(opt.betas) == [0.8, 0.99]
+    cfg_file.write_text("optimizer_config:\n  adam:\n    eps: 1.0e-5\nlora_parameters:\n  sclae: 2\n")
+    with pytest.raises(ConfigError, match="lora_parameters: unknown key 'sclae'"):
+        load_config(cfg_file)
+
 # --- optimised BLAS in real entry-point processes ---------------------------------------
 
 
