@@ -140,7 +140,6 @@ def test_config_rejects_unknown_key_naming_file(tmp_path):
     assert cfg["learning_rate"] == 1e-4 and cfg["iters"] == 7 and cfg["lora_parameters"]["rank"] == 4
 
 
-
 def test_config_passes_an_optimizers_own_settings_through(tmp_path):
     """optimizer_config carries mlx-lm's per-optimizer arguments (eps, betas, weight_decay):
     they reach the optimizer; a typo elsewhere is still refused."""
@@ -154,6 +153,7 @@ def test_config_passes_an_optimizers_own_settings_through(tmp_path):
     cfg_file.write_text("optimizer_config:\n  adam:\n    eps: 1.0e-5\nlora_parameters:\n  sclae: 2\n")
     with pytest.raises(ConfigError, match="lora_parameters: unknown key 'sclae'"):
         load_config(cfg_file)
+
 
 # --- optimised BLAS in real entry-point processes ---------------------------------------
 
