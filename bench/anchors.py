@@ -26,6 +26,9 @@ import bench  # noqa: F401  (fast BLAS before mlx)
 # comparison measures. (In-process anchors, stream_generate, share the bench's process and so
 # its kernel: those rows measure the worker's own overhead.)
 ANCHOR_DEFAULTS = {"SMALL_GEMM": "0"}
+# Tries per request to mlx_lm server: its listen backlog is 5, so a burst of connections can be
+# reset; clients retry as a real one would, and the time lost counts against the server.
+SERVER_ATTEMPTS = 4
 
 
 class _JsonlCallback:

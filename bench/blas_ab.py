@@ -22,7 +22,9 @@ from pathlib import Path
 
 import bench  # noqa: F401
 from bench import machine, report
-from bench.run import RESULTS, ROOT, conc_worker, decode_worker_once, log, rel, sub_env
+from bench.common import BENCH, RESULTS, log, rel, sub_env
+from bench.concurrency import worker_once as conc_worker
+from bench.decode import worker_once as decode_worker_once
 from bench.worker_client import WorkerProcess
 from core.blas import openblas_coretype
 
@@ -41,7 +43,7 @@ def setups(mkl=None, reference=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.blas_ab", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "bench-mistral"))
+    p.add_argument("--model", default=str(BENCH))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--reference", action="store_true", help="also FAST_BLAS=0 (mlx's reference BLAS; slow)")
     p.add_argument("--tokens", type=int, default=48)

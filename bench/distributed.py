@@ -14,6 +14,8 @@ checkpoint or evaluation falls in between). The median of `repeats` runs is repo
 From code: `bench.distributed.measure(...) -> dict` (signature below); the table goes to stderr.
 On one machine the processes share its cores and memory bandwidth: expect no speed-up on a
 CPU box; the point of several processes is several Macs.
+
+`make bench` section **distributed** (`section`, `rows`; the full run only): NPROC=2 vs 1.
 """
 
 import argparse
@@ -27,11 +29,13 @@ from pathlib import Path
 
 import yaml
 
+from bench import report
+from bench.common import ROOT, TINY, log
 from core import paths
 
-ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-TINY = ROOT / "models" / "tiny-mistral"
+SECTION = "distributed"
+PLAN = {"quick": dict(dist_repeats=0), "full": dict(dist_repeats=2, dist_iters=20)}
 
 
 def _config(path, model, iters):
@@ -146,6 +150,34 @@ def measure(
             f"{result['speedup'][str(r['nproc'])]:>5.2f} | {', '.join(f'{x:,.0f}' for x in r['tokens_per_s'])}"
         )
     return result
+
+
+def section(ctx):
+    """Training tokens/s with NPROC=1 and NPROC=2 (mlx.launch) at the same global batch."""
+    plan = ctx.plan
+    if not plan["dist_repeats"]:
+        log("distributed: skipped in the quick run")
+        return
+    ctx.res[SECTION] = measure(nprocs=(1, 2), iters=plan["dist_iters"], repeats=plan["dist_repeats"], log=log)
+
+
+def rows(res):
+    dist = res.get(SECTION)
+    if not (dist and len(dist.get("rows", [])) == 2):
+        return []
+    one, two = dist["rows"]
+    return [
+        report.row(
+            "training tokens/s, NPROC=2 vs 1",
+            two["median_tokens_per_s"],
+            one["median_tokens_per_s"],
+            "tok/s",
+            ours_label="NPROC=2 (mlx.launch)",
+            anchor_label="NPROC=1",
+            note=f"global batch {dist['global_batch']}, "
+            f"{dist['iters']} iters, {dist['model']}; one machine: no speed-up expected",
+        )
+    ]
 
 
 def main(argv=None):

@@ -5,12 +5,14 @@ prefill FLOPs per prompt token, and an uncached ~1,000-token prompt through the 
 
 With --steps, one worker per prefill chunk size (`--prefill-step-size`), all alive, the same
 uncached prompts in interleaved rounds; medians and the median of per-round ratios to the first.
-`make bench` uses `roofline()` and `uncached_prefill()` (its `prefill` section).
+`make bench` section **prefill** (`section`, `rows`): an uncached ~1,000-token prompt through the
+worker against the roofline, each rep paired with a roofline pass; target >= 0.5.
 """
 
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 import uuid
@@ -18,6 +20,15 @@ from pathlib import Path
 
 import bench  # noqa: F401  (fast BLAS before mlx)
 from bench import report
+from bench.chat_replay import system_prompt
+from bench.common import BENCH, log, rel, sub_env
+from bench.worker_client import WorkerProcess
+
+SECTION = "prefill"
+PLAN = {
+    "quick": dict(prefill_model=BENCH, prefill_tokens=1000, prefill_reps=1),
+    "full": dict(prefill_model=BENCH, prefill_tokens=1000, prefill_reps=3),
+}
 
 
 def linear_shapes(config):
@@ -75,8 +86,6 @@ def roofline(model_dir, prompt_tokens=1000, passes=5):
 
 def long_prompt(tokenizer, n_tokens, nonce):
     """A Portuguese system prompt of about n_tokens tokens that no cache has seen (nonce first)."""
-    from bench.workload import system_prompt
-
     base = system_prompt()
     text = f"Sessão {nonce}. "
     while len(tokenizer.encode(text, add_special_tokens=False)) < n_tokens:
@@ -108,14 +117,75 @@ def uncached_prefill(w, tokenizer, n_tokens):
     }
 
 
+def section(ctx):
+    """The compute roofline (measured sgemm FLOP/s / the model's prefill FLOPs per token) and
+    uncached ~1,000-token prompts through the worker, each rep paired with a roofline pass."""
+    plan = ctx.plan
+    model_dir, n = plan["prefill_model"], plan["prefill_tokens"]
+    w = ctx.workers.main(model_dir)
+    tokenizer = ctx.tokenizer(model_dir)
+    out = {
+        "model": rel(model_dir),
+        "prompt_tokens": n,
+        "worker_command": shlex.join(w.command),
+        "prefill_step_size": (w.ready.get("limits") or {}).get("prefill_step_size"),
+        "reps": [],
+        "rooflines": [],
+    }
+    ctx.res[SECTION] = out
+    for rep in range(plan["prefill_reps"]):
+        roof = roofline(model_dir, n, passes=3)
+        r = uncached_prefill(w, tokenizer, n)
+        out["rooflines"].append(roof)
+        out["reps"].append(r)
+        log(
+            f"prefill rep {rep + 1}/{plan['prefill_reps']}: {r['prompt_tokens'] - r['cached_tokens']} uncached tokens "
+            f"in {r['client_ttft_ms']:.0f} ms = {r['tokens_per_s']:.0f} tok/s; roofline {roof['limit_tokens_per_s']:.0f} "
+            f"tok/s ({roof['sgemm_flops_per_s'] / 1e9:.0f} GFLOP/s sgemm / {roof['flops_per_token'] / 1e6:.0f} "
+            f"MFLOP per token); load {r['load']:.2f}"
+        )
+    out["tokens_per_s_summary"] = report.summarize([r["tokens_per_s"] for r in out["reps"]])
+    out["limit_summary"] = report.summarize([r["limit_tokens_per_s"] for r in out["rooflines"]])
+    out["sgemm_summary"] = report.summarize([r["sgemm_flops_per_s"] for r in out["rooflines"]])
+    out["flops_per_token"] = out["rooflines"][0]["flops_per_token"] if out["rooflines"] else None
+
+
+def rows(res):
+    pf = res.get(SECTION)
+    if not pf or not pf.get("reps"):
+        return []
+    med = lambda k: (pf.get(k) or {}).get("median")
+    paired = report.median(
+        [r["tokens_per_s"] / f["limit_tokens_per_s"] for r, f in zip(pf["reps"], pf["rooflines"])]
+    )
+    return [
+        report.row(
+            f"prefill vs compute roofline, uncached {pf['prompt_tokens']}-token prompt",
+            med("tokens_per_s_summary"),
+            med("limit_summary"),
+            "tok/s",
+            ours_label=f"worker, chunk {pf.get('prefill_step_size')}",
+            anchor_label=f"{report.fmt(med('sgemm_summary') / 1e9)} GFLOP/s / "
+            f"{report.fmt(pf['flops_per_token'] / 1e6)} MFLOP",
+            target_key="prefill_roofline",
+            paired=paired,
+            value=paired,
+        ),
+    ]
+
+
+def models_note(plan):
+    return (
+        f"prefill on {rel(plan['prefill_model'])} ({plan['prefill_reps']} reps x {plan['prefill_tokens']} "
+        "uncached tokens)"
+    )
+
+
 def main(argv=None):
     from mlx_lm.utils import load_tokenizer
 
-    from bench.run import ROOT, log, sub_env
-    from bench.worker_client import WorkerProcess
-
     p = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "bench-mistral"))
+    p.add_argument("--model", default=str(BENCH))
     p.add_argument("--tokens", type=int, default=1000)
     p.add_argument("--steps", default="", help="comma-separated prefill chunk sizes to compare (worker flag)")
     p.add_argument("--rounds", type=int, default=3)

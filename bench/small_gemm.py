@@ -7,15 +7,26 @@ the model (x @ W^T, the weights where mlx mapped them), once through the loaded 
 cblas_sgemm and once through core/native/small_gemm.c's, alternating, `--reps` times; the
 median time of each and the median of the paired ratios. Needs the library (`make setup` on
 Linux with a C compiler); prints why not otherwise.
+
+`make bench` section **small_gemm** (`section`, `rows`): the same at M = 1 and 8 (quick) or
+1, 4, 8, 16 (full) on the decode model: the read rate of decoding's products, ours vs the BLAS.
 """
 
 import argparse
 import ctypes
 import sys
 import time
+from pathlib import Path
 
 import bench  # noqa: F401  (fast BLAS before mlx)
 from bench import report
+from bench.common import log
+
+SECTION = "small_gemm"
+PLAN = {
+    "quick": dict(small_gemm_m=[1, 8], small_gemm_reps=3),
+    "full": dict(small_gemm_m=[1, 4, 8, 16], small_gemm_reps=5),
+}
 
 
 def weight_views(model_dir):
@@ -70,6 +81,39 @@ def measure(model_dir, ms=(1, 8), reps=5):
             "paired": report.paired_ratio(blas_t, small_t),
         }
     return out
+
+
+def section(ctx):
+    """Decoding's products over the decode model's weights: core/native/small_gemm.c vs the BLAS."""
+    plan = ctx.plan
+    out = measure(plan["decode_model"], plan["small_gemm_m"], plan["small_gemm_reps"])
+    ctx.res[SECTION] = out
+    if "skipped" in out:
+        log(f"small_gemm: {out['skipped']}")
+    for m, r in out.get("m", {}).items():
+        log(
+            f"small_gemm M={m}: {r['small_s'] * 1e3:.1f} ms vs BLAS {r['blas_s'] * 1e3:.1f} ms ({r['paired']:.2f}x)"
+        )
+
+
+def rows(res):
+    """Read rates (weight bytes / time) of decoding's products at each M, ours vs the BLAS."""
+    sg = res.get(SECTION)
+    if not sg or "m" not in sg:
+        return []
+    gb = sg["weights_bytes"] / 1e9
+    return [
+        report.row(
+            f"decode products x @ W^T, M={m} (read rate)",
+            gb / r["small_s"],
+            gb / r["blas_s"],
+            "GB/s",
+            ours_label="small_gemm",
+            anchor_label=Path(sg["blas"]).name,
+            paired=r["paired"],
+        )
+        for m, r in sg["m"].items()
+    ]
 
 
 def main(argv=None):

@@ -146,7 +146,11 @@ def test_build_rows_and_section():
         warnings=["server reset 2 connections"],
         machine={"host": "h", "cpu": "c", "cores": 2, "backend": "cpu", "blas": "b"},
     )
-    md = run.markdown_section(res, rows, "../bench/results/x.png")
+    from bench import writeup
+
+    md = writeup.markdown_section(
+        res, rows, ["![aggregate tokens/s against concurrency](../bench/results/x.png)\n"]
+    )
     assert "## 2026-01-01 00:00 — quick — h" in md and "noisy" in md and "x.png" in md
     assert "Missed targets: decode vs bandwidth limit" in md
     assert "Note: server reset 2 connections" in md
@@ -155,19 +159,20 @@ def test_build_rows_and_section():
 def test_one_real_decode_measurement(tiny_model, tmp_path):
     """The decode path end to end on the tiny model: the worker over stdio and
     mlx_lm.stream_generate, 1 repetition of 4 tokens. Checks the plumbing, not the speed."""
-    from bench import run
+    from bench import decode, run
+    from bench.common import Context, Workers
 
     plan = dict(
         run.PLANS["quick"], decode_model=tiny_model, decode_reps=1, decode_max_tokens=4, decode_noblas_reps=0
     )
     res = {}
-    workers = run.Workers(tmp_path)
+    ctx = Context(plan=plan, tmp=tmp_path, res=res, workers=Workers(tmp_path))
     try:
-        tokenizer = run.section_decode(plan, tmp_path, res, workers)
-        assert workers.get("main").ready["protocol"] == 2
+        decode.section(ctx)
+        assert ctx.workers.get("main").ready["protocol"] == 2
     finally:
-        workers.stop_all()
-    assert tokenizer is not None
+        ctx.workers.stop_all()
+    assert ctx.tokenizers[tiny_model] is not None  # loaded once, for the sections after it
     dec = res["decode"]
     (w,), (a,) = dec["worker"], dec["stream_generate"]
     assert w["prompt_tokens"] == dec["prompt_tokens"]  # same prompt tokens on both sides
@@ -228,35 +233,35 @@ def test_blas_threads_do_not_spin_unless_told(tmp_path):
 
 
 def test_workload_file_and_helpers():
-    from bench import workload
+    from bench import chat_replay
 
-    system, convs = workload.load()
+    system, convs = chat_replay.load()
     assert "Farense" in system and len(convs) >= 16
     assert len({c["id"] for c in convs}) == len(convs)
     assert all(1 <= len(c["turns"]) <= 4 for c in convs)
     assert {len(c["turns"]) for c in convs} == {1, 2, 3, 4}
-    assert workload.percentile([1, 2, 3, 4, 5], 50) == 3
-    assert math.isclose(workload.percentile([0, 10], 99), 9.9)
-    assert workload.percentile([], 50) is None
-    plan = workload.assign(convs, 3, at_least=4)  # 4 conversations over 3 users
+    assert chat_replay.percentile([1, 2, 3, 4, 5], 50) == 3
+    assert math.isclose(chat_replay.percentile([0, 10], 99), 9.9)
+    assert chat_replay.percentile([], 50) is None
+    plan = chat_replay.assign(convs, 3, at_least=4)  # 4 conversations over 3 users
     assert [len(p) for p in plan] == [2, 1, 1] and plan[0][0] is convs[0] and plan[0][1] is convs[3]
-    assert [len(p) for p in workload.assign(convs, 20)] == [1] * 20  # reused past the set's end
+    assert [len(p) for p in chat_replay.assign(convs, 20)] == [1] * 20  # reused past the set's end
     turns = [
         {"turn": 0, "ttft_s": 0.1, "e2e_s": 1.0, "completion_tokens": 4},
         {"turn": 1, "ttft_s": 0.3, "e2e_s": 2.0, "completion_tokens": 6},
     ]
-    lvl = workload.summarize_level(turns, users=2, wall=2.0)
+    lvl = chat_replay.summarize_level(turns, users=2, wall=2.0)
     assert lvl["tokens_per_s"] == 5.0 and lvl["follow_up_ttft_p50_ms"] == 300.0
     assert math.isclose(lvl["first_turn_ttft_p50_ms"], 100.0)
 
 
 def test_bad_workload_line_is_named(tmp_path):
-    from bench import workload
+    from bench import chat_replay
 
     bad = tmp_path / "w.jsonl"
     bad.write_text('{"system": "s"}\n{"id": "x", "turns": []}\n')
     with pytest.raises(ValueError, match=r"w.jsonl:2"):
-        workload.load(bad)
+        chat_replay.load(bad)
 
 
 def test_prefill_flops_count_the_weights():
@@ -302,24 +307,25 @@ def test_prefill_and_workload_rows_and_plot(tmp_path):
             "server": {"1": [lvl(10.0, 400.0)], "8": [lvl(30.0, 1000.0)]},
         },
     }
-    from bench import workload
+    from bench import chat_replay, workload, writeup
 
-    res["workload"]["worker_medians"] = workload.medians(res["workload"]["worker"])
-    res["workload"]["server_medians"] = workload.medians(res["workload"]["server"])
+    res["workload"]["worker_medians"] = chat_replay.medians(res["workload"]["worker"])
+    res["workload"]["server_medians"] = chat_replay.medians(res["workload"]["server"])
     rows = run.build_rows(res)
     by = {r["name"]: r for r in rows}
     assert by["prefill vs compute roofline, uncached 1000-token prompt"]["met"] is True  # 0.6 >= 0.5
     assert by["chatbot tokens/s, 8 users"]["met"] is True  # 1.2x
     assert by["chatbot first token p99, 1 users"]["met"] is False  # 500 > 400 ms
     assert by["chatbot first token p99, 8 users"]["met"] is True
-    assert run.targets_met(rows) == {
+    assert writeup.targets_met(rows) == {
         "prefill_roofline": True,
         "workload_tokens_8": True,
         "workload_ttft_p99": False,
     }
     res.update(machine={"cpu": "c"}, load_start=[1.0])
-    rel_png = run.plot_workload(res, tmp_path / "w.png", tmp_path / "doc.md")
-    assert rel_png == "w.png" and (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
+    line = workload.plot(res, tmp_path / "r", tmp_path / "doc.md")
+    assert res["workload_png_rel"] == "r-workload.png" and line.endswith("(r-workload.png)\n")
+    assert (tmp_path / "r-workload.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_workload_replay_through_worker_and_server(tiny_model, tmp_path):
@@ -327,9 +333,9 @@ def test_workload_replay_through_worker_and_server(tiny_model, tmp_path):
     on the tiny model: histories grow, both sides answer, usage is read from both."""
     from mlx_lm.utils import load_tokenizer
 
-    from bench import workload
+    from bench import chat_replay
     from bench.anchors import ServerProcess
-    from bench.run import sub_env
+    from bench.common import sub_env
     from bench.worker_client import WorkerProcess
     from core.prompt import accepts_system_role
 
@@ -339,8 +345,11 @@ def test_workload_replay_through_worker_and_server(tiny_model, tmp_path):
         WorkerProcess(["--model", str(tiny_model)], env=sub_env(FAST_BLAS_QUIET=1)) as w,
         ServerProcess(tiny_model, env=sub_env(FAST_BLAS_QUIET=1), stderr_path=tmp_path / "server.log") as srv,
     ):
-        senders = {"worker": workload.worker_sender(w), "server": workload.server_sender(srv.port, fold)}
-        out = workload.run_levels(
+        senders = {
+            "worker": chat_replay.worker_sender(w),
+            "server": chat_replay.server_sender(srv.port, fold),
+        }
+        out = chat_replay.run_levels(
             senders, "És o assistente do Farense.", convs, [2], 1, 3, log=lambda m: None, at_least=2
         )
     for side in ("worker", "server"):
@@ -372,17 +381,17 @@ def test_cpu_prefill_chunk_is_short():
 
 
 def test_small_gemm_measure_and_rows(tiny_model):
-    from bench import run, small_gemm
+    from bench import small_gemm
     from core import blas
 
     res = small_gemm.measure(tiny_model, ms=[1, 3], reps=1)
     if blas.small_gemm is None:
-        assert "not loaded" in res["skipped"] and run.small_gemm_rows(res) == []
+        assert "not loaded" in res["skipped"] and small_gemm.rows({"small_gemm": res}) == []
         pytest.skip(res["skipped"])
     assert res["weights_bytes"] > 0 and sorted(res["m"]) == [1, 3]
     for r in res["m"].values():
         assert r["blas_s"] > 0 and r["small_s"] > 0 and r["paired"] > 0
-    rows = run.small_gemm_rows(res)
+    rows = small_gemm.rows({"small_gemm": res})
     assert [r["name"] for r in rows] == [
         "decode products x @ W^T, M=1 (read rate)",
         "decode products x @ W^T, M=3 (read rate)",
@@ -422,14 +431,142 @@ def test_decode_env_runs_each_variant_in_its_own_process(tiny_model, capsys):
 def test_a_partial_run_keeps_the_whole_runs_results():
     import datetime
 
-    from bench import run
+    from bench import run, writeup
 
     now = datetime.datetime(2026, 12, 1, 12, 0)
-    full = [s for s in run.SECTIONS if s not in run.PLANS["full"]["skip_sections"]]
-    quick = [s for s in run.SECTIONS if s not in run.PLANS["quick"]["skip_sections"]]
-    assert run.results_stem(now, "vm", False, full) == "2026-12-01-1200-vm"
-    assert run.results_stem(now, "vm", True, quick) == "2026-12-01-1200-vm-quick"
-    assert (
-        run.results_stem(now, "vm", False, ["bandwidth", "decode"]) == "2026-12-01-1200-vm-bandwidth-decode"
+    full, quick = run.planned(False), run.planned(True)
+    assert quick == [s for s in full if s != "concurrency"]
+    stem = lambda is_quick, sections: writeup.results_stem(
+        now, "vm", is_quick, sections, run.planned(is_quick)
     )
-    assert run.results_stem(now, "vm", True, ["decode"]) == "2026-12-01-1200-vm-quick-decode"
+    assert stem(False, full) == "2026-12-01-1200-vm"
+    assert stem(True, quick) == "2026-12-01-1200-vm-quick"
+    assert stem(False, ["bandwidth", "decode"]) == "2026-12-01-1200-vm-bandwidth-decode"
+    assert stem(True, ["decode"]) == "2026-12-01-1200-vm-quick-decode"
+
+
+# A full and a quick run recorded before bench/ was split into one module per measurement
+# (issue 25): the code of today must rebuild their rows, targets, plan and doc section exactly.
+COMMITTED_RUNS = ["2026-12-01-1250-vm.json", "2026-12-01-1233-vm-quick.json"]
+
+
+@pytest.mark.parametrize("name", COMMITTED_RUNS)
+def test_a_committed_run_is_rebuilt_as_it_was_recorded(name):
+    import os
+
+    from bench import run, writeup
+    from bench.common import DOC, RESULTS, rel
+
+    res = json.loads((RESULTS / name).read_text())
+    rows = json.loads(json.dumps(run.build_rows(res)))
+    assert [r["name"] for r in rows] == [r["name"] for r in res["rows"]]
+    assert rows == res["rows"]
+    assert writeup.targets_met(rows) == res["targets_met"]
+    plan = run.PLANS[res["mode"]]
+    assert (
+        json.loads(json.dumps({k: rel(v) if isinstance(v, Path) else v for k, v in plan.items()}))
+        == res["plan"]
+    )
+    sections = [s for s in run.SECTIONS if s in res]
+    assert run.models_note(plan, sections) == res["models_note"]
+    images = []
+    if res.get("plot"):
+        images.append(f"![aggregate tokens/s against concurrency]({os.path.relpath(res['plot'], 'docs')})\n")
+    if res.get("workload_png_rel"):
+        images.append(
+            "![chatbot workload: tokens/s and first-token time against users, worker vs mlx_lm server]"
+            f"({res['workload_png_rel']})\n"
+        )
+    section = writeup.markdown_section(res, rows, images)
+    assert section.splitlines()[0] in DOC.read_text(), f"{name}'s section is no longer in {DOC.name}"
+    assert section in DOC.read_text()
+
+
+def test_plans_are_assembled_from_the_measurements(monkeypatch):
+    from bench import run
+
+    for mode in ("quick", "full"):
+        keys = [k for m in run.MEASUREMENTS for k in m.PLAN[mode]]
+        assert sorted(run.PLANS[mode]) == sorted(keys + ["skip_sections"])
+    assert run.PLANS["quick"]["skip_sections"] == ("concurrency",)
+    clash = type("clash", (), {"SECTION": "clash", "PLAN": {"quick": {"decode_reps": 1}, "full": {}}})
+    monkeypatch.setattr(run, "MEASUREMENTS", run.MEASUREMENTS + (clash,))
+    with pytest.raises(ValueError, match=r"bench/clash.py: plan keys \['decode_reps'\]"):
+        run.plan_for("quick")
+
+
+def test_a_new_measurement_is_one_line_in_the_runner(monkeypatch):
+    """A module with SECTION, PLAN, section and rows, added to MEASUREMENTS only: it runs after
+    the others, in its turn, and its rows come after theirs."""
+    from bench import run
+    from bench.common import Context
+
+    def section(ctx):
+        ctx.res["extra"] = {"x": ctx.plan["extra_x"], "decode_ran_first": "decode" in ctx.res}
+
+    extra = type(
+        "extra",
+        (),
+        {
+            "SECTION": "extra",
+            "PLAN": {"quick": {"extra_x": 2.0}, "full": {"extra_x": 3.0}},
+            "section": staticmethod(section),
+            "rows": staticmethod(lambda res: [report.row("extra", res["extra"]["x"], 1.0, "x")]),
+        },
+    )
+    decode = type(
+        "decode",
+        (),
+        {
+            "SECTION": "decode",
+            "PLAN": {"quick": {}},
+            "section": staticmethod(lambda ctx: ctx.res.update(decode={})),
+        },
+    )
+    monkeypatch.setattr(run, "MEASUREMENTS", (decode, extra))
+    assert run.plan_for("quick")["extra_x"] == 2.0
+    res = {"errors": {}}
+    run.measure(Context(plan={"extra_x": 2.0}, tmp=Path("."), res=res, workers=None), ["decode", "extra"])
+    assert res["extra"] == {"x": 2.0, "decode_ran_first": True} and res["errors"] == {}
+    res["training"] = {"model": "m", "batch_size": 4, "lora_rank": 8, "lora_layers": 4, "iters": 1}
+    assert [r["name"] for r in run.build_rows(res)] == ["training tokens/s (LoRA)", "extra"]
+
+
+def test_a_failing_measurement_is_an_error_of_the_run_not_its_end(monkeypatch):
+    from bench import run
+    from bench.common import Context
+
+    def boom(ctx):
+        raise RuntimeError("no server")
+
+    a = type("a", (), {"SECTION": "a", "section": staticmethod(boom)})
+    b = type("b", (), {"SECTION": "b", "section": staticmethod(lambda ctx: ctx.res.update(b=1))})
+    monkeypatch.setattr(run, "MEASUREMENTS", (a, b))
+    res = {"errors": {}}
+    run.measure(Context(plan={}, tmp=Path("."), res=res, workers=None), ["a", "b"])
+    assert res["b"] == 1 and res["errors"]["a"].startswith("RuntimeError: no server\n")
+
+
+def test_same_shape_compares_keys_and_rows_not_values(tmp_path, capsys):
+    from bench import same_shape
+    from bench.common import RESULTS
+
+    res = json.loads((RESULTS / COMMITTED_RUNS[1]).read_text())
+    other = json.loads(json.dumps(res))
+    other["decode"]["worker"] = other["decode"]["worker"][:1]  # fewer repetitions: same shape
+    other["decode"]["worker_summary"]["median"] = 1.0
+    assert same_shape.differences(res, other) == []
+    del other["decode"]["worker"][0]["timing"]
+    other["rows"] = other["rows"][1:]
+    other["new_section"] = {"a": 1}
+    diff = same_shape.differences(res, other)
+    assert diff[0].startswith("top-level keys:")
+    assert "gone: decode.worker[].timing" in diff and "new: new_section.a" in diff
+    assert diff[-1].startswith("rows: ['training tokens/s (LoRA)', ")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(res))
+    b.write_text(json.dumps(other))
+    assert same_shape.main([str(a), str(a)]) == 0 and "same shape" in capsys.readouterr().out
+    assert (
+        same_shape.main([str(a), str(b)]) == 1 and "gone: decode.worker[].timing" in capsys.readouterr().out
+    )
