@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import check_backend
+from bench.backend import job, serve_checks, train_checks
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = [
@@ -49,7 +50,7 @@ def test_check_backend_passes_every_line_on_this_machine(tmp_path, tiny_model):
     result = json.loads(out.read_text())
     lines = {line["check"]: line for line in result["lines"]}
     assert list(lines) == CHECKS, list(lines)
-    four_bit_missing = not (check_backend.TINY_4BIT / "config.json").exists()
+    four_bit_missing = not (job.TINY_4BIT / "config.json").exists()
     for name, line in lines.items():
         may_skip = four_bit_missing and name in ("tiny model, 4-bit", "train QLoRA (4-bit base)")
         assert line["status"] == "PASS" or (may_skip and line["status"] == "SKIP"), line
@@ -62,9 +63,9 @@ def test_check_backend_passes_every_line_on_this_machine(tmp_path, tiny_model):
         assert f"\n  {name} " in table, name
     assert "0 failed" in table
     m = result["measured"]
-    assert 2 <= m["killed_at_step"] < check_backend.TRAIN_CONFIG["iters"]
+    assert 2 <= m["killed_at_step"] < job.TRAIN_CONFIG["iters"]
     assert m["resumed_from"].startswith("step_")
-    assert m["decode"]["tokens"] == check_backend.DECODE_TOKENS and m["decode"]["tokens_per_s"] > 0
+    assert m["decode"]["tokens"] == serve_checks.DECODE_TOKENS and m["decode"]["tokens_per_s"] > 0
     assert m["worker_memory"]["peak_bytes"] > 0 and m["worker_memory"]["rss_bytes"] > 0
     assert m["train_lora"]["peak_mem_gb"] > 0
     assert result["versions"]["backend"] in ("cpu", "metal", "cuda")
@@ -80,7 +81,7 @@ def test_a_failing_check_is_a_FAIL_line_and_exit_1(monkeypatch, capsys):
         raise RuntimeError("the worker exited 2: cannot load models/x")
 
     def skip():
-        raise check_backend.Skip("node not found on PATH")
+        raise job.Skip("node not found on PATH")
 
     def fake_all(work, build=True):
         r = check_backend.Report(versions={"python": "3.x", "backend": "cpu"})
@@ -108,9 +109,9 @@ def test_the_4bit_line_skips_with_its_reason_when_not_built(monkeypatch, tmp_pat
     if present:
         target.mkdir()
         (target / "config.json").write_text("{}")
-    monkeypatch.setattr(check_backend, "TINY_4BIT", target)
-    monkeypatch.setattr(check_backend, "ROOT", tmp_path)
+    monkeypatch.setattr(train_checks, "TINY_4BIT", target)
+    monkeypatch.setattr(train_checks, "ROOT", tmp_path)
     r = check_backend.Report(versions={})
-    r.run("tiny model, 4-bit", check_backend.check_tiny_4bit, False)
+    r.run("tiny model, 4-bit", train_checks.check_tiny_4bit, False)
     assert r.lines[0].status == ("PASS" if present else "SKIP")
     assert ("present" if present else "not built") in r.lines[0].detail
