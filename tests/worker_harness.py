@@ -36,6 +36,7 @@ def worker_env(extra=None):
     env.pop("WORKER_TEST_IGNORE_EOS", None)
     env.pop("WORKER_TEST_FAULT", None)
     env.pop("WORKER_TEST_PRINT", None)
+    env.pop("WORKER_TEST_ECHO", None)
     env.update(extra or {})
     return env
 

@@ -20,6 +20,8 @@ Test-only hooks (environment variables, read once; documented in docs/PROTOCOL.m
                              worker at its first token (exercises the `internal` error)
   WORKER_TEST_PRINT=1        every admission print()s to sys.stdout and writes to fd 1
                              (the protocol stream must stay clean)
+  WORKER_TEST_ECHO=TEXT      a request whose last message contains TEXT is answered with that
+                             message first (worker/testhooks.py)
 """
 
 import os
@@ -34,7 +36,7 @@ from typing import Any
 import mlx.core as mx
 
 from core.prompt import encode_prompt, with_system_prompt
-from worker import context, protocol
+from worker import context, protocol, testhooks
 from worker.io import EOF
 from worker.mlxlm_api import (
     BatchGenerator,
@@ -162,6 +164,7 @@ class Engine:
         self.ignore_eos = hooks.get("WORKER_TEST_IGNORE_EOS") == "1"
         self.fault_text = hooks.get("WORKER_TEST_FAULT") or None
         self.test_print = hooks.get("WORKER_TEST_PRINT") == "1"
+        self.echo_marker = hooks.get("WORKER_TEST_ECHO") or None
 
         self.stop_sequences = no_stop_sequences() if self.ignore_eos else eos_stop_sequences(tokenizer)
         self.prefix = LRUPromptCache(max_size=1 << 20, max_bytes=max(0, int(prefix_cache_bytes)))
@@ -430,6 +433,8 @@ class Engine:
                 act.processors = self._processors[rep] = make_logits_processors(repetition_penalty=rep)
         else:
             act.processors = None
+        if self.echo_marker and self.echo_marker in messages[-1]["content"]:
+            act.processors = testhooks.echo_processors(self.tokenizer, messages, act.processors)
         act.sys_end = self._system_end(messages, act.ids)
 
     def _system_end(self, messages, ids):
