@@ -6,6 +6,8 @@ import { AbortError, TimeoutError, WorkerError, WorkerExitedError } from '../../
 import { LIMITS, SYSTEM_REFUSED, abortOnClose, writeWithBackpressure } from './http.js';
 import { addOpenAiRoutes, openaiError } from './openai.js';
 import { createMetrics } from './metrics.js';
+import { addPageRoutes, securityHeaders } from './page.js';
+import { clientLimits } from './limits.js';
 
 export { LIMITS, SYSTEM_REFUSED };
 
@@ -91,22 +93,23 @@ export function parseChatBody(body, { allowSystem = false } = {}) {
 }
 
 /**
- * Maps a client error to [status, public message]. Public messages never carry internals
- * (paths, stack traces, worker messages); those go to the server log.
+ * Maps a client error to [status, public message, code]. Public messages never carry internals
+ * (paths, stack traces, worker messages); those go to the server log. The code tells the chat
+ * page which message to show (the `event: error` of the stream carries it).
  */
 export function publicError(err) {
-  if (err instanceof TimeoutError) return [504, 'the model took too long to answer'];
-  if (err instanceof WorkerExitedError) return [503, 'the model is restarting, try again shortly'];
+  if (err instanceof TimeoutError) return [504, 'the model took too long to answer', 'timeout'];
+  if (err instanceof WorkerExitedError) return [503, 'the model is restarting, try again shortly', 'restarting'];
   if (err instanceof WorkerError) {
     switch (err.code) {
-      case 'too_long': return [400, 'the conversation is too long for the model'];
-      case 'too_large': return [413, 'request too large'];
-      case 'invalid_request': return [400, 'invalid request'];
-      case 'overloaded': return [503, 'the model is busy, try again shortly'];
-      default: return [500, 'internal error'];
+      case 'too_long': return [400, 'the conversation is too long for the model', 'too_long'];
+      case 'too_large': return [413, 'request too large', 'too_large'];
+      case 'invalid_request': return [400, 'invalid request', 'invalid'];
+      case 'overloaded': return [503, 'the model is busy, try again shortly', 'busy'];
+      default: return [500, 'internal error', 'internal'];
     }
   }
-  return [500, 'internal error'];
+  return [500, 'internal error', 'internal'];
 }
 
 const sse = (event, data) => `${event ? `event: ${event}\n` : ''}data: ${JSON.stringify(data)}\n\n`;
@@ -114,18 +117,23 @@ const sse = (event, data) => `${event ? `event: ${event}\n` : ''}data: ${JSON.st
 /**
  * @param {import('../../clients/node/index.js').Worker | import('../../clients/node/index.js').Pool} worker
  * @param {{ timeoutMs?: number, log?: typeof defaultLog, allowClientSystem?: boolean,
- *   modelId?: string, adminToken?: string, reload?: () => Promise<any>, metrics?: boolean }} [options]
+ *   modelId?: string, adminToken?: string, reload?: () => Promise<any>, metrics?: boolean,
+ *   trustProxy?: boolean | number | string, limits?: { perMinute?: number, concurrent?: number } | false }} [options]
  *   allowClientSystem: accept `system` messages from clients (default false: 400); modelId: the
- *   model name of the OpenAI routes (default 'farense'); adminToken + reload: POST
- *   /admin/reload (Authorization: Bearer <token>) calls reload() (no token: the route is off);
- *   metrics: GET /metrics in Prometheus format (default true)
+ *   model name of the OpenAI routes and the chat page (default 'farense'); adminToken + reload:
+ *   POST /admin/reload (Authorization: Bearer <token>) calls reload() (no token: the route is
+ *   off); metrics: GET /metrics in Prometheus format (default true); trustProxy: Express's
+ *   `trust proxy` (default false: clients are told apart by the socket's address); limits:
+ *   per-client requests per minute and generations at once on the generation routes, 429 with
+ *   Retry-After beyond them (limits.js; default: none, server.js sets them)
  */
 export function createApp(worker, options = {}) {
   const log = options.log ?? defaultLog;
   const timeoutMs = options.timeoutMs ?? 120_000;
   const app = express();
   app.disable('x-powered-by');
-  app.set('trust proxy', false);
+  app.set('trust proxy', options.trustProxy ?? false);
+  app.use(securityHeaders);
   const metrics = options.metrics === false ? null : createMetrics(worker);
   if (metrics) {
     app.use(metrics.middleware);
@@ -139,7 +147,12 @@ export function createApp(worker, options = {}) {
 
   const json = express.json({ limit: LIMITS.body });
   const allowSystem = options.allowClientSystem ?? false;
+  const modelId = options.modelId ?? 'farense';
 
+  if (options.limits) {
+    app.locals.limits = clientLimits({ ...options.limits, log });
+    app.post(['/api/chat', '/api/chat/stream', '/v1/chat/completions'], app.locals.limits);
+  }
   addChatRoutes(app, { worker, json, allowSystem, log, timeoutMs });
 
   // Every reload (admin route, SIGHUP, models/current changing: server.js) goes through here.
@@ -158,8 +171,9 @@ export function createApp(worker, options = {}) {
 
   addOpenAiRoutes(app, {
     worker, json, log, timeoutMs, allowSystem, abortOnClose,
-    modelId: options.modelId ?? 'farense',
+    modelId,
   });
+  addPageRoutes(app, { modelId });
 
   app.use((req, res) => {
     if (isOpenAiPath(req)) return res.status(404).json(openaiError(404, 'not found').body);
@@ -253,13 +267,14 @@ function addChatRoutes(app, { worker, json, allowSystem, log, timeoutMs }) {
         return;
       }
       const done = await stream.done;
-      await writeWithBackpressure(res, sse('done', { usage: done.usage, finish_reason: done.finish_reason }));
+      const timing = done.timing && { ttft_ms: done.timing.ttft_ms, tokens_per_s: done.timing.tokens_per_s };
+      await writeWithBackpressure(res, sse('done', { usage: done.usage, finish_reason: done.finish_reason, timing }));
       res.end();
     } catch (err) {
-      const [status, message] = publicError(err);
+      const [status, message, code] = publicError(err);
       log(status >= 500 ? 'error' : 'warn', 'chat stream failed', { id: stream.id, code: err.code, error: err.message, status });
       if (!res.destroyed && !res.writableEnded) {
-        res.write(sse('error', { error: message, status }));
+        res.write(sse('error', { error: message, status, code }));
         res.end();
       }
     }

@@ -27,6 +27,16 @@ export default [
     },
   },
   {
+    // the chat page runs in the browser
+    files: ['examples/express/public/**/*.js'],
+    languageOptions: { globals: { ...globals.browser } },
+  },
+  {
+    // code that drives the page: its page.evaluate() callbacks run in the browser
+    files: ['examples/express/test/page.test.js', 'examples/express/testlib/page.js', 'examples/express/scripts/**/*.js'],
+    languageOptions: { globals: { ...globals.node, ...globals.browser } },
+  },
+  {
     // test files: node:test callbacks read top to bottom like scripts
     files: ['**/test/**/*.js'],
     rules: { 'max-lines-per-function': 'off' },

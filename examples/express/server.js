@@ -3,7 +3,9 @@
 // when neither is set), PYTHON (default <repo>/.venv/bin/python), TIMEOUT_MS (120000),
 // ALLOW_CLIENT_SYSTEM=1 (accept client `system` messages), MODEL_ID (the OpenAI model name,
 // 'farense'), ADMIN_TOKEN (enables POST /admin/reload), FOLLOW_INTERVAL_MS (2000), WORKER_ARGS
-// (extra worker options, space-separated).
+// (extra worker options, space-separated), RATE_LIMIT_PER_MINUTE (30) and RATE_LIMIT_CONCURRENT
+// (2): per-client limits on the generation routes (0: none), TRUST_PROXY (off: see limits.js
+// and README.md, for a server behind nginx).
 // The HTTP server listens at once; /healthz answers 503 until the worker is ready.
 // Reloads (zero downtime, see clients/node reload()): SIGHUP, POST /admin/reload, and when
 // ADAPTER (or MODEL) is a symlink such as models/current whose target changes.
@@ -11,6 +13,7 @@ import { existsSync, lstatSync, realpathSync } from 'node:fs';
 import path from 'node:path';
 import { createWorker, REPO_ROOT } from '../../clients/node/index.js';
 import { createApp, defaultLog as log } from './app.js';
+import { DEFAULT_LIMITS, parseTrustProxy } from './limits.js';
 
 /** A path that exists relative to the current directory is made absolute; anything else
  * (a path relative to the repo root, a Hugging Face id) is passed to the worker as is. */
@@ -25,6 +28,28 @@ const host = process.env.HOST || '127.0.0.1';
 const adapterPath = modelArg(process.env.ADAPTER);
 const modelPath = modelArg(process.env.MODEL) ?? (adapterPath ? undefined : path.join(REPO_ROOT, 'models', 'tiny-mistral'));
 const timeoutMs = Number.parseInt(process.env.TIMEOUT_MS ?? '120000', 10);
+
+/** A whole number >= 0 from the environment, or exit naming the variable. */
+function count(name, fallback) {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return fallback;
+  if (!/^\d+$/.test(raw.trim())) {
+    log('error', `${name} must be a whole number >= 0 (0: no limit), not ${JSON.stringify(raw)}`);
+    process.exit(2);
+  }
+  return Number(raw);
+}
+let trustProxy;
+try {
+  trustProxy = parseTrustProxy(process.env.TRUST_PROXY);
+} catch (err) {
+  log('error', err.message);
+  process.exit(2);
+}
+const limits = {
+  perMinute: count('RATE_LIMIT_PER_MINUTE', DEFAULT_LIMITS.perMinute),
+  concurrent: count('RATE_LIMIT_CONCURRENT', DEFAULT_LIMITS.concurrent),
+};
 
 /** A symlink (models/current) is followed: the worker gets its target, re-read at each reload. */
 function resolveLink(p) {
@@ -52,6 +77,8 @@ const app = createApp(worker, {
   timeoutMs,
   allowClientSystem: process.env.ALLOW_CLIENT_SYSTEM === '1',
   modelId: process.env.MODEL_ID || 'farense',
+  trustProxy,
+  limits,
   adminToken: process.env.ADMIN_TOKEN || undefined,
   reload: () => worker.reload(target()),
 });

@@ -79,7 +79,9 @@ test('POST /api/chat/stream: SSE tokens arrive before the done event', async () 
   assert.equal(data.length, events.length - 1);
   assert.ok(data.length > 1);
   for (const e of data) assert.equal(typeof e.data.text, 'string');
-  assert.deepEqual(Object.keys(done.data).sort(), ['finish_reason', 'usage']);
+  assert.deepEqual(Object.keys(done.data).sort(), ['finish_reason', 'timing', 'usage']);
+  assert.deepEqual(Object.keys(done.data.timing).sort(), ['tokens_per_s', 'ttft_ms']);
+  assert.ok(done.data.timing.tokens_per_s > 0 && done.data.timing.ttft_ms > 0);
   assert.equal(done.data.finish_reason, 'length');
   assert.equal(done.data.usage.completion_tokens, 200);
   // streamed: the first token was read in an earlier chunk, before the generation finished
@@ -170,7 +172,7 @@ test('errors from the worker: short public messages, details only in the server 
   assert.equal(res.status, 200);
   const events = await readSse(res.body);
   assert.equal(events.at(-1).event, 'error');
-  assert.deepEqual(events.at(-1).data, { error: 'internal error', status: 500 });
+  assert.deepEqual(events.at(-1).data, { error: 'internal error', status: 500, code: 'internal' });
 });
 
 /** Opens a request with node:http so the test controls the socket. */

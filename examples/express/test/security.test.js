@@ -173,7 +173,7 @@ test('worker errors with paths and stack traces: a fixed public message, details
       const sse = await rawPost('/api/chat/stream', '{"message":"Olá"}');
       assert.equal(sse.status, 200);
       assertNoInternals(assert, sse.text);
-      assert.match(sse.text, /^event: error\ndata: \{"error":"[^"]+","status":\d+\}\n\n$/);
+      assert.match(sse.text, /^event: error\ndata: \{"error":"[^"]+","status":\d+,"code":"[a-z_]+"\}\n\n$/);
     }
     worker.fail = () => { throw new TypeError(INTERNALS); };   // a synchronous throw
     const res = await rawPost('/api/chat', '{"message":"Olá"}');
