@@ -54,6 +54,9 @@ N             ?=
 QUICK         ?=
 # Tests
 TESTS         ?=
+# Notebook: JupyterLab, installed into .venv by `make notebook` only; JUPYTER_ARGS e.g. --no-browser
+JUPYTERLAB_VERSION := 4.6.6
+JUPYTER_ARGS  ?=
 
 opt = $(if $(strip $(2)),$(1) $(2))
 flag = $(if $(filter 1 yes true,$(2)),$(1))
@@ -72,7 +75,7 @@ TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
-.PHONY: help setup node-setup tiny-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load demo test test-repeat test-all bench check-backend clean
+.PHONY: help setup node-setup tiny-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load demo notebook browser test test-repeat test-all bench check-backend clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -149,7 +152,16 @@ demo: $(STAMP) ## The whole job on the tiny model: data, train, eval, a worker r
 	  '{"id":"demo-2","prompt":"Qual é o estádio do Farense?","stream":true}' \
 	  | $(PY) -m worker --adapter models/$(DEMO_NAME)
 
-test: $(STAMP) node-setup lint ## Run the linters, then the test suite (Python, shell, Node); sets everything up itself
+notebook: $(STAMP) ## Open notebooks/walkthrough.ipynb (data, training, loss curves, eval, chat) in JupyterLab, installed into .venv the first time
+	@$(PY) -c "import sys, jupyterlab; sys.exit(jupyterlab.__version__ != '$(JUPYTERLAB_VERSION)')" 2>/dev/null \
+	  || { echo "notebook: installing jupyterlab==$(JUPYTERLAB_VERSION) into $(VENV)"; \
+	       $(PY) -m pip install --quiet --disable-pip-version-check jupyterlab==$(JUPYTERLAB_VERSION); }
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(JUPYTER_ARGS) notebooks/walkthrough.ipynb
+
+browser: ## Install Chromium for the chat page's browser tests (apt-get, as root); elsewhere they are skipped with the reason
+	@bash .ci/install-chromium.sh
+
+test: $(STAMP) node-setup lint browser ## Run the linters, then the test suite (Python, shell, Node, a headless browser); sets everything up itself
 	@$(MAKE) --no-print-directory tiny-model
 	$(PY) -m pytest -q -m "not slow" tests
 	bash tests/shell/run.sh
@@ -161,7 +173,7 @@ test-repeat: $(STAMP) ## Rerun chosen tests N times (default 10), each in a fres
 	@$(MAKE) --no-print-directory tiny-model
 	$(PY) tests/repeat.py -n $(or $(N),10) --keep-going $(TESTS)
 
-test-all: $(STAMP) node-setup lint ## The linters and the test suite plus the slow soak and fault tests
+test-all: $(STAMP) node-setup lint browser ## The linters and the test suite plus the slow soak and fault tests
 	@$(MAKE) --no-print-directory tiny-model
 	$(PY) -m pytest -q tests
 	bash tests/shell/run.sh

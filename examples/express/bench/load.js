@@ -69,7 +69,9 @@ function stacks(o, ports) {
   return {
     express: {
       start: () => startServer('express', process.execPath, [path.join(REPO_ROOT, 'examples/express/server.js')],
-        { PORT: String(ports.express), MODEL: o.model, WORKER_ARGS: `--max-queue ${o.maxQueue}` }, `http://127.0.0.1:${ports.express}/healthz`),
+        // one load generator on one address: the per-client limits (server.js's defaults) are off
+        { PORT: String(ports.express), MODEL: o.model, WORKER_ARGS: `--max-queue ${o.maxQueue}`, RATE_LIMIT_PER_MINUTE: '0', RATE_LIMIT_CONCURRENT: '0' },
+        `http://127.0.0.1:${ports.express}/healthz`),
       url: `http://127.0.0.1:${ports.express}/v1/chat/completions`,
       model: 'farense',
     },

@@ -244,3 +244,64 @@ test('the client itself refuses a lone surrogate at once and keeps nothing in fl
   assert.equal(w.inFlight, 0, 'nothing left waiting in the client');
   assert.deepEqual(workerErrors.map((e) => e.code), [], 'nothing unparseable reached the worker');
 });
+
+test('the chat page: security headers, a CSP with no inline script, revalidated caching, no inline code in the HTML', async () => {
+  const res = await fetch(`${base}/`);
+  assert.equal(res.status, 200);
+  assert.match(res.headers.get('content-type'), /^text\/html/);
+  const csp = res.headers.get('content-security-policy');
+  assert.match(csp, /default-src 'none'/);
+  assert.match(csp, /script-src 'self'(;|$)/);
+  assert.match(csp, /frame-ancestors 'none'/);
+  assert.doesNotMatch(csp, /unsafe-inline|unsafe-eval|\*/);
+  assert.equal(res.headers.get('x-content-type-options'), 'nosniff');
+  assert.equal(res.headers.get('x-frame-options'), 'DENY');
+  assert.equal(res.headers.get('referrer-policy'), 'no-referrer');
+  assert.equal(res.headers.get('cache-control'), 'no-cache');
+  const etag = res.headers.get('etag');
+  assert.ok(etag);
+  const html = await res.text();
+  // (node:http: fetch adds Cache-Control: no-cache to a conditional request, as the Fetch spec says)
+  const [again] = await once(http.get(`${base}/`, { headers: { 'if-none-match': etag } }), 'response');
+  again.resume();
+  assert.equal(again.statusCode, 304, 'revalidated, not re-sent');
+  // no inline script or style that the CSP would have to allow
+  for (const tag of html.match(/<script\b[^>]*>/g)) assert.match(tag, /\ssrc="[^"]+"/, tag);
+  assert.doesNotMatch(html, /<style\b|\sstyle=|\son[a-z]+=/i);
+  assertNoInternals(assert, html);
+
+  for (const [file, type] of [['chat.js', /^text\/javascript/], ['conversation.js', /^text\/javascript/], ['i18n.js', /^text\/javascript/],
+    ['chat.css', /^text\/css/], ['icon.svg', /^image\/svg\+xml/]]) {
+    const r = await fetch(`${base}/${file}`);
+    assert.equal(r.status, 200, file);
+    assert.match(r.headers.get('content-type'), type, file);
+    assert.equal(r.headers.get('x-content-type-options'), 'nosniff');
+    assert.ok(r.headers.get('content-security-policy'));
+  }
+  // the API's responses carry the headers too
+  const api = await fetch(`${base}/healthz`);
+  assert.equal(api.headers.get('x-content-type-options'), 'nosniff');
+  for (const path of ['/.env', '/../app.js', '/public/chat.js', '/node_modules/express/package.json']) {
+    const r = await fetch(base + path);
+    assert.ok([400, 404].includes(r.status), `${path}: ${r.status}`);
+  }
+});
+
+test('GET /api/info: the model\'s public name and the limits the page trims to, nothing internal', async () => {
+  const srv = createApp(worker, { log: () => {}, modelId: 'farense-v2' }).listen(0, '127.0.0.1');
+  await once(srv, 'listening');
+  try {
+    const res = await fetch(`http://127.0.0.1:${srv.address().port}/api/info`);
+    assert.equal(res.status, 200);
+    const text = await res.text();
+    assert.deepEqual(JSON.parse(text), { model: 'farense-v2', limits: { max_messages: 64, max_body_bytes: 65536 } });
+    assertNoInternals(assert, text);
+  } finally {
+    srv.close();
+  }
+  // and 64 kB is the limit the body parser applies: one byte more is refused
+  const body = (n) => JSON.stringify({ message: 'x'.repeat(n) });
+  const fill = 65536 - body(0).length;
+  assert.equal((await rawPost('/api/chat', body(fill))).status, 200);
+  assert.equal((await rawPost('/api/chat', body(fill + 1))).status, 413);
+});

@@ -54,3 +54,24 @@ test('node server.js: PORT/MODEL/PYTHON from the environment, healthz, chat, SIG
   assert.equal(code, 0);
   assert.equal(alive(pid), false, 'the worker is gone');
 });
+
+test('node server.js: a bad RATE_LIMIT_* or TRUST_PROXY stops it at start, naming the variable', async () => {
+  for (const [name, value, expected] of [
+    ['RATE_LIMIT_PER_MINUTE', 'lots', /RATE_LIMIT_PER_MINUTE must be a whole number >= 0/],
+    ['RATE_LIMIT_CONCURRENT', '-1', /RATE_LIMIT_CONCURRENT must be a whole number >= 0/],
+    ['TRUST_PROXY', 'my-nginx', /TRUST_PROXY: invalid IP address: my-nginx/],
+  ]) {
+    const child = spawn(process.execPath, [SERVER], {
+      env: { ...process.env, PORT: '0', MODEL, PYTHON, [name]: value },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (d) => { stdout += d; });
+    child.stderr.setEncoding('utf8').on('data', (d) => { stderr += d; });
+    const [code] = await once(child, 'exit');
+    assert.equal(code, 2, `${name}=${value}: ${stderr}`);
+    assert.match(stderr, expected);
+    assert.equal(stdout, '', 'it never listened');
+  }
+});
