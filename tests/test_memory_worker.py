@@ -51,7 +51,7 @@ def test_a_budget_for_one_sequence_queues_the_rest_and_overloads_past_the_queue(
         # 64 MiB of KV at the model's 32768 tokens does not fit: the context is capped
         assert lim["context_capped_from"] == 32768 and lim["full_context_fits"]
         assert w.ready["context_length"] == lim["context_length"] < 32768
-        assert any("the context is capped at" in line for line in w.stderr_lines), w.stderr_lines
+        w.wait_for_stderr("the context is capped at")
         too_long = w.request("long", prompt="Farense " * lim["context_length"], max_tokens=1)
         assert too_long["type"] == "error" and too_long["code"] == "too_long", too_long
         w.send(

@@ -111,7 +111,25 @@ class Worker:
 
     def _read_stderr(self):
         for raw in self.proc.stderr:
-            self.stderr_lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+            with self.cond:
+                self.stderr_lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self.cond.notify_all()
+
+    def wait_for_stderr(self, text, timeout=60):
+        """The first stderr line containing `text`, waiting for it: stderr has its own reader
+        thread, so a line the worker wrote before a stdout message can arrive after it."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = next((line for line in self.stderr_lines if text in line), None)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"no stderr line with {text!r} in {timeout} s: {self.stderr_lines[-15:]}"
+                    )
+                self.cond.wait(left)
 
     # ---------------------------------------------------------------- writing
     def send(self, *items):
