@@ -15,7 +15,7 @@ import time
 
 import worker  # noqa: F401  (imports train first: fast BLAS before mlx)
 from core import blas
-from worker import io, limits, loading
+from worker import allocator, io, limits, loading
 
 PR_SET_PDEATHSIG = 1
 
@@ -138,6 +138,9 @@ def main(argv=None):
     args = parse_args(argv)
     log = io.Logger(args.log_format)
     t0 = time.perf_counter()
+    malloc_note = allocator.configure()  # before the weights: every buffer follows it
+    if malloc_note:
+        log.info(f"memory: {malloc_note}")
     try:
         settings = loading.settings_for(
             args.model, args.adapter, args.system_prompt, args.allow_base_mismatch

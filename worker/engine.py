@@ -1,10 +1,11 @@
 """The generation loop: continuous batching with mlx-lm's BatchGenerator and a prefix cache.
 
-One thread (the caller of `Engine.run`) owns mlx, the BatchGenerator, the LRUPromptCache and
-all output. Each loop turn it takes the events the stdin reader has queued (without
-blocking while there is work), admits requests into the batch, runs one
+One thread (the caller of `Engine.run`) owns mlx, the BatchGenerator, the prefix cache
+(worker/prefix_cache.py) and all output. Each loop turn it takes the events the stdin reader
+has queued (without blocking while there is work), admits requests into the batch, runs one
 `BatchGenerator.next()` (a decode step for every sequence, plus prompt processing for
-newcomers), turns tokens into protocol messages, and writes them in one flushed write.
+newcomers), turns tokens into protocol messages, and writes them in one flushed write. When
+sequences left the batch, mlx's buffer cache is emptied (worker/allocator.py).
 
 Per request: its own sampler (temperature/top_p/top_k/min_p; a seeded one when `seed` is
 given), logits processors (repetition_penalty), stop strings (matched on the decoded text,
@@ -36,11 +37,10 @@ from typing import Any
 import mlx.core as mx
 
 from core.prompt import encode_prompt, with_system_prompt
-from worker import context, protocol, testhooks
+from worker import allocator, context, protocol, testhooks
 from worker.io import EOF
 from worker.mlxlm_api import (
     BatchGenerator,
-    LRUPromptCache,
     apply_min_p,
     apply_top_k,
     apply_top_p,
@@ -51,8 +51,8 @@ from worker.mlxlm_api import (
     no_stop_sequences,
     trim_prompt_cache,
 )
+from worker.prefix_cache import PrefixCache
 
-CACHE_KEY = "model"  # one model per worker: one namespace in the prefix cache
 REPLACEMENT = "\ufffd"
 MAX_EVENTS_PER_TURN = 256
 # Sampling runs on float32 log-probabilities. Beyond these bounds 1/temperature overflows to
@@ -167,8 +167,8 @@ class Engine:
         self.echo_marker = hooks.get("WORKER_TEST_ECHO") or None
 
         self.stop_sequences = no_stop_sequences() if self.ignore_eos else eos_stop_sequences(tokenizer)
-        self.prefix = LRUPromptCache(max_size=1 << 20, max_bytes=max(0, int(prefix_cache_bytes)))
-        self.prefix_budget = max(0, int(prefix_cache_bytes))
+        self.prefix = PrefixCache(prefix_cache_bytes)
+        self.prefix_budget = self.prefix.budget
         self.gen = self._new_generator()
 
         self.by_id = {}  # id -> Active: accepted and not finished (batch + queue)
@@ -178,6 +178,7 @@ class Engine:
         self._processors = {}
         self._sys_probe = {}
 
+        self.left_batch = False  # a sequence left the batch this turn (worker/allocator.py)
         self.eof = False
         self.shutdown_reason = None
         self.stop_signal = False
@@ -286,6 +287,9 @@ class Engine:
                 self.admit()
             if self.by_uid:
                 self.step()
+            if self.left_batch:  # their batch buffers, freed, would wait in mlx's buffer cache
+                self.left_batch = False
+                allocator.release_batch_buffers()
             self.writer.flush()
 
     def handle(self, event):
@@ -481,7 +485,7 @@ class Engine:
             print(f"test hook: print() to sys.stdout while admitting {act.id!r}")
             os.write(1, b"test hook: raw write to fd 1\n")
         ids = act.ids
-        cache, rest = self.prefix.fetch_nearest_cache(CACHE_KEY, ids)
+        cache, rest = self.prefix.fetch(ids)
         if cache is not None and not rest:
             # An exact hit: recompute the last token so there is something to feed the model.
             if can_trim_prompt_cache(cache):
@@ -583,19 +587,7 @@ class Engine:
             self.log.warning(f"prefix cache insert failed: {type(e).__name__}: {e}")
 
     def _store(self, tokens, cache, cache_type):
-        if not self.prefix_budget or not tokens or not cache:
-            return
-        if sum(c.nbytes for c in cache) > self.prefix_budget:
-            return
-        mx.async_eval(
-            [
-                a
-                for c in cache
-                for a in (getattr(c, "keys", None), getattr(c, "values", None))
-                if isinstance(a, mx.array)
-            ]
-        )
-        self.prefix.insert_cache(CACHE_KEY, tokens, cache, cache_type=cache_type)
+        self.prefix.insert(tokens, cache, cache_type)
 
     def _on_token(self, act, r):
         """Handle one generated token. Returns True when a stop string ended the request
@@ -714,6 +706,7 @@ class Engine:
         self.by_id.pop(act.id, None)
         if act.uid is not None:
             self.by_uid.pop(act.uid, None)
+            self.left_batch = True
 
     def _remove_uids(self, uids, return_caches=False):
         try:
@@ -780,12 +773,6 @@ class Engine:
 
     # ----------------------------------------------------------------- stats
     def stats(self):
-        try:
-            import psutil
-
-            rss = int(psutil.Process().memory_info().rss)
-        except Exception:
-            rss = 0
         return protocol.stats_message(
             **{
                 "in_flight": len(self.by_uid),
@@ -800,11 +787,7 @@ class Engine:
                     "bytes": int(self.prefix.nbytes),
                     "budget_bytes": self.prefix_budget,
                 },
-                "memory": {
-                    "rss_bytes": rss,
-                    "active_bytes": int(mx.get_active_memory()),
-                    "peak_bytes": int(mx.get_peak_memory()),
-                },
+                "memory": allocator.memory_figures(),
                 "uptime_s": round(time.time() - self.started, 3),
                 **({"limits": self.limits} if getattr(self, "limits", None) else {}),  # worker/limits.py
             }

@@ -16,6 +16,7 @@ REQUIRED = (
     ("mlx_lm.generate", "BatchGenerator"),
     ("mlx_lm.generate", "StopSequences"),
     ("mlx_lm.generate", "make_stop_sequences"),
+    ("mlx_lm.models.cache", "KVCache"),
     ("mlx_lm.models.cache", "LRUPromptCache"),
     ("mlx_lm.models.cache", "can_trim_prompt_cache"),
     ("mlx_lm.models.cache", "trim_prompt_cache"),
@@ -65,6 +66,7 @@ check()
 
 from mlx_lm.generate import BatchGenerator, StopSequences, make_stop_sequences  # noqa: E402
 from mlx_lm.models.cache import (  # noqa: E402
+    KVCache,
     LRUPromptCache,
     can_trim_prompt_cache,
     trim_prompt_cache,
@@ -91,6 +93,7 @@ def eos_stop_sequences(tokenizer):
 
 __all__ = [
     "BatchGenerator",
+    "KVCache",
     "LRUPromptCache",
     "can_trim_prompt_cache",
     "trim_prompt_cache",
