@@ -1,6 +1,8 @@
 // Prometheus metrics (prom-client) for the app: HTTP requests and errors by route and code,
 // latency, time to first token, tokens generated, requests in flight and queued, worker
-// restarts and reloads, the worker's resident memory. Served by GET /metrics.
+// restarts and reloads, the worker's memory (resident, mlx's) and its prefix cache (the bytes
+// its entries hold, the budget, entries). Served by GET /metrics. Gauges read from the
+// workers' `stats` (one round trip per scrape) are summed over a Pool's workers.
 import client from 'prom-client';
 
 const LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
@@ -41,10 +43,20 @@ export function createMetrics(worker) {
     name: 'worker_queued_requests', help: 'requests accepted by the worker(s), waiting for a batch slot', ...reg,
     async collect() { this.set((await stats()).reduce((n, s) => n + s.queued, 0)); },
   });
-  new client.Gauge({
-    name: 'worker_resident_memory_bytes', help: 'resident memory of the worker process(es)', ...reg,
-    async collect() { this.set((await stats()).reduce((n, s) => n + (s.memory?.rss_bytes ?? 0), 0)); },
+  /** A gauge summing one number of every worker's stats (0 when a worker does not report it). */
+  const statsGauge = (name, help, pick) => new client.Gauge({
+    name, help, ...reg,
+    async collect() { this.set((await stats()).reduce((n, s) => n + (pick(s) ?? 0), 0)); },
   });
+  statsGauge('worker_resident_memory_bytes',
+    'memory the worker process(es) hold: the RSS on the CPU backend, RSS + mlx buffers on Metal/CUDA (stats.memory.resident_bytes)',
+    (s) => s.memory?.resident_bytes ?? s.memory?.rss_bytes);
+  statsGauge('worker_rss_bytes', 'resident set size of the worker process(es)', (s) => s.memory?.rss_bytes);
+  statsGauge('worker_mlx_active_memory_bytes', 'bytes of the arrays mlx holds alive in the worker(s)', (s) => s.memory?.active_bytes);
+  statsGauge('worker_mlx_cache_memory_bytes', 'freed buffers mlx keeps for reuse in the worker(s)', (s) => s.memory?.cache_bytes);
+  statsGauge('worker_prefix_cache_bytes', 'bytes the prefix cache entries hold (arrays as allocated + bookkeeping)', (s) => s.prefix_cache?.bytes);
+  statsGauge('worker_prefix_cache_budget_bytes', 'the prefix cache byte budget (--prefix-cache-bytes)', (s) => s.prefix_cache?.budget_bytes);
+  statsGauge('worker_prefix_cache_entries', 'entries in the prefix cache', (s) => s.prefix_cache?.entries);
 
   const on = (event, fn) => { if (typeof worker.on === 'function') worker.on(event, fn); }; // stubs in tests
   on('message', (msg) => {

@@ -61,6 +61,17 @@ test('requests, errors, tokens, time to first token, memory, restarts and reload
   assert.equal(m.generation_requests_in_flight, 0);
   assert.equal(m.worker_queued_requests, 0);
   assert.ok(m.worker_resident_memory_bytes > 10 * 2 ** 20, String(m.worker_resident_memory_bytes));
+  const st = await worker.stats();
+  assert.equal(st.memory.resident_source, 'rss'); // the tests run on the CPU backend
+  assert.ok(m.worker_rss_bytes > 10 * 2 ** 20, String(m.worker_rss_bytes));
+  assert.ok(m.worker_mlx_active_memory_bytes > 0, String(m.worker_mlx_active_memory_bytes));
+  assert.ok(m.worker_mlx_cache_memory_bytes >= 0);
+  // the three exchanges above were stored in the prefix cache, within its budget
+  assert.equal(m.worker_prefix_cache_budget_bytes, st.prefix_cache.budget_bytes);
+  assert.ok(m.worker_prefix_cache_budget_bytes > 0);
+  assert.ok(m.worker_prefix_cache_entries >= 1, String(m.worker_prefix_cache_entries));
+  assert.ok(m.worker_prefix_cache_bytes > 0 && m.worker_prefix_cache_bytes <= m.worker_prefix_cache_budget_bytes,
+    `${m.worker_prefix_cache_bytes} of ${m.worker_prefix_cache_budget_bytes}`);
   assert.equal(m.worker_restarts_total, 0);
 
   process.kill(worker.pid, 'SIGKILL');
