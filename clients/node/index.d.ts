@@ -67,10 +67,33 @@ export interface WorkerOptions {
   /** close() grace period before SIGKILL. Default 3000. */
   closeGraceMs?: number;
   restart?: RestartOptions;
+  /** Replace the worker process (zero-downtime reload, nothing dropped) after a number of
+   * requests or above a memory ceiling; off by default (clients/node/recycle.js). */
+  recycle?: RecycleOptions;
   /** Observe every raw message from the worker, `ready` included. */
   onMessage?: (msg: WorkerMessage) => void;
   /** Observe every stderr line. */
   onStderr?: (line: string) => void;
+}
+
+export interface RecycleOptions {
+  /** After this many generation requests sent to one process. */
+  maxRequests?: number;
+  /** When `stats.memory.resident_bytes` (RSS on CPU; RSS + mlx buffers on Metal/CUDA) reaches this. */
+  maxResidentBytes?: number;
+  /** How often the memory is read while ready. Default 10000. */
+  checkIntervalMs?: number;
+}
+
+export interface RecycleEvent {
+  reason: 'requests' | 'memory';
+  /** Requests sent to the old process (reason 'requests'). */
+  requests?: number;
+  /** Its memory when it was read (reason 'memory'). */
+  residentBytes?: number;
+  /** pid of the old and of the new process. */
+  from: number | null;
+  to: number;
 }
 
 export interface ReadyMessage {
@@ -120,7 +143,11 @@ export interface StatsMessage {
   errors?: number;
   tokens_per_s: number;
   prefix_cache: { hits: number; misses: number; entries: number; bytes: number; budget_bytes: number };
-  memory: { rss_bytes: number; active_bytes: number; peak_bytes: number };
+  /** resident_bytes: what the process holds (RSS on CPU; RSS + mlx active and cached on Metal/CUDA). */
+  memory: {
+    rss_bytes: number; active_bytes: number; peak_bytes: number;
+    cache_bytes?: number; resident_bytes?: number; resident_source?: 'rss' | 'rss+mlx';
+  };
   uptime_s: number;
   [k: string]: unknown;
 }
@@ -168,6 +195,8 @@ export interface WorkerEvents {
   restart: [{ attempt: number; delayMs: number; code: number | null; signal: string | null }];
   /** After reload(): the old and the new process's `ready` messages. */
   reload: [{ from: ReadyMessage | null; to: ReadyMessage }];
+  /** options.recycle replaced the process. */
+  recycle: [RecycleEvent];
   message: [WorkerMessage];
   send: [Record<string, unknown>];
   error: [Error];
@@ -183,8 +212,10 @@ export declare class Worker extends EventEmitter {
   /** The last `ready` message. */
   info: ReadyMessage | null;
   restarts: number;
-  /** Successful reload() calls. */
+  /** Successful reload() calls (recycles included). */
   reloads: number;
+  /** Processes replaced by options.recycle. */
+  recycles: number;
   /** How many times a stdin write had to wait for 'drain'. */
   backpressureWaits: number;
   start(): Promise<ReadyMessage>;

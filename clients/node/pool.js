@@ -16,7 +16,7 @@ export class Pool extends EventEmitter {
     this.workers = workers;
     this._rr = 0;
     for (const w of workers) {
-      for (const ev of ['ready', 'exit', 'stderr', 'restart', 'reload', 'message', 'send']) {
+      for (const ev of ['ready', 'exit', 'stderr', 'restart', 'reload', 'recycle', 'message', 'send']) {
         w.on(ev, (arg) => this.emit(ev, arg, w));
       }
       w.on('error', (err) => { if (this.listenerCount('error') > 0) this.emit('error', err, w); });

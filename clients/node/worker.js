@@ -7,6 +7,7 @@ import path from 'node:path';
 import { AbortError, TimeoutError, WorkerError, WorkerExitedError } from './errors.js';
 import { LineSplitter } from './lines.js';
 import { AsyncQueue } from './queue.js';
+import { Recycler } from './recycle.js';
 
 /** Repository root, resolved from this file's location (clients/node/../..). */
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -91,8 +92,9 @@ function deferred() {
 /**
  * A long-lived worker process. Events: 'ready' (ready message), 'exit' ({code, signal, pid}),
  * 'stderr' (line), 'restart' ({attempt, delayMs}), 'message' (every parsed stdout message),
- * 'send' (every request object written), 'error' (protocol violations, spawn failures,
- * giving up; emitted only when an 'error' listener is attached).
+ * 'send' (every request object written), 'recycle' ({reason, from, to}: options.recycle
+ * replaced the process, recycle.js), 'error' (protocol violations, spawn failures, giving
+ * up, a recycle that could not start; emitted only when an 'error' listener is attached).
  */
 export class Worker extends EventEmitter {
   /** @param {WorkerOptions} [options] */
@@ -147,6 +149,9 @@ export class Worker extends EventEmitter {
     this.restarts = 0;
     /** How many times a stdin write had to wait for 'drain'. */
     this.backpressureWaits = 0;
+    /** Processes replaced by `options.recycle` (recycle.js; off by default). */
+    this.recycles = 0;
+    this._recycler = options.recycle ? new Recycler(this, options.recycle) : null;
   }
 
   /** 'idle' | 'starting' | 'ready' | 'restarting' | 'failed' | 'closing' | 'closed' */
@@ -757,6 +762,7 @@ export class Worker extends EventEmitter {
     if (this._closePromise) return this._closePromise;
     const graceMs = opts.graceMs ?? this.options.closeGraceMs;
     this._state = 'closing';
+    this._recycler?.stop();
     clearTimeout(this._restartTimer);
     this._restartTimer = null;
     const closedErr = (id) => new WorkerExitedError('worker closed', { id, closed: true });
