@@ -57,6 +57,10 @@ TESTS         ?=
 # Notebook: JupyterLab, installed into .venv by `make notebook` only; JUPYTER_ARGS e.g. --no-browser
 JUPYTERLAB_VERSION := 4.6.6
 JUPYTER_ARGS  ?=
+# Soak (N requests as well)
+BUDGET        ?= 64MiB
+BASELINE      ?= 1
+VIA           ?= stdio
 
 opt = $(if $(strip $(2)),$(1) $(2))
 flag = $(if $(filter 1 yes true,$(2)),$(1))
@@ -75,7 +79,7 @@ TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
-.PHONY: help setup node-setup tiny-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load demo notebook browser test test-repeat test-all bench check-backend clean
+.PHONY: help setup node-setup tiny-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load soak demo notebook browser test test-repeat test-all bench check-backend clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -182,6 +186,12 @@ test-all: $(STAMP) node-setup lint browser ## The linters and the test suite plu
 
 bench-load: $(STAMP) node-setup ## HTTP load: the Express example vs mlx_lm server (MODEL, default models/bench-mistral), then 64-connection overload
 	node examples/express/bench/load.js $(call opt,--model,$(MODEL)) $(call opt,--duration,$(DURATION))
+
+soak: $(STAMP) ## N (2000) chatbot requests through the worker (VIA=stdio|http) with a BUDGET (64MiB) prefix cache and a 0-budget baseline: memory, lost replies, p99, a PNG
+	@$(MAKE) --no-print-directory tiny-model
+	@$(if $(filter http,$(VIA)),$(MAKE) --no-print-directory node-setup,true)
+	$(PY) -m bench.soak --requests $(or $(N),2000) --budget $(BUDGET) --via $(VIA) \
+	  $(if $(filter 1 yes true,$(BASELINE)),--baseline) $(call opt,--model,$(MODEL))
 
 bench: $(STAMP) ## Benchmarks side by side with mlx-lm (QUICK=1 for a short run)
 	@$(MAKE) --no-print-directory tiny-model

@@ -314,6 +314,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats-every", type=int, default=25, help="requests between two memory samples")
     p.add_argument("--worker-arg", action="append", default=[], help="extra worker option (repeatable)")
+    p.add_argument(
+        "--worker-root",
+        default=str(ROOT),
+        help="run the worker of another checkout (before/after comparisons; stdio only)",
+    )
     p.add_argument("--out", help="path of the JSON (default bench/results/soak-<date>-<host>-<budget>.json)")
     p.add_argument("--png", help="path of the plot (default: the JSON's, .png)")
     args = p.parse_args(argv)

@@ -37,10 +37,10 @@ def _percentile(xs, q):
 class WorkerProcess:
     """`python -m worker` with piped stdio; stdout lines parsed by a reader thread."""
 
-    def __init__(self, args, env=None):
+    def __init__(self, args, env=None, root=ROOT):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker", *args],
-            cwd=ROOT,
+            cwd=root,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -137,7 +137,9 @@ def run_stdio(items, budget, args):
     """The plan through one worker's stdin/stdout, at most args.concurrency outstanding."""
     requests = [it for it in items if "garbage" not in it]
     tally = Tally("stdio", budget, len(requests))
-    w = WorkerProcess(["--model", args.model, "--prefix-cache-bytes", str(budget), *args.worker_arg])
+    w = WorkerProcess(
+        ["--model", args.model, "--prefix-cache-bytes", str(budget), *args.worker_arg], root=args.worker_root
+    )
     try:
         ready = w.get(READY_TIMEOUT_S)
         if not ready or ready.get("type") != "ready":
