@@ -132,15 +132,12 @@ def version():
 
 def main(argv=None):
     proto_fd = io.claim_stdout()  # before anything can print
-    # Until the engine installs its own handler, SIGTERM just ends the (idle) process.
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the (idle) process, until the engine's handler
     die_with_parent()
     args = parse_args(argv)
     log = io.Logger(args.log_format)
     t0 = time.perf_counter()
-    malloc_note = allocator.configure()  # before the weights: every buffer follows it
-    if malloc_note:
-        log.info(f"memory: {malloc_note}")
+    allocator.configure(log)  # before the weights: every buffer follows it
     try:
         settings = loading.settings_for(
             args.model, args.adapter, args.system_prompt, args.allow_base_mismatch

@@ -50,18 +50,22 @@ def _glibc():
     return _libc or None
 
 
-def configure():
+def configure(log=None):
     """Pin glibc's mmap threshold (and with it the trim threshold) at their starting values, so
-    freed KV buffers go back to the system. Returns a description for the log, or None where
+    freed KV buffers go back to the system. Returns what was done (also logged), or None where
     the C library is not glibc."""
     libc = _glibc()
     if libc is None:
         return None
     ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     ok = libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD) == 1 and ok
-    if not ok:
-        return "glibc: mallopt refused the thresholds (left as they were)"
-    return f"glibc: blocks of {MMAP_THRESHOLD >> 10} KiB or more are mmap()ed and returned on free"
+    if ok:
+        note = f"glibc: blocks of {MMAP_THRESHOLD >> 10} KiB or more are mmap()ed and returned on free"
+    else:
+        note = "glibc: mallopt refused the thresholds (left as they were)"
+    if log:
+        log.info(f"memory: {note}")
+    return note
 
 
 def trim():
