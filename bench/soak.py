@@ -252,9 +252,11 @@ def report(result, baseline, verdict):
         for p in problems(r):
             lines.append(f"  PROBLEM: {p}")
     v = verdict
+    growth = v["growth_second_half_pct"]
     lines.append(
         f"\nsecond half: {v['resident_mid_mib']} -> {v['resident_end_mib']} MiB "
-        f"({v['growth_second_half_pct']:+}%, limit +{MAX_GROWTH:.0%}: {'ok' if v['growth_ok'] else 'GROWING'})"
+        + (f"({growth:+}%, " if growth is not None else "(too few samples, ")
+        + f"limit +{MAX_GROWTH:.0%}: {'ok' if v['growth_ok'] else 'GROWING'})"
     )
     if "bound_mib" in v:
         lines.append(
@@ -312,7 +314,12 @@ def parse_args(argv=None):
     p.add_argument("--model", default=str(ROOT / "models" / "tiny-mistral"))
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stats-every", type=int, default=25, help="requests between two memory samples")
+    p.add_argument(
+        "--stats-every",
+        type=int,
+        default=None,
+        help="requests between two memory samples (default: 25, fewer for short runs: 200 samples at least)",
+    )
     p.add_argument("--worker-arg", action="append", default=[], help="extra worker option (repeatable)")
     p.add_argument(
         "--worker-root",
@@ -322,8 +329,10 @@ def parse_args(argv=None):
     p.add_argument("--out", help="path of the JSON (default bench/results/soak-<date>-<host>-<budget>.json)")
     p.add_argument("--png", help="path of the plot (default: the JSON's, .png)")
     args = p.parse_args(argv)
-    if args.requests < 1 or args.concurrency < 1 or args.budget < 0:
-        p.error("--requests and --concurrency must be >= 1, --budget >= 0")
+    if args.requests < 1 or args.concurrency < 1 or args.budget < 0 or (args.stats_every or 1) < 1:
+        p.error("--requests, --concurrency and --stats-every must be >= 1, --budget >= 0")
+    if args.stats_every is None:
+        args.stats_every = max(1, min(25, args.requests // 200))
     return args
 
 
