@@ -191,8 +191,7 @@ def soak(n, seed, max_outstanding=16, budget=1 << 20, max_growth=0.10):
             if lines:
                 w.send(*lines)
             with w.cond:
-                # the condition is notified by stderr lines too (worker_harness): wait for a
-                # stdout message, up to 60 s in all
+                # a stdout message, up to 60 s in all
                 w.cond.wait_for(lambda seen=pos: len(w.messages) > seen or w.stdout_closed, 60)
                 new = w.messages[pos:]
                 pos = len(w.messages)

@@ -77,7 +77,8 @@ class Worker:
         self.raw_lines = []
         self.violations = []
         self.stderr_lines = []
-        self.cond = threading.Condition()
+        self.cond = threading.Condition()  # notified by stdout messages
+        self.err_cond = threading.Condition()  # notified by stderr lines
         self.stdout_closed = False
         self._out = threading.Thread(target=self._read_stdout, daemon=True)
         self._err = threading.Thread(target=self._read_stderr, daemon=True)
@@ -111,25 +112,23 @@ class Worker:
 
     def _read_stderr(self):
         for raw in self.proc.stderr:
-            with self.cond:
+            with self.err_cond:
                 self.stderr_lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self.cond.notify_all()
+                self.err_cond.notify_all()
 
     def wait_for_stderr(self, text, timeout=60):
         """The first stderr line containing `text`, waiting for it: stderr has its own reader
         thread, so a line the worker wrote before a stdout message can arrive after it."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                found = next((line for line in self.stderr_lines if text in line), None)
-                if found is not None:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(
-                        f"no stderr line with {text!r} in {timeout} s: {self.stderr_lines[-15:]}"
-                    )
-                self.cond.wait(left)
+
+        def found():
+            return next((line for line in self.stderr_lines if text in line), None)
+
+        with self.err_cond:
+            if not self.err_cond.wait_for(found, timeout):
+                raise AssertionError(
+                    f"no stderr line with {text!r} in {timeout} s: {self.stderr_lines[-15:]}"
+                )
+            return found()
 
     # ---------------------------------------------------------------- writing
     def send(self, *items):
