@@ -144,7 +144,7 @@ def test_config_passes_an_optimizers_own_settings_through(tmp_path):
     """optimizer_config carries mlx-lm's per-optimizer arguments (eps, betas, weight_decay):
     they reach the optimizer; a typo elsewhere is still refused."""
     from core.config import ConfigError, load_config
-    from train.train import make_optimizer
+    from train.method import make_optimizer
 
     cfg_file = tmp_path / "o.yaml"
     cfg_file.write_text("optimizer_config:\n  adam:\n    eps: 1.0e-5\n    betas: [0.8, 0.99]\n")

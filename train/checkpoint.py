@@ -1,4 +1,5 @@
-"""Training checkpoints: save, verify, find, load and prune them.
+"""Training checkpoints: save them (write_error says why one could not be), verify, find, load
+and prune them.
 
 A checkpoint is a folder models/NAME/checkpoints/step_XXXXXXX/ (paths.step_name) holding
 
@@ -89,6 +90,29 @@ def save(root, step, adapter_weights, adapter_config, optimizer_flat, state):
         manifest = {"format": FORMAT, "step": step, "created_at": time.time(), "files": files}
         (tmp / MANIFEST).write_text(dumps(manifest), encoding="utf-8")
     return final
+
+
+def write_error(root, step, e):
+    """The message of checkpoint `step` that could not be written (save raised e): the cause,
+    the free space, and the last complete checkpoint (nothing is lost)."""
+    last = list_steps(root)
+    free = shutil.disk_usage(root).free if root.exists() else None
+    detail = (
+        f"{e.strerror}{f' ({e.filename})' if e.filename else ''}"
+        if isinstance(e, OSError) and e.strerror
+        else str(e)
+    )
+    # mlx's writer raises a bare RuntimeError on a full disk: say what the free space shows.
+    space = "" if free is None else f" ({free / 2**20:.0f} MiB free)"
+    if free is not None and free < 16 * 2**20:
+        space = f" - the disk is full{space}"
+    return (
+        f"error: cannot write the checkpoint of step {step} in {root}: {detail}"
+        f"{space}. Nothing is lost: "
+        f"the last complete checkpoint is {last[-1][1].name if last else 'none'}. Free "
+        "disk space (or make the folder writable) and run the same command to continue "
+        "from it."
+    )
 
 
 def write_adapter_dir(src_checkpoint, dst, extra=None):

@@ -4,6 +4,7 @@ for one process and for several."""
 
 import hashlib
 import os
+import signal
 import socket
 import sys
 import threading
@@ -50,6 +51,22 @@ class Dist:
 
         group = mx.distributed.init(strict=True)
         return cls(group) if group.size() > 1 else cls()
+
+    @classmethod
+    def join_launched(cls, exit_code):
+        """The Dist of a process mlx.launch started (train.launch): Ctrl-C taken back
+        (train.launch starts mlx.launch with it ignored, as the ranks handle it, and the ranks
+        inherit that), the group joined, the launcher watched (exit_code once it is gone) and
+        the process named on stderr."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        dist = cls.from_environment()
+        if dist.size > 1:
+            dist.watch_launcher(exit_code)
+            dist.log(
+                f"process {dist.rank} of {dist.size}: pid {os.getpid()} on {socket.gethostname()}",
+                every_rank=True,
+            )
+        return dist
 
     @staticmethod
     def host_id():

@@ -18,7 +18,9 @@ import sys
 from core import paths
 from core.config import ConfigError, load_config
 from core.prompt import PromptError, encode_examples
-from train.train import Stop, read_data
+from train.dist import Dist
+from train.exits import Stop
+from train.inputs import read_data
 
 COLOURS = {"masked": "\033[2m", "trained": "\033[32m", "control": "\033[35;1m", "reset": "\033[0m"}
 
@@ -77,7 +79,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        train_split, valid_split, system_prompt = read_data(cfg)  # as training reads it
+        train_split, valid_split, system_prompt = read_data(cfg, Dist().log)  # as training reads it
     except Stop as e:
         print(e, file=sys.stderr)
         return 1
