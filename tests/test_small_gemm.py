@@ -137,6 +137,37 @@ def test_mlx_products_land_in_the_kernel():
 
 
 @needs_lib
+def test_the_row_range_forwards_what_lies_outside_it():
+    """small_gemm_set_range (calibration, within a process) and SMALL_GEMM_MIN_M/_MAX_M (read when
+    it loads): products with M outside [min, max] go to the BLAS, and are still right."""
+    lib, fn = blas.small_gemm, sgemm(blas.small_gemm.cblas_sgemm)
+    rng = np.random.default_rng(3)
+    loaded = (lib.small_gemm_min_m(), lib.small_gemm_max_m())
+    try:
+        for (lo, hi), m, computed in [
+            ((4, 128), 3, False),
+            ((4, 128), 4, True),
+            ((1, 0), 1, False),
+            ((1, 8), 9, False),
+        ]:
+            lib.small_gemm_set_range(lo, hi)
+            assert (lib.small_gemm_min_m(), lib.small_gemm_max_m()) == (lo, hi)
+            before = counts()
+            got, want = run_case(fn, rng, m, 40, 33)
+            assert np.abs(got - want).max() < 1e-4
+            assert (counts()[0] - before[0], counts()[1] - before[1]) == ((1, 0) if computed else (0, 1)), (
+                lo,
+                hi,
+                m,
+            )
+    finally:
+        lib.small_gemm_set_range(*loaded)
+    code = "import core; from core import blas; print(blas.loaded_state()['small_gemm_rows'])"
+    assert run_python(code, SMALL_GEMM_MIN_M="4").stdout.strip() == "[4, 128]"
+    assert run_python(code, SMALL_GEMM_MIN_M="0", SMALL_GEMM_MAX_M="64").stdout.strip() == "[1, 64]"
+
+
+@needs_lib
 def test_threads_at_once_get_their_own_results():
     fn = sgemm(blas.small_gemm.cblas_sgemm)
     errors = []

@@ -10,8 +10,9 @@
 
    This library exports cblas_sgemm. core/blas.py loads it with RTLD_GLOBAL before the
    optimised BLAS and before mlx, so libmlx's cblas_sgemm resolves here, and hands it the BLAS's
-   own cblas_sgemm (small_gemm_set_fallback). It computes that one case with M <= max_m itself
-   and forwards every other call unchanged. M < 4: dot products of each W row with the M rows
+   own cblas_sgemm (small_gemm_set_fallback). It computes that one case with min_m <= M <= max_m
+   itself and forwards every other call unchanged (core/calibrate.py measures which M it wins at
+   on this CPU and sets the range: SMALL_GEMM_MIN_M, SMALL_GEMM_MAX_M, small_gemm_set_range). M < 4: dot products of each W row with the M rows
    of x (inner kernels); M >= 4: x interleaved, 8 or 16 rows side by side, times 8 W rows at a
    time (outer kernels). Either way each W row is read once per 16 rows of x, and the rows of
    W are split over a small pool of threads.
@@ -53,7 +54,7 @@ typedef struct {
 } job_t;
 
 static sgemm_fn fallback;
-static int max_m = 128, n_threads = 1, spin_us = 0, cpus = 1;
+static int min_m = 1, max_m = 128, n_threads = 1, spin_us = 0, cpus = 1;
 static atomic_long small_calls, forwarded_calls;
 
 /* ------------------------------------------------------------------ kernels */
@@ -343,7 +344,8 @@ static long usable_cpus(void) {
 __attribute__((constructor)) static void configure(void) {
   cpus = (int)usable_cpus();
   n_threads = env_int("SMALL_GEMM_THREADS", cpus > 8 ? 8 : cpus, 1, MAX_THREADS);
-  max_m = env_int("SMALL_GEMM_MAX_M", 128, 0, 1024); /* MKL is as fast from ~M=200 */
+  min_m = env_int("SMALL_GEMM_MIN_M", 1, 1, 1024);
+  max_m = env_int("SMALL_GEMM_MAX_M", 128, 0, 1024); /* MKL is as fast from ~M=200 (AMD EPYC) */
   /* Spinning pays only with a CPU to spare: where the helpers take every CPU, a spinning helper
      takes the one the Python thread needs to build the next step (2 cores, pipelined decode,
      `python -m bench.decode_env`: no spin 40.2 tok/s, 40 us 39.3, 100 us 38.4, medians of 6). */
@@ -355,7 +357,13 @@ void small_gemm_set_fallback(sgemm_fn f) { fallback = f; }
 int small_gemm_threads(void) { return n_threads; }
 int small_gemm_spin_us(void) { return spin_us; }
 int small_gemm_cpus(void) { return cpus; }
+int small_gemm_min_m(void) { return min_m; }
 int small_gemm_max_m(void) { return max_m; }
+/* The rows it computes from now on (max_m < min_m: none); for calibration within one process. */
+void small_gemm_set_range(int lo, int hi) {
+  min_m = lo < 1 ? 1 : lo;
+  max_m = hi < 0 ? 0 : hi > 1024 ? 1024 : hi;
+}
 void small_gemm_counts(long *small, long *forwarded) {
   *small = atomic_load(&small_calls);
   *forwarded = atomic_load(&forwarded_calls);
@@ -364,7 +372,7 @@ void small_gemm_counts(long *small, long *forwarded) {
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) {
   job_t j = {m, n, k, lda, ldb, ldc, 0, 0, alpha, beta, a, b, c, 0, 0};
-  const int ours = order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS && m >= 1 &&
+  const int ours = order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS && m >= min_m &&
                    m <= max_m && n >= 1 && k >= 1;
   if (!ours || (m >= OUTER_FROM_M && !interleave_x(&j))) { /* (no memory for x: the BLAS) */
     atomic_fetch_add(&forwarded_calls, 1);
