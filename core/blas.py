@@ -29,6 +29,7 @@ environment to override (e.g. KMP_BLOCKTIME=200, Intel's default, on a dedicated
 
 import ctypes
 import ctypes.util
+import json
 import os
 import sys
 
@@ -42,28 +43,121 @@ CANDIDATES = (
     "libopenblas.so",
 )
 
-# Set (when unset) before the library loads: no BLAS thread spins between calls, so a worker
-# that is idle, or between two matmuls, leaves the cores to the other processes.
-SHARED_MACHINE_THREADS = {
-    "KMP_BLOCKTIME": "0",  # Intel OpenMP (MKL): sleep at once after a parallel region
-    "MKL_DYNAMIC": "TRUE",  # MKL may use fewer threads than cores for small products
-    "OPENBLAS_THREAD_TIMEOUT": "4",  # OpenBLAS pthreads: sleep after 2^4 cycles, not 2^28 (~0.1 s)
+# Thread policies, read by the libraries when they load (and set here, when unset, before
+# that): "sleep": no BLAS thread spins between calls, so a worker that is idle, or between two
+# matmuls, leaves the cores to the other processes; "spin": the libraries' own defaults (Intel
+# OpenMP spins 200 ms after a parallel region, OpenBLAS ~0.1 s), faster when the next product
+# comes soon and a core is free. `make calibrate` chooses per role; FAST_BLAS_POLICY forces one.
+POLICIES = {
+    "sleep": {"KMP_BLOCKTIME": "0", "OPENBLAS_THREAD_TIMEOUT": "4"},
+    "spin": {"KMP_BLOCKTIME": "200", "OPENBLAS_THREAD_TIMEOUT": "28"},
 }
+DEFAULT_POLICY = "sleep"
+ALWAYS = {"MKL_DYNAMIC": "TRUE"}  # MKL may use fewer threads than cores for small products
+SHARED_MACHINE_THREADS = {**POLICIES["sleep"], **ALWAYS}
+KERNEL_KEYS = ("SMALL_GEMM", "SMALL_GEMM_MIN_M", "SMALL_GEMM_MAX_M")  # a calibrated choice may set these
+AUTO_KEYS = "FAST_BLAS_AUTO"  # NAME=VALUE of those set here: a child recomputes them unless changed
+# where `make calibrate` stores its choice (FAST_BLAS_CALIBRATION_FILE: elsewhere, for tests)
+CALIBRATION_PATH = os.environ.get("FAST_BLAS_CALIBRATION_FILE") or os.path.join(
+    sys.prefix, "blas-calibration.json"
+)
 
 SMALL_GEMM_PATH = os.environ.get("SMALL_GEMM_LIB") or os.path.join(sys.prefix, "lib", "libsmall_gemm.so")
 
 # What happened in this process: None (not tried), a path, or a reason string.
 loaded_path = None
 status = "not tried"
+role = None  # decode or train: whose calibrated settings this process took
+policy = None  # the thread policy chosen (the variables set by hand still win)
+calibration = "not read"  # where the settings came from, in words
 small_gemm = None  # the loaded small-product library (ctypes.CDLL), when it is in use
 
 
-def _find():
+def _find(calibrated=None):
     forced = os.environ.get("FAST_BLAS_LIB")
     if forced:
         return [forced]
     found = ctypes.util.find_library("openblas")
-    return list(CANDIDATES) + ([found] if found else [])
+    return ([calibrated] if calibrated else []) + list(CANDIDATES) + ([found] if found else [])
+
+
+def cpu_identity():
+    """What a calibration is valid for: the CPU's name, family/model/stepping and CPU count."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if (
+                    key.strip() in ("model name", "cpu family", "model", "stepping")
+                    and key.strip() not in info
+                ):
+                    info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "name": info.get("model name", "?"),
+        "id": "/".join(info.get(k, "?") for k in ("cpu family", "model", "stepping")),
+        "cpus": cpus,
+    }
+
+
+def read_calibration(path=None):
+    """The stored calibration (core/calibrate.py) when it was made on this CPU, else None."""
+    try:
+        with open(path or CALIBRATION_PATH) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        _log(True, f"fast-blas: ignoring {path or CALIBRATION_PATH}: {e}; `make calibrate` writes it again")
+        return None
+    return record if record.get("cpu") == cpu_identity() else None
+
+
+def calibrated_choice():
+    """This process's role's settings from the calibration ({} where none applies). The role:
+    FAST_BLAS_ROLE (decode or train; set by worker/ and train/ before they import core, and
+    consumed here so that a child process chooses its own), decode when unset."""
+    global role, calibration
+    role = os.environ.pop("FAST_BLAS_ROLE", "") or "decode"
+    if os.environ.get("FAST_BLAS_CALIBRATION", "1") == "0":
+        calibration = "off (FAST_BLAS_CALIBRATION=0)"
+        return {}
+    record = read_calibration()
+    if record is None:
+        calibration = f"none for this CPU in {CALIBRATION_PATH} (defaults; `make calibrate`)"
+        return {}
+    calibration = (
+        f"{record.get('when')} ({role}: {record.get('decision', {}).get(role, {}).get('choice', '?')})"
+    )
+    return record.get("choice", {}).get(role, {})
+
+
+def _set_policy(chosen):
+    """Set the thread variables (when not set by hand) for FAST_BLAS_POLICY, else the calibrated
+    policy, else DEFAULT_POLICY, and the calibrated kernel range (KERNEL_KEYS); remember which
+    were set here (AUTO_KEYS) so that a child process recomputes them for its own role."""
+    global policy
+    for item in filter(None, os.environ.pop(AUTO_KEYS, "").split(",")):
+        key, _, value = item.partition("=")
+        if os.environ.get(key) == value:
+            del os.environ[key]  # as a parent's core.blas set it, not changed by hand since
+    policy = os.environ.get("FAST_BLAS_POLICY") or chosen.get("FAST_BLAS_POLICY") or DEFAULT_POLICY
+    if policy not in POLICIES:
+        _log(
+            True,
+            f"fast-blas: FAST_BLAS_POLICY={policy!r} is not one of {', '.join(POLICIES)}; using {DEFAULT_POLICY}",
+        )
+        policy = DEFAULT_POLICY
+    auto = []
+    kernel = {k: v for k, v in chosen.items() if k in KERNEL_KEYS}
+    for key, value in {**POLICIES[policy], **ALWAYS, **kernel}.items():
+        if key not in os.environ:
+            os.environ[key] = value  # read by the libraries when they load
+            auto.append(f"{key}={value}")
+    os.environ[AUTO_KEYS] = ",".join(auto)
 
 
 def cpu_flags():
@@ -105,9 +199,9 @@ def load_fast_blas(log=True):
         return None
     if "OPENBLAS_CORETYPE" not in os.environ and (core := openblas_coretype()):
         os.environ["OPENBLAS_CORETYPE"] = core  # read by OpenBLAS when it is loaded
-    for key, value in SHARED_MACHINE_THREADS.items():
-        os.environ.setdefault(key, value)  # read by the libraries when they load
-    for name in _find():
+    chosen = calibrated_choice()
+    _set_policy(chosen)
+    for name in _find(chosen.get("FAST_BLAS_LIB")):
         try:
             lib = ctypes.CDLL(name, mode=os.RTLD_LOCAL)  # global once we know it is a BLAS
         except OSError:
@@ -157,6 +251,32 @@ def small_gemm_counts():
     done, forwarded = ctypes.c_long(), ctypes.c_long()
     small_gemm.small_gemm_counts(ctypes.byref(done), ctypes.byref(forwarded))
     return done.value, forwarded.value
+
+
+def loaded_state():
+    """What this process really runs with, read back from the loaded libraries: the BLAS file,
+    whether small_gemm took cblas_sgemm, Intel OpenMP's block time and MKL's dynamic flag (None
+    where that library is not loaded), and OpenBLAS's thread timeout as it read it at load."""
+    state = {"blas": loaded_path, "status": status, "small_gemm": small_gemm is not None}
+    if small_gemm is not None and hasattr(small_gemm, "small_gemm_min_m"):  # builds before 2026-12-05: no min
+        state["small_gemm_rows"] = [small_gemm.small_gemm_min_m(), small_gemm.small_gemm_max_m()]
+    state["kmp_blocktime"] = _call_mapped("libiomp5", "kmp_get_blocktime")
+    state["mkl_dynamic"] = _call_mapped("libmkl_rt", "mkl_get_dynamic")
+    state["mkl_threads"] = _call_mapped("libmkl_rt", "mkl_get_max_threads")
+    openblas = loaded_path is not None and "openblas" in os.path.basename(loaded_path)
+    state["openblas_thread_timeout"] = os.environ.get("OPENBLAS_THREAD_TIMEOUT") if openblas else None
+    return state
+
+
+def _call_mapped(base, fn_name):
+    """fn_name() of the library `base` when it is mapped into this process, else None."""
+    path = _resolve(base)
+    if path == base:
+        return None
+    try:
+        return int(getattr(ctypes.CDLL(path, mode=os.RTLD_NOLOAD), fn_name)())
+    except (OSError, AttributeError):
+        return None
 
 
 def _corename(lib):

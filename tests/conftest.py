@@ -10,6 +10,9 @@ TINY = ROOT / "models" / "tiny-mistral"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The tests run with core/blas.py's defaults, whatever `make calibrate` chose for this machine
+# (tests/test_calibrate.py checks the calibrated path with a file of its own).
+os.environ.setdefault("FAST_BLAS_CALIBRATION", "0")
 
 
 TINY_4BIT = ROOT / "models" / "tiny-mistral-4bit"

@@ -3,4 +3,7 @@
 `import core` comes first so the optimised BLAS is loaded before mlx (core/blas.py).
 """
 
-import core  # noqa: F401  (side effect: fast BLAS before mlx)
+import os
+
+os.environ.setdefault("FAST_BLAS_ROLE", "decode")  # core.blas: `make calibrate`'s choice for decoding
+import core  # noqa: E402, F401  (side effect: fast BLAS before mlx)
