@@ -79,12 +79,16 @@ TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
-.PHONY: help setup node-setup tiny-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load soak demo notebook browser test test-repeat test-all bench check-backend clean
+.PHONY: help setup calibrate node-setup tiny-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load soak demo notebook browser test test-repeat test-all bench check-backend clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv and install pinned dependencies (BACKEND=cpu|cuda, BLAS=mkl|openblas); idempotent
+setup: $(STAMP) ## Create .venv and install pinned dependencies (BACKEND=cpu|cuda, BLAS=mkl|openblas), calibrate the CPU once; idempotent
+	@$(PY) -m core.calibrate --if-needed
+
+calibrate: $(STAMP) ## Measure this machine's CPU settings again (BLAS library, thread policy, small_gemm), store and print the choice (~1 min)
+	$(PY) -m core.calibrate
 
 $(STAMP): requirements.txt requirements-cuda.txt requirements-mkl.txt core/native/small_gemm.c .ci/build-small-gemm.sh
 	@if [ -x $(PY) ] && ! PYTHON3=$(PY) sh .ci/find-python.sh >/dev/null 2>&1; then \
@@ -199,6 +203,7 @@ bench: $(STAMP) ## Benchmarks side by side with mlx-lm (QUICK=1 for a short run)
 	$(PY) -m bench.run $(call flag,--quick,$(QUICK))
 
 check-backend: $(STAMP) ## Self-check of this machine's backend: train, resume, serve (worker, Node), speed, memory; one table
+	@$(PY) -m core.calibrate --show
 	$(PY) -m bench.check_backend
 
 clean: ## Remove built models, runs and logs (keeps .venv and your data)

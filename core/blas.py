@@ -14,17 +14,21 @@ x86-64) is preferred when present: about 2x OpenBLAS 0.3.21 in decoding (docs/PE
 
 Small products (decoding): `make setup` compiles core/native/small_gemm.c into the venv's lib/
 where a C compiler exists. When that library is there it is loaded ahead of the BLAS, takes
-libmlx's cblas_sgemm for the products decoding makes (M <= 128 rows of activations against a
-weight matrix) and hands every other call to the BLAS: on the 2-core AMD EPYC we develop on,
-decoding's products run 2-3x as fast as MKL's own kernels (1-16 streams)
-(docs/PERFORMANCE.md). Opt out with SMALL_GEMM=0; SMALL_GEMM_THREADS, SMALL_GEMM_MAX_M and
-SMALL_GEMM_SPIN_US tune it (read when it loads); SMALL_GEMM_LIB=path loads another build of it
-(to compare two builds: `python -m bench.decode_env SMALL_GEMM_LIB=a.so SMALL_GEMM_LIB=b.so`).
+libmlx's cblas_sgemm for the products decoding makes (M rows of activations against a weight
+matrix, M in SMALL_GEMM_MIN_M..SMALL_GEMM_MAX_M, default 1..128) and hands every other call to
+the BLAS: on the 2-core AMD EPYC it was tuned on, decoding's products run 2-3x as fast as MKL's
+(1-16 streams); on a 2-core Intel Xeon its M < 4 kernels lose to MKL's and M = 4-16 win
+(docs/PERFORMANCE.md). Opt out with SMALL_GEMM=0; SMALL_GEMM_THREADS and SMALL_GEMM_SPIN_US tune
+it (read when it loads); SMALL_GEMM_LIB=path loads another build of it.
 
-Threads for a shared machine: unless already set, the BLAS threads go to sleep as soon as a
-call ends instead of spinning for the next one (KMP_BLOCKTIME=0 for MKL's Intel OpenMP,
-OPENBLAS_THREAD_TIMEOUT=4 for OpenBLAS); see SHARED_MACHINE_THREADS. Set any of them in the
-environment to override (e.g. KMP_BLOCKTIME=200, Intel's default, on a dedicated machine).
+Measured, not assumed: `make setup` runs core/calibrate.py once per CPU (`make calibrate` again),
+which times the libraries present, the thread policies (POLICIES: "sleep", threads sleep as soon
+as a call ends, the default; "spin", the libraries' own) and small_gemm's row ranges, per role
+(decode: the worker; train: training), and stores the winners in CALIBRATION_PATH. A process
+applies its role's choice here (FAST_BLAS_ROLE, set by worker/ and train/; decode otherwise).
+What is set by hand wins: FAST_BLAS_LIB, FAST_BLAS_POLICY=sleep|spin, KMP_BLOCKTIME,
+OPENBLAS_THREAD_TIMEOUT, MKL_DYNAMIC, SMALL_GEMM*; FAST_BLAS_CALIBRATION=0 ignores the
+calibration (the tests do). loaded_state() reads back what the libraries really run with.
 """
 
 import ctypes
