@@ -7,15 +7,20 @@ load, so each run is its own process). Per round every variant runs once, in tur
 `mlx_lm.stream_generate` of `--tokens` tokens after a 100-token prompt, on the bench model
 (`bench.anchors.stream_generate_once`, timed as `make bench` times it). Prints each variant's
 median tokens/s and the median of its paired ratios to the first variant. For knobs such as
-SMALL_GEMM_SPIN_US, SMALL_GEMM_THREADS or SMALL_GEMM=0 that one process cannot switch.
+SMALL_GEMM_SPIN_US, SMALL_GEMM_THREADS or SMALL_GEMM=0 that one process cannot switch. Each
+child reports what its libraries really loaded (core.blas.loaded_state()) and a variant whose
+child did not load what its settings say (FAST_BLAS_LIB, FAST_BLAS_POLICY, KMP_BLOCKTIME,
+OPENBLAS_THREAD_TIMEOUT, SMALL_GEMM, SMALL_GEMM_MIN_M, SMALL_GEMM_LIB) stops the run.
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 
 from bench import report
+from core import calibrate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT_IDS = list(range(3, 103))  # 100 tokens, no tokenizer needed
@@ -28,9 +33,12 @@ def child(model_dir, tokens):
     from bench.anchors import stream_generate_once
 
     # the default device, as `make bench` decodes (Metal on a Mac; SMALL_GEMM_* act on the CPU only)
+    from core import blas
+
     model, tokenizer = load(model_dir)
     stream_generate_once(model, tokenizer, PROMPT_IDS, 8)  # warm
-    print(stream_generate_once(model, tokenizer, PROMPT_IDS, tokens)["tokens_per_s"])
+    rate = stream_generate_once(model, tokenizer, PROMPT_IDS, tokens)["tokens_per_s"]
+    print(json.dumps({"tokens_per_s": rate, "loaded": blas.loaded_state()}))
 
 
 def parse_variant(text):
@@ -50,7 +58,11 @@ def run_once(settings, model_dir, tokens):
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"{settings}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
-    return float(done.stdout.split()[-1])
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    wrong = calibrate.mismatches(settings, res["loaded"])
+    if wrong:  # a variant that did not take effect would compare a setting with itself
+        raise RuntimeError(f"{settings}: the child did not load what they say: {'; '.join(wrong)}")
+    return float(res["tokens_per_s"])
 
 
 def main(argv=None):

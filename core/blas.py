@@ -262,6 +262,7 @@ def loaded_state():
     whether small_gemm took cblas_sgemm, Intel OpenMP's block time and MKL's dynamic flag (None
     where that library is not loaded), and OpenBLAS's thread timeout as it read it at load."""
     state = {"blas": loaded_path, "status": status, "small_gemm": small_gemm is not None}
+    state["small_gemm_lib"] = SMALL_GEMM_PATH if small_gemm is not None else None
     if small_gemm is not None and hasattr(small_gemm, "small_gemm_min_m"):  # builds before 2026-12-05: no min
         state["small_gemm_rows"] = [small_gemm.small_gemm_min_m(), small_gemm.small_gemm_max_m()]
     state["kmp_blocktime"] = _call_mapped("libiomp5", "kmp_get_blocktime")

@@ -146,6 +146,13 @@ def mismatches(settings, loaded):
         wrong.append(
             f"small_gemm {'on' if loaded.get('small_gemm') else 'off'} with SMALL_GEMM={settings['SMALL_GEMM']}"
         )
+    lib = settings.get("SMALL_GEMM_LIB")
+    if (
+        lib
+        and loaded.get("small_gemm")
+        and os.path.realpath(loaded.get("small_gemm_lib") or "") != os.path.realpath(lib)
+    ):
+        wrong.append(f"small_gemm from {loaded.get('small_gemm_lib')} instead of {lib}")
     rows = loaded.get("small_gemm_rows")
     if rows and "SMALL_GEMM_MIN_M" in settings and rows[0] != int(settings["SMALL_GEMM_MIN_M"]):
         wrong.append(f"small_gemm from M={rows[0]} instead of {settings['SMALL_GEMM_MIN_M']}")

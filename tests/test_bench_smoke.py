@@ -426,6 +426,10 @@ def test_decode_env_runs_each_variant_in_its_own_process(tiny_model, capsys):
     assert second[0] == "SMALL_GEMM=1" and float(second[2]) > 0
     with pytest.raises(RuntimeError, match="exit 1"):  # a child that fails is named, not averaged
         decode_env.run_once({}, str(tiny_model / "absent"), 6)
+    # a child that did not load what its variant says stops the run (here: no kernel at that path)
+    absent = {"SMALL_GEMM": "1", "SMALL_GEMM_LIB": str(tiny_model / "absent.so")}
+    with pytest.raises(RuntimeError, match="did not load what they say: small_gemm off with SMALL_GEMM=1"):
+        decode_env.run_once(absent, str(tiny_model), 6)
 
 
 def test_a_partial_run_keeps_the_whole_runs_results():
