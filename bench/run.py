@@ -38,6 +38,7 @@ from bench import (
     machine,
     prefill,
     report,
+    settings,
     small_gemm,
     training,
     ttft,
@@ -50,6 +51,7 @@ from bench.common import DOC, RESULTS, Context, Workers, log, rel
 MEASUREMENTS = (
     bandwidth,
     small_gemm,
+    settings,
     training,
     decode,
     concurrency,
@@ -65,6 +67,7 @@ TABLE = (
     decode.rows,
     training.blas_rows,
     decode.blas_rows,
+    settings.rows,
     concurrency.rows,
     ttft.rows,
     prefill.rows,

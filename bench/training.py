@@ -132,7 +132,8 @@ def train_lora(plan, tmp, folded, rep, iters):
     cmd = [sys.executable, "-m", "bench.anchors", "lora", "--model", str(plan["train_model"]), "--train"]
     cmd += ["--data", str(folded), "--iters", str(iters), "--batch-size", str(plan["train_batch"])]
     cmd += ["--num-layers", str(plan["lora_layers"]), "--adapter-path", str(Path(tmp) / name), "-c", str(cfg)]
-    env = sub_env(tmp, BENCH_LORA_METRICS=metrics, NO_COLOR=1, COLUMNS=120)
+    # FAST_BLAS_ROLE=train: the BLAS settings `make calibrate` chose for training, as train.train has
+    env = sub_env(tmp, BENCH_LORA_METRICS=metrics, NO_COLOR=1, COLUMNS=120, FAST_BLAS_ROLE="train")
     wall = run_logged(cmd, env, Path(tmp) / f"{name}.log")
     reports = [
         json.loads(line)

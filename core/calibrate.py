@@ -192,12 +192,15 @@ def options(results, role, items):
     return [(f"{name}, kernel {m}", name, m) for name in results for m in modes]
 
 
-def decide(results, roles=ROLES, margin=MARGIN):
+def decide(results, roles=ROLES, margin=MARGIN, base=None):
     """{role: {"choice": option, "settings": {...}, "scores": {option: score}}}: the default (the
-    first candidate, kernel as by default) unless another option scores above 1 + margin."""
+    first candidate, kernel as by default; or the option named `base`) unless another option
+    scores above 1 + margin."""
     out = {}
     for role, items in roles.items():
         opts = options(results, role, items)
+        first = (base or {}).get(role) or opts[0][0]
+        opts.sort(key=lambda o: o[0] != first)  # the base first
         _, base, base_mode = opts[0]
 
         def key(item, mode):
@@ -219,6 +222,30 @@ def decide(results, roles=ROLES, margin=MARGIN):
             "scores": scores,
         }
     return out
+
+
+def option_of(settings, results, role):
+    """The option name (as options() makes it) of the candidate and kernel mode that `settings`
+    (a stored choice, or the defaults) select among measured `results`; None when none does."""
+    lib, policy = settings.get("FAST_BLAS_LIB"), settings.get("FAST_BLAS_POLICY", blas.DEFAULT_POLICY)
+    small = settings.get("SMALL_GEMM", "1") != "0"
+    mode = "off" if not small else "from4" if settings.get("SMALL_GEMM_MIN_M") == "4" else "all"
+    for option, name, m in options(results, role, []):
+        s = results[name]["settings"]
+        same_lib = lib is None or os.path.realpath(s.get("FAST_BLAS_LIB", "")) == os.path.realpath(lib)
+        if same_lib and s.get("FAST_BLAS_POLICY") == policy and m in (None, mode):
+            return option
+    return None
+
+
+def current_settings(role="decode"):
+    """What a process of `role` starts with now: the stored choice, or the defaults (the first
+    library present, DEFAULT_POLICY, the kernel for every M)."""
+    stored = blas.read_calibration()
+    if stored and os.environ.get("FAST_BLAS_CALIBRATION", "1") != "0":
+        return stored["choice"][role]
+    libs = libraries()
+    return {"FAST_BLAS_LIB": next(iter(libs.values()), None), "FAST_BLAS_POLICY": blas.DEFAULT_POLICY}
 
 
 def table(record):

@@ -260,3 +260,57 @@ def test_calibrate_end_to_end_stores_a_choice_that_a_process_then_loads(tmp_path
         cmd[:3] + ["--show"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert "decode score" in shown.stdout and record["when"] in shown.stdout
+
+
+def _ctx(plan):
+    from bench.common import Context
+
+    return Context(plan=plan, tmp=Path("."), res={}, workers=None)
+
+
+def test_bench_settings_warns_when_the_current_settings_are_beaten(monkeypatch):
+    """The section's logic on given rates: the current settings (here the defaults, as in the
+    tests) are the base; an option more than 5% faster is a warning and the rows show both."""
+    from bench import settings
+
+    cands = [("mkl sleep", {"FAST_BLAS_LIB": "/x/libmkl_rt.so.3", "FAST_BLAS_POLICY": "sleep"})]
+    cands.append(("mkl spin", {"FAST_BLAS_LIB": "/x/libmkl_rt.so.3", "FAST_BLAS_POLICY": "spin"}))
+    rates = {
+        "mkl sleep": {"decode:bench:1|all": [10.0, 10.0], "decode:bench:1|off": [10.0, 11.0]},
+        "mkl spin": {"decode:bench:1|all": [10.0, 10.0], "decode:bench:1|off": [14.0, 14.0]},
+    }
+    results = {n: {"settings": s, "loaded": {}, "rates": rates[n]} for n, s in cands}
+    monkeypatch.setattr(calibrate, "candidates", lambda: cands)
+    monkeypatch.setattr(calibrate, "kernel_modes", lambda: ["all", "off"])
+    monkeypatch.setattr(calibrate, "measure", lambda *a, **k: results)
+    monkeypatch.setattr(calibrate, "current_settings", lambda role: dict(cands[0][1]))
+    ctx = _ctx(dict(settings.PLAN["quick"], settings_decode=["decode:bench:1"]))
+    settings.section(ctx)
+    assert ctx.res["settings"]["base"] == {"decode": "mkl sleep, kernel all"}
+    (warning,) = ctx.res["warnings"]
+    assert "mkl spin, kernel off beats the current settings (mkl sleep, kernel all) by 1.40x" in warning
+    (row,) = settings.rows(ctx.res)
+    assert (row["ours"], row["anchor"], row["paired_ratio"]) == (10.0, 14.0, pytest.approx(10 / 14))
+    assert row["ours_label"] == "mkl sleep, kernel all" and row["met"] is False
+    rates["mkl spin"]["decode:bench:1|off"] = [10.2, 10.2]  # within 5%: no warning, target met
+    ctx = _ctx(dict(settings.PLAN["quick"], settings_decode=["decode:bench:1"]))
+    settings.section(ctx)
+    assert "warnings" not in ctx.res and settings.rows(ctx.res)[0]["met"] is True
+
+
+@linux_only
+def test_bench_settings_runs_each_candidate_for_real(monkeypatch):
+    from bench import settings
+
+    if not calibrate.libraries():
+        pytest.skip("no optimised BLAS library on this machine")
+    plan = dict(
+        settings.PLAN["quick"], settings_decode=["decode:tiny:1"], settings_rounds=1, settings_tokens=4
+    )
+    ctx = _ctx(plan)
+    settings.section(ctx)
+    st = ctx.res["settings"]
+    assert list(st["results"]) == [n for n, _ in calibrate.candidates()]
+    assert st["base"]["decode"] == calibrate.option_of(calibrate.current_settings(), st["results"], "decode")
+    (row,) = settings.rows(ctx.res)
+    assert row["ours"] > 0 and row["anchor"] > 0 and row["ours_label"] == st["base"]["decode"]
