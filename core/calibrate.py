@@ -201,7 +201,7 @@ def decide(results, roles=ROLES, margin=MARGIN, base=None):
         opts = options(results, role, items)
         first = (base or {}).get(role) or opts[0][0]
         opts.sort(key=lambda o: o[0] != first)  # the base first
-        _, base, base_mode = opts[0]
+        _, ref, ref_mode = opts[0]
 
         def key(item, mode):
             return f"{item}|{mode}" if mode else item
@@ -209,7 +209,7 @@ def decide(results, roles=ROLES, margin=MARGIN, base=None):
         scores = {}
         for option, name, mode in opts:
             ratios = [
-                paired(results[name]["rates"][key(w, mode)], results[base]["rates"][key(w, base_mode)])
+                paired(results[name]["rates"][key(w, mode)], results[ref]["rates"][key(w, ref_mode)])
                 for w in items
             ]
             scores[option] = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
