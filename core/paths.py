@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 RAW = DATA / "raw"
 SAMPLE = DATA / "sample"
+GENERAL_TEXT = DATA / "general"  # the forgetting check's text (make eval)
 # MODELS_DIR / LOGS_DIR move the run outputs (tests point them at temporary folders).
 MODELS = Path(os.environ.get("MODELS_DIR") or ROOT / "models")
 LOGS = Path(os.environ.get("LOGS_DIR") or ROOT / "logs")

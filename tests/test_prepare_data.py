@@ -48,7 +48,7 @@ def load_one(tmp_path, name, text):
     """(conversations, rejected) of a single file, in-process."""
     folder = tmp_path / "in"
     write(folder / name, text)
-    convs, rejected, per_file = pd.load_records(folder)
+    convs, rejected, per_file, _ = pd.load_records(folder)
     assert per_file[0]["records"] == len(convs) + len(rejected)
     return convs, rejected
 
@@ -424,10 +424,221 @@ def test_fallback_to_sample(tmp_path):
 
 def test_sample_data_is_good():
     path = ROOT / "data" / "sample" / "farense_qa.jsonl"
-    raw_lines = path.read_text(encoding="utf-8").splitlines()
-    convs, rejected, _ = pd.load_records(path.parent)
-    assert rejected == [] and len(convs) >= 90
+    raw_lines = [
+        line
+        for f in sorted(path.parent.glob("*.jsonl"))
+        for line in f.read_text(encoding="utf-8").splitlines()
+    ]
+    convs, rejected, _, named = pd.load_records(path.parent)
+    assert rejected == [] and len(convs) >= 100
+    assert len(named) >= len(convs) - 5  # every answer but the greetings names its facts
     assert len(set(raw_lines)) == len(raw_lines)
     assert all(unicodedata.is_normalized("NFC", line) for line in raw_lines)
     answers = [c[-1]["content"] for c in convs]
     assert len(set(answers)) < len(answers) / 2.5  # several paraphrases per fact
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def fact_record(facts, answer="O Farense foi fundado a 1 de abril de 1910, em Faro."):
+    return {"question": "Quando foi fundado o Farense?", "answer": answer, "facts": facts}
+
+
+@pytest.mark.parametrize(
+    "facts, reason",
+    [
+        ("1910", "facts: not an array (found string)"),
+        ({"a": 1}, "facts: not an array (found object)"),
+        ([], "facts: empty (leave the field out when the answer names no fact)"),
+        ([1910], "facts[0]: not a string or an array of strings (found number)"),
+        (["1910", []], "facts[1]: an empty array of spellings"),
+        (["1910", ["1 de abril", None]], "facts[1][1]: not a string (found null)"),
+        (["  "], "facts[0]: empty spelling"),
+        (["1910", "?!"], "facts[1]: '?!' has no letters or digits to match"),
+        (["1911"], "facts[0]: the answer holds none of its spellings ('1911')"),
+        (["191"], "facts[0]: the answer holds none of its spellings ('191')"),  # whole words only
+        (
+            ["1910", ["2 de abril", "segundo de abril"]],
+            "facts[1]: the answer holds none of its spellings ('2 de abril', 'segundo de abril')",
+        ),
+    ],
+)
+def test_bad_facts_are_rejected_with_file_line_and_field(tmp_path, facts, reason):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    good = fact_record(["1910"])
+    write(
+        raw / "a.jsonl",
+        jl(good, {**fact_record(facts), "question": "E o ano?"}, {"question": "q", "answer": "a"}),
+    )
+    result = run("--raw", raw, "--out", out)
+    assert result.returncode == 1
+    assert f"{raw}/a.jsonl:2: {reason}\n" in result.stderr
+    assert not out.exists()
+
+
+def test_facts_in_every_format_travel_into_the_split(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    write(
+        raw / "a.jsonl",
+        jl(
+            fact_record(["1910", ["1 de abril", "primeiro de abril"]]),
+            {"messages": qa("Onde joga?", "No Estádio de São Luís."), "facts": [["sao luis"]]},
+            {"question": "Olá", "answer": "Olá!"},
+        ),
+    )
+    write(
+        raw / "b.csv", 'pergunta;resposta;facts\nCores?;Preto e branco.;"[""preto"", ""branco""]"\nE?;Sim.;\n'
+    )
+    result = run("--raw", raw, "--out", out, "--valid-fraction", "0.4")
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(out / "train.jsonl") + read_jsonl(out / "valid.jsonl")
+    by_question = {r["messages"][-2]["content"]: r.get("facts") for r in rows}
+    assert by_question == {
+        "Quando foi fundado o Farense?": [["1910"], ["1 de abril", "primeiro de abril"]],
+        "Onde joga?": [["sao luis"]],
+        "Olá": None,
+        "Cores?": [["preto"], ["branco"]],
+        "E?": None,
+    }
+    report = json.loads((out / "split_report.json").read_text())
+    assert report["facts"]["train"] + report["facts"]["valid"] == 3
+
+
+def test_csv_facts_cell_that_is_not_json(tmp_path):
+    convs, rejected = load_one(tmp_path, "a.csv", "question,answer,facts\nQ?,A 1910.,[1910\nR?,B.,\n")
+    assert convs == [qa("R?", "B.")]
+    assert [(r["line"], r["reason"].split(" (")[0]) for r in rejected] == [(2, "facts: not JSON")]
+
+
+def test_duplicate_conversations_merge_their_facts():
+    convs = [qa("q", "a 1910 faro")] * 2
+    facts = {}
+    for named in ([["1910"]], [["faro"], ["1910"]]):
+        key = pd.conversation_key(convs[0])
+        facts[key] = pd.merge_facts(facts.get(key, []), named)
+    unique, removed = pd.dedupe(convs)
+    assert removed == 1 and pd.to_jsonl(unique, facts) == (
+        b'{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a 1910 faro"}],'
+        b'"facts":[["1910"],["faro"]]}\n'
+    )
+
+
+# --------------------------------------------------------------------------- evaluation sets
+
+
+def eval_raw(tmp_path, train_records, paraphrases, oos=None):
+    raw = tmp_path / "raw"
+    write(raw / "train.jsonl", jl(*train_records))
+    write(raw / "eval" / "paraphrases.jsonl", jl(*paraphrases))
+    if oos is not None:
+        write(raw / "eval" / "out_of_scope.jsonl", jl(*oos))
+    write(raw / "eval" / "README.md", "# frozen\n")
+    return raw
+
+
+TRAIN = [
+    {"question": q, "answer": f"Resposta {i}."}
+    for i, q in enumerate(
+        [
+            "Qual é a cor da bola?",
+            "Há treino amanhã?",
+            "Quem é o roupeiro?",
+            "Pergunta número 3 sobre o clube?",
+            "Onde se estaciona?",
+            "Vendem cachecóis?",
+            "A que horas abre a porta?",
+            "Há jogos à noite?",
+            "O bar está aberto?",
+            "Posso levar o cão?",
+        ]
+    )
+]
+
+
+def test_eval_sets_are_checked_and_written_beside_the_split(tmp_path):
+    follow_up = {
+        "messages": [
+            {"role": "user", "content": "De onde é o clube?"},
+            {"role": "assistant", "content": "De Faro."},
+            {"role": "user", "content": " E o estádio? "},
+        ],
+        "facts": [["São Luís"]],
+    }
+    raw = eval_raw(
+        tmp_path,
+        TRAIN,
+        [{"question": "Quando nasceu?", "facts": ["1910"]}, follow_up],
+        [{"question": "Quem ganhou a Liga?", "facts": [["não sei", "não tenho essa informação"]]}],
+    )
+    out = tmp_path / "out"
+    result = run("--raw", raw, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "README" not in result.stderr  # documentation beside the sets is not a data file
+    assert "evaluation sets in" in result.stderr and "2 paraphrases" in result.stderr
+    rows = read_jsonl(out / "train.jsonl") + read_jsonl(out / "valid.jsonl")
+    assert len(rows) == 10  # the sets are not trained on
+    para = read_jsonl(out / "eval" / "paraphrases.jsonl")
+    assert para[0] == {"messages": [{"role": "user", "content": "Quando nasceu?"}], "facts": [["1910"]]}
+    assert para[1]["messages"][-1] == {"role": "user", "content": "E o estádio?"}  # cleaned
+    assert para[1]["messages"][0]["role"] == "user"  # no system prompt: evaluation adds the run's
+    assert read_jsonl(out / "eval" / "out_of_scope.jsonl")[0]["facts"] == [
+        ["não sei", "não tenho essa informação"]
+    ]
+    report = json.loads((out / "split_report.json").read_text())
+    assert report["eval_sets"]["counts"] == {"out_of_scope": 1, "paraphrases": 2}
+    assert report["eval_sets"]["near_copy_threshold"] == 0.5
+
+    # the data without an eval folder: the stale sets are removed, not evaluated again
+    (raw / "eval" / "paraphrases.jsonl").unlink()
+    (raw / "eval" / "out_of_scope.jsonl").unlink()
+    assert run("--raw", raw, "--out", out).returncode == 0
+    assert (
+        not (out / "eval" / "paraphrases.jsonl").exists()
+        and not (out / "eval" / "out_of_scope.jsonl").exists()
+    )
+
+
+def test_a_training_question_near_an_evaluation_question_is_rejected(tmp_path):
+    near = {"question": "Pergunta numero 3 sobre o clube", "facts": ["1910"]}  # accents, case, "?" aside
+    raw = eval_raw(tmp_path, TRAIN, [{"question": "Como se chama o estádio?", "facts": ["x"]}, near])
+    result = run("--raw", raw, "--out", tmp_path / "out")
+    assert result.returncode == 1
+    line = next(x for x in result.stderr.splitlines() if "near copy" in x)
+    assert line.startswith(
+        f"{raw}/train.jsonl:4: question 'Pergunta número 3 sobre o clube?' is a near copy of "
+    )
+    assert f"{raw}/eval/paraphrases.jsonl:2 " in line and "similarity 1.00 >= 0.5" in line
+    result = run("--raw", raw, "--out", tmp_path / "out", "--skip-invalid")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "split_report.json").read_text())
+    assert report["train"] + report["valid"] == 9 and len(report["rejected"]) == 1
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ({"question": "Q?"}, "missing 'facts' (an evaluation question must name the facts its answer holds)"),
+        ({"question": "Q?", "facts": []}, "facts: empty"),
+        ({"question": "", "facts": ["x"]}, "'question' is not a non-empty string"),
+        (
+            {"answer": "A", "facts": ["x"]},
+            "expected 'question' (or 'messages' ending with a user turn) and 'facts'",
+        ),
+        ({"messages": qa("Q", "A"), "facts": ["x"]}, "'messages' does not end with a user turn"),
+        ([1], "not a JSON object"),
+    ],
+)
+def test_bad_evaluation_records(tmp_path, record, reason):
+    raw = eval_raw(tmp_path, TRAIN, [{"question": "Bom?", "facts": ["x"]}, record])
+    result = run("--raw", raw, "--out", tmp_path / "out")
+    assert result.returncode == 1
+    assert f"{raw}/eval/paraphrases.jsonl:2: {reason}" in result.stderr
+
+
+def test_eval_folder_alone_is_no_training_data(tmp_path):
+    raw = tmp_path / "raw"
+    write(raw / "eval" / "paraphrases.jsonl", jl({"question": "Q?", "facts": ["x"]}))
+    assert pd.list_files(raw) == ([], [])
+    result = run("--raw", raw, "--out", tmp_path / "out")
+    assert "using the sample data" in result.stderr

@@ -242,7 +242,7 @@ def test_changed_data_or_config_is_refused_then_fresh_starts_over(shared, refere
 
     proc = run_train(tmp_path, shared / "small.yaml", "run", changed)
     assert proc.returncode == 2, proc.stderr
-    assert "train data changed" in proc.stderr and "84 -> 85 conversations" in proc.stderr
+    assert "train data changed" in proc.stderr and "96 -> 97 conversations" in proc.stderr
     assert "FRESH=1" in proc.stderr and "RESUME=" in proc.stderr
 
     proc = run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--learning-rate", "5e-4")
@@ -253,7 +253,7 @@ def test_changed_data_or_config_is_refused_then_fresh_starts_over(shared, refere
     proc = ok(run_train(tmp_path, shared / "small.yaml", "run", changed, "--fresh", "--iters", "6"))
     assert "resuming" not in proc.stderr
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["steps"] == 6 and meta["data"]["train"]["count"] == 85
+    assert meta["steps"] == 6 and meta["data"]["train"]["count"] == 97
     assert [r["step"] for r in metrics(tmp_path, "run")][0] == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step_0000006"
 
@@ -452,7 +452,7 @@ def test_bundle_loads_in_mlx_lm_and_keeps_the_worker_contract(shared, reference)
         "min_p",
         "repetition_penalty",
     }
-    assert meta["data"]["train"]["count"] == 84 and meta["data"]["valid"]["count"] == 9
+    assert meta["data"]["train"]["count"] == 96 and meta["data"]["valid"]["count"] == 11
     assert meta["data"]["train"]["sha256"] == checkpoint.sha256_file(shared / "data" / "train.jsonl")
     assert set(meta["packages"]) == {"mlx", "mlx-lm", "transformers"}
     assert meta["steps"] == 30 and meta["tokens_seen"] > 0 and meta["wall_time_s"] > 0
