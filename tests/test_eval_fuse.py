@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ def test_evaluate_writes_side_by_side_metrics(run):
     base, run = run
     proc = ok(run_module(base, "train.evaluate", "--name", "run"))
     report = json.loads((run / "eval.json").read_text())
-    assert report["split"] == "valid" and report["data"]["count"] == 9
+    valid = read_jsonl(Path(report["data"]["path"]))
+    assert report["split"] == "valid" and report["data"]["count"] == len(valid) == 11
     for side in ("base", "fine_tuned"):
         r = report[side]
         for key in ("loss", "perplexity", "exact_match", "token_f1", "chrf"):
@@ -36,13 +38,68 @@ def test_evaluate_writes_side_by_side_metrics(run):
     meta = json.loads((run / "metadata.json").read_text())
     assert report["fine_tuned"]["loss"] == pytest.approx(meta["final_val_loss"], abs=1e-5)
     assert report["base"]["loss"] == pytest.approx(metrics(base, "run")[0]["val_loss"], abs=1e-5)
-    assert len(report["examples"]) == 9
+    assert len(report["examples"]) == 11
     ex = report["examples"][0]
-    assert set(ex) >= {"question", "reference", "base", "fine_tuned"}
+    assert set(ex) >= {"question", "reference", "base", "fine_tuned", "facts", "fine_tuned_key_facts"}
     md = (run / "eval.md").read_text()
     assert "| question | reference | base | fine-tuned |" in md
     assert ex["question"].replace("|", "\\|") in md
     assert "exact match" in proc.stdout
+    check_key_facts(report, md, proc.stdout, valid)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def check_key_facts(report, md, stdout, valid):
+    """The club's measures in eval.json, eval.md and on the console, checked against the data and
+    re-judged from the answers the report shows (the tiny model knows no language: ~0)."""
+    from train import facts
+
+    para, oos = report["eval_sets"]["paraphrases"], report["eval_sets"]["out_of_scope"]
+    named = sum(bool(r.get("facts")) for r in valid)
+    assert named >= 8
+    for side in ("base", "fine_tuned"):
+        r = report[side]
+        kf = r["key_facts"]["valid"]
+        assert kf["of"] == named and 0 <= kf["correct"] <= kf["of"]
+        exs = [e for e in report["examples"] if e["facts"]]
+        assert kf["correct"] == sum(facts.judge(e[side], e["facts"])["ok"] for e in exs)
+        assert para["count"] == r["key_facts"]["paraphrases"]["of"] == 58 == len(para["examples"])
+        ok = [facts.judge(e[side], e["facts"])["ok"] for e in para["examples"]]
+        assert r["key_facts"]["paraphrases"]["correct"] == sum(ok) <= 15  # random model: near 0
+        declined = sum(facts.judge(e[side], e["facts"])["ok"] for e in oos["examples"])
+        assert r["out_of_scope"]["of"] == oos["count"] == 15
+        assert r["out_of_scope"]["invented"] == 15 - declined
+        g = r["general_text"]
+        assert g["tokens"] > 500 and g["perplexity"] == pytest.approx(np.exp(g["loss"]), rel=1e-6)
+    follow_up = next(e for e in para["examples"] if len(e["conversation"]) > 1)
+    assert [m["role"] for m in follow_up["conversation"]] == ["user", "assistant", "user"]
+    g = report["general_text"]
+    assert g["files"] == ["en.txt", "pt.txt"] and g["limit"] == 1.15
+    ratio = report["fine_tuned"]["general_text"]["perplexity"] / report["base"]["general_text"]["perplexity"]
+    assert g["ratio"] == pytest.approx(ratio) and g["flagged"] == (ratio > 1.15)
+    assert set(report["rules"]) == {"key_facts", "degenerate", "invents", "forgetting"}
+    for section in (
+        "## Rules",
+        "## Paraphrases",
+        "## Out of scope",
+        "## General text",
+        "| key facts, paraphrases |",
+    ):
+        assert section in md, section
+    for line in (
+        "key facts, valid",
+        "key facts, paraphrases",
+        "invents, out of scope",
+        "general-text perplexity",
+    ):
+        assert line in stdout, line
+    q = para["examples"][0]["question"]
+    assert (
+        q in md and ("[facts ✓]" in md or "[missing:" in md) and ("[declines ✓]" in md or "[invents ✗]" in md)
+    )
 
 
 def test_fuse_writes_a_standalone_model_equal_to_base_plus_adapter(run):

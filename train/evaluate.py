@@ -1,18 +1,23 @@
-"""Compare the base model and the fine-tuned one (models/NAME) on held-out conversations.
+"""Compare the base model and the fine-tuned one (models/NAME) on what the club cares about.
 
     python -m train.evaluate --name NAME [--data D] [--model M] [--split valid|train]
-        [--max-tokens N] [--limit N] [--models-dir DIR]
+        [--max-tokens N] [--limit N] [--general-text DIR] [--models-dir DIR]
 
-For both models: the loss and perplexity on the split's answers (the same loss as training),
-and greedy answers to its questions - each conversation minus its last answer, formatted by
-core.prompt.encode_prompt with the run's system prompt, exactly as the worker formats it -
-scored against the reference answers: exact match, token F1 and chrF (sacrebleu).
-Writes models/NAME/eval.json and eval.md (eval-train.* for --split train).
+For both models, under the same prompt (core.prompt.encode_prompt with the run's system prompt,
+exactly as the worker formats it), greedy answers:
+- the split: loss and perplexity on its answers (the same loss as training); its questions
+  answered and scored against the reference answers (exact match, token F1, chrF) and, where a
+  conversation names facts, key-fact accuracy (train/facts.py: every fact there, no loop);
+- DATA/eval/paraphrases.jsonl (make data): key-fact accuracy on questions worded unlike the
+  training ones, follow-up turns included;
+- DATA/eval/out_of_scope.jsonl: how often the model invents instead of declining;
+- the general text (data/general/*.txt): perplexity, flagged when the fine-tuned model's is more
+  than 15% above the base's (forgetting).
+Writes models/NAME/eval.json and eval.md (eval-train.* for --split train): every answer shown.
 """
 
 import argparse
 import json
-import math
 import re
 import sys
 import time
@@ -21,8 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from core import atomic, paths
-from core.prompt import encode_prompt
-from train import batches, bundle
+from train import batches, bundle, eval_model, eval_report, eval_sets
 
 
 def log(message):
@@ -74,17 +78,7 @@ def score(hypotheses, references):
     return summary, rows
 
 
-# --------------------------------------------------------------------------- generation
-
-
-def generate_answers(model, tokenizer, prompts, max_tokens):
-    """Greedy answers, batched (mlx_lm.batch_generate), as text."""
-    from mlx_lm.generate import batch_generate
-
-    if not prompts:
-        return []
-    result = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens)
-    return [t.strip() for t in result.texts]
+# --------------------------------------------------------------------------- inputs
 
 
 def parse_args(argv=None):
@@ -94,9 +88,42 @@ def parse_args(argv=None):
     p.add_argument("--model", help="base model (default: the run's)")
     p.add_argument("--split", choices=("valid", "train"), default="valid")
     p.add_argument("--max-tokens", type=int, help="per answer (default: a little over the longest reference)")
-    p.add_argument("--limit", type=int, help="only the first N conversations")
+    p.add_argument("--limit", type=int, help="only the first N conversations of the split and of each set")
+    p.add_argument(
+        "--general-text", default=str(paths.GENERAL_TEXT), help="folder of *.txt for the forgetting check"
+    )
     p.add_argument("--models-dir", help="where run folders are (default models/, or $MODELS_DIR)")
     return p.parse_args(argv)
+
+
+class Inputs:
+    """What one evaluation reads: the split's conversations and facts, the evaluation sets, the
+    general text, and the answers whose lengths set the generation budget."""
+
+    def __init__(self, args, meta):
+        if args.data:
+            data_dir = Path(args.data)
+            self.data_file = data_dir / f"{args.split}.jsonl"
+        else:
+            self.data_file = Path(meta["data"][args.split]["path"])
+            data_dir = self.data_file.parent
+        self.split = batches.read_split(self.data_file)
+        named = eval_sets.read_facts(self.data_file) if self.split.conversations else []
+        pairs = [
+            (m, f) for m, f in zip(self.split.conversations, named) if m and m[-1]["role"] == "assistant"
+        ]
+        pairs = pairs[: args.limit] if args.limit else pairs
+        self.conversations = [m for m, _ in pairs]
+        self.facts = [f for _, f in pairs]
+        self.sets = {
+            name: items[: args.limit] if args.limit else items
+            for name, items in eval_sets.read_prepared(data_dir).items()
+        }
+        self.eval_dir = data_dir / eval_sets.EVAL_DIR
+        self.texts = eval_model.general_texts(args.general_text)
+        self.general_text = args.general_text
+        train_split = batches.read_split(data_dir / "train.jsonl")
+        self.answers = [m[-1]["content"] for m in self.conversations + train_split.conversations if m]
 
 
 def main(argv=None):
@@ -107,56 +134,45 @@ def main(argv=None):
     except bundle.BundleError as e:
         log(f"error: {e} - train first (make train NAME={args.name})")
         return 2
-    data_file = (
-        Path(args.data) / f"{args.split}.jsonl" if args.data else Path(meta["data"][args.split]["path"])
-    )
-    split = batches.read_split(data_file)
-    conversations = [m for m in split.conversations if m and m[-1]["role"] == "assistant"]
-    conversations = conversations[: args.limit] if args.limit else conversations
-    if not conversations:
-        log(f"error: no conversations in {data_file}")
+    inputs = Inputs(args, meta)
+    if not inputs.conversations:
+        log(f"error: no conversations in {inputs.data_file}")
         return 2
     tic = time.perf_counter()
     model_name = args.model or meta.get("base_model_path") or meta["base_model"]
-    results, max_tokens = compare(model_name, run_dir, meta, train_cfg, conversations, args.max_tokens)
-    report = make_report(args, data_file, split, conversations, model_name, meta, results, max_tokens)
+    results, max_tokens = compare(model_name, run_dir, meta, train_cfg, inputs, args.max_tokens)
+    report = eval_report.make_report(args, inputs, model_name, meta, results, max_tokens)
     report["wall_time_s"] = round(time.perf_counter() - tic, 2)
     stem = "eval" if args.split == "valid" else f"eval-{args.split}"
     atomic.write_text(
         run_dir / f"{stem}.json", json.dumps(bundle.finite(report), indent=2, ensure_ascii=False) + "\n"
     )
-    atomic.write_text(run_dir / f"{stem}.md", markdown(report))
-    b, f, n = report["base"], report["fine_tuned"], len(conversations)
-    print(
-        f"{args.split} ({n} conversations)   base -> fine-tuned\n"
-        f"  loss        {b['loss']:.4f} -> {f['loss']:.4f}\n"
-        f"  perplexity  {b['perplexity']:.2f} -> {f['perplexity']:.2f}\n"
-        f"  exact match {b['exact_count']}/{n} -> {f['exact_count']}/{n}\n"
-        f"  token F1    {b['token_f1']:.3f} -> {f['token_f1']:.3f}\n"
-        f"  chrF        {b['chrf']:.1f} -> {f['chrf']:.1f}\n"
-        f"wrote {run_dir / (stem + '.json')} and {stem}.md"
-    )
+    atomic.write_text(run_dir / f"{stem}.md", eval_report.markdown(report))
+    print(eval_report.console(report) + f"\nwrote {run_dir / (stem + '.json')} and {stem}.md")
     return 0
 
 
-def compare(model_name, run_dir, meta, train_cfg, conversations, max_tokens=None):
-    """The base model, then with the run's (shipped) adapter: loss and greedy answers."""
-    from mlx_lm import load
+# --------------------------------------------------------------------------- the two models
+
+
+def compare(model_name, run_dir, meta, train_cfg, inputs, max_tokens=None):
+    """The base model, then with the run's (shipped) adapter: losses, answers, judgements."""
     from mlx_lm.tuner.utils import load_adapters
 
     system_prompt = meta.get("system_prompt")
     batch_size = int(meta.get("batch_size") or train_cfg.get("batch_size") or 8)
     log(f"loading {model_name}")
-    model, tokenizer = load(model_name)
-    if meta.get("chat_template"):
-        getattr(tokenizer, "_tokenizer", tokenizer).chat_template = meta["chat_template"]
+    model, tokenizer = eval_model.load_base(model_name, meta)
+    conversations = inputs.conversations
     examples = batches.encode(
         tokenizer, conversations, system_prompt, True, int(meta.get("max_seq_length") or 2048)
     ).examples
-    prompts = [encode_prompt(tokenizer, m[:-1], system_prompt) for m in conversations]
-    references = [m[-1]["content"] for m in conversations]
-    ref_lengths = [len(tokenizer.encode(r, add_special_tokens=False)) for r in references]
-    max_tokens = max_tokens or min(int(meta["generation"].get("max_tokens") or 256), max(ref_lengths) + 16)
+    text_examples = eval_model.text_examples(tokenizer, [t for _, t in inputs.texts])
+    questions = [m[:-1] for m in conversations] + [
+        item[0] for items in inputs.sets.values() for item in items
+    ]
+    cap = int(meta["generation"].get("max_tokens") or 256)
+    max_tokens = max_tokens or eval_model.answer_budget(tokenizer, inputs.answers, cap)
     results = {}
     for label in ("base", "fine_tuned"):
         if label == "fine_tuned":
@@ -164,86 +180,41 @@ def compare(model_name, run_dir, meta, train_cfg, conversations, max_tokens=None
         model.eval()
         loss, ntoks = batches.evaluate_loss(model, examples, batch_size)
         log(
-            f"{label}: loss {loss:.4f} over {ntoks} answer tokens; generating {len(prompts)} answers "
+            f"{label}: loss {loss:.4f} over {ntoks} answer tokens; generating {len(questions)} answers "
             f"(max {max_tokens} tokens)"
         )
-        answers = generate_answers(model, tokenizer, prompts, max_tokens)
-        summary, rows = score(answers, references)
-        results[label] = {
-            "loss": loss,
-            "perplexity": math.exp(loss) if loss < 700 else math.inf,
-            "answer_tokens": ntoks,
-            **summary,
-            "answers": answers,
-            "rows": rows,
-        }
+        tic = time.perf_counter()
+        answers = eval_model.answer_all(model, tokenizer, questions, system_prompt, max_tokens)
+        log(f"{label}: answered in {time.perf_counter() - tic:.1f}s")
+        results[label] = side(loss, ntoks, answers, inputs)
+        if text_examples:
+            results[label]["general_text"] = eval_model.text_perplexity(model, text_examples, batch_size)
     return results, max_tokens
 
 
-def make_report(args, data_file, split, conversations, model_name, meta, results, max_tokens):
-    base, tuned = results["base"], results["fine_tuned"]
-    return {
-        "name": args.name,
-        "split": args.split,
-        "data": {"path": str(data_file), "sha256": split.sha256, "count": len(conversations)},
-        "base_model": model_name,
-        "system_prompt": meta.get("system_prompt"),
-        "max_tokens": max_tokens,
-        "adapter": {"source": meta.get("adapter_source"), "step": meta.get("adapter_step")},
-        "base": {k: v for k, v in base.items() if k not in ("answers", "rows")},
-        "fine_tuned": {k: v for k, v in tuned.items() if k not in ("answers", "rows")},
-        "examples": [
-            {
-                "question": _question(m),
-                "reference": m[-1]["content"],
-                "base": base["answers"][i],
-                "fine_tuned": tuned["answers"][i],
-                "base_scores": base["rows"][i],
-                "fine_tuned_scores": tuned["rows"][i],
-            }
-            for i, m in enumerate(conversations)
-        ],
+def side(loss, ntoks, answers, inputs):
+    """One model's results: the split's scores and key facts, then each evaluation set's."""
+    n = len(inputs.conversations)
+    own, rest = answers[:n], answers[n:]
+    summary, rows = score(own, [m[-1]["content"] for m in inputs.conversations])
+    judgements, key_facts = eval_model.judge_all(own, inputs.facts)
+    result = {
+        "loss": loss,
+        "perplexity": eval_model.perplexity(loss),
+        "answer_tokens": ntoks,
+        **summary,
+        "key_facts": key_facts,
+        "answers": own,
+        "rows": rows,
+        "judgements": judgements,
+        "sets": {},
     }
-
-
-def _question(messages):
-    users = [m["content"] for m in messages[:-1] if m["role"] == "user"]
-    return users[-1] if users else ""
-
-
-def _cell(text):
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def markdown(report):
-    b, f = report["base"], report["fine_tuned"]
-    n = report["data"]["count"]
-    lines = [
-        f"# Evaluation of `{report['name']}` on {report['split']} ({n} conversations)",
-        "",
-        f"Base model `{report['base_model']}`; greedy answers, at most {report['max_tokens']} tokens; "
-        f"fine-tuned: the run's {report['adapter']['source'] or 'shipped'} adapter (step {report['adapter']['step']}).",
-        "",
-        "| metric | base | fine-tuned |",
-        "|---|---|---|",
-        f"| loss | {b['loss']:.4f} | {f['loss']:.4f} |",
-        f"| perplexity | {b['perplexity']:.2f} | {f['perplexity']:.2f} |",
-        f"| exact match | {b['exact_count']}/{n} ({b['exact_match']:.0%}) | {f['exact_count']}/{n} ({f['exact_match']:.0%}) |",
-        f"| token F1 | {b['token_f1']:.3f} | {f['token_f1']:.3f} |",
-        f"| chrF | {b['chrf']:.1f} | {f['chrf']:.1f} |",
-        "",
-        "## Examples",
-        "",
-        "| question | reference | base | fine-tuned |",
-        "|---|---|---|---|",
-    ]
-    for ex in report["examples"]:
-        mark = " ✓" if ex["fine_tuned_scores"]["exact"] else ""
-        lines.append(
-            f"| {_cell(ex['question'])} | {_cell(ex['reference'])} | {_cell(ex['base'])} | "
-            f"{_cell(ex['fine_tuned'])}{mark} |"
-        )
-    return "\n".join(lines) + "\n"
+    for name, items in inputs.sets.items():
+        mine, rest = rest[: len(items)], rest[len(items) :]
+        judge = eval_model.declines if name == "out_of_scope" else eval_model.judge_all
+        set_judgements, set_summary = judge(mine, [f for _, f in items])
+        result["sets"][name] = {"answers": mine, "judgements": set_judgements, "summary": set_summary}
+    return result
 
 
 if __name__ == "__main__":
