@@ -131,7 +131,7 @@ show-data: $(STAMP) ## Print N (default 3) training examples as the model sees t
 train: $(STAMP) ## Fine-tune MODEL on DATA into models/NAME (resumes after an interruption)
 	$(if $(strip $(NPROC)$(HOSTFILE)),$(PY) -m train.launch $(call opt,--nproc,$(NPROC)) $(call opt,--hostfile,$(HOSTFILE)) --,$(PY) -m train.train) $(TRAIN_ARGS)
 
-eval: $(STAMP) ## Compare base and fine-tuned models/NAME on the validation set (eval.json, eval.md)
+eval: $(STAMP) ## Base vs fine-tuned models/NAME: loss, F1, chrF, key facts (valid, paraphrases), invention, forgetting
 	$(PY) -m train.evaluate --name $(NAME) $(call opt,--data,$(DATA)) $(call opt,--model,$(MODEL))
 
 lint: $(STAMP) lint-js ## ruff (format check + lint, ruff.toml) on the Python code, ESLint on the JavaScript
@@ -141,7 +141,7 @@ lint: $(STAMP) lint-js ## ruff (format check + lint, ruff.toml) on the Python co
 lint-js: node-setup ## ESLint on clients/node and examples/express (flat config examples/express/eslint.config.js)
 	examples/express/node_modules/.bin/eslint -c examples/express/eslint.config.js clients/node examples/express
 
-promote: $(STAMP) ## Make models/current point at models/NAME if better on METRIC (default val loss; FORCE=1)
+promote: $(STAMP) ## Make models/current point at models/NAME if better on METRIC (default val loss; key_facts; FORCE=1)
 	$(PY) -m train.promote --name $(NAME) $(call opt,--metric,$(METRIC)) $(call flag,--force,$(FORCE)) $(call opt,--data,$(DATA))
 
 fuse: $(STAMP) ## Fuse models/NAME (float; QUANTIZE=4 re-quantizes), checked against base + adapter (FORCE=1), GGUF

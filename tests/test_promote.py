@@ -138,3 +138,72 @@ def test_make_promote_target_runs_the_module():
     )
     assert r.returncode == 0, r.stderr
     assert "-m train.promote --name cand --metric chrf --force" in r.stdout
+
+
+# --------------------------------------------------------------------------- key facts
+
+
+@pytest.fixture(scope="module")
+def kf_models(tmp_path_factory):
+    """good and bad runs whose validation data has facts and the sample's paraphrase set beside it
+    (DIR/eval/paraphrases.jsonl, written by the code make data runs)."""
+    from train import eval_sets
+
+    ensure_tiny_model()
+    root = tmp_path_factory.mktemp("promote_kf")
+    valid = root / "valid.jsonl"
+    lines = (ROOT / "data" / "sample" / "farense_qa.jsonl").read_text(encoding="utf-8").splitlines()
+    valid.write_text("\n".join(lines[:6]) + "\n", encoding="utf-8")
+    eval_sets.write(root, eval_sets.load(ROOT / "data" / "sample"))
+    models = root / "models"
+    make_run(models, "good", 0.0, valid)
+    make_run(models, "bad", 0.5, valid)
+    promote.switch_current(models, "good")
+    return models
+
+
+def printed(out, key):
+    """(current, candidate) of one row of the printed comparison."""
+    row = next(line for line in out.splitlines() if line.split()[:1] == [key])
+    return float(row.split()[1]), float(row.split()[2])
+
+
+@pytest.mark.parametrize("metric", ["key_facts", "key_facts_valid"])
+def test_key_fact_metrics_decide_on_the_counts_they_print(kf_models, capsys, metric):
+    code = run(kf_models, "--name", "bad", "--metric", metric, "--limit", "5")
+    out = capsys.readouterr().out
+    assert f"metric: {metric}" in out and "<- metric" in out
+    assert ("+ 5 paraphrases" in out) == (metric == "key_facts")
+    current, candidate = printed(out, metric)
+    assert 0 <= candidate <= 5 and 0 <= current <= 5
+    assert code == (0 if candidate > current else promote.REFUSED), out
+    if code == 0:
+        promote.switch_current(kf_models, "good")
+
+
+def test_key_facts_is_strictly_better_or_refused():
+    assert promote.is_better({"key_facts": 41}, {"key_facts": 40}, "key_facts")
+    assert not promote.is_better({"key_facts": 40}, {"key_facts": 40}, "key_facts")
+    assert not promote.is_better({"key_facts": 39}, {"key_facts": 40}, "key_facts")
+    assert promote.is_better({"key_facts_valid": 3}, {"key_facts_valid": 2}, "key_facts_valid")
+
+
+def test_key_facts_without_a_paraphrase_set_says_where(kf_models, tmp_path, capsys):
+    (tmp_path / "valid.jsonl").write_bytes((kf_models.parent / "valid.jsonl").read_bytes())
+    assert run(kf_models, "--name", "bad", "--metric", "key_facts", "--data", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/eval/paraphrases.jsonl: no paraphrase set for METRIC=key_facts" in err
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "valid.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    )
+    assert run(kf_models, "--name", "bad", "--metric", "key_facts_valid", "--data", str(plain)) == 2
+    assert "no conversation names facts" in capsys.readouterr().err
+
+
+def test_make_promote_passes_a_key_fact_metric():
+    r = subprocess.run(
+        ["make", "-n", "promote", "NAME=cand", "METRIC=key_facts"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "-m train.promote --name cand --metric key_facts" in r.stdout, r.stderr

@@ -1,14 +1,18 @@
 """Eval-gated promotion: make models/current point at a candidate only when it is better.
 
-    python -m train.promote --name CANDIDATE [--metric loss|perplexity|token_f1|chrf|exact_match]
-        [--force] [--data DIR] [--limit N] [--models-dir DIR]
+    python -m train.promote --name CANDIDATE [--metric loss|perplexity|token_f1|chrf|exact_match|
+        key_facts|key_facts_valid] [--force] [--data DIR] [--limit N] [--models-dir DIR]
 
 Evaluates the candidate (models/CANDIDATE) and the adapter live now (models/current, a
 symlink to a run folder) on the same validation data (the candidate's, or DIR/valid.jsonl)
-with train/evaluate.py's functions, prints the comparison, and switches models/current
-atomically (a new symlink renamed over the old one) only when the candidate is strictly
-better on the metric (default: validation loss), or with --force. A server following
+with the evaluation's functions (train/eval_model.py), prints the comparison, and switches
+models/current atomically (a new symlink renamed over the old one) only when the candidate is
+strictly better on the metric (default: validation loss), or with --force. A server following
 models/current (examples/express) reloads by itself.
+
+key_facts, the club's measure: how many questions of the paraphrase set (DIR/eval/paraphrases.jsonl,
+written by make data) get an answer holding every key fact, not a loop (train/facts.py);
+key_facts_valid: the same on the validation conversations that name facts.
 
 Exit status: 0 promoted (or first promotion, or already current), 3 not better (refused),
 2 a run folder or the data cannot be read.
@@ -21,8 +25,7 @@ import sys
 from pathlib import Path
 
 from core import atomic, paths
-from core.prompt import encode_prompt
-from train import batches, bundle, evaluate
+from train import batches, bundle, eval_model, eval_sets, evaluate
 
 CURRENT = "current"
 REFUSED = 3
@@ -33,7 +36,10 @@ METRICS = {
     "token_f1": ("token_f1", True, True),
     "chrf": ("chrf", True, True),
     "exact_match": ("exact_count", True, True),
+    "key_facts": ("key_facts", True, True),  # on the paraphrase set
+    "key_facts_valid": ("key_facts_valid", True, True),
 }
+SHOWN = ("loss", "perplexity", "token_f1", "chrf", "exact_count", "key_facts", "key_facts_valid")
 
 
 def log(message):
@@ -53,32 +59,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def evaluate_run(run_dir, conversations, metric):
-    """{loss, perplexity[, token_f1, chrf, exact_count]} of one run's adapter on its own base."""
-    from mlx_lm import load
+def evaluate_run(run_dir, data, metric):
+    """{loss, perplexity[, token_f1, chrf, exact_count, key_facts or key_facts_valid]} of one run's
+    adapter on its own base."""
     from mlx_lm.tuner.utils import load_adapters
 
     meta, train_cfg = bundle.read_run(run_dir)
-    model_name = meta.get("base_model_path") or meta["base_model"]
-    model, tokenizer = load(model_name)
-    if meta.get("chat_template"):
-        getattr(tokenizer, "_tokenizer", tokenizer).chat_template = meta["chat_template"]
+    model, tokenizer = eval_model.load_base(meta.get("base_model_path") or meta["base_model"], meta)
     load_adapters(model, str(run_dir))
     model.eval()
     system_prompt = meta.get("system_prompt")
+    conversations = data.conversations
     examples = batches.encode(
         tokenizer, conversations, system_prompt, True, int(meta.get("max_seq_length") or 2048)
     ).examples
     batch_size = int(meta.get("batch_size") or train_cfg.get("batch_size") or 8)
     loss, _ = batches.evaluate_loss(model, examples, batch_size)
-    result = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
-    if METRICS[metric][2]:
-        prompts = [encode_prompt(tokenizer, m[:-1], system_prompt) for m in conversations]
-        references = [m[-1]["content"] for m in conversations]
-        max_tokens = int(meta["generation"].get("max_tokens") or 256)
-        answers = evaluate.generate_answers(model, tokenizer, prompts, max_tokens)
-        summary, _ = evaluate.score(answers, references)
-        result.update(summary)
+    result = {"loss": loss, "perplexity": eval_model.perplexity(loss)}
+    if not METRICS[metric][2]:
+        return result
+    cap = int(meta["generation"].get("max_tokens") or 256)
+    max_tokens = eval_model.answer_budget(tokenizer, data.answers, cap)
+    answer = lambda questions: eval_model.answer_all(model, tokenizer, questions, system_prompt, max_tokens)  # noqa: E731
+    answers = answer([m[:-1] for m in conversations])
+    summary, _ = evaluate.score(answers, [m[-1]["content"] for m in conversations])
+    result.update(summary)
+    result["key_facts_valid"] = eval_model.judge_all(answers, data.facts)[1]["correct"]
+    if metric == "key_facts":
+        items = data.paraphrases
+        result["key_facts"] = eval_model.judge_all(answer([m for m, _ in items]), [f for _, f in items])[1][
+            "correct"
+        ]
     return result
 
 
@@ -101,22 +112,43 @@ def switch_current(models, name):
     atomic.fsync_dir(models)  # the rename survives a crash
 
 
-def validation(meta, data_dir, limit):
-    data_file = Path(data_dir) / "valid.jsonl" if data_dir else Path(meta["data"]["valid"]["path"])
-    conversations = [
-        m for m in batches.read_split(data_file).conversations if m and m[-1]["role"] == "assistant"
-    ]
-    return data_file, conversations[:limit] if limit else conversations
+class Validation:
+    """The data both runs are evaluated on: the validation conversations (with their facts) and,
+    for key_facts, the paraphrase set beside them."""
+
+    def __init__(self, meta, data_dir, limit, metric):
+        self.path = Path(data_dir) / "valid.jsonl" if data_dir else Path(meta["data"]["valid"]["path"])
+        split = batches.read_split(self.path)
+        named = eval_sets.read_facts(self.path) if split.conversations else []
+        pairs = [(m, f) for m, f in zip(split.conversations, named) if m and m[-1]["role"] == "assistant"]
+        pairs = pairs[:limit] if limit else pairs
+        self.conversations = [m for m, _ in pairs]
+        self.facts = [f for _, f in pairs]
+        train = batches.read_split(self.path.parent / "train.jsonl").conversations
+        self.answers = [m[-1]["content"] for m in self.conversations + train if m]  # the answer budget
+        self.paraphrases = []
+        if metric == "key_facts":
+            self.paraphrases = eval_sets.read_prepared(self.path.parent).get("paraphrases", [])[:limit]
+            if not self.paraphrases:
+                where = self.path.parent / eval_sets.EVAL_DIR / "paraphrases.jsonl"
+                raise ValueError(
+                    f"{where}: no paraphrase set for METRIC=key_facts (make data writes it from RAW/eval/)"
+                )
+        if metric == "key_facts_valid" and not any(self.facts):
+            raise ValueError(
+                f"{self.path}: no conversation names facts, METRIC=key_facts_valid has nothing to count"
+            )
 
 
-def print_comparison(metric, data_file, n, current_name, current, candidate_name, candidate):
+def print_comparison(metric, data, current_name, current, candidate_name, candidate):
     key = METRICS[metric][0]
-    print(f"validation: {data_file} ({n} conversations); metric: {metric}")
-    print(f"  {'':12} {'current (' + current_name + ')':>28} {'candidate (' + candidate_name + ')':>28}")
-    for k in ("loss", "perplexity", "token_f1", "chrf", "exact_count"):
+    sets = f" + {len(data.paraphrases)} paraphrases" if data.paraphrases else ""
+    print(f"validation: {data.path} ({len(data.conversations)} conversations{sets}); metric: {metric}")
+    print(f"  {'':16} {'current (' + current_name + ')':>28} {'candidate (' + candidate_name + ')':>28}")
+    for k in SHOWN:
         if k in candidate:
             mark = "  <- metric" if k == key else ""
-            print(f"  {k:12} {current.get(k, float('nan')):>28.4f} {candidate[k]:>28.4f}{mark}")
+            print(f"  {k:16} {current.get(k, float('nan')):>28.4f} {candidate[k]:>28.4f}{mark}")
 
 
 def main(argv=None):
@@ -126,24 +158,24 @@ def main(argv=None):
     link = models / CURRENT
     try:
         meta, _ = bundle.read_run(cand_dir)
-        data_file, conversations = validation(meta, args.data, args.limit)
+        data = Validation(meta, args.data, args.limit, args.metric)
     except (bundle.BundleError, OSError, ValueError, KeyError) as e:
         log(f"error: {e}")
         return 2
-    if not conversations:
-        log(f"error: no conversations in {data_file}")
+    if not data.conversations:
+        log(f"error: no conversations in {data.path}")
         return 2
     live = link.resolve() if link.is_symlink() else None
     if live is not None and live == cand_dir.resolve():
         print(f"{args.name} is already current")
         return 0
-    candidate = evaluate_run(cand_dir, conversations, args.metric)
+    candidate = evaluate_run(cand_dir, data, args.metric)
     if live is None or not live.is_dir():
         print(f"no live adapter ({link} missing): promoting {args.name} (loss {candidate['loss']:.4f})")
         switch_current(models, args.name)
         return 0
-    current = evaluate_run(live, conversations, args.metric)
-    print_comparison(args.metric, data_file, len(conversations), live.name, current, args.name, candidate)
+    current = evaluate_run(live, data, args.metric)
+    print_comparison(args.metric, data, live.name, current, args.name, candidate)
     better = is_better(candidate, current, args.metric)
     if not better and not args.force:
         print(
