@@ -58,6 +58,8 @@ def check_key_facts(report, md, stdout, valid):
     from train import facts
 
     para, oos = report["eval_sets"]["paraphrases"], report["eval_sets"]["out_of_scope"]
+    refused = sorted({s for e in oos["examples"] for fact in e["facts"] for s in fact})
+    assert "não tenho essa informação" in refused
     named = sum(bool(r.get("facts")) for r in valid)
     assert named >= 8
     for side in ("base", "fine_tuned"):
@@ -65,9 +67,9 @@ def check_key_facts(report, md, stdout, valid):
         kf = r["key_facts"]["valid"]
         assert kf["of"] == named and 0 <= kf["correct"] <= kf["of"]
         exs = [e for e in report["examples"] if e["facts"]]
-        assert kf["correct"] == sum(facts.judge(e[side], e["facts"])["ok"] for e in exs)
+        assert kf["correct"] == sum(facts.judge(e[side], e["facts"], refused)["ok"] for e in exs)
         assert para["count"] == r["key_facts"]["paraphrases"]["of"] == 58 == len(para["examples"])
-        ok = [facts.judge(e[side], e["facts"])["ok"] for e in para["examples"]]
+        ok = [facts.judge(e[side], e["facts"], refused)["ok"] for e in para["examples"]]
         assert r["key_facts"]["paraphrases"]["correct"] == sum(ok) <= 15  # random model: near 0
         declined = sum(facts.judge(e[side], e["facts"])["ok"] for e in oos["examples"])
         assert r["out_of_scope"]["of"] == oos["count"] == 15

@@ -162,6 +162,14 @@ def test_sample_facts_and_out_of_scope_records():
     assert all(i.facts == decline_facts for i in loaded()["out_of_scope"])
 
 
+def test_the_sample_answers_score_full_marks():
+    """Scored against its own facts, every answer of the sample counts: no in-scope answer holds
+    a refusal spelling, no answer loops, every fact is in its answer."""
+    refused = sorted({s for i in loaded()["out_of_scope"] for fact in i.facts for s in fact})
+    judged = [facts.judge(m[-1]["content"], named, refused) for m, named in sample_records() if named]
+    assert len(judged) >= 100 and all(j["ok"] for j in judged)
+
+
 @pytest.mark.parametrize("name", ["paraphrases.jsonl", "out_of_scope.jsonl"])
 def test_eval_set_files_are_clean(name):
     lines = (EVAL / name).read_text(encoding="utf-8").splitlines()

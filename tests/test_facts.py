@@ -120,7 +120,29 @@ def test_a_loop_holding_the_fact_scores_zero():
     j = facts.judge(loop, [["São Luís"]])
     assert j["degenerate"] and not j["ok"] and j["missing"] == []
     good = facts.judge("O Farense joga em casa no Estádio de São Luís, em Faro.", [["São Luís"]])
-    assert good == {"ok": True, "missing": [], "degenerate": False, "repetition": 0.0}
+    assert good == {"ok": True, "missing": [], "degenerate": False, "declined": False, "repetition": 0.0}
+
+
+REFUSAL = ["não tenho essa informação", "não sei", "I don't know"]
+
+
+def test_declining_an_answerable_question_is_wrong_even_holding_the_facts():
+    decline = "Não tenho essa informação. Consulte o site oficial do Sporting Clube Farense."
+    j = facts.judge(decline, [["Sporting Clube Farense"]], REFUSAL)
+    assert j["declined"] and not j["ok"] and j["missing"] == []
+    assert facts.judge(decline, [["Sporting Clube Farense"]])["ok"]  # without refusals: facts only
+    # on an out-of-scope question (its facts are the refusal's) the decline is the right answer
+    assert facts.refuses([REFUSAL], REFUSAL) and facts.refuses([["NAO SEI"]], REFUSAL)
+    assert not facts.refuses([["1910"]], REFUSAL)
+    assert facts.judge(decline, [REFUSAL], REFUSAL) == {
+        "ok": True,
+        "missing": [],
+        "degenerate": False,
+        "declined": False,
+        "repetition": 0.0,
+    }
+    assert eval_model.refusals({"out_of_scope": [([], [REFUSAL]), ([], [["não sei"]])]}) == sorted(REFUSAL)
+    assert eval_model.refusals({}) == []
 
 
 def test_summarise_and_judge_all_skip_unnamed():
@@ -128,8 +150,19 @@ def test_summarise_and_judge_all_skip_unnamed():
     named = [[["1910"]], [["1910"]], [["1910"]], None]
     judgements, summary = eval_model.judge_all(answers, named)
     assert [j and j["ok"] for j in judgements] == [True, False, False, None]
-    assert summary == {"correct": 1, "of": 3, "accuracy": pytest.approx(1 / 3), "degenerate": 1}
-    assert facts.summarise([]) == {"correct": 0, "of": 0, "accuracy": 0.0, "degenerate": 0}
+    assert summary == {
+        "correct": 1,
+        "of": 3,
+        "accuracy": pytest.approx(1 / 3),
+        "degenerate": 1,
+        "declined": 0,
+    }
+    _, summary = eval_model.judge_all(answers, named, REFUSAL)
+    assert (summary["correct"], summary["declined"]) == (
+        1,
+        1,
+    )  # "Não sei." declined a question the data answers
+    assert facts.summarise([]) == {"correct": 0, "of": 0, "accuracy": 0.0, "degenerate": 0, "declined": 0}
 
 
 def test_declines_counts_inventions():
@@ -140,7 +173,7 @@ def test_declines_counts_inventions():
         "O Liverpool ganhou a Liga dos Campeões em 2019.",  # invents
         "Não sei não sei não sei não sei",  # a loop does not decline
     ]
-    _, summary = eval_model.declines(answers, [decline] * 4)
+    _, summary = eval_model.declines(answers, [decline] * 4, decline[0])
     assert summary == {"declined": 2, "invented": 2, "of": 4, "invention_rate": 0.5, "degenerate": 1}
 
 

@@ -50,17 +50,23 @@ def answer_budget(tokenizer, answers, cap, margin=16):
     return min(int(cap), longest + margin)
 
 
-def judge_all(answers, facts_list):
-    """(judgements, summary) of answers against their facts; an answer whose conversation names
-    no facts is not judged (None) and not counted."""
-    judgements = [facts.judge(a, f) if f else None for a, f in zip(answers, facts_list)]
+def refusals(sets):
+    """The spellings of the decline reply: every spelling of the out-of-scope set's facts."""
+    items = sets.get("out_of_scope") or []
+    return sorted({s for _, named in items for fact in named for s in fact})
+
+
+def judge_all(answers, facts_list, refused=()):
+    """(judgements, summary) of answers against their facts (facts.judge, with the refusal
+    spellings); an answer whose conversation names no facts is not judged (None) nor counted."""
+    judgements = [facts.judge(a, f, refused) if f else None for a, f in zip(answers, facts_list)]
     return judgements, facts.summarise([j for j in judgements if j is not None])
 
 
-def declines(answers, facts_list):
+def declines(answers, facts_list, refused=()):
     """(judgements, summary) on out-of-scope questions: 'invented' counts the answers that do not
     decline (facts.INVENTS_RULE)."""
-    judgements, summary = judge_all(answers, facts_list)
+    judgements, summary = judge_all(answers, facts_list, refused)
     invented = summary["of"] - summary["correct"]
     return judgements, {
         "declined": summary["correct"],

@@ -112,9 +112,10 @@ def _pct(summary, key="correct"):
     """ "k/n (p%)[, d loops]" of a key-fact or out-of-scope summary; "-" without one."""
     if not summary or not summary["of"]:
         return "-"
-    loops = summary["degenerate"]
+    loops, declined = summary["degenerate"], summary.get("declined", 0)
     text = f"{summary[key]}/{summary['of']} ({summary[key] / summary['of']:.0%})"
-    return text + (f", {loops} loop{'s' if loops > 1 else ''}" if loops else "")
+    text += f", {loops} loop{'s' if loops > 1 else ''}" if loops else ""
+    return text + (f", {declined} declined" if declined and key == "correct" else "")
 
 
 def _metric_rows(report):
@@ -168,6 +169,8 @@ def _mark(judgement, out_of_scope=False):
         return " [declines ✓]" if judgement["ok"] else " **[invents ✗]**"
     if judgement["ok"]:
         return " [facts ✓]"
+    if judgement.get("declined"):
+        return " **[declines an answerable question ✗]**"
     return " **[missing: " + _cell(", ".join(judgement["missing"])) + " ✗]**"
 
 

@@ -115,10 +115,9 @@ class Inputs:
         pairs = pairs[: args.limit] if args.limit else pairs
         self.conversations = [m for m, _ in pairs]
         self.facts = [f for _, f in pairs]
-        self.sets = {
-            name: items[: args.limit] if args.limit else items
-            for name, items in eval_sets.read_prepared(data_dir).items()
-        }
+        sets = eval_sets.read_prepared(data_dir)
+        self.refused = eval_model.refusals(sets)  # from the whole out-of-scope set, before --limit
+        self.sets = {name: items[: args.limit] if args.limit else items for name, items in sets.items()}
         self.eval_dir = data_dir / eval_sets.EVAL_DIR
         self.texts = eval_model.general_texts(args.general_text)
         self.general_text = args.general_text
@@ -197,7 +196,8 @@ def side(loss, ntoks, answers, inputs):
     n = len(inputs.conversations)
     own, rest = answers[:n], answers[n:]
     summary, rows = score(own, [m[-1]["content"] for m in inputs.conversations])
-    judgements, key_facts = eval_model.judge_all(own, inputs.facts)
+    refused = inputs.refused
+    judgements, key_facts = eval_model.judge_all(own, inputs.facts, refused)
     result = {
         "loss": loss,
         "perplexity": eval_model.perplexity(loss),
@@ -212,7 +212,7 @@ def side(loss, ntoks, answers, inputs):
     for name, items in inputs.sets.items():
         mine, rest = rest[: len(items)], rest[len(items) :]
         judge = eval_model.declines if name == "out_of_scope" else eval_model.judge_all
-        set_judgements, set_summary = judge(mine, [f for _, f in items])
+        set_judgements, set_summary = judge(mine, [f for _, f in items], refused)
         result["sets"][name] = {"answers": mine, "judgements": set_judgements, "summary": set_summary}
     return result
 

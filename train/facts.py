@@ -9,7 +9,8 @@ decomposition (NFKD) with the accents dropped, case folded, and every run of cha
 are not letters or digits a boundary. So "SAO LUIS" contains "São Luís", "19100" does not
 contain "1910", and "Farense" does not contain "farenses".
 
-An answer counts only when it contains every fact and is not degenerate, the mark of a greedy
+An answer counts only when it contains every fact, does not decline a question the data answers
+(judge's refusals), and is not degenerate, the mark of a greedy
 loop ("O que é o que é o que é ...") that would otherwise pass by holding a keyword: more than
 REPETITION_LIMIT of its word 3-grams repeat an earlier one (1 - distinct / total), or a run of 1 to
 MAX_PERIOD words occurs RUN times in a row ("abril abril abril").
@@ -28,7 +29,8 @@ MAX_PERIOD = 8
 
 KEY_FACT_RULE = (
     "an answer counts when it contains every fact (one accepted spelling of each, matched on whole "
-    "words with case, accents and punctuation ignored) and is not degenerate"
+    "words with case, accents and punctuation ignored), is not degenerate and, for a question the "
+    "data answers, does not decline (hold a spelling of the out-of-scope set's refusal)"
 )
 DEGENERATE_RULE = (
     f"degenerate (a greedy loop): more than {REPETITION_LIMIT:.0%} of its word {NGRAM}-grams repeat "
@@ -92,21 +94,34 @@ def degenerate(text):
     return repetition(text) > REPETITION_LIMIT or repeated_run(text) is not None
 
 
-def judge(answer, facts):
-    """{"ok", "missing", "degenerate", "repetition"} of one answer against its facts."""
+def refuses(facts, refusals):
+    """Whether facts are a refusal's: one of their spellings is a refusal spelling."""
+    refusals = {" ".join(words(r)) for r in refusals}
+    return any(" ".join(words(s)) in refusals for fact in facts for s in fact)
+
+
+def judge(answer, facts, refusals=()):
+    """{"ok", "missing", "degenerate", "declined", "repetition"} of one answer against its facts.
+
+    refusals: the spellings of the data's decline reply (the out-of-scope set's facts). An answer
+    to a question the data answers (facts that are not a refusal's) that holds one of them
+    declined, and declining an answerable question is wrong even when the reply happens to hold
+    the facts (a decline that names the club or its site)."""
     gone = missing(answer, facts)
     rep = repetition(answer)
     loop = rep > REPETITION_LIMIT or repeated_run(answer) is not None
+    declined = bool(refusals) and not refuses(facts, refusals) and contains(answer, refusals)
     return {
-        "ok": not gone and not loop,
+        "ok": not gone and not loop and not declined,
         "missing": [fact[0] for fact in gone],
         "degenerate": loop,
+        "declined": declined,
         "repetition": round(rep, 4),
     }
 
 
 def summarise(judgements):
-    """{"correct", "of", "accuracy", "degenerate"} over a list of judge() results."""
+    """{"correct", "of", "accuracy", "degenerate", "declined"} over a list of judge() results."""
     n = len(judgements)
     correct = sum(j["ok"] for j in judgements)
     return {
@@ -114,4 +129,5 @@ def summarise(judgements):
         "of": n,
         "accuracy": correct / n if n else 0.0,
         "degenerate": sum(j["degenerate"] for j in judgements),
+        "declined": sum(j.get("declined", False) for j in judgements),
     }

@@ -84,12 +84,11 @@ def evaluate_run(run_dir, data, metric):
     answers = answer([m[:-1] for m in conversations])
     summary, _ = evaluate.score(answers, [m[-1]["content"] for m in conversations])
     result.update(summary)
-    result["key_facts_valid"] = eval_model.judge_all(answers, data.facts)[1]["correct"]
+    result["key_facts_valid"] = eval_model.judge_all(answers, data.facts, data.refused)[1]["correct"]
     if metric == "key_facts":
         items = data.paraphrases
-        result["key_facts"] = eval_model.judge_all(answer([m for m, _ in items]), [f for _, f in items])[1][
-            "correct"
-        ]
+        judged = eval_model.judge_all(answer([m for m, _ in items]), [f for _, f in items], data.refused)
+        result["key_facts"] = judged[1]["correct"]
     return result
 
 
@@ -126,9 +125,11 @@ class Validation:
         self.facts = [f for _, f in pairs]
         train = batches.read_split(self.path.parent / "train.jsonl").conversations
         self.answers = [m[-1]["content"] for m in self.conversations + train if m]  # the answer budget
+        sets = eval_sets.read_prepared(self.path.parent)
+        self.refused = eval_model.refusals(sets)  # a decline is no answer to a question the data answers
         self.paraphrases = []
         if metric == "key_facts":
-            self.paraphrases = eval_sets.read_prepared(self.path.parent).get("paraphrases", [])[:limit]
+            self.paraphrases = sets.get("paraphrases", [])[:limit]
             if not self.paraphrases:
                 where = self.path.parent / eval_sets.EVAL_DIR / "paraphrases.jsonl"
                 raise ValueError(
