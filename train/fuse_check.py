@@ -69,7 +69,7 @@ def logits_of(model, ids):
 
 
 def measure(model, tokenizer, val, meta):
-    from train.evaluate import generate_answers
+    from train.eval_model import generate_answers
 
     model.eval()
     loss, ntoks = batches.evaluate_loss(model, val["examples"], val["batch_size"])
