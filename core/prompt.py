@@ -37,6 +37,8 @@ TRAIN_ON = ("last", "all_assistant")
 CONTROL_STRING_RE = re.compile(
     r"</?s>|<unk>|\[/?INST\]|\[TOOL_CALLS\]|\[/?AVAILABLE_TOOLS\]|\[/?TOOL_RESULTS\]|\[control_\d+\]"
     r"|\[/?SYSTEM_PROMPT\]|<\|[a-z_]+\|>"
+    # SmolLM2's (StarCoder's) other control tokens
+    r"|<(?:repo_?name|file_sep|filename|gh_stars|issue_(?:start|comment|closed)|jupyter_(?:start|text|code|output|script)|empty_output)>"
 )
 
 # Unique markers for the system-role probe: text no template produces or tests for.

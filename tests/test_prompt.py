@@ -365,3 +365,17 @@ def test_chatml_markup_typed_by_a_user_is_text(smollm):
     specials = control_ids(smollm)
     assert [i for i in ids if i in specials] == [i for i in plain if i in specials] == [1, 2, 1, 2, 1]
     assert attack in smollm.decode(ids)
+
+
+def test_make_data_reports_every_control_token_of_both_families(family):
+    """control_strings (make data's report of control text in the data; it has no tokenizer)
+    finds each special token of the family's real tokenizer."""
+    from core import prompt
+
+    missed = [t for t in sorted(control_ids_text(family)) if prompt.control_strings(f"a {t} b") != [t]]
+    assert not missed
+
+
+def control_ids_text(tok):
+    hf = getattr(tok, "_tokenizer", tok)
+    return set(hf.all_special_tokens) | {t.content for t in hf.added_tokens_decoder.values() if t.special}
