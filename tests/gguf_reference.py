@@ -5,10 +5,12 @@ with train/ (the converter uses mlx's GGUF reader):
 - llama_cpp_forward: the forward pass as llama.cpp computes it, on the file's tensors as stored
   (q/k rows in llama.cpp's permuted order, rotary embedding on adjacent pairs);
 - BPETokenizer: llama.cpp's byte-level BPE with the "smollm" pre-tokenizer (each digit alone,
-  then GPT-2's split), from the file's tokens and merges. One known difference from the
-  tokenizer SmolLM2 was trained with (Hugging Face's, whose Digits pre-tokenizer isolates the
-  ASCII digits 0-9 only): llama.cpp isolates every numeral (Unicode category N: ½ ² ① ٣). `digits=HF_DIGITS`
-  gives the original's behaviour.
+  then GPT-2's split), from the file's tokens and merges. It differs from the tokenizer SmolLM2
+  was trained with (Hugging Face's `tokenizers`) in two corners, and rules="hf" follows the
+  original there: llama.cpp isolates every numeral (Unicode category N: ½ ² ① ٣), Hugging Face's
+  Digits pre-tokenizer only 0-9; and a byte the vocabulary has no token for (SmolLM2 lacks 21)
+  is dropped by llama.cpp after the merges (so it keeps its neighbours apart), by Hugging Face's
+  BPE before them.
 """
 
 import numpy as np
@@ -16,8 +18,7 @@ import regex
 
 # llama.cpp (llama-vocab.cpp), LLAMA_VOCAB_PRE_TYPE_SMOLLM: applied in turn; text a pattern
 # does not match stays a piece of its own (llama.cpp's unicode_regex_split).
-LLAMA_CPP_DIGITS = r"\p{N}"
-HF_DIGITS = r"[0-9]"
+DIGITS = {"llama.cpp": r"\p{N}", "hf": r"[0-9]"}
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 
 
@@ -99,9 +100,9 @@ class BPETokenizer:
     """Byte-level BPE as llama.cpp runs it: split the text with the pre-tokenizer's patterns,
     map each piece's UTF-8 bytes to characters, merge the lowest-ranked adjacent pair (leftmost
     first) until no pair has a rank, look the symbols up in the vocabulary (dropping a byte it
-    lacks)."""
+    lacks). rules="hf": the two differences of the original tokenizer (module docstring)."""
 
-    def __init__(self, reader, digits=LLAMA_CPP_DIGITS):
+    def __init__(self, reader, rules="llama.cpp"):
         f = fields(reader, "tokenizer.ggml.")
         assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "smollm"
         self.vocab = {t: i for i, t in enumerate(f["tokenizer.ggml.tokens"])}
@@ -110,7 +111,8 @@ class BPETokenizer:
         self.bytes = byte_alphabet()
         self.unbytes = {c: b for b, c in self.bytes.items()}
         self.missing_bytes = {b for b, c in self.bytes.items() if c not in self.vocab}
-        self.patterns = [regex.compile(digits), regex.compile(GPT2_SPLIT)]
+        self.patterns = [regex.compile(DIGITS[rules]), regex.compile(GPT2_SPLIT)]
+        self.drop_first = rules == "hf"
 
     def split(self, text):
         pieces = [text]
@@ -130,13 +132,14 @@ class BPETokenizer:
 
     def bpe(self, piece):
         symbols = [self.bytes[b] for b in piece.encode("utf-8")]
+        if self.drop_first:
+            symbols = [s for s in symbols if s in self.vocab]
         while len(symbols) > 1:
             pairs = [(self.ranks.get(p, np.inf), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
             rank, i = min(pairs)
             if rank == np.inf:
                 break
             symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
-        # A byte the vocabulary lacks is dropped, as llama.cpp and Hugging Face's BPE both do.
         return [self.vocab[s] for s in symbols if s in self.vocab]
 
     def encode(self, text):

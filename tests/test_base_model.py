@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ROOT
-from tests.gguf_reference import HF_DIGITS, BPETokenizer, dequantized, llama_cpp_forward
+from tests.gguf_reference import BPETokenizer, dequantized, llama_cpp_forward
 
 # Logits: float32 on both sides, different summation orders. Measured here: at most 1.7e-4
 # apart on logits of magnitude up to 38 (mean 2e-5); the other rotary convention moves them by
@@ -74,9 +74,9 @@ def reference_weights(reader):
 
 @pytest.fixture(scope="module")
 def bpe(reader):
-    """The reference tokenizer on the GGUF's vocabulary and merges, with the original's digit
-    rule (ASCII digits alone; llama.cpp also isolates other numerals: see the test below)."""
-    return BPETokenizer(reader, digits=HF_DIGITS)
+    """The reference tokenizer on the GGUF's vocabulary and merges, with the original tokenizer's
+    rules where llama.cpp's differ (tests/gguf_reference.py; the tests below show the corners)."""
+    return BPETokenizer(reader, rules="hf")
 
 
 # What SmolLM2's template writes when a conversation has no system message.
@@ -239,14 +239,21 @@ def test_token_ids_equal_the_gguf_vocabularys_on_any_text(hf_tokenizer, bpe, tex
         assert hf.decode(want) == text
 
 
-def test_bytes_the_vocabulary_lacks_are_dropped_as_the_original_drops_them(hf_tokenizer, bpe):
+def test_bytes_the_vocabulary_lacks_are_dropped_as_the_original_drops_them(hf_tokenizer, bpe, reader):
     """21 bytes have no token: six control characters, 0xC0/0xC1 and 0xF5-0xFF (never in UTF-8)
-    and 0xF1/0xF2 (the lead bytes of code points from U+40000 to U+BFFFF, unassigned)."""
+    and 0xF1/0xF2 (the lead bytes of code points from U+40000 to U+BFFFF, unassigned). They are
+    dropped before the merges, as Hugging Face's BPE does; llama.cpp drops them after."""
     assert sorted(bpe.missing_bytes) == [4, 6, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2] + list(
         range(0xF5, 0x100)
     )
-    a_b = [bpe.vocab["a"], bpe.vocab["b"]]  # not merged: the dropped byte sat between them
+    a_b = [bpe.vocab["a"], bpe.vocab["b"]]  # "\x04" is a piece of its own: a and b never meet
     assert hf_tokenizer.encode("a\x04b\x1d", add_special_tokens=False) == bpe.encode("a\x04b\x1d") == a_b
+    text = "\U0009221e\U0004b000"  # F2 92 88 9E F1 8B 80 80: 9E and 8B merge once F1 is gone
+    assert (
+        hf_tokenizer.encode(text, add_special_tokens=False)
+        == bpe.encode(text)
+        != BPETokenizer(reader).encode(text)
+    )
 
 
 def test_control_tokens_are_special_at_the_gguf_ids(smollm_model, bpe, reader):
