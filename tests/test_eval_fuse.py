@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from helpers_train import ROOT, TINY, metrics, ok, reference_run, run_module, shared_base
 
+from tests.gguf_reference import llama_cpp_forward  # llama.cpp's conventions, in numpy
+
 GGUF = "ggml-model-f16.gguf"
 
 
@@ -202,51 +204,6 @@ def check_gguf_read_back(path, model, model_dir):
     assert err < 0.02 * np.abs(expected).max(), f"GGUF logits differ by {err}"
     # the check can fail: the same file read with the other rotary convention gives other logits
     assert np.abs(llama_cpp_forward(reader, ids, rope="neox") - expected).max() > 10 * err
-
-
-def llama_cpp_forward(reader, ids, rope):
-    """A numpy forward pass of a GGUF 'llama' model as llama.cpp computes it (RMS norm, rotary
-    embedding on adjacent pairs - LLAMA_ROPE_TYPE_NORM - grouped-query attention, SwiGLU)."""
-    f = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.")}
-    w = {
-        t.name: np.asarray(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
-        for t in reader.tensors
-    }
-    n_head, n_kv = f["llama.attention.head_count"], f["llama.attention.head_count_kv"]
-    eps, theta = f["llama.attention.layer_norm_rms_epsilon"], f["llama.rope.freq_base"]
-    dim = f["llama.rope.dimension_count"]
-    norm = lambda x, g: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g  # noqa: E731
-    T = len(ids)
-    freqs = theta ** (-np.arange(0, dim, 2) / dim)
-    angles = np.arange(T)[:, None] * freqs[None, :]
-    cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
-
-    def rotate(x):  # x: [T, heads, dim]
-        if rope == "norm":
-            a, b = x[..., 0::2], x[..., 1::2]
-            out = np.empty_like(x)
-            out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
-            return out
-        a, b = x[..., : dim // 2], x[..., dim // 2 :]
-        return np.concatenate([a * cos - b * sin, a * sin + b * cos], -1)
-
-    x = w["token_embd.weight"][ids]
-    mask = np.triu(np.full((T, T), -np.inf), 1)
-    for i in range(f["llama.block_count"]):
-        p = lambda n, i=i: w[f"blk.{i}.{n}.weight"]  # noqa: E731
-        h = norm(x, p("attn_norm"))
-        q = rotate((h @ p("attn_q").T).reshape(T, n_head, dim))
-        k = rotate((h @ p("attn_k").T).reshape(T, n_kv, dim))
-        v = (h @ p("attn_v").T).reshape(T, n_kv, dim)
-        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
-        att = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(dim) + mask
-        att = np.exp(att - att.max(-1, keepdims=True))
-        att /= att.sum(-1, keepdims=True)
-        x = x + np.einsum("hqk,khd->qhd", att, v).reshape(T, n_head * dim) @ p("attn_output").T
-        h = norm(x, p("ffn_norm"))
-        g = h @ p("ffn_gate").T
-        x = x + ((g / (1 + np.exp(-g))) * (h @ p("ffn_up").T)) @ p("ffn_down").T
-    return norm(x, w["output_norm.weight"]) @ w["output.weight"].T
 
 
 def test_gguf_check_rejects_what_mlx_lm_alone_writes(tiny_model, tmp_path):

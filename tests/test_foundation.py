@@ -1,5 +1,6 @@
-"""The foundation: the tiny model, its tokenizer, the shared prompt function, the config
-loader and the optimised BLAS in real entry-point processes."""
+"""The foundation: the tiny model, both families' tokenizers (the tiny Mistral v0.3 one and
+SmolLM2's byte-level BPE), the shared prompt function, the config loader and the optimised BLAS
+in real entry-point processes."""
 
 import hashlib
 import os
@@ -22,11 +23,23 @@ PORTUGUESE = [
 ]
 
 
+FAMILIES = {"mistral": "tiny_model", "smollm2": "smollm_model"}
+# SmolLM2's vocabulary has no token for these bytes (tests/test_base_model.py lists them): text
+# containing them loses them, as with the original tokenizer. 0xF1/0xF2 lead U+40000-U+BFFFF.
+SMOLLM_UNTOKENIZABLE = "\x04\x06\x13\x14\x16\x1d"
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    """(name, the family's model folder)."""
+    return request.param, request.getfixturevalue(FAMILIES[request.param])
+
+
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model):
+def tokenizer(family):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(tiny_model))
+    return family[0], AutoTokenizer.from_pretrained(str(family[1]))
 
 
 def test_tiny_model_shape(tiny_model):
@@ -62,10 +75,10 @@ def test_tiny_model_build_is_deterministic(tiny_model, tiny_model_4bit, tmp_path
         assert built == shipped, shipped_dir
 
 
-def test_tokenizer_loads_offline_with_transformers(tiny_model):
+def test_tokenizer_loads_offline_with_transformers(family):
     code = (
         "from transformers import AutoTokenizer; "
-        f"t = AutoTokenizer.from_pretrained({str(tiny_model)!r}); "
+        f"t = AutoTokenizer.from_pretrained({str(family[1])!r}); "
         "print(t.decode(t.encode('São Luís', add_special_tokens=False)))"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -73,24 +86,31 @@ def test_tokenizer_loads_offline_with_transformers(tiny_model):
     assert out.stdout.strip() == "São Luís"
 
 
-def _round_trip(text):
-    """What Mistral v0.3's tokenizer gives back: the dummy prefix and a leading space share the
-    first piece's "▁", and decoding strips one leading space."""
-    return text[1:] if text.startswith(" ") else text
+def _round_trip(name, text):
+    """What the tokenizer gives back. Mistral v0.3's: the dummy prefix and a leading space share
+    the first piece's "▁", and decoding strips one leading space. SmolLM2's byte-level BPE: the
+    text itself (no dummy prefix)."""
+    if name == "mistral" and text.startswith(" "):
+        return text[1:]
+    return text
 
 
 @pytest.mark.parametrize("text", PORTUGUESE)
 def test_tokenizer_round_trips_portuguese(tokenizer, text):
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    assert tokenizer.decode(ids) == _round_trip(text)
+    name, tok = tokenizer
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == _round_trip(name, text)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(st.characters(codec="utf-8"), max_size=60))
 def test_tokenizer_round_trips_any_utf8(tokenizer, text):
-    # split_special_tokens: text like "<s>" stays text (hypothesis finds it).
-    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-    assert tokenizer.decode(ids) == _round_trip(text)
+    name, tok = tokenizer
+    if name == "smollm2":  # the bytes its vocabulary lacks (control characters, U+40000-U+BFFFF)
+        text = "".join(c for c in text if c not in SMOLLM_UNTOKENIZABLE and not 0x40000 <= ord(c) < 0xC0000)
+    # split_special_tokens: text like "<s>" or "<|im_end|>" stays text (hypothesis finds it).
+    ids = tok.encode(text, add_special_tokens=False, split_special_tokens=True)
+    assert tok.decode(ids) == _round_trip(name, text)
 
 
 def test_prompt_folds_system_into_first_user_turn(tiny_model):
@@ -109,12 +129,12 @@ def test_prompt_folds_system_into_first_user_turn(tiny_model):
     assert text == "<s>[INST] És o assistente.\n\nQuem somos?[/INST] O Farense.</s>[INST] E o estádio?[/INST]"
 
 
-def test_training_example_starts_with_the_served_prompt(tiny_model):
+def test_training_example_starts_with_the_served_prompt(family):
     import mlx_lm
 
     from core import prompt
 
-    _, tok = mlx_lm.load(str(tiny_model))
+    _, tok = mlx_lm.load(str(family[1]))
     conv = [
         {"role": "user", "content": "Qual é o estádio?"},
         {"role": "assistant", "content": "Estádio de São Luís."},
@@ -124,7 +144,10 @@ def test_training_example_starts_with_the_served_prompt(tiny_model):
     ids, n = prompt.encode_example(tok, conv, system_prompt="Sê breve.")
     served = prompt.encode_prompt(tok, conv[:-1], system_prompt="Sê breve.")
     assert ids[:n] == served
-    assert tok.decode(ids[n:]) == "Preto e branco.</s>"  # decode strips the leading space
+    assert (
+        tok.decode(ids[n:]) == "Preto e branco." + tok.eos_token
+    )  # Mistral: decode strips the leading space
+    assert ids[-1] == tok.eos_token_id and tok.eos_token in ("</s>", "<|im_end|>")
 
 
 def test_config_rejects_unknown_key_naming_file(tmp_path):

@@ -1,20 +1,51 @@
 """make show-data: training examples printed as the model sees them (train/show_data.py, a real
-subprocess on the tiny model)."""
+subprocess on each family's model: the tiny Mistral v0.3 one and SmolLM2)."""
 
+import json
 import subprocess
 import sys
 
+import pytest
 from helpers_train import ROOT, env_for
 
+# Per family: a control string a user types (text), and what the example must print.
+FAMILIES = {
+    "mistral": (
+        "tiny_model",
+        "[INST]",
+        "  MASKED | \u2039<s>\u203a\u2039[INST]\u203a Sê breve.",
+        "Olá [INST] quem?\u2039[/INST]\u203a",
+        " TRAINED |  O Farense.\u2039</s>\u203a",
+    ),
+    "smollm2": (
+        "smollm_model",
+        "<|im_end|>",
+        "  MASKED | \u2039<|im_start|>\u203asystem",
+        "Olá <|im_end|> quem?\u2039<|im_end|>\u203a",
+        " TRAINED | O Farense.\u2039<|im_end|>\u203a",
+    ),
+}
 
-def test_show_data_marks_the_masked_prompt_the_trained_answer_and_control_tokens(tiny_model, tmp_path):
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_show_data_marks_the_masked_prompt_the_trained_answer_and_control_tokens(request, family, tmp_path):
+    fixture, typed, masked_start, user_line, trained_line = FAMILIES[family]
+    model = request.getfixturevalue(fixture)
     data = tmp_path / "data"
     data.mkdir()
+    rows = [("Sê breve.", f"Olá {typed} quem?", "O Farense."), ("Sê breve.", "Onde?", "Em Faro.")]
     (data / "train.jsonl").write_text(
-        '{"messages":[{"role":"system","content":"Sê breve."},{"role":"user","content":"Olá [INST] quem?"},'
-        '{"role":"assistant","content":"O Farense."}]}\n'
-        '{"messages":[{"role":"system","content":"Sê breve."},{"role":"user","content":"Onde?"},'
-        '{"role":"assistant","content":"Em Faro."}]}\n',
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": r, "content": c} for r, c in zip(("system", "user", "assistant"), row)
+                    ]
+                }
+            )
+            + "\n"
+            for row in rows
+        ),
         encoding="utf-8",
     )
     proc = subprocess.run(
@@ -23,7 +54,7 @@ def test_show_data_marks_the_masked_prompt_the_trained_answer_and_control_tokens
             "-m",
             "train.show_data",
             "--model",
-            str(tiny_model),
+            str(model),
             "--data",
             str(data),
             "-n",
@@ -42,10 +73,10 @@ def test_show_data_marks_the_masked_prompt_the_trained_answer_and_control_tokens
     assert lines[0].startswith(f"--- {data / 'train.jsonl'}:1: ")
     masked = next(line for line in lines if line.strip().startswith("MASKED"))
     trained = next(line for line in lines if line.strip().startswith("TRAINED"))
-    # the template's [INST] is a control token; the one typed by the user is text
-    assert masked.startswith("  MASKED | \u2039<s>\u203a\u2039[INST]\u203a Sê breve.")
-    assert "Olá [INST] quem?\u2039[/INST]\u203a" in proc.stdout
-    assert trained == " TRAINED |  O Farense.\u2039</s>\u203a"
+    # the template's markup is control tokens; the same string typed by the user is text
+    assert masked.startswith(masked_start)
+    assert user_line in proc.stdout
+    assert trained == trained_line
     assert "--- " + str(data / "train.jsonl") + ":2" not in proc.stdout  # -n 1
     assert "2 examples (train_on: last)" in lines[-1]
 
