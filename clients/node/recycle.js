@@ -3,7 +3,7 @@
 // However well the worker accounts for its memory (docs/MEMORY.md), a process that lives for
 // weeks may want a ceiling. With `recycle: { maxRequests, maxResidentBytes }` in the
 // Worker's options, a fresh process replaces the current one through the zero-downtime
-// reload path (Worker.reload() with no change): the new process starts beside the old one,
+// reload path (Worker.reload() with no change, reload.js): the new process starts beside the old one,
 // takes every new request once ready, and the old one finishes what it has in flight before
 // it stops. No request is dropped. Both limits are off by default.
 //
@@ -73,7 +73,7 @@ export class Recycler {
   /** Starts a recycle unless one (or a reload) is under way. Resolves when it is done. */
   recycle(reason, detail = {}) {
     const w = this.worker;
-    if (this.recycling || !w.ready || w._candidate) return Promise.resolve(null);
+    if (this.recycling || !w.ready || w._reload.inProgress) return Promise.resolve(null);
     this.recycling = true;
     const from = w.pid;
     return w.reload({}).then(
