@@ -76,7 +76,7 @@ def _probe_sizes(
     return probes, chosen
 
 
-def probe_batch_size(
+def find_batch_size(
     model,
     loss_and_grad,
     examples,

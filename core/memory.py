@@ -17,7 +17,7 @@ Callers import this module; the names they use from the others are re-exported h
 code may import the module that holds a name).
 """
 
-from core.batch_probe import optimizer_state_bytes, probe_batch_size
+from core.batch_probe import find_batch_size, optimizer_state_bytes
 from core.device import available_memory, device_memory, set_wired_limit
 from core.memory_model import (
     GB,
@@ -119,7 +119,7 @@ def choose_batch_size(
         budget_bytes, source = budget(memory_fraction, held=int(mx.get_active_memory()))
     else:
         source = "given"
-    return probe_batch_size(
+    return find_batch_size(
         model,
         loss_and_grad,
         examples,
