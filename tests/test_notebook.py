@@ -14,6 +14,9 @@ from nbclient import NotebookClient
 from core import paths
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_DEMO = (
+    ROOT / "tests" / "fixtures" / "tiny-demo.yaml"
+)  # the tiny model's settings (train/demo.yaml is SmolLM2's)
 NOTEBOOK = ROOT / "notebooks" / "walkthrough.ipynb"
 QUESTIONS = ["Em que ano foi fundado o Sporting Clube Farense?", "Qual é o estádio do Farense?"]
 
@@ -85,7 +88,7 @@ def text_of(cell):
 def test_the_notebook_runs_top_to_bottom_on_the_tiny_model(tmp_path, kernel_env):
     nb = with_parameters(
         read(),
-        f"MODEL = {str(paths.TINY_MODEL)!r}\nRAW = {str(ROOT / 'data' / 'sample')!r}\n"
+        f"MODEL = {str(paths.TINY_MODEL)!r}\nCONFIG = {str(TINY_DEMO)!r}\nRAW = {str(ROOT / 'data' / 'sample')!r}\n"
         f"DATA = {str(tmp_path / 'data')!r}\nITERS = 20\nFRESH = True\nEVAL_LIMIT = 3\nQUESTIONS = {QUESTIONS!r}",
     )
     execute(nb, kernel_env)

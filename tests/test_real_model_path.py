@@ -183,7 +183,7 @@ def test_a_model_trained_with_a_system_prompt_answers_as_well_through_the_worker
 
     from train import batches
 
-    demo = ROOT / "train" / "demo.yaml"
+    demo = ROOT / "tests" / "fixtures" / "tiny-demo.yaml"
     split = batches.read_split(shared / "data" / "train.jsonl")
     assert all(m[0]["role"] == "system" for m in split.conversations)
     plain = shared / "data-no-system"
@@ -197,8 +197,8 @@ def test_a_model_trained_with_a_system_prompt_answers_as_well_through_the_worker
             ),
             encoding="utf-8",
         )
-    with_system, _ = trained(shared / "demo", "demo", demo, shared / "data")
-    without, _ = trained(shared / "demo-plain", "demo", demo, plain)
+    with_system, _ = trained(shared / "tiny-demo", "demo", demo, shared / "data")
+    without, _ = trained(shared / "tiny-demo-plain", "demo", demo, plain)
     assert json.loads((with_system / "metadata.json").read_text())["system_prompt"]
     n = len(split.conversations)
     got_with = exact_answers_through_the_worker(with_system, split.conversations)

@@ -1,5 +1,5 @@
 """train/train.py on the tiny model, through real subprocesses: resume after kill -9, corrupt
-checkpoints, refused resumes, non-finite losses, best/, the bundle mlx-lm loads, the demo."""
+checkpoints, refused resumes, non-finite losses, best/, the bundle mlx-lm loads (the demo: tests/test_demo.py)."""
 
 import json
 import math
@@ -23,11 +23,9 @@ from helpers_train import (
     ok,
     reference_run,
     run_dir,
-    run_module,
     run_train,
     shared_base,
     train_cmd,
-    trained,
 )
 
 from train import checkpoint
@@ -500,24 +498,6 @@ def test_bundle_loads_in_mlx_lm_and_keeps_the_worker_contract(shared, reference)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "==========" in proc.stdout
-
-
-# --------------------------------------------------------------------------- the demo (slow: a few minutes)
-
-
-@pytest.mark.slow
-def test_demo_config_halves_val_loss_and_answers_training_questions_exactly(shared):
-    demo, _ = trained(shared / "demo", "demo", ROOT / "train" / "demo.yaml", shared / "data")
-    records = metrics(shared / "demo", "demo")
-    vals = [(r["step"], r["val_loss"]) for r in records if r["val_loss"] is not None]
-    assert vals[0][0] == 0
-    first, last = vals[0][1], vals[-1][1]
-    assert last <= first / 2, f"validation loss {first:.4f} -> {last:.4f}"
-    proc = ok(run_module(shared / "demo", "train.evaluate", "--name", "demo", "--split", "train"))
-    report = json.loads((demo / "eval-train.json").read_text())
-    n = report["data"]["count"]
-    assert report["fine_tuned"]["exact_count"] > n / 2, proc.stdout
-    assert report["fine_tuned"]["exact_count"] > report["base"]["exact_count"]
 
 
 def test_full_fine_tuning_of_the_top_layers(shared, tmp_path):
