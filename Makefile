@@ -19,6 +19,11 @@ REQ_HASH := $(shell cat requirements.txt requirements-cuda.txt requirements-mkl.
   | { if command -v shasum >/dev/null 2>&1; then shasum; elif command -v sha1sum >/dev/null 2>&1; then sha1sum; else cksum; fi; } \
   | tr -dc '0-9a-f\n' | cut -c1-12)
 STAMP   := $(VENV)/.setup-$(BACKEND)$(if $(BLAS),-$(BLAS))-$(REQ_HASH)
+# ENGINE=llamacpp: `make setup` also installs the llama.cpp engine (make llamacpp)
+ENGINE  ?=
+LLAMA_KEY := $(shell . .ci/llamacpp-env.sh && echo $$LLAMA_KEY)
+LLAMA_STAMP := $(VENV)/.llamacpp-$(LLAMA_KEY)
+LLAMA_WHEEL ?=
 NODE_STAMP := examples/express/node_modules/.setup-stamp clients/node/node_modules/.setup-stamp
 
 # Data
@@ -81,12 +86,12 @@ TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
-.PHONY: help setup calibrate node-setup tiny-model base-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load soak demo notebook browser test test-repeat test-all bench check-backend clean
+.PHONY: help setup llamacpp llama-server calibrate node-setup tiny-model base-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load soak demo notebook browser test test-repeat test-all bench check-backend clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv and install pinned dependencies (BACKEND=cpu|cuda, BLAS=mkl|openblas), calibrate the CPU once; idempotent
+setup: $(STAMP) $(if $(filter llamacpp,$(ENGINE)),$(LLAMA_STAMP)) ## Create .venv and install pinned dependencies (BACKEND=cpu|cuda, BLAS=mkl|openblas, ENGINE=llamacpp), calibrate the CPU once; idempotent
 	@$(PY) -m core.calibrate --if-needed
 
 calibrate: $(STAMP) ## Measure this machine's CPU settings again (BLAS library, thread policy, small_gemm), store and print the choice (~1 min)
@@ -106,6 +111,16 @@ $(STAMP): requirements.txt requirements-cuda.txt requirements-mkl.txt core/nativ
 	@bash .ci/build-small-gemm.sh
 	@rm -f $(VENV)/.setup-*
 	@touch $@
+
+llamacpp: $(LLAMA_STAMP) ## Install the llama.cpp engine: llama-cpp-python built from its sdist (once, 6-8 min; LLAMA_WHEEL=your.whl)
+
+$(LLAMA_STAMP): $(STAMP) requirements-llamacpp.txt .ci/install-llamacpp.sh .ci/llamacpp-env.sh
+	@LLAMA_WHEEL='$(LLAMA_WHEEL)' bash .ci/install-llamacpp.sh
+	@rm -f $(VENV)/.llamacpp-*
+	@touch $@
+
+llama-server: $(STAMP) ## Build llama.cpp's own llama-server (same source and flags as the engine) into .venv/llama.cpp: the bench's anchor
+	@bash .ci/build-llama-server.sh >/dev/null
 
 node-setup: $(NODE_STAMP) ## Install the Node packages (express for the example, test tools)
 
@@ -174,7 +189,7 @@ notebook: $(STAMP) ## Open notebooks/walkthrough.ipynb (data, training, loss cur
 browser: ## Install Chromium for the chat page's browser tests (apt-get, as root); elsewhere they are skipped with the reason
 	@bash .ci/install-chromium.sh
 
-test: $(STAMP) node-setup lint browser ## Run the linters, then the test suite (Python, shell, Node, a headless browser); sets everything up itself
+test: $(STAMP) $(LLAMA_STAMP) node-setup lint browser ## Run the linters, then the test suite (Python, shell, Node, a headless browser); sets everything up itself
 	@$(MAKE) --no-print-directory tiny-model
 	$(PY) -m pytest -q -m "not slow" tests
 	bash tests/shell/run.sh
@@ -186,7 +201,7 @@ test-repeat: $(STAMP) ## Rerun chosen tests N times (default 10), each in a fres
 	@$(MAKE) --no-print-directory tiny-model
 	$(PY) tests/repeat.py -n $(or $(N),10) --keep-going $(TESTS)
 
-test-all: $(STAMP) node-setup lint browser ## The linters and the test suite plus the slow soak and fault tests
+test-all: $(STAMP) $(LLAMA_STAMP) node-setup lint browser ## The linters and the test suite plus the slow soak and fault tests
 	@$(MAKE) --no-print-directory tiny-model
 	$(PY) -m pytest -q tests
 	bash tests/shell/run.sh
