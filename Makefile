@@ -87,7 +87,7 @@ TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
-.PHONY: help setup llamacpp llama-server calibrate node-setup tiny-model base-model bench-model data show-data train eval fuse gguf-quantize promote lint lint-js worker bench-load soak demo notebook browser test test-repeat test-all bench check-backend clean
+.PHONY: help setup llamacpp llama-server calibrate node-setup tiny-model base-model bench-model data show-data train eval fuse gguf-quantize gguf-lora promote lint lint-js worker bench-load soak demo notebook browser test test-repeat test-all bench check-backend clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -170,6 +170,9 @@ fuse: $(STAMP) ## Fuse models/NAME (float; QUANTIZE=4 re-quantizes), checked aga
 
 gguf-quantize: $(LLAMA_STAMP) ## Quantize models/NAME's fused GGUF with llama.cpp (TYPES, default Q8_0,Q4_K_M), each with its perplexity change
 	$(PY) -m train.gguf_quantize --name $(NAME) $(call opt,--types,$(TYPES)) $(call opt,--data,$(DATA))
+
+gguf-lora: $(STAMP) ## models/NAME's adapter as llama.cpp GGUF-LoRA (ggml-lora.gguf) and the base as GGUF (base-gguf/): one base, several adapters
+	$(PY) -m train.gguf_lora --name $(NAME) --base
 
 worker: $(STAMP) ## Run the NDJSON worker on models/NAME (stdin/stdout)
 	$(PY) -m worker --adapter models/$(NAME) $(call opt,--model,$(MODEL))

@@ -204,6 +204,35 @@ def test_gguf_quantize_writes_q8_0_and_q4_0_with_their_perplexity(fused):
     assert "Q8_0" in proc.stdout and "vs F16" in proc.stdout
 
 
+def test_the_adapter_as_gguf_lora_on_the_base_gguf_equals_the_fused_gguf(fused, mlx_models):
+    """train.gguf_lora: the run's adapter in llama.cpp's GGUF-LoRA format, applied by llama.cpp to
+    the base exported as GGUF, gives the fused GGUF's logits (one base, several adapters); the
+    base alone does not."""
+    from worker.llamacpp_seqs import Sequences, Work
+
+    base, run, meta = fused
+    _, _, tokenizer = mlx_models
+    proc = ok(run_module(base, "train.gguf_lora", "--name", "run", "--base"))
+    assert "28 adapted weights" in proc.stderr, proc.stderr
+    files = {"fused": (run / "fused" / GGUF, None), "base": (run / "base-gguf" / GGUF, None)}
+    files["lora"] = (files["base"][0], run / "ggml-lora.gguf")
+    prompts = [
+        prompt.encode_prompt(tokenizer, [{"role": "user", "content": q}], meta["system_prompt"])
+        for q in questions(run)[:3]
+    ]
+    out = {}
+    for name, (path, lora) in files.items():
+        seqs = Sequences(path, n_ctx=512, slots=3, threads=2, lora=lora)
+        try:
+            out[name] = seqs.decode([Work(i, ids, 0) for i, ids in enumerate(prompts)])
+        finally:
+            seqs.close()
+    for i in range(3):
+        want, scale = out["fused"][i], np.abs(out["fused"][i]).max()
+        assert np.abs(out["lora"][i] - want).max() < LOGIT_TOL * scale, i
+        assert np.abs(out["base"][i] - want).max() > 20 * np.abs(out["lora"][i] - want).max(), i
+
+
 def test_without_llamacpp_the_error_says_how_to_install_it(tmp_path):
     """llama_cpp hidden from the import system: require() and gguf-quantize say `make llamacpp`."""
     import subprocess

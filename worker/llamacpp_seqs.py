@@ -66,9 +66,11 @@ class Sequences:
             adapter = lc.llama_adapter_lora_init(self.model, str(path).encode())
         if not adapter:
             raise ValueError(f"{path}: llama.cpp could not load this LoRA adapter")
-        adapters = (lc.llama_adapter_lora_p * 1)(adapter)
+        adapters = (lc.llama_adapter_lora_p_ctypes * 1)(adapter)
         scales = (ctypes.c_float * 1)(scale)
-        if lc.llama_set_adapters_lora(self.ctx, adapters, 1, scales) != 0:
+        with quiet_stderr():
+            status = lc.llama_set_adapters_lora(self.ctx, adapters, 1, scales)
+        if status != 0:
             raise ValueError(f"{path}: llama.cpp could not apply this LoRA adapter")
         self.adapter = adapter
 
@@ -118,6 +120,10 @@ class Sequences:
         return int(self.lc.llama_memory_seq_pos_max(self.memory, seq)) + 1
 
     def close(self):
+        with quiet_stderr():  # llama.cpp reports its buffers as it frees them
+            self._free()
+
+    def _free(self):
         lc = self.lc
         if getattr(self, "ctx", None):
             lc.llama_batch_free(self.batch)
