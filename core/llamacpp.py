@@ -54,8 +54,9 @@ def quiet_stderr():
         os.close(saved)
 
 
-def load(path, n_ctx=2048, threads=None):
-    """A GGUF model in llama.cpp, every position's logits kept (for logits())."""
+def load(path, n_ctx=2048, threads=None, vocab_only=False):
+    """A GGUF model in llama.cpp, every position's logits kept (for logits()); vocab_only: its
+    tokenizer alone."""
     llama_cpp = require()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such GGUF file")
@@ -66,6 +67,7 @@ def load(path, n_ctx=2048, threads=None):
             n_batch=min(n_ctx, 512),
             n_threads=threads or os.cpu_count(),
             logits_all=True,
+            vocab_only=vocab_only,
             verbose=False,
         )
 

@@ -233,6 +233,45 @@ def test_the_adapter_as_gguf_lora_on_the_base_gguf_equals_the_fused_gguf(fused, 
         assert np.abs(out["base"][i] - want).max() > 20 * np.abs(out["lora"][i] - want).max(), i
 
 
+SMOLLM2 = TINY.parent / "smollm2-135m-instruct"
+
+
+def test_a_byte_level_bpe_model_with_tied_embeddings_exports_and_runs_in_llamacpp(tmp_path):
+    """SmolLM2-135M-Instruct (byte-level BPE, tied embeddings, ChatML) through make fuse's exporter:
+    gpt2 vocabulary with its merges and pre-tokenizer, no output.weight; llama.cpp tokenizes chat
+    text into the model's ids and its greedy answers are mlx's, token for token."""
+    if not (SMOLLM2 / "config.json").is_file():
+        pytest.skip(f"{SMOLLM2} is missing: `make base-model` builds it")
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from train import fuse_gguf
+
+    model, tokenizer, config = load(str(SMOLLM2), return_config=True)
+    assert config["tie_word_embeddings"] and not (SMOLLM2 / "tokenizer.model").exists()
+    texts = ["Em que ano foi fundado o Farense?", "Olá! 1910 – «São Luís» ñ 日本 🙂 12345", "a  b\tc\n\nd"]
+    result = fuse_gguf.export(
+        tmp_path, SMOLLM2, model, config, tokenizer, tokenizer._tokenizer.chat_template, texts
+    )
+    assert result["file"] == GGUF, result["note"]
+    assert "byte-level BPE" in result["note"] and "by llama.cpp itself" in result["note"], result["note"]
+    gguf_model = llamacpp.load(tmp_path / GGUF, n_ctx=512, threads=2)
+    assert gguf_model.metadata["tokenizer.ggml.model"] == "gpt2"
+    for question in ("What is the capital of Portugal?", texts[0]):
+        ids = prompt.encode_prompt(tokenizer, [{"role": "user", "content": question}], "You are helpful.")
+        text = prompt.render(
+            tokenizer,
+            [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": question}],
+            True,
+        )
+        assert gguf_model.tokenize(text.encode(), add_bos=False, special=True) == ids
+        tokens, steps = llamacpp.greedy(gguf_model, ids, 16, {tokenizer.eos_token_id})
+        path = ids + tokens
+        want = np.array(model(mx.array([path]))[0].astype(mx.float32))[len(ids) - 1 : len(path) - 1]
+        assert [int(t) for t in want.argmax(axis=1)] == tokens, question
+        assert np.abs(np.stack(steps) - want).max() < LOGIT_TOL * np.abs(want).max()
+
+
 def test_without_llamacpp_the_error_says_how_to_install_it(tmp_path):
     """llama_cpp hidden from the import system: require() and gguf-quantize say `make llamacpp`."""
     import subprocess

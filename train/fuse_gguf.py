@@ -21,10 +21,13 @@ is tests/test_llamacpp_gguf.py's (llama-cpp-python is optional: make llamacpp).
 from pathlib import Path
 
 # the reading back; verify and spm_tokenize are also used from here by the tests
+from train import gguf_bpe
 from train.gguf_check import (  # noqa: F401
     CONTROL,
     UNUSED,
     USER_DEFINED,
+    Unsupported,
+    check_in_llamacpp,
     check_template,
     hf_of,
     spm_tokenize,
@@ -35,10 +38,6 @@ GGUF_NAME = "ggml-model-f16.gguf"
 MODEL_TYPES = ("llama", "mistral")  # dense models; mlx-lm also lists mixtral, not verified here
 
 
-class Unsupported(Exception):
-    """mlx-lm's exporter cannot write a correct file for this model; the message says why."""
-
-
 def export(out_dir, base, model, config, tokenizer, chat_template, texts=()):
     """Write out_dir/ggml-model-f16.gguf and verify it (`texts`: tokenized as llama.cpp would and
     as the model's tokenizer does); {"file": name or None, "note": ...}."""
@@ -47,14 +46,18 @@ def export(out_dir, base, model, config, tokenizer, chat_template, texts=()):
     from core.prompt import standalone_template
 
     path = Path(out_dir) / GGUF_NAME
+    hf = hf_of(tokenizer)
     try:
-        sp_path = sentencepiece_model(base)
         weights = {k: v for k, v in tree_flatten(model.parameters())}
-        vocab = vocabulary(sp_path, hf_of(tokenizer), rows=int(weights["model.embed_tokens.weight"].shape[0]))
+        rows = int(weights["model.embed_tokens.weight"].shape[0])
+        sp_path = model_folder(base) / "tokenizer.model"
+        vocab = vocabulary(sp_path, hf, rows) if sp_path.is_file() else bpe_vocabulary(base, hf, rows)
         template = standalone_template(tokenizer) if chat_template else None
         write(path, weights, config, vocab, template)
-        problems = verify(path, weights, config, hf_of(tokenizer), vocab, template, texts)
+        problems = verify(path, weights, config, hf, vocab, template, texts)
         problems += check_template(template, tokenizer, texts)
+        in_llamacpp = None if problems else check_in_llamacpp(path, hf, texts)
+        problems += in_llamacpp or []
     except Unsupported as e:
         path.unlink(missing_ok=True)
         return {"file": None, "note": f"not exported: {e}"}
@@ -64,37 +67,47 @@ def export(out_dir, base, model, config, tokenizer, chat_template, texts=()):
     if problems:
         path.unlink(missing_ok=True)
         return {"file": None, "note": "not exported: reading the file back found " + "; ".join(problems[:5])}
-    if sp_path.parent.resolve() != Path(out_dir).resolve():
+    if sp_path.is_file() and sp_path.parent.resolve() != Path(out_dir).resolve():
         (Path(out_dir) / "tokenizer.model").write_bytes(sp_path.read_bytes())
-    return {
-        "file": GGUF_NAME,
-        "note": (
-            f"wrote {GGUF_NAME} (F16, llama architecture, {len(vocab['tokens'])}-token "
-            "sentencepiece vocabulary, chat template rendering as training does); read back and "
-            f"verified: tensors, values, metadata, tokenizer ({len(texts)} texts tokenized as "
-            "llama.cpp does give the model's ids), template"
-        ),
-    }
+    return {"file": GGUF_NAME, "note": note(vocab, len(texts), in_llamacpp is not None)}
 
 
-def sentencepiece_model(base):
-    """The base's tokenizer.model (a local folder, or the Hugging Face cache of a hub id)."""
+def note(vocab, n_texts, in_llamacpp):
+    bpe = vocab.get("model") == "gpt2"
+    kind = f"byte-level BPE vocabulary (pre-tokenizer {vocab['pre']})" if bpe else "sentencepiece vocabulary"
+    how = "by llama.cpp itself" if in_llamacpp else "with llama.cpp's sentencepiece algorithm"
+    ids = f"{n_texts} texts tokenized {how} give the model's ids"
+    if bpe and not in_llamacpp:
+        ids = "the tokenization itself not checked: llama.cpp is not installed (make llamacpp)"
+    return (
+        f"wrote {GGUF_NAME} (F16, llama architecture, {len(vocab['tokens'])}-token {kind}, chat template "
+        f"rendering as training does); read back and verified: tensors, values, metadata, tokenizer "
+        f"({ids}), template"
+    )
+
+
+def model_folder(base):
+    """The base's files: a local folder, or the Hugging Face cache of a hub id."""
     folder = Path(base)
-    if not folder.exists():
-        from mlx_lm.utils import hf_repo_to_path
+    if folder.exists():
+        return folder
+    from mlx_lm.utils import hf_repo_to_path
 
-        try:
-            folder = hf_repo_to_path(base)
-        except Exception as e:
-            raise Unsupported(f"cannot find the files of {base} in the Hugging Face cache ({e})") from e
-    path = folder / "tokenizer.model"
-    if not path.is_file():
+    try:
+        return Path(hf_repo_to_path(base))
+    except Exception as e:
+        raise Unsupported(f"cannot find the files of {base} in the Hugging Face cache ({e})") from e
+
+
+def bpe_vocabulary(base, hf, rows):
+    try:
+        return gguf_bpe.vocabulary(hf, rows)
+    except Unsupported as e:
         raise Unsupported(
-            f"{base} has no tokenizer.model (sentencepiece): mlx-lm's exporter would give every "
-            "token the score -1000, and llama.cpp merges sentencepiece pieces by score, so the file "
-            "would tokenize differently from the model"
-        )
-    return path
+            f"{base} has no tokenizer.model (sentencepiece), and {e}: mlx-lm's exporter would give "
+            "every token the score -1000, and llama.cpp merges sentencepiece pieces by score, so the "
+            "file would tokenize differently from the model"
+        ) from None
 
 
 def vocabulary(sp_path, hf, rows):
@@ -162,7 +175,8 @@ class _Vocab:
 
         self.vocab_size = len(vocab["tokens"])
         self._rows = [
-            (t, s, TokenType(k)) for t, s, k in zip(vocab["tokens"], vocab["scores"], vocab["types"])
+            (t, s, TokenType(k))
+            for t, s, k in zip(vocab["tokens"], vocab["scores"] or [0.0] * self.vocab_size, vocab["types"])
         ]
         self.tokenizer = SimpleNamespace(
             bos_token_id=vocab["bos"], eos_token_id=vocab["eos"], unk_token_id=vocab["unk"]
@@ -208,6 +222,11 @@ def write(path, weights, config, vocab, chat_template):
             w = permute_weights(w, heads, kv_heads)
         out[translate_weight_names(name)] = w.astype(mx.float32 if w.ndim == 1 else mx.float16)
     metadata = prepare_metadata(config, _Vocab(vocab))
+    if vocab.get("model") == "gpt2":  # byte-level BPE: merges and the pre-tokenizer, no scores
+        metadata.pop("tokenizer.ggml.scores", None)
+        metadata["tokenizer.ggml.model"] = "gpt2"
+        metadata["tokenizer.ggml.pre"] = vocab["pre"]
+        metadata["tokenizer.ggml.merges"] = vocab["merges"]
     # llama.cpp reads token types as int32 only (mlx-lm writes uint32: "invalid gguf type")
     metadata["tokenizer.ggml.token_type"] = mx.array(vocab["types"], dtype=mx.int32)
     for key, value in vocab["flags"].items():

@@ -9,6 +9,10 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # gguf 
 F32, F16 = 0, 1  # GGMLQuantizationType
 
 
+class Unsupported(Exception):
+    """The exporter cannot write a correct file for this model; the message says why."""
+
+
 def hf_of(tokenizer):
     return getattr(tokenizer, "_tokenizer", tokenizer)
 
@@ -117,23 +121,13 @@ def check_metadata(reader, config):
 
 
 def check_tokenizer(reader, hf, vocab, chat_template):
-    problems = []
-    tokens, scores, types = (field(reader, f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
-    if field(reader, "tokenizer.ggml.model") != "llama":
-        problems.append(
-            f"tokenizer.ggml.model is {field(reader, 'tokenizer.ggml.model')!r}, expected 'llama'"
-        )
-    if tokens is None or scores is None or types is None:
-        return problems + ["tokenizer.ggml.tokens/scores/token_type missing"]
-    if list(tokens) != vocab["tokens"] or list(types) != vocab["types"]:
-        problems.append("tokens or token types differ from tokenizer.model's")
-    if [round(float(s), 4) for s in scores] != [round(s, 4) for s in vocab["scores"]]:
-        problems.append("token scores differ from tokenizer.model's")
-    real = [float(s) for s, k in zip(scores, types) if k == NORMAL]
-    if len(set(real)) < 2:
-        problems.append(
-            f"every normal token has the same score ({real[:1]}): llama.cpp could not merge by score"
-        )
+    """The vocabulary (sentencepiece or byte-level BPE), the special tokens, the flags, the template."""
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    if tokens is None or types is None:
+        return ["tokenizer.ggml.tokens/token_type missing"]
+    problems = (
+        check_bpe(reader, vocab) if vocab.get("model") == "gpt2" else check_spm(reader, vocab, tokens, types)
+    )
     hf_tokens = hf.convert_ids_to_tokens(list(range(len(hf))))
     if list(tokens[: len(hf_tokens)]) != hf_tokens:
         bad = next(i for i, (a, b) in enumerate(zip(tokens, hf_tokens)) if a != b)
@@ -146,11 +140,6 @@ def check_tokenizer(reader, hf, vocab, chat_template):
     wrong = sorted(i for i in specials - {hf.unk_token_id} if types[i] != CONTROL)
     if wrong:
         problems.append(f"special tokens not typed CONTROL: {[tokens[i] for i in wrong[:5]]}")
-    if hf.unk_token_id is not None and types[hf.unk_token_id] not in (UNKNOWN, CONTROL):
-        problems.append(f"the unknown token {tokens[hf.unk_token_id]!r} is typed {types[hf.unk_token_id]}")
-    byte_pieces = [i for i, t in enumerate(tokens) if len(t) == 6 and t.startswith("<0x") and t.endswith(">")]
-    if vocab["byte_fallback"] and (len(byte_pieces) != 256 or any(types[i] != BYTE for i in byte_pieces)):
-        problems.append(f"byte fallback, but {len(byte_pieces)} byte pieces, not all typed BYTE")
     for key, value in (("bos_token_id", hf.bos_token_id), ("eos_token_id", hf.eos_token_id)):
         if value is not None and field(reader, f"tokenizer.ggml.{key}") != value:
             problems.append(
@@ -163,6 +152,49 @@ def check_tokenizer(reader, hf, vocab, chat_template):
             )
     if chat_template and field(reader, "tokenizer.chat_template") != chat_template:
         problems.append("tokenizer.chat_template differs from the run's chat template")
+    return problems
+
+
+def check_bpe(reader, vocab):
+    problems = []
+    for key, want in (("model", "gpt2"), ("pre", vocab["pre"])):
+        if field(reader, f"tokenizer.ggml.{key}") != want:
+            problems.append(
+                f"tokenizer.ggml.{key} is {field(reader, f'tokenizer.ggml.{key}')!r}, expected {want!r}"
+            )
+    if list(field(reader, "tokenizer.ggml.tokens")) != vocab["tokens"]:
+        problems.append("tokens differ from the tokenizer's")
+    if list(field(reader, "tokenizer.ggml.token_type")) != vocab["types"]:
+        problems.append("token types differ from the tokenizer's")
+    if list(field(reader, "tokenizer.ggml.merges") or []) != vocab["merges"]:
+        problems.append("the merges differ from the tokenizer's")
+    return problems
+
+
+def check_spm(reader, vocab, tokens, types):
+    problems = []
+    scores = field(reader, "tokenizer.ggml.scores")
+    if field(reader, "tokenizer.ggml.model") != "llama":
+        problems.append(
+            f"tokenizer.ggml.model is {field(reader, 'tokenizer.ggml.model')!r}, expected 'llama'"
+        )
+    if scores is None:
+        return problems + ["tokenizer.ggml.scores missing"]
+    if list(tokens) != vocab["tokens"] or list(types) != vocab["types"]:
+        problems.append("tokens or token types differ from tokenizer.model's")
+    if [round(float(s), 4) for s in scores] != [round(s, 4) for s in vocab["scores"]]:
+        problems.append("token scores differ from tokenizer.model's")
+    real = [float(s) for s, k in zip(scores, types) if k == NORMAL]
+    if len(set(real)) < 2:
+        problems.append(
+            f"every normal token has the same score ({real[:1]}): llama.cpp could not merge by score"
+        )
+    unk = vocab.get("unk")
+    if unk is not None and types[unk] not in (UNKNOWN, CONTROL):
+        problems.append(f"the unknown token {tokens[unk]!r} is typed {types[unk]}")
+    byte_pieces = [i for i, t in enumerate(tokens) if len(t) == 6 and t.startswith("<0x") and t.endswith(">")]
+    if vocab["byte_fallback"] and (len(byte_pieces) != 256 or any(types[i] != BYTE for i in byte_pieces)):
+        problems.append(f"byte fallback, but {len(byte_pieces)} byte pieces, not all typed BYTE")
     return problems
 
 
@@ -199,8 +231,8 @@ def check_tokenization(reader, hf, texts):
     ("[INST] text"), and, where the file sets the dummy prefix, at the start of a prompt (BOS
     added); llama.cpp's defaults when the file does not say."""
     tokens, scores = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.scores")
-    if tokens is None or scores is None:
-        return []
+    if tokens is None or scores is None or field(reader, "tokenizer.ggml.model") != "llama":
+        return []  # a BPE vocabulary: check_in_llamacpp
     ids = {t: i for i, t in enumerate(tokens)}
     flag = lambda key: field(reader, f"tokenizer.ggml.{key}") is not False  # noqa: E731
     bos = field(reader, "tokenizer.ggml.bos_token_id") if flag("add_bos_token") else None
@@ -221,6 +253,27 @@ def check_tokenization(reader, hf, texts):
             f"{len(differ)} of {len(texts)} texts tokenize differently under llama.cpp's algorithm "
             f"(first: {differ[0][:60]!r})"
         ]
+    return []
+
+
+def check_in_llamacpp(path, hf, texts):
+    """Where llama.cpp is installed (make llamacpp): the file's vocabulary, loaded by llama.cpp
+    itself, tokenizes each text after a control token (as a chat template writes it) into the
+    model's ids. None where it is not installed."""
+    from core import llamacpp
+
+    if not llamacpp.installed():
+        return None
+    model = llamacpp.load(path, vocab_only=True)
+    differ = [
+        t
+        for t in (t.strip() for t in texts)
+        if t
+        and model.tokenize(f"{hf.eos_token} {t}".encode(), add_bos=False, special=True)
+        != hf.encode(f"{hf.eos_token} {t}", add_special_tokens=False)
+    ]
+    if differ:
+        return [f"{len(differ)} texts tokenize differently in llama.cpp (first: {differ[0][:60]!r})"]
     return []
 
 
