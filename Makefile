@@ -224,7 +224,7 @@ soak: $(STAMP) ## N (2000) chatbot requests through the worker (VIA=stdio|http) 
 	$(PY) -m bench.soak --requests $(or $(N),2000) --budget $(BUDGET) --via $(VIA) \
 	  $(if $(filter 1 yes true,$(BASELINE)),--baseline) $(call opt,--model,$(MODEL))
 
-bench: $(STAMP) ## Benchmarks side by side with mlx-lm (QUICK=1 for a short run)
+bench: $(STAMP) $(LLAMA_STAMP) llama-server ## Benchmarks side by side with mlx-lm and llama-server (QUICK=1 for a short run; the first builds llama.cpp)
 	@$(MAKE) --no-print-directory tiny-model
 	@test -f models/bench-mistral/config.json || $(MAKE) --no-print-directory bench-model
 	$(PY) -m bench.run $(call flag,--quick,$(QUICK))

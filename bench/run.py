@@ -35,6 +35,7 @@ from bench import (
     concurrency,
     decode,
     distributed,
+    llamacpp,
     machine,
     prefill,
     report,
@@ -59,6 +60,7 @@ MEASUREMENTS = (
     prefill,
     workload,
     distributed,
+    llamacpp,
 )
 # The order of the table's rows; a measurement's rows not placed here come after these.
 TABLE = (

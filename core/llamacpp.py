@@ -12,7 +12,7 @@ INSTALL_HINT = (
     f"builds llama-cpp-python {LLAMA_CPP_VERSION} from source once (6-8 min on 2 cores)"
 )
 # The types quantize() accepts: llama.cpp's llama_ftype names (llama-quantize's)
-QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "F16")
+QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "F16", "F32")
 
 
 class NotInstalled(ImportError):
@@ -113,7 +113,9 @@ def quantize(src, dst, type_name, threads=None):
     if type_name not in QUANT_TYPES:
         raise ValueError(f"quantization type {type_name!r}: expected one of {', '.join(QUANT_TYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
+    params.ftype = getattr(
+        llama_cpp, "LLAMA_FTYPE_ALL_F32" if type_name == "F32" else f"LLAMA_FTYPE_MOSTLY_{type_name}"
+    )
     params.nthread = threads or os.cpu_count() or 1
     with quiet_stderr():
         status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))

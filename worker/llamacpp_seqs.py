@@ -10,6 +10,7 @@ protocol are the engine-independent worker's.
 """
 
 import ctypes
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,7 @@ class Sequences:
         self.memory = lc.llama_get_memory(self.ctx)
         self.batch = lc.llama_batch_init(n_batch, 0, 1)
         self.adapter = None
+        self.decode_s = 0.0  # seconds spent inside llama_decode (the rest of a step is Python's)
         if lora:
             self.set_lora(lora, lora_scale)
 
@@ -97,7 +99,9 @@ class Sequences:
 
     def _run(self, n, pending):
         self.batch.n_tokens = n
+        tic = time.perf_counter()
         status = self.lc.llama_decode(self.ctx, self.batch)
+        self.decode_s += time.perf_counter() - tic
         if status != 0:
             raise DecodeError(f"llama_decode returned {status} for {n} tokens")
         return {seq: self._logits(i) for seq, i in pending}
