@@ -24,20 +24,6 @@ REL_TOL = 0.005
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tiny_model, tmp_path_factory):
-    """models/tiny-mistral exported as make fuse exports (F16, its sentencepiece vocabulary)."""
-    from mlx_lm import load
-
-    from train import fuse_gguf
-
-    model, tokenizer, config = load(str(tiny_model), return_config=True)
-    out = tmp_path_factory.mktemp("tiny_gguf")
-    result = fuse_gguf.export(out, tiny_model, model, config, tokenizer, tokenizer._tokenizer.chat_template)
-    assert result["file"], result["note"]
-    return out / result["file"], tokenizer
-
-
-@pytest.fixture(scope="module")
 def prompts(tiny_gguf):
     _, tokenizer = tiny_gguf
     return [
