@@ -88,7 +88,7 @@ def test_a_finished_prefix_serves_the_next_prompt_from_the_kv_cache(batch, promp
     from the cached sequence (all but its last token reused) and decodes as it would from scratch."""
     first = batch.insert(prompts[0], N)
     tokens, _ = run(batch)
-    assert batch.stats() == {"hits": 0, "misses": 1, "entries": 1}
+    assert batch.stats() == {"hits": 0, "misses": 1, "entries": 1, "tokens": len(prompts[0]) + N - 1}
     follow = prompts[0] + tokens[first] + prompts[1][1:]
     uid = batch.insert(follow, N)
     assert batch.cached_tokens(uid) == len(prompts[0]) + N - 1

@@ -35,6 +35,16 @@ def parse_args(argv=None):
         default=None,
         help="cap the context (prompt + answer) below the model's or adapter's (default: theirs)",
     )
+    p.add_argument(
+        "--engine",
+        choices=("mlx", "llamacpp"),
+        default="mlx",
+        help="mlx (default) or llamacpp: a GGUF in llama.cpp (make llamacpp installs it)",
+    )
+    p.add_argument("--gguf", help="llamacpp: the GGUF (default: the adapter's fused/ggml-model-f16.gguf)")
+    p.add_argument(
+        "--lora-gguf", help="llamacpp: an adapter in GGUF-LoRA format on --gguf's base (make gguf-lora)"
+    )
     p.add_argument("--max-line-bytes", type=int, default=1 << 20, help="longest request line (default 1 MiB)")
     p.add_argument(
         "--max-queue",
@@ -123,7 +133,11 @@ def _watch_parent(parent):
     os._exit(0)
 
 
-def version():
+def version(engine="mlx"):
+    if engine == "llamacpp":
+        from core.llamacpp import LLAMA_CPP_VERSION
+
+        return f"worker/1 llama.cpp (llama-cpp-python/{LLAMA_CPP_VERSION})"
     import mlx.core as mx
     import mlx_lm
 
@@ -146,7 +160,19 @@ def main(argv=None):
             f"loading {settings.model_path}"
             + (f" with adapter {settings.adapter_path}" if settings.adapter else "")
         )
-        model, tokenizer, config = loading.load(settings)
+        if args.engine == "llamacpp":
+            model, (tokenizer, config) = None, loading.load_tokenizer(settings)
+        else:
+            model, tokenizer, config = loading.load(settings)
+        context_length = loading.context_length(settings, config)
+        if args.context_length:
+            context_length = min(context_length or args.context_length, args.context_length)
+        engine_impl = None
+        if args.engine == "llamacpp":
+            from worker.engine_llamacpp import build
+
+            args.tokenizer = tokenizer
+            engine_impl, chosen = build(args, settings, context_length, log)
     except loading.LoadError as e:
         log.error(str(e))
         return 2
@@ -154,20 +180,18 @@ def main(argv=None):
     from worker.engine import Engine  # mlx after train (fast BLAS)
 
     writer = io.ProtocolWriter(proto_fd, on_broken_pipe=lambda: _broken_pipe(log))
-    context_length = loading.context_length(settings, config)
-    if args.context_length:
-        context_length = min(context_length or args.context_length, args.context_length)
-    chosen = limits.choose(
-        config,
-        context_length,
-        memory_fraction=args.memory_fraction,
-        max_batch=args.max_batch,
-        prefix_cache_bytes=args.prefix_cache_bytes,
-        prefill_step_size=args.prefill_step_size,
-        log=log,
-    )
-    if chosen.get("context_capped_from"):  # not even one full-context sequence fits
-        context_length = chosen["context_length"]
+    if engine_impl is None:
+        chosen = limits.choose(
+            config,
+            context_length,
+            memory_fraction=args.memory_fraction,
+            max_batch=args.max_batch,
+            prefix_cache_bytes=args.prefix_cache_bytes,
+            prefill_step_size=args.prefill_step_size,
+            log=log,
+        )
+        if chosen.get("context_capped_from"):  # not even one full-context sequence fits
+            context_length = chosen["context_length"]
     engine = Engine(
         model,
         tokenizer,
@@ -179,6 +203,7 @@ def main(argv=None):
         max_batch=chosen["max_batch"],
         prefix_cache_bytes=chosen["prefix_cache_bytes"],
         prefill_step_size=chosen["prefill_step_size"],
+        engine=engine_impl,
     )
     engine.limits = chosen
     engine.install_signal_handlers()
@@ -194,7 +219,8 @@ def main(argv=None):
         return 2
     writer.add(
         dict(
-            engine.ready_message(args.max_line_bytes, blas=blas.loaded_path, version=version()), limits=chosen
+            engine.ready_message(args.max_line_bytes, blas=blas.loaded_path, version=version(args.engine)),
+            limits=chosen,
         )
     )
     writer.flush()

@@ -1,19 +1,20 @@
-"""The generation loop: continuous batching with mlx-lm's BatchGenerator and a prefix cache.
+"""The generation loop, engine-independent: continuous batching over an engine (mlx:
+worker/engine_mlx.py; llama.cpp: worker/engine_llamacpp.py).
 
-One thread (the caller of `Engine.run`) owns mlx, the BatchGenerator, the prefix cache
-(worker/prefix_cache.py) and all output. Each loop turn it takes the events the stdin reader
-has queued (without blocking while there is work), admits requests into the batch, runs one
-`BatchGenerator.next()` (a decode step for every sequence, plus prompt processing for
-newcomers), turns tokens into protocol messages, and writes them in one flushed write. When
-sequences left the batch, mlx's buffer cache is emptied (worker/allocator.py).
+One thread (the caller of `Engine.run`) owns the engine and all output. Each loop turn it takes
+the events the stdin reader has queued (without blocking while there is work), admits requests
+into the batch, runs one engine step (a decode step for every sequence, plus prompt processing
+for newcomers), turns tokens into protocol messages, and writes them in one flushed write.
 
-Per request: its own sampler (temperature/top_p/top_k/min_p; a seeded one when `seed` is
-given), logits processors (repetition_penalty), stop strings (matched on the decoded text,
-with a held-back tail so streamed text never shows a stop string's beginning) and
-max_tokens. Prompts are formatted by core.prompt.encode_prompt, exactly as in training.
-
-The prefix cache follows mlx_lm.server: the nearest cached prefix is fetched at admission,
-the cache is stored at the end of the system-prompt and prompt segments, and at finish.
+Here, for every engine: the protocol (requests, cancel, stats, ping, shutdown), scheduling (the
+queue, the batch's size), the context policy (worker/context.py), prompts formatted by
+core.prompt.encode_prompt exactly as in training and passed as token ids, sampling settings
+resolved and clamped, stop strings (matched on the decoded text, with a held-back tail so
+streamed text never shows a stop string's beginning), max_tokens, detokenisation, timings. The
+engine's part (engine_mlx.MlxEngine is the reference): sampling(...) -> its sampler objects,
+start(ids, sys_end, max_tokens, sampling) -> (uid, cached tokens), step() -> [(uid, token,
+finish_reason)] (a finished sequence has left the batch), end(uids, keep), reset(), warm_up(ids),
+released(), cache_figures(), memory(), vocab_size, device, name.
 
 Test-only hooks (environment variables, read once; documented in docs/PROTOCOL.md):
   WORKER_TEST_IGNORE_EOS=1   generation ends only by max_tokens, a stop string or cancel
@@ -22,7 +23,7 @@ Test-only hooks (environment variables, read once; documented in docs/PROTOCOL.m
   WORKER_TEST_PRINT=1        every admission print()s to sys.stdout and writes to fd 1
                              (the protocol stream must stay clean)
   WORKER_TEST_ECHO=TEXT      a request whose last message contains TEXT is answered with that
-                             message first (worker/testhooks.py)
+                             message first (worker/testhooks.py; the mlx engine only)
 """
 
 import os
@@ -34,24 +35,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import mlx.core as mx
-
 from core.prompt import encode_prompt, with_system_prompt
-from worker import allocator, context, protocol, testhooks
+from worker import context, protocol
 from worker.io import EOF
-from worker.mlxlm_api import (
-    BatchGenerator,
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    can_trim_prompt_cache,
-    eos_stop_sequences,
-    make_logits_processors,
-    make_sampler,
-    no_stop_sequences,
-    trim_prompt_cache,
-)
-from worker.prefix_cache import PrefixCache
 
 REPLACEMENT = "\ufffd"
 MAX_EVENTS_PER_TURN = 256
@@ -70,28 +56,6 @@ def _ms(seconds):
     return round(seconds * 1000.0, 3)
 
 
-class SeededSampler:
-    """make_sampler's chain with its own PRNG key: the same seed gives the same tokens."""
-
-    def __init__(self, seed, temperature, top_p, min_p, top_k):
-        self.key = mx.random.key(seed)
-        self.inv_temp = 1.0 / temperature
-        methods = []
-        if 0 < top_p < 1.0:
-            methods.append(lambda x: apply_top_p(x, top_p))
-        if min_p != 0.0:
-            methods.append(lambda x: apply_min_p(x, min_p, 1))
-        if top_k > 0:
-            methods.append(lambda x: apply_top_k(x, top_k))
-        self.methods = methods
-
-    def __call__(self, logprobs):
-        for method in self.methods:
-            logprobs = method(logprobs)
-        self.key, sub = mx.random.split(self.key)
-        return mx.random.categorical(logprobs * self.inv_temp, key=sub)
-
-
 @dataclass(eq=False, slots=True)
 class Active:
     """One accepted generation request and its state until its terminal message."""
@@ -101,9 +65,8 @@ class Active:
     dropped: int = 0  # messages the context policy left out
     sys_end: int = 0  # prompt tokens of the leading system message(s)
     max_tokens: int = 1
-    sampler: Any = None  # None: the batch's shared greedy sampler
-    processors: Any = None
-    uid: int | None = None  # BatchGenerator uid once admitted
+    sampling: Any = None  # the engine's sampler objects (engine.sampling)
+    uid: int | None = None  # the engine's uid once admitted
     cached: int = 0  # prompt tokens served from the prefix cache
     detok: Any = None
     parts: list = field(default_factory=list)
@@ -113,7 +76,6 @@ class Active:
     t_admitted: float | None = None
     t_first: float | None = None
     t_last: float | None = None
-    segment_types: list = field(default_factory=list)
     fault: bool = False
 
     def __post_init__(self):
@@ -147,8 +109,10 @@ class Engine:
         prefix_cache_bytes=256 << 20,
         prefill_step_size=2048,
         hooks=None,
+        engine=None,
     ):
-        self.model = model
+        """`engine`: the engine the loop drives (default: mlx's on `model`, with the batch,
+        prefix-cache and prefill settings given)."""
         self.tokenizer = tokenizer
         self.settings = settings
         self.gen_defaults = settings.generation
@@ -158,27 +122,32 @@ class Engine:
         self.context_length = context_length
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
-        self.prefill_step_size = prefill_step_size
-        self.vocab_size = self._vocab_size()
         hooks = os.environ if hooks is None else hooks
         self.ignore_eos = hooks.get("WORKER_TEST_IGNORE_EOS") == "1"
         self.fault_text = hooks.get("WORKER_TEST_FAULT") or None
         self.test_print = hooks.get("WORKER_TEST_PRINT") == "1"
         self.echo_marker = hooks.get("WORKER_TEST_ECHO") or None
+        if engine is None:
+            from worker.engine_mlx import MlxEngine
 
-        self.stop_sequences = no_stop_sequences() if self.ignore_eos else eos_stop_sequences(tokenizer)
-        self.prefix = PrefixCache(prefix_cache_bytes)
-        self.prefix_budget = self.prefix.budget
-        self.gen = self._new_generator()
+            engine = MlxEngine(
+                model,
+                tokenizer,
+                log=log,
+                max_batch=self.max_batch,
+                prefix_cache_bytes=prefix_cache_bytes,
+                prefill_step_size=prefill_step_size,
+                ignore_eos=self.ignore_eos,
+            )
+        self.engine = engine
+        self.vocab_size = engine.vocab_size
 
         self.by_id = {}  # id -> Active: accepted and not finished (batch + queue)
-        self.by_uid = {}  # BatchGenerator uid -> Active
+        self.by_uid = {}  # the engine's uid -> Active
         self.pending = deque()  # accepted, waiting for a batch slot
-        self._samplers = {}
-        self._processors = {}
         self._sys_probe = {}
 
-        self.left_batch = False  # a sequence left the batch this turn (worker/allocator.py)
+        self.left_batch = False  # a sequence left the batch this turn (engine.released)
         self.eof = False
         self.shutdown_reason = None
         self.stop_signal = False
@@ -192,30 +161,11 @@ class Engine:
         self.decode_time = 0.0
 
     # ----------------------------------------------------------------- setup
-    def _vocab_size(self):
-        try:
-            return int(self.model.args.vocab_size)
-        except Exception:
-            return len(self.tokenizer)
-
-    def _new_generator(self):
-        return BatchGenerator(
-            self.model,
-            completion_batch_size=self.max_batch,
-            prefill_batch_size=min(8, self.max_batch),
-            prefill_step_size=self.prefill_step_size,
-            stop_tokens=None,
-        )
-
     def warm_up(self):
         """One short generation, so the first request doesn't pay for first-call setup."""
-        ids = encode_prompt(self.tokenizer, [{"role": "user", "content": "Olá"}], self.system_prompt)
-        (uid,) = self.gen.insert([ids], max_tokens=[3], stop_sequences=[no_stop_sequences()])
-        for _ in range(64):
-            _, responses = self.gen.next()
-            if any(r.finish_reason for r in responses):
-                break
-        self.gen.remove([uid])
+        self.engine.warm_up(
+            encode_prompt(self.tokenizer, [{"role": "user", "content": "Olá"}], self.system_prompt)
+        )
 
     def ready_message(self, max_line_bytes, blas=None, version=None):
         gen = self.gen_defaults
@@ -227,7 +177,7 @@ class Engine:
             max_tokens_cap=int(gen["max_tokens_cap"]),
             max_line_bytes=int(max_line_bytes),
             context_length=self.context_length,
-            backend="gpu" if mx.default_device() == mx.gpu else "cpu",
+            backend=self.engine.device,
             blas=blas,
             version=version or "",
         )
@@ -287,9 +237,9 @@ class Engine:
                 self.admit()
             if self.by_uid:
                 self.step()
-            if self.left_batch:  # their batch buffers, freed, would wait in mlx's buffer cache
+            if self.left_batch:
                 self.left_batch = False
-                allocator.release_batch_buffers()
+                self.engine.released()
             self.writer.flush()
 
     def handle(self, event):
@@ -418,27 +368,8 @@ class Engine:
         temp = min(temp, MAX_TEMPERATURE)
         if 0.0 < top_p < MIN_TOP_P:
             top_p = MIN_TOP_P
-        if temp <= 0:
-            act.sampler = None  # the batch's shared greedy sampler
-        elif req.seed is not None:
-            act.sampler = SeededSampler(req.seed, temp, top_p, min_p, top_k)
-        else:
-            key = (temp, top_p, min_p, top_k)  # shared object: batched sampling
-            act.sampler = self._samplers.get(key)
-            if act.sampler is None:
-                if len(self._samplers) > 256:
-                    self._samplers.clear()
-                act.sampler = self._samplers[key] = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
-        if rep != 1.0:
-            act.processors = self._processors.get(rep)
-            if act.processors is None:
-                if len(self._processors) > 256:
-                    self._processors.clear()
-                act.processors = self._processors[rep] = make_logits_processors(repetition_penalty=rep)
-        else:
-            act.processors = None
-        if self.echo_marker and self.echo_marker in messages[-1]["content"]:
-            act.processors = testhooks.echo_processors(self.tokenizer, messages, act.processors)
+        echo = messages if self.echo_marker and self.echo_marker in messages[-1]["content"] else None
+        act.sampling = self.engine.sampling(temp, top_p, min_p, top_k, rep, req.seed, echo)
         act.sys_end = self._system_end(messages, act.ids)
 
     def _system_end(self, messages, ids):
@@ -476,7 +407,7 @@ class Engine:
             self.by_id.pop(act.id, None)
             if act.uid is not None:
                 self.by_uid.pop(act.uid, None)
-                self._remove_uids([act.uid])
+                self._end([act.uid])
             self.error(act.id, "internal", f"{type(e).__name__}: {e}")
 
     def _start(self, act):
@@ -484,53 +415,19 @@ class Engine:
         if self.test_print:
             print(f"test hook: print() to sys.stdout while admitting {act.id!r}")
             os.write(1, b"test hook: raw write to fd 1\n")
-        ids = act.ids
-        cache, rest = self.prefix.fetch(ids)
-        if cache is not None and not rest:
-            # An exact hit: recompute the last token so there is something to feed the model.
-            if can_trim_prompt_cache(cache):
-                trim_prompt_cache(cache, 1)
-                rest = ids[-1:]
-            else:
-                cache, rest = None, ids
-        act.cached = len(ids) - len(rest)
+        act.uid, act.cached = self.engine.start(act.ids, act.sys_end, act.max_tokens, act.sampling)
         if act.cached > 0:
             self.hits += 1
         else:
             self.misses += 1
-            cache = None
-
-        if act.sys_end:
-            segments, types = [ids[: act.sys_end], ids[act.sys_end :]], ["system", "user"]
-        else:
-            segments, types = [ids], ["user"]
-        n = act.cached
-        while n > 0:
-            if n >= len(segments[0]):
-                n -= len(segments.pop(0))
-                types.pop(0)
-            else:
-                segments[0] = segments[0][n:]
-                break
-        act.segment_types = types[::-1]
         act.detok = self.tokenizer.detokenizer
-        (uid,) = self.gen.insert_segments(
-            segments=[segments],
-            max_tokens=[act.max_tokens],
-            caches=[cache],
-            all_tokens=[ids[: act.cached]],
-            samplers=[act.sampler],
-            logits_processors=[act.processors],
-            stop_sequences=[self.stop_sequences],
-        )
-        act.uid = uid
-        self.by_uid[uid] = act
+        self.by_uid[act.uid] = act
 
     # ----------------------------------------------------------------- decoding
     def step(self):
         tic = time.perf_counter()
         try:
-            prompt_responses, responses = self.gen.next()
+            responses = self.engine.step()
         except Exception as e:
             self._batch_failed(e)
             return
@@ -538,14 +435,11 @@ class Engine:
             self.decode_time += time.perf_counter() - tic
             self.gen_tokens += len(responses)
 
-        if prompt_responses:
-            self._segment_caches(prompt_responses)
-
         by_uid = self.by_uid
         stopped = []  # ended by a stop string: still in the batch
         failed = []
         for r in responses:
-            act = by_uid.get(r.uid)
+            act = by_uid.get(r[0])
             if act is None:
                 continue
             try:
@@ -554,45 +448,22 @@ class Engine:
             except Exception as e:
                 self.log.error(f"request {act.id!r} failed: {type(e).__name__}: {e}")
                 self._drop(act)
-                if r.finish_reason is None:
+                if r[2] is None:
                     failed.append(act.uid)
                 self.error(act.id, "internal", f"{type(e).__name__}: {e}")
         if failed:
-            self._remove_uids(failed)
+            self._end(failed)
         if stopped:
-            caches = self._remove_uids([a.uid for a in stopped], return_caches=True)
+            self._end([a.uid for a in stopped], keep=True)
             for act in stopped:
-                self._finish(act, "stop", caches.get(act.uid))
+                self._finish(act, "stop")
         if self.pending:
             self.admit()
 
-    def _segment_caches(self, prompt_responses):
-        """Store the prompt cache at segment ends (system prompt, prompt minus its last token)."""
-        uids = [
-            r.uid
-            for r in prompt_responses
-            if r.end_of_segment
-            and not r.end_of_prompt
-            and r.uid in self.by_uid
-            and self.by_uid[r.uid].segment_types
-        ]
-        if not uids:
-            return
-        try:
-            caches = self.gen.extract_cache(uids)
-            for uid, (cache, tokens) in caches.items():
-                act = self.by_uid[uid]
-                self._store(list(tokens), cache, act.segment_types.pop())
-        except Exception as e:
-            self.log.warning(f"prefix cache insert failed: {type(e).__name__}: {e}")
-
-    def _store(self, tokens, cache, cache_type):
-        self.prefix.insert(tokens, cache, cache_type)
-
     def _on_token(self, act, r):
-        """Handle one generated token. Returns True when a stop string ended the request
-        (it must still be removed from the batch); finishes length/EOS itself."""
-        finish = r.finish_reason
+        """Handle one generated token (uid, token, finish_reason). Returns True when a stop
+        string ended the request (it must still leave the batch); finishes length/EOS itself."""
+        _, token, finish = r
         now = time.perf_counter()
         detok = act.detok
         if finish == "stop":
@@ -601,7 +472,7 @@ class Engine:
             seg = detok.last_segment
             if seg:
                 self._push(act, seg)
-            self._finish(act, "stop", (r.prompt_cache, r.all_tokens))
+            self._finish(act, "stop")
             return False
         if act.fault:
             raise RuntimeError("test fault (WORKER_TEST_FAULT)")
@@ -609,7 +480,7 @@ class Engine:
         if act.t_first is None:
             act.t_first = now
         act.t_last = now
-        detok.add_token(r.token)
+        detok.add_token(token)
         if finish is not None:
             detok.finalize()
         seg = detok.last_segment
@@ -617,9 +488,9 @@ class Engine:
         if stopped:
             if finish is None:
                 return True
-            self._finish(act, "stop", (r.prompt_cache, r.all_tokens))
+            self._finish(act, "stop")
         elif finish is not None:
-            self._finish(act, finish, (r.prompt_cache, r.all_tokens))
+            self._finish(act, finish)
         return False
 
     def _push(self, act, seg):
@@ -662,7 +533,7 @@ class Engine:
                 self.writer.add(protocol.token_message(act.id, text))
 
     # ----------------------------------------------------------------- finishing
-    def _finish(self, act, reason, cache_and_tokens=None):
+    def _finish(self, act, reason):
         if act.tail:  # not a stop: what was held back is text after all
             tail, act.tail = act.tail, ""
             self._emit(act, tail)
@@ -694,13 +565,6 @@ class Engine:
             )
         )
         self.served += 1
-        if reason != "cancelled" and cache_and_tokens:
-            cache, tokens = cache_and_tokens
-            try:
-                if cache is not None and tokens:
-                    self._store(list(tokens), cache, "assistant")
-            except Exception as e:
-                self.log.warning(f"prefix cache insert failed: {type(e).__name__}: {e}")
 
     def _drop(self, act):
         self.by_id.pop(act.id, None)
@@ -708,17 +572,16 @@ class Engine:
             self.by_uid.pop(act.uid, None)
             self.left_batch = True
 
-    def _remove_uids(self, uids, return_caches=False):
+    def _end(self, uids, keep=False):
         try:
-            return self.gen.remove(uids, return_prompt_caches=return_caches) or {}
+            self.engine.end(uids, keep=keep)
         except Exception as e:
             self.log.error(f"removing from the batch failed: {type(e).__name__}: {e}; resetting it")
             self._reset_generator("internal", f"batch reset after {type(e).__name__}: {e}")
-            return {}
 
     def cancel(self, act):
         if act.uid is not None:
-            self._remove_uids([act.uid])
+            self._end([act.uid])
         else:
             try:
                 self.pending.remove(act)
@@ -746,7 +609,7 @@ class Engine:
         uids = [a.uid for a in acts if a.uid is not None]
         if uids:
             try:
-                self.gen.remove(uids)
+                self.engine.end(uids)
             except Exception:
                 pass
         self.pending.clear()
@@ -765,11 +628,7 @@ class Engine:
             self._drop(act)
             self.error(act.id, code, message)
         self.by_uid.clear()
-        try:
-            self.gen.close()
-        except Exception:
-            pass
-        self.gen = self._new_generator()
+        self.engine.reset()
 
     # ----------------------------------------------------------------- stats
     def stats(self):
@@ -780,14 +639,8 @@ class Engine:
                 "served": self.served,
                 "errors": self.errors,
                 "tokens_per_s": round(self.gen_tokens / self.decode_time, 3) if self.decode_time > 0 else 0.0,
-                "prefix_cache": {
-                    "hits": self.hits,
-                    "misses": self.misses,
-                    "entries": len(self.prefix),
-                    "bytes": int(self.prefix.nbytes),
-                    "budget_bytes": self.prefix_budget,
-                },
-                "memory": allocator.memory_figures(),
+                "prefix_cache": {"hits": self.hits, "misses": self.misses, **self.engine.cache_figures()},
+                "memory": self.engine.memory(),
                 "uptime_s": round(time.time() - self.started, 3),
                 **({"limits": self.limits} if getattr(self, "limits", None) else {}),  # worker/limits.py
             }

@@ -211,7 +211,12 @@ class LlamaCppBatch:
         return best, n
 
     def stats(self):
-        return {"hits": self.hits, "misses": self.misses, "entries": len(self.cache)}
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "entries": len(self.cache),
+            "tokens": sum(map(len, self.cache.values())),
+        }
 
     def close(self):
         self.seqs.close()

@@ -44,6 +44,9 @@ class Sequences:
         if not self.model:
             raise ValueError(f"{model_path}: llama.cpp could not load this GGUF file")
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
+        m = self.model  # K and V, float16, per layer and key-value head
+        head_dim = lc.llama_model_n_embd(m) // lc.llama_model_n_head(m)
+        self.kv_bytes_per_token = 2 * 2 * lc.llama_model_n_layer(m) * lc.llama_model_n_head_kv(m) * head_dim
         params = lc.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
         params.n_seq_max, params.kv_unified = slots, True
