@@ -15,7 +15,7 @@ import time
 
 import worker  # noqa: F401  (imports train first: fast BLAS before mlx)
 from core import blas
-from worker import allocator, io, limits, loading
+from worker import allocator, io, limits, loading, signals
 
 PR_SET_PDEATHSIG = 1
 
@@ -144,6 +144,41 @@ def version(engine="mlx"):
     return f"worker/1 mlx/{mx.__version__} mlx-lm/{mlx_lm.__version__}"
 
 
+def load(args, log):
+    """(settings, model, tokenizer, context length, engine or None for mlx's, limits): the
+    model folder, adapter and metadata; mlx's weights, or llama.cpp's GGUF (engine_llamacpp)."""
+    settings = loading.settings_for(args.model, args.adapter, args.system_prompt, args.allow_base_mismatch)
+    log.info(
+        f"loading {settings.model_path}"
+        + (f" with adapter {settings.adapter_path}" if settings.adapter else "")
+    )
+    if args.engine == "llamacpp":
+        model, (tokenizer, config) = None, loading.load_tokenizer(settings)
+    else:
+        model, tokenizer, config = loading.load(settings)
+    context_length = loading.context_length(settings, config)
+    if args.context_length:
+        context_length = min(context_length or args.context_length, args.context_length)
+    if args.engine == "llamacpp":
+        from worker.engine_llamacpp import build
+
+        args.tokenizer = tokenizer
+        engine, chosen = build(args, settings, context_length, log)
+        return settings, model, tokenizer, context_length, engine, chosen
+    chosen = limits.choose(
+        config,
+        context_length,
+        memory_fraction=args.memory_fraction,
+        max_batch=args.max_batch,
+        prefix_cache_bytes=args.prefix_cache_bytes,
+        prefill_step_size=args.prefill_step_size,
+        log=log,
+    )
+    if chosen.get("context_capped_from"):  # not even one full-context sequence fits
+        context_length = chosen["context_length"]
+    return settings, model, tokenizer, context_length, None, chosen
+
+
 def main(argv=None):
     proto_fd = io.claim_stdout()  # before anything can print
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the (idle) process, until the engine's handler
@@ -153,26 +188,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     allocator.configure(log)  # before the weights: every buffer follows it
     try:
-        settings = loading.settings_for(
-            args.model, args.adapter, args.system_prompt, args.allow_base_mismatch
-        )
-        log.info(
-            f"loading {settings.model_path}"
-            + (f" with adapter {settings.adapter_path}" if settings.adapter else "")
-        )
-        if args.engine == "llamacpp":
-            model, (tokenizer, config) = None, loading.load_tokenizer(settings)
-        else:
-            model, tokenizer, config = loading.load(settings)
-        context_length = loading.context_length(settings, config)
-        if args.context_length:
-            context_length = min(context_length or args.context_length, args.context_length)
-        engine_impl = None
-        if args.engine == "llamacpp":
-            from worker.engine_llamacpp import build
-
-            args.tokenizer = tokenizer
-            engine_impl, chosen = build(args, settings, context_length, log)
+        settings, model, tokenizer, context_length, engine_impl, chosen = load(args, log)
     except loading.LoadError as e:
         log.error(str(e))
         return 2
@@ -180,18 +196,6 @@ def main(argv=None):
     from worker.engine import Engine  # mlx after train (fast BLAS)
 
     writer = io.ProtocolWriter(proto_fd, on_broken_pipe=lambda: _broken_pipe(log))
-    if engine_impl is None:
-        chosen = limits.choose(
-            config,
-            context_length,
-            memory_fraction=args.memory_fraction,
-            max_batch=args.max_batch,
-            prefix_cache_bytes=args.prefix_cache_bytes,
-            prefill_step_size=args.prefill_step_size,
-            log=log,
-        )
-        if chosen.get("context_capped_from"):  # not even one full-context sequence fits
-            context_length = chosen["context_length"]
     engine = Engine(
         model,
         tokenizer,
@@ -206,7 +210,7 @@ def main(argv=None):
         engine=engine_impl,
     )
     engine.limits = chosen
-    engine.install_signal_handlers()
+    signals.install(engine)
     try:
         engine.warm_up()
     except Exception as e:  # e.g. the adapter's chat template cannot render: exit 2, clearly

@@ -6,15 +6,10 @@ the events the stdin reader has queued (without blocking while there is work), a
 into the batch, runs one engine step (a decode step for every sequence, plus prompt processing
 for newcomers), turns tokens into protocol messages, and writes them in one flushed write.
 
-Here, for every engine: the protocol (requests, cancel, stats, ping, shutdown), scheduling (the
-queue, the batch's size), the context policy (worker/context.py), prompts formatted by
-core.prompt.encode_prompt exactly as in training and passed as token ids, sampling settings
-resolved and clamped, stop strings (matched on the decoded text, with a held-back tail so
-streamed text never shows a stop string's beginning), max_tokens, detokenisation, timings. The
-engine's part (engine_mlx.MlxEngine is the reference): sampling(...) -> its sampler objects,
-start(ids, sys_end, max_tokens, sampling) -> (uid, cached tokens), step() -> [(uid, token,
-finish_reason)] (a finished sequence has left the batch), end(uids, keep), reset(), warm_up(ids),
-released(), cache_figures(), memory(), vocab_size, device, name.
+Here, for every engine: the protocol (requests, cancel, stats, ping, shutdown), scheduling, the
+context policy, prompts by core.prompt.encode_prompt as token ids, sampling settings, stop
+strings, max_tokens, detokenisation, timings (worker/request.py: one request's parts). The
+engine's part is the interface worker/engine_mlx.py describes.
 
 Test-only hooks (environment variables, read once; documented in docs/PROTOCOL.md):
   WORKER_TEST_IGNORE_EOS=1   generation ends only by max_tokens, a stop string or cancel
@@ -28,70 +23,15 @@ Test-only hooks (environment variables, read once; documented in docs/PROTOCOL.m
 
 import os
 import queue
-import signal
-import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
 
-from core.prompt import encode_prompt, with_system_prompt
-from worker import context, protocol
+from core.prompt import encode_prompt
+from worker import protocol, signals
 from worker.io import EOF
+from worker.request import Active, Refused, done_message, emit, fit, push, sampling_settings, system_end
 
-REPLACEMENT = "\ufffd"
 MAX_EVENTS_PER_TURN = 256
-# Sampling runs on float32 log-probabilities. Beyond these bounds 1/temperature overflows to
-# inf or underflows to 0 (then -inf * 0 = NaN for the tokens a filter removed), and mlx-lm's
-# apply_top_p compares with top_p * mass rounded to 0 (then indexes past the vocabulary): the
-# sampled tokens fell outside top_k/top_p/min_p. Clamping keeps the meaning: a smaller
-# temperature is greedy, a larger one is uniform over the tokens the filters keep, and a
-# smaller top_p keeps only the most likely token (tests/test_reliability_worker.py).
-MIN_TEMPERATURE = 1e-30
-MAX_TEMPERATURE = 1e30
-MIN_TOP_P = 1e-6
-
-
-def _ms(seconds):
-    return round(seconds * 1000.0, 3)
-
-
-@dataclass(eq=False, slots=True)
-class Active:
-    """One accepted generation request and its state until its terminal message."""
-
-    req: protocol.Generate
-    ids: list | None = None  # prompt token ids (after the context policy)
-    dropped: int = 0  # messages the context policy left out
-    sys_end: int = 0  # prompt tokens of the leading system message(s)
-    max_tokens: int = 1
-    sampling: Any = None  # the engine's sampler objects (engine.sampling)
-    uid: int | None = None  # the engine's uid once admitted
-    cached: int = 0  # prompt tokens served from the prefix cache
-    detok: Any = None
-    parts: list = field(default_factory=list)
-    tail: str | None = ""  # text held back (stop string / split character)
-    n_tokens: int = 0
-    t_received: float = 0.0
-    t_admitted: float | None = None
-    t_first: float | None = None
-    t_last: float | None = None
-    fault: bool = False
-
-    def __post_init__(self):
-        self.t_received = self.req.received or time.perf_counter()
-
-    @property
-    def id(self):
-        return self.req.id
-
-    @property
-    def stream(self):
-        return self.req.stream
-
-    @property
-    def stops(self):
-        return self.req.stop
 
 
 class Engine:
@@ -135,9 +75,9 @@ class Engine:
                 tokenizer,
                 log=log,
                 max_batch=self.max_batch,
+                ignore_eos=self.ignore_eos,
                 prefix_cache_bytes=prefix_cache_bytes,
                 prefill_step_size=prefill_step_size,
-                ignore_eos=self.ignore_eos,
             )
         self.engine = engine
         self.vocab_size = engine.vocab_size
@@ -151,7 +91,7 @@ class Engine:
         self.eof = False
         self.shutdown_reason = None
         self.stop_signal = False
-        self.install_watchdog = False  # set by install_signal_handlers (the real worker)
+        self.install_watchdog = False  # set by worker/signals.py's install (the real worker)
         self.started = time.time()
         self.served = 0
         self.errors = 0
@@ -183,28 +123,6 @@ class Engine:
         )
 
     # ----------------------------------------------------------------- loop
-    @staticmethod
-    def arm_exit_watchdog(seconds=1.2):
-        """Whatever happens next (a blocked stdout write, a long prompt), exit 0 in time.
-        1.2 s leaves the 2 s rule room for the process teardown on a loaded machine (1.7 s
-        measured 2.02 s end to end on 2 busy cores)."""
-        t = threading.Timer(seconds, lambda: os._exit(0))
-        t.daemon = True
-        t.start()
-
-    def install_signal_handlers(self):
-        def on_signal(signum, frame):
-            if not self.stop_signal:
-                self.stop_signal = True
-                # The watchdog first: this handler may run inside a blocked write (stderr or
-                # stdout full) that holds the logger's lock; the exit must not depend on it.
-                self.arm_exit_watchdog()
-                self.log.info(f"signal {signum}: cancelling in-flight requests and exiting")
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        self.install_watchdog = True
-
     def run(self, events):
         """Serve until EOF (after finishing everything read), shutdown or a signal. Returns 0."""
         while True:
@@ -282,7 +200,7 @@ class Engine:
             self.shutdown_reason = "shutdown"
             self.log.info("shutdown requested")
             if self.install_watchdog:
-                self.arm_exit_watchdog()
+                signals.arm_exit_watchdog()
 
     def error(self, rid, code, message):
         self.errors += 1
@@ -319,81 +237,20 @@ class Engine:
             self.pending.append(act)
 
     def fit_context(self, req):
-        """The prompt after the context policy (worker/context.py), or None after answering
-        the request with its error."""
-        gen = self.gen_defaults
-        wanted = req.max_tokens if req.max_tokens is not None else int(gen["max_tokens"])
-        wanted = min(wanted, int(gen["max_tokens_cap"]))
-        messages = with_system_prompt(list(req.messages), self.system_prompt)
+        """The prompt after the context policy, or None after answering with the error."""
         try:
-            fitted = context.fit(
-                lambda ms: encode_prompt(self.tokenizer, ms, None),
-                messages,
-                wanted,
-                self.context_length,
-                req.overflow,
+            return fit(
+                self.tokenizer, self.system_prompt, self.gen_defaults, self.context_length, req, self.log
             )
-        except context.TooLong as e:
-            self.error(req.id, "too_long", f"{e.message} (overflow: {req.overflow})")
+        except Refused as e:
+            self.error(req.id, e.code, e.message)
             return None
-        except Exception as e:
-            if type(e).__name__ == "TemplateError" or "jinja" in type(e).__module__:
-                self.error(req.id, "invalid_request", f"messages: rejected by the chat template: {e}")
-            else:
-                self.error(req.id, "internal", f"formatting the prompt failed: {type(e).__name__}: {e}")
-            return None
-        if not fitted.ids:
-            self.error(req.id, "invalid_request", "messages: the formatted prompt is empty")
-            return None
-        if fitted.dropped:
-            self.log.info(
-                f"request {req.id!r}: left out the {fitted.dropped} oldest message(s) to fit the context",
-                prompt_tokens=len(fitted.ids),
-            )
-        return fitted
 
     def prepare(self, act, messages):
-        req, gen = act.req, self.gen_defaults
-        temp = req.temperature if req.temperature is not None else float(gen["temperature"])
-        top_p = req.top_p if req.top_p is not None else float(gen["top_p"])
-        top_k = req.top_k if req.top_k is not None else int(gen["top_k"])
-        min_p = req.min_p if req.min_p is not None else float(gen["min_p"])
-        rep = (
-            req.repetition_penalty if req.repetition_penalty is not None else float(gen["repetition_penalty"])
-        )
-        if top_k >= self.vocab_size:
-            top_k = 0
-        if temp < MIN_TEMPERATURE:
-            temp = 0.0
-        temp = min(temp, MAX_TEMPERATURE)
-        if 0.0 < top_p < MIN_TOP_P:
-            top_p = MIN_TOP_P
+        settings = sampling_settings(act.req, self.gen_defaults, self.vocab_size)
         echo = messages if self.echo_marker and self.echo_marker in messages[-1]["content"] else None
-        act.sampling = self.engine.sampling(temp, top_p, min_p, top_k, rep, req.seed, echo)
-        act.sys_end = self._system_end(messages, act.ids)
-
-    def _system_end(self, messages, ids):
-        """Tokens of the prompt that belong to its leading system message(s) (0 if none)."""
-        n = 0
-        while n < len(messages) and messages[n]["role"] == "system":
-            n += 1
-        if n == 0:
-            return 0
-        key = tuple(m["content"] for m in messages[:n])
-        probe = self._sys_probe.get(key)
-        if probe is None:
-            probe = encode_prompt(
-                self.tokenizer, list(messages[:n]) + [{"role": "user", "content": ""}], None
-            )
-            if len(self._sys_probe) > 64:
-                self._sys_probe.clear()
-            self._sys_probe[key] = probe
-        end = 0
-        for a, b in zip(probe, ids):
-            if a != b:
-                break
-            end += 1
-        return end if 0 < end < len(ids) else 0
+        act.sampling = self.engine.sampling(*settings, act.req.seed, echo)
+        act.sys_end = system_end(self.tokenizer, self._sys_probe, messages, act.ids)
 
     def admit(self):
         while self.pending and len(self.by_uid) < self.max_batch:
@@ -494,76 +351,15 @@ class Engine:
         return False
 
     def _push(self, act, seg):
-        """Add decoded text; emit what can no longer be part of a stop string or a split
-        character. Returns True if a stop string completed (the text ends before it)."""
-        buf = act.tail + seg if act.tail else seg
-        hold = 0
-        stops = act.stops
-        if stops:
-            first = -1
-            for s in stops:
-                i = buf.find(s)
-                if i >= 0 and (first < 0 or i < first):
-                    first = i
-            if first >= 0:
-                act.tail = ""
-                self._emit(act, buf[:first])
-                act.tail = None  # a stop string ended the text: nothing more is added
-                return True
-            for s in stops:
-                for k in range(min(len(s) - 1, len(buf)), hold, -1):
-                    if buf.endswith(s[:k]):
-                        hold = k
-                        break
-        keep = len(buf) - hold
-        while keep > 0 and buf[keep - 1] == REPLACEMENT:
-            keep -= 1
-        if keep == len(buf):
-            act.tail = ""
-            self._emit(act, buf)
-        else:
-            act.tail = buf[keep:]
-            self._emit(act, buf[:keep])
-        return False
-
-    def _emit(self, act, text):
-        if text:
-            act.parts.append(text)
-            if act.stream:
-                self.writer.add(protocol.token_message(act.id, text))
+        return push(act, seg, self.writer)
 
     # ----------------------------------------------------------------- finishing
     def _finish(self, act, reason):
         if act.tail:  # not a stop: what was held back is text after all
             tail, act.tail = act.tail, ""
-            self._emit(act, tail)
+            emit(act, tail, self.writer)
         self._drop(act)
-        now = time.perf_counter()
-        n = act.n_tokens
-        # Decode rate after the first token (prompt processing is in ttft_ms); 0 below 2 tokens.
-        tps = (n - 1) / (act.t_last - act.t_first) if n > 1 and act.t_last > act.t_first else 0.0
-        admitted = act.t_admitted if act.t_admitted is not None else now
-        self.writer.add(
-            protocol.done_message(
-                act.id,
-                "".join(act.parts),
-                reason,
-                usage={
-                    "prompt_tokens": len(act.ids),
-                    "completion_tokens": n,
-                    "cached_tokens": act.cached,
-                    "dropped_messages": act.dropped,
-                },
-                timing={
-                    "queue_ms": _ms(max(0.0, admitted - act.t_received)),
-                    "ttft_ms": _ms(act.t_first - act.t_received) if act.t_first is not None else None,
-                    "total_ms": _ms(max(0.0, now - act.t_received)),
-                    "tokens_per_s": round(tps, 3),
-                },
-                model=self.settings.model,
-                adapter=self.settings.adapter,
-            )
-        )
+        self.writer.add(done_message(act, reason, self.settings))
         self.served += 1
 
     def _drop(self, act):

@@ -1,6 +1,13 @@
 """The mlx engine: mlx-lm's BatchGenerator (continuous batching) and the prefix cache
 (worker/prefix_cache.py), behind the interface the engine-independent loop (worker/engine.py)
-drives: sampling(), start(), step(), end(), reset(), and the cache's and memory's figures.
+drives; a second engine is one file with the same methods (worker/engine_llamacpp.py):
+  sampling(temp, top_p, min_p, top_k, rep, seed, echo) -> the engine's sampler objects
+  start(ids, sys_end, max_tokens, sampling) -> (uid, prompt tokens served from its cache)
+  step() -> [(uid, token, finish_reason)]: one decode step for the batch; "stop" is an
+    end-of-sequence token (not text); a finished sequence has left the batch, cached
+  end(uids, keep): out of the batch (keep: cache it, as after an answer); reset(): a fresh batch
+  warm_up(ids), released() (sequences left this turn), cache_figures() and memory() (stats),
+  vocab_size, device (the protocol's `backend`), name
 
 The prefix cache follows mlx_lm.server: the nearest cached prefix is fetched at admission,
 the cache is stored at the end of the system-prompt and prompt segments, and at finish.
