@@ -174,8 +174,8 @@ gguf-quantize: $(LLAMA_STAMP) ## Quantize models/NAME's fused GGUF with llama.cp
 gguf-lora: $(STAMP) ## models/NAME's adapter as llama.cpp GGUF-LoRA (ggml-lora.gguf) and the base as GGUF (base-gguf/): one base, several adapters
 	$(PY) -m train.gguf_lora --name $(NAME) --base
 
-worker: $(STAMP) ## Run the NDJSON worker on models/NAME (stdin/stdout)
-	$(PY) -m worker --adapter models/$(NAME) $(call opt,--model,$(MODEL))
+worker: $(STAMP) $(if $(filter llamacpp,$(ENGINE)),$(LLAMA_STAMP)) ## Run the NDJSON worker on models/NAME (stdin/stdout; ENGINE=llamacpp: its fused GGUF in llama.cpp)
+	$(PY) -m worker --adapter models/$(NAME) $(call opt,--model,$(MODEL)) $(if $(filter llamacpp,$(ENGINE)),--engine llamacpp)
 
 demo: $(STAMP) ## The whole job on the tiny model: data, train, eval, a worker round trip
 	@$(MAKE) --no-print-directory tiny-model

@@ -234,3 +234,29 @@ def write(path, weights, config, vocab, chat_template):
     if chat_template:
         metadata["tokenizer.chat_template"] = chat_template
     mx.save_gguf(str(path), out, metadata)
+
+
+def main(argv=None):
+    """python -m train.fuse_gguf --model FOLDER --out DIR: a float model folder (not a run: `make
+    fuse` exports those) as DIR/ggml-model-f16.gguf, verified as make fuse verifies it."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m train.fuse_gguf", description=main.__doc__.split(":")[0])
+    p.add_argument(
+        "--model", required=True, help="a float model folder (config.json, safetensors, tokenizer)"
+    )
+    p.add_argument("--out", required=True, help="the folder the GGUF is written to")
+    args = p.parse_args(argv)
+    from mlx_lm import load
+
+    model, tokenizer, config = load(args.model, return_config=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    template = getattr(tokenizer, "_tokenizer", tokenizer).chat_template
+    result = export(args.out, args.model, model, config, tokenizer, template)
+    print(f"fuse_gguf: {result['note']}", file=sys.stderr)
+    return 0 if result["file"] else 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

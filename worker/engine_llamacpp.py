@@ -129,15 +129,23 @@ def build(args, settings, context_length, log):
 
 
 def check_vocabulary(gguf, tokenizer):
-    """None when llama.cpp's tokenizer on the GGUF gives the model tokenizer's ids for a probe
-    text after a control token (as a chat template writes it), else why not."""
+    """None when llama.cpp's vocabulary in the GGUF is the model tokenizer's, piece for piece at
+    the same ids, and tokenizes a probe text after a control token (as a chat template writes
+    it) into the same ids; else why not."""
     from core import llamacpp
 
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    text = f"{hf.eos_token} {PROBE}"
     model = llamacpp.load(gguf, vocab_only=True)
+    ids = list(range(len(hf)))
+    if model.n_vocab() < len(hf):
+        return f"{gguf}: {model.n_vocab()} tokens, the model's tokenizer has {len(hf)}"
+    pieces, want = [model._model.token_get_text(i) for i in ids], hf.convert_ids_to_tokens(ids)
+    if pieces != want:
+        i = next(i for i, (a, b) in enumerate(zip(pieces, want)) if a != b)
+        return f"{gguf}: its vocabulary differs from the model's tokenizer (token {i}: {pieces[i]!r} vs {want[i]!r})"
+    text = f"{hf.eos_token} {PROBE}"
     got = model.tokenize(text.encode(), add_bos=False, special=True)
-    want = hf.encode(text, add_special_tokens=False)
-    if got != want:
-        return f"{gguf}: its vocabulary tokenizes differently from the model's tokenizer ({got[:8]} vs {want[:8]})"
+    expected = hf.encode(text, add_special_tokens=False)
+    if got != expected:
+        return f"{gguf}: its vocabulary tokenizes differently from the model's tokenizer ({got[:8]} vs {expected[:8]})"
     return None
