@@ -45,14 +45,19 @@ def gguf_files(model_dir, types):
     out = model_dir.parent / f"{model_dir.name}-gguf"
     f16 = out / fuse_gguf.GGUF_NAME
     stamp = out / "source.json"
-    source = {"config": (model_dir / "config.json").read_text(), "weights": _weights_stamp(model_dir)}
+    source = {
+        "config": (model_dir / "config.json").read_text(),
+        "weights": _weights_stamp(model_dir),
+        "recipe": 2,
+    }
     if not f16.is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != source:
         from mlx_lm import load
 
         log(f"llamacpp: exporting {rel(model_dir)} to GGUF")
         model, tokenizer, config = load(str(model_dir), return_config=True)
         out.mkdir(parents=True, exist_ok=True)
-        result = fuse_gguf.export(out, model_dir, model, config, tokenizer, None)
+        template = getattr(tokenizer, "_tokenizer", tokenizer).chat_template  # llama-server's chat endpoint
+        result = fuse_gguf.export(out, model_dir, model, config, tokenizer, template)
         if not result["file"]:
             raise RuntimeError(f"{rel(model_dir)}: {result['note']}")
         for old in out.glob("ggml-model-*.gguf"):
@@ -112,12 +117,13 @@ def ours_once(seqs, prompt_ids, long_ids, n):
 
 
 class Server:
-    """llama.cpp's llama-server on one GGUF: one slot, no prompt cache between requests."""
+    """llama.cpp's llama-server on one GGUF: `parallel` slots (continuous batching and its prompt
+    cache are on by default: llama-server's best settings for a chatbot)."""
 
-    def __init__(self, binary, path, threads, n_ctx, port):
+    def __init__(self, binary, path, threads, n_ctx, port, parallel=1):
         self.url = f"http://127.0.0.1:{port}"
         cmd = [str(binary), "-m", str(path), "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx)]
-        cmd += ["--parallel", "1", "--port", str(port), "--host", "127.0.0.1", "--no-warmup"]
+        cmd += ["--parallel", str(parallel), "--port", str(port), "--host", "127.0.0.1", "--no-warmup"]
         # OpenMP's threads spin while they wait by default: on a loaded 2-core machine that made
         # llama-server 10-20x slower (measured: 2 vs 30-46 tok/s on the bench model's Q8_0)
         env = {**os.environ, "OMP_WAIT_POLICY": OMP_WAIT_POLICY}

@@ -36,6 +36,7 @@ from bench import (
     decode,
     distributed,
     llamacpp,
+    llamacpp_workload,
     machine,
     prefill,
     report,
@@ -61,6 +62,7 @@ MEASUREMENTS = (
     workload,
     distributed,
     llamacpp,
+    llamacpp_workload,
 )
 # The order of the table's rows; a measurement's rows not placed here come after these.
 TABLE = (
