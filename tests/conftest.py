@@ -87,3 +87,17 @@ def tiny_gguf(tiny_model, tmp_path_factory):
     result = fuse_gguf.export(out, tiny_model, model, config, tokenizer, tokenizer._tokenizer.chat_template)
     assert result["file"], result["note"]
     return out / result["file"], tokenizer
+
+
+@pytest.fixture(scope="module", params=["mlx", "llamacpp"])
+def engine_args(request):
+    """Worker arguments per engine, for tests that run against both: mlx on the tiny model,
+    llama.cpp on its GGUF (make fuse's exporter; the model folder's tokenizer renders prompts)."""
+    if request.param == "mlx":
+        return ()
+    from core import llamacpp
+
+    if not llamacpp.installed():
+        pytest.skip(llamacpp.INSTALL_HINT)
+    gguf, _ = request.getfixturevalue("tiny_gguf")
+    return ("--engine", "llamacpp", "--gguf", str(gguf))

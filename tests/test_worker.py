@@ -26,20 +26,6 @@ CONTEXT_2048 = ("--context-length", "2048")
 LONG_ENV = {"WORKER_TEST_IGNORE_EOS": "1", "WORKER_TEST_FAULT": "BOOM", "WORKER_TEST_PRINT": "1"}
 
 
-@pytest.fixture(scope="module", params=["mlx", "llamacpp"])
-def engine_args(request):
-    """The protocol tests run against both engines: mlx on the tiny model, llama.cpp on its GGUF
-    (make fuse's exporter; the model folder's tokenizer renders the prompts)."""
-    if request.param == "mlx":
-        return ()
-    from core import llamacpp
-
-    if not llamacpp.installed():
-        pytest.skip(llamacpp.INSTALL_HINT)
-    gguf, _ = request.getfixturevalue("tiny_gguf")
-    return ("--engine", "llamacpp", "--gguf", str(gguf))
-
-
 @pytest.fixture(scope="module")
 def w(engine_args):
     worker = Worker(*CONTEXT_2048, *engine_args)
