@@ -233,25 +233,20 @@ def test_the_adapter_as_gguf_lora_on_the_base_gguf_equals_the_fused_gguf(fused, 
         assert np.abs(out["base"][i] - want).max() > 20 * np.abs(out["lora"][i] - want).max(), i
 
 
-SMOLLM2 = TINY.parent / "smollm2-135m-instruct"
-
-
-def test_a_byte_level_bpe_model_with_tied_embeddings_exports_and_runs_in_llamacpp(tmp_path):
+def test_a_byte_level_bpe_model_with_tied_embeddings_exports_and_runs_in_llamacpp(tmp_path, smollm_model):
     """SmolLM2-135M-Instruct (byte-level BPE, tied embeddings, ChatML) through make fuse's exporter:
     gpt2 vocabulary with its merges and pre-tokenizer, no output.weight; llama.cpp tokenizes chat
     text into the model's ids and its greedy answers are mlx's, token for token."""
-    if not (SMOLLM2 / "config.json").is_file():
-        pytest.skip(f"{SMOLLM2} is missing: `make base-model` builds it")
     import mlx.core as mx
     from mlx_lm import load
 
     from train import fuse_gguf
 
-    model, tokenizer, config = load(str(SMOLLM2), return_config=True)
-    assert config["tie_word_embeddings"] and not (SMOLLM2 / "tokenizer.model").exists()
+    model, tokenizer, config = load(str(smollm_model), return_config=True)
+    assert config["tie_word_embeddings"] and not (smollm_model / "tokenizer.model").exists()
     texts = ["Em que ano foi fundado o Farense?", "Olá! 1910 – «São Luís» ñ 日本 🙂 12345", "a  b\tc\n\nd"]
     result = fuse_gguf.export(
-        tmp_path, SMOLLM2, model, config, tokenizer, tokenizer._tokenizer.chat_template, texts
+        tmp_path, smollm_model, model, config, tokenizer, tokenizer._tokenizer.chat_template, texts
     )
     assert result["file"] == GGUF, result["note"]
     assert "byte-level BPE" in result["note"] and "by llama.cpp itself" in result["note"], result["note"]
