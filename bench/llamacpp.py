@@ -20,6 +20,7 @@ from pathlib import Path
 from bench import machine, report
 from bench.common import BENCH, ROOT, log, rel
 from bench.prefill import roofline
+from core import llamacpp
 
 SECTION = "llamacpp"
 SMOLLM2 = "models/smollm2-135m-instruct"  # make base-model; plan values are relative paths (JSON)
@@ -33,13 +34,12 @@ PLAN = {
     ),
 }
 TYPES = {BENCH_REL: ("F32", "Q8_0"), SMOLLM2: ("Q4_1", "Q8_0")}
-OMP_WAIT_POLICY = "PASSIVE"  # llama-server's (see Server)
+OMP_WAIT_POLICY = llamacpp.OMP_WAIT_POLICY  # llama-server's (see Server), as the engine's
 PROMPT = [{"role": "user", "content": "Qual é o estádio do Farense e quando foi inaugurado?"}]
 
 
 def gguf_files(model_dir, types):
     """model_dir exported once into models/<name>-gguf/ (F16), and each type quantized from it."""
-    from core import llamacpp
     from train import fuse_gguf
 
     out = model_dir.parent / f"{model_dir.name}-gguf"
@@ -177,7 +177,6 @@ def server_binary():
 
 
 def section(ctx):
-    from core import llamacpp
     from core.prompt import encode_prompt
 
     if not llamacpp.installed():

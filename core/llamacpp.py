@@ -13,6 +13,11 @@ INSTALL_HINT = (
 )
 # The types quantize() accepts: llama.cpp's llama_ftype names (llama-quantize's)
 QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "F16", "F32")
+# llama.cpp's CPU build runs its threads with OpenMP (libgomp, loaded by the import below and
+# reading its settings then), whose idle threads spin by default: on a loaded 2-core machine the
+# worker's llama.cpp engine decoded SmolLM2 at 1.5 tok/s spinning and 16 tok/s passive (measured
+# under load). Passive unless the caller chose; bench/llamacpp.py runs llama-server the same way.
+OMP_WAIT_POLICY = "PASSIVE"
 
 
 class NotInstalled(ImportError):
@@ -21,6 +26,7 @@ class NotInstalled(ImportError):
 
 def require():
     """The llama_cpp module, or NotInstalled saying how to install it."""
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     try:
         import llama_cpp
     except ImportError as e:
