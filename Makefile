@@ -19,8 +19,11 @@ REQ_HASH := $(shell cat requirements.txt requirements-cuda.txt requirements-mkl.
   | { if command -v shasum >/dev/null 2>&1; then shasum; elif command -v sha1sum >/dev/null 2>&1; then sha1sum; else cksum; fi; } \
   | tr -dc '0-9a-f\n' | cut -c1-12)
 STAMP   := $(VENV)/.setup-$(BACKEND)$(if $(BLAS),-$(BLAS))-$(REQ_HASH)
-# ENGINE=llamacpp: `make setup` also installs the llama.cpp engine (make llamacpp)
+# ENGINE=llamacpp: `make setup` also installs the llama.cpp engine (make llamacpp); `make eval`
+# also answers through it (GGUF=F: another GGUF than the run's fused one, e.g. a quantized one);
+# `make worker` serves through it
 ENGINE  ?=
+GGUF    ?=
 LLAMA_KEY := $(shell . .ci/llamacpp-env.sh && echo $$LLAMA_KEY)
 LLAMA_STAMP := $(VENV)/.llamacpp-$(LLAMA_KEY)
 LLAMA_WHEEL ?=
@@ -56,8 +59,9 @@ QUANTIZE      ?=
 FORCE         ?=
 N             ?=
 TYPES         ?=
-# Benchmarks
+# Benchmarks: SECTIONS=llamacpp,llamacpp_workload runs only those (python -m bench.run --help)
 QUICK         ?=
+SECTIONS      ?=
 # Tests
 TESTS         ?=
 # Notebook: JupyterLab, installed into .venv by `make notebook` only; JUPYTER_ARGS e.g. --no-browser
@@ -152,8 +156,8 @@ show-data: $(STAMP) ## Print N (default 3) training examples as the model sees t
 train: $(STAMP) ## Fine-tune MODEL on DATA into models/NAME (resumes after an interruption)
 	$(if $(strip $(NPROC)$(HOSTFILE)),$(PY) -m train.launch $(call opt,--nproc,$(NPROC)) $(call opt,--hostfile,$(HOSTFILE)) --,$(PY) -m train.train) $(TRAIN_ARGS)
 
-eval: $(STAMP) ## Base vs fine-tuned models/NAME: loss, F1, chrF, key facts (valid, paraphrases), invention, forgetting
-	$(PY) -m train.evaluate --name $(NAME) $(call opt,--data,$(DATA)) $(call opt,--model,$(MODEL))
+eval: $(STAMP) $(if $(filter llamacpp,$(ENGINE)),$(LLAMA_STAMP)) ## Base vs fine-tuned models/NAME: loss, F1, chrF, key facts (valid, paraphrases), invention, forgetting (ENGINE=llamacpp: also through llama.cpp on the fused GGUF or GGUF=F, within one question of mlx)
+	$(PY) -m train.evaluate --name $(NAME) $(call opt,--data,$(DATA)) $(call opt,--model,$(MODEL)) $(if $(filter llamacpp,$(ENGINE)),--engine llamacpp $(call opt,--gguf,$(GGUF)))
 
 lint: $(STAMP) lint-js ## ruff (format check + lint, ruff.toml) on the Python code, ESLint on the JavaScript
 	$(VENV)/bin/ruff format --check --quiet core train worker bench tests
@@ -175,7 +179,7 @@ gguf-lora: $(STAMP) ## models/NAME's adapter as llama.cpp GGUF-LoRA (ggml-lora.g
 	$(PY) -m train.gguf_lora --name $(NAME) --base
 
 worker: $(STAMP) $(if $(filter llamacpp,$(ENGINE)),$(LLAMA_STAMP)) ## Run the NDJSON worker on models/NAME (stdin/stdout; ENGINE=llamacpp: its fused GGUF in llama.cpp)
-	$(PY) -m worker --adapter models/$(NAME) $(call opt,--model,$(MODEL)) $(if $(filter llamacpp,$(ENGINE)),--engine llamacpp)
+	$(PY) -m worker --adapter models/$(NAME) $(call opt,--model,$(MODEL)) $(if $(filter llamacpp,$(ENGINE)),--engine llamacpp $(call opt,--gguf,$(GGUF)))
 
 demo: $(STAMP) ## The whole job on the tiny model: data, train, eval, a worker round trip
 	@$(MAKE) --no-print-directory tiny-model
@@ -224,10 +228,10 @@ soak: $(STAMP) ## N (2000) chatbot requests through the worker (VIA=stdio|http) 
 	$(PY) -m bench.soak --requests $(or $(N),2000) --budget $(BUDGET) --via $(VIA) \
 	  $(if $(filter 1 yes true,$(BASELINE)),--baseline) $(call opt,--model,$(MODEL))
 
-bench: $(STAMP) $(LLAMA_STAMP) llama-server ## Benchmarks side by side with mlx-lm and llama-server (QUICK=1 for a short run; the first builds llama.cpp)
+bench: $(STAMP) $(LLAMA_STAMP) llama-server ## Benchmarks side by side with mlx-lm and llama-server (QUICK=1 for a short run, SECTIONS=a,b for some; the first builds llama.cpp)
 	@$(MAKE) --no-print-directory tiny-model
 	@test -f models/bench-mistral/config.json || $(MAKE) --no-print-directory bench-model
-	$(PY) -m bench.run $(call flag,--quick,$(QUICK))
+	$(PY) -m bench.run $(call flag,--quick,$(QUICK)) $(call opt,--sections,$(SECTIONS))
 
 check-backend: $(STAMP) ## Self-check of this machine's backend: train, resume, serve (worker, Node), speed, memory; one table
 	@$(PY) -m core.calibrate --show
