@@ -50,6 +50,7 @@ def gguf_files(model_dir, types):
         "weights": _weights_stamp(model_dir),
         "recipe": 2,
     }
+    source = json.loads(json.dumps(source))  # as the stamp reads back (tuples become lists)
     if not f16.is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != source:
         from mlx_lm import load
 
