@@ -52,7 +52,8 @@ def answer(run_dir, conversations, max_tokens, *, model=None, gguf=None):
     from one llama.cpp worker process given them all at once (it batches them)."""
     cmd = [sys.executable, "-m", "worker", "--engine", "llamacpp", "--adapter", str(run_dir)]
     cmd += ["--max-queue", str(len(conversations))]
-    cmd += ["--model", str(model)] * bool(model) + ["--gguf", str(gguf)] * bool(gguf)
+    for option, value in (("--model", model), ("--gguf", gguf)):
+        cmd += [option, str(value)] if value else []
     requests = "".join(
         json.dumps(
             {"id": str(i), "messages": m, "max_tokens": max_tokens, "temperature": 0, "overflow": "error"},
@@ -68,7 +69,8 @@ def answer(run_dir, conversations, max_tokens, *, model=None, gguf=None):
     for line in proc.stdout.splitlines():
         msg = json.loads(line)
         if msg["type"] == "error":
-            raise EngineError(f"request {msg.get('id')}: {msg['code']}: {msg['message']}")
+            which = f"question {int(msg['id']) + 1}" if msg.get("id") is not None else "a request"
+            raise EngineError(f"{which}: {msg['code']}: {msg['message']}")
         if msg["type"] == "done":
             texts[msg["id"]] = msg["text"].strip()
     missing = [i for i in range(len(conversations)) if str(i) not in texts]
