@@ -70,11 +70,8 @@ def test_key_facts_through_the_llamacpp_engine_equal_mlxs_within_one_question(sm
         ok_llama = sum(facts.judge(answer, named, refused)["ok"] for named, _, answer in items)
         assert (row["of"], row["mlx"], row["llamacpp"]) == (len(items), ok_mlx, ok_llama), name
         assert abs(ok_mlx - ok_llama) <= 1, (name, section["judged_apart"])
-    assert section["within_one_question"] and set(section["measures"]) == {
-        "valid",
-        "paraphrases",
-        "out_of_scope",
-    }
+    assert set(section["measures"]) == {"valid", "paraphrases", "out_of_scope"}
+    assert section["within_one_question"]
     assert tuned["key_facts"]["valid"]["correct"] == section["measures"]["valid"]["mlx"]
     assert "llama.cpp engine" in proc.stdout and "within one question" in proc.stdout
     assert "## The llama.cpp engine" in (run / "eval.md").read_text()
