@@ -19,6 +19,14 @@ REQ_HASH := $(shell cat requirements.txt requirements-cuda.txt requirements-mkl.
   | { if command -v shasum >/dev/null 2>&1; then shasum; elif command -v sha1sum >/dev/null 2>&1; then sha1sum; else cksum; fi; } \
   | tr -dc '0-9a-f\n' | cut -c1-12)
 STAMP   := $(VENV)/.setup-$(BACKEND)$(if $(BLAS),-$(BLAS))-$(REQ_HASH)
+# ENGINE=llamacpp: `make setup` also installs the llama.cpp engine (make llamacpp); `make eval`
+# also answers through it (GGUF=F: another GGUF than the run's fused one, e.g. a quantized one);
+# `make worker` serves through it
+ENGINE  ?=
+GGUF    ?=
+LLAMA_KEY := $(shell . .ci/llamacpp-env.sh && echo $$LLAMA_KEY)
+LLAMA_STAMP := $(VENV)/.llamacpp-$(LLAMA_KEY)
+LLAMA_WHEEL ?=
 NODE_STAMP := examples/express/node_modules/.setup-stamp clients/node/node_modules/.setup-stamp
 
 # Data
@@ -50,8 +58,10 @@ HOSTFILE      ?=
 QUANTIZE      ?=
 FORCE         ?=
 N             ?=
-# Benchmarks
+TYPES         ?=
+# Benchmarks: SECTIONS=llamacpp,llamacpp_workload runs only those (python -m bench.run --help)
 QUICK         ?=
+SECTIONS      ?=
 # Tests
 TESTS         ?=
 # Notebook: JupyterLab, installed into .venv by `make notebook` only; JUPYTER_ARGS e.g. --no-browser
@@ -81,12 +91,12 @@ TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
 DEMO_CONFIG := train/demo.yaml
 
-.PHONY: help setup calibrate node-setup tiny-model base-model bench-model data show-data train eval fuse promote lint lint-js worker bench-load soak demo notebook browser test test-repeat test-all bench check-backend clean
+.PHONY: help setup llamacpp llama-server calibrate node-setup tiny-model base-model bench-model data show-data train eval fuse gguf-quantize gguf-lora promote lint lint-js worker bench-load soak demo notebook browser test test-repeat test-all bench check-backend clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv and install pinned dependencies (BACKEND=cpu|cuda, BLAS=mkl|openblas), calibrate the CPU once; idempotent
+setup: $(STAMP) $(if $(filter llamacpp,$(ENGINE)),$(LLAMA_STAMP)) ## Create .venv and install pinned dependencies (BACKEND=cpu|cuda, BLAS=mkl|openblas, ENGINE=llamacpp), calibrate the CPU once; idempotent
 	@$(PY) -m core.calibrate --if-needed
 
 calibrate: $(STAMP) ## Measure this machine's CPU settings again (BLAS library, thread policy, small_gemm), store and print the choice (~1 min)
@@ -106,6 +116,16 @@ $(STAMP): requirements.txt requirements-cuda.txt requirements-mkl.txt core/nativ
 	@bash .ci/build-small-gemm.sh
 	@rm -f $(VENV)/.setup-*
 	@touch $@
+
+llamacpp: $(LLAMA_STAMP) ## Install the llama.cpp engine: llama-cpp-python built from its sdist (once, 6-8 min; LLAMA_WHEEL=your.whl)
+
+$(LLAMA_STAMP): $(STAMP) requirements-llamacpp.txt .ci/install-llamacpp.sh .ci/llamacpp-env.sh
+	@LLAMA_WHEEL='$(LLAMA_WHEEL)' bash .ci/install-llamacpp.sh
+	@rm -f $(VENV)/.llamacpp-*
+	@touch $@
+
+llama-server: $(STAMP) ## Build llama.cpp's own llama-server (same source and flags as the engine) into .venv/llama.cpp: the bench's anchor
+	@bash .ci/build-llama-server.sh >/dev/null
 
 node-setup: $(NODE_STAMP) ## Install the Node packages (express for the example, test tools)
 
@@ -136,8 +156,8 @@ show-data: $(STAMP) ## Print N (default 3) training examples as the model sees t
 train: $(STAMP) ## Fine-tune MODEL on DATA into models/NAME (resumes after an interruption)
 	$(if $(strip $(NPROC)$(HOSTFILE)),$(PY) -m train.launch $(call opt,--nproc,$(NPROC)) $(call opt,--hostfile,$(HOSTFILE)) --,$(PY) -m train.train) $(TRAIN_ARGS)
 
-eval: $(STAMP) ## Base vs fine-tuned models/NAME: loss, F1, chrF, key facts (valid, paraphrases), invention, forgetting
-	$(PY) -m train.evaluate --name $(NAME) $(call opt,--data,$(DATA)) $(call opt,--model,$(MODEL))
+eval: $(STAMP) $(if $(filter llamacpp,$(ENGINE)),$(LLAMA_STAMP)) ## Base vs fine-tuned models/NAME: loss, F1, chrF, key facts (valid, paraphrases), invention, forgetting (ENGINE=llamacpp: also through llama.cpp on the fused GGUF or GGUF=F, within one question of mlx)
+	$(PY) -m train.evaluate --name $(NAME) $(call opt,--data,$(DATA)) $(call opt,--model,$(MODEL)) $(if $(filter llamacpp,$(ENGINE)),--engine llamacpp $(call opt,--gguf,$(GGUF)))
 
 lint: $(STAMP) lint-js ## ruff (format check + lint, ruff.toml) on the Python code, ESLint on the JavaScript
 	$(VENV)/bin/ruff format --check --quiet core train worker bench tests
@@ -152,8 +172,14 @@ promote: $(STAMP) ## Make models/current point at models/NAME if better on METRI
 fuse: $(STAMP) ## Fuse models/NAME (float; QUANTIZE=4 re-quantizes), checked against base + adapter (FORCE=1), GGUF
 	$(PY) -m train.fuse --name $(NAME) $(call opt,--data,$(DATA)) $(call opt,--quantize,$(QUANTIZE)) $(call flag,--force,$(FORCE))
 
-worker: $(STAMP) ## Run the NDJSON worker on models/NAME (stdin/stdout)
-	$(PY) -m worker --adapter models/$(NAME) $(call opt,--model,$(MODEL))
+gguf-quantize: $(LLAMA_STAMP) ## Quantize models/NAME's fused GGUF with llama.cpp (TYPES, default Q8_0,Q4_K_M), each with its perplexity change
+	$(PY) -m train.gguf_quantize --name $(NAME) $(call opt,--types,$(TYPES)) $(call opt,--data,$(DATA))
+
+gguf-lora: $(STAMP) ## models/NAME's adapter as llama.cpp GGUF-LoRA (ggml-lora.gguf) and the base as GGUF (base-gguf/): one base, several adapters
+	$(PY) -m train.gguf_lora --name $(NAME) --base
+
+worker: $(STAMP) $(if $(filter llamacpp,$(ENGINE)),$(LLAMA_STAMP)) ## Run the NDJSON worker on models/NAME (stdin/stdout; ENGINE=llamacpp: its fused GGUF in llama.cpp)
+	$(PY) -m worker --adapter models/$(NAME) $(call opt,--model,$(MODEL)) $(if $(filter llamacpp,$(ENGINE)),--engine llamacpp $(call opt,--gguf,$(GGUF)))
 
 demo: $(STAMP) ## The whole job on the tiny model: data, train, eval, a worker round trip
 	@$(MAKE) --no-print-directory tiny-model
@@ -174,7 +200,7 @@ notebook: $(STAMP) ## Open notebooks/walkthrough.ipynb (data, training, loss cur
 browser: ## Install Chromium for the chat page's browser tests (apt-get, as root); elsewhere they are skipped with the reason
 	@bash .ci/install-chromium.sh
 
-test: $(STAMP) node-setup lint browser ## Run the linters, then the test suite (Python, shell, Node, a headless browser); sets everything up itself
+test: $(STAMP) $(LLAMA_STAMP) node-setup lint browser ## Run the linters, then the test suite (Python, shell, Node, a headless browser); sets everything up itself
 	@$(MAKE) --no-print-directory tiny-model
 	$(PY) -m pytest -q -m "not slow" tests
 	bash tests/shell/run.sh
@@ -186,7 +212,7 @@ test-repeat: $(STAMP) ## Rerun chosen tests N times (default 10), each in a fres
 	@$(MAKE) --no-print-directory tiny-model
 	$(PY) tests/repeat.py -n $(or $(N),10) --keep-going $(TESTS)
 
-test-all: $(STAMP) node-setup lint browser ## The linters and the test suite plus the slow soak and fault tests
+test-all: $(STAMP) $(LLAMA_STAMP) node-setup lint browser ## The linters and the test suite plus the slow soak and fault tests
 	@$(MAKE) --no-print-directory tiny-model
 	$(PY) -m pytest -q tests
 	bash tests/shell/run.sh
@@ -202,10 +228,10 @@ soak: $(STAMP) ## N (2000) chatbot requests through the worker (VIA=stdio|http) 
 	$(PY) -m bench.soak --requests $(or $(N),2000) --budget $(BUDGET) --via $(VIA) \
 	  $(if $(filter 1 yes true,$(BASELINE)),--baseline) $(call opt,--model,$(MODEL))
 
-bench: $(STAMP) ## Benchmarks side by side with mlx-lm (QUICK=1 for a short run)
+bench: $(STAMP) $(LLAMA_STAMP) llama-server ## Benchmarks side by side with mlx-lm and llama-server (QUICK=1 for a short run, SECTIONS=a,b for some; the first builds llama.cpp)
 	@$(MAKE) --no-print-directory tiny-model
 	@test -f models/bench-mistral/config.json || $(MAKE) --no-print-directory bench-model
-	$(PY) -m bench.run $(call flag,--quick,$(QUICK))
+	$(PY) -m bench.run $(call flag,--quick,$(QUICK)) $(call opt,--sections,$(SECTIONS))
 
 check-backend: $(STAMP) ## Self-check of this machine's backend: train, resume, serve (worker, Node), speed, memory; one table
 	@$(PY) -m core.calibrate --show

@@ -35,6 +35,8 @@ from bench import (
     concurrency,
     decode,
     distributed,
+    llamacpp,
+    llamacpp_workload,
     machine,
     prefill,
     report,
@@ -59,6 +61,8 @@ MEASUREMENTS = (
     prefill,
     workload,
     distributed,
+    llamacpp,
+    llamacpp_workload,
 )
 # The order of the table's rows; a measurement's rows not placed here come after these.
 TABLE = (

@@ -337,6 +337,45 @@ def encode_examples(tokenizer, messages, system_prompt=None, train_on="last"):
     return [encode_example(tokenizer, messages[:end]) for end in ends]
 
 
+# Rule 1 in Jinja, put in front of a template that moves or rejects the system message, for a
+# model that leaves this project (the GGUF's tokenizer.chat_template: llama.cpp, Ollama, LM Studio
+# render it themselves). KEEP: whether the template keeps one leading system message at the start.
+_FOLD_PRELUDE = """\
+{#- farense-lm: system messages folded into the first user turn, as in training -#}
+{%- set fold = namespace(system=[], rest=[], done=false) -%}
+{%- for m in messages -%}
+  {%- if m['role'] == 'system' -%}{%- set fold.system = fold.system + [m['content']] -%}{%- endif -%}
+{%- endfor -%}
+{%- if fold.system and not (KEEP and fold.system | length == 1 and messages[0]['role'] == 'system') -%}
+  {%- for m in messages -%}
+    {%- if m['role'] == 'user' and not fold.done -%}
+      {%- set fold.rest = fold.rest + [{'role': 'user', 'content': fold.system | join('SEP') + 'SEP' + m['content']}] -%}
+      {%- set fold.done = true -%}
+    {%- elif m['role'] != 'system' -%}
+      {%- set fold.rest = fold.rest + [{'role': m['role'], 'content': m['content']}] -%}
+    {%- endif -%}
+  {%- endfor -%}
+  {%- if not fold.done -%}
+    {%- set fold.rest = [{'role': 'user', 'content': fold.system | join('SEP')}] + fold.rest -%}
+  {%- endif -%}
+  {%- set messages = fold.rest -%}
+{%- endif -%}
+"""
+
+
+def standalone_template(tokenizer):
+    """The tokenizer's chat template with rule 1 built in: any Jinja renderer given a conversation
+    (system messages included) writes what `render` writes. For a model that leaves this project
+    (a GGUF); rule 2 stays the caller's (a renderer that tokenizes its output reads "[INST]" in
+    content as a control token). None when the tokenizer has no template."""
+    hf = _hf(tokenizer)
+    if not hf.chat_template:
+        return None
+    keep = "true" if _info(hf).system_at_start else "false"
+    sep = SYSTEM_FOLD_SEPARATOR.encode("unicode_escape").decode()
+    return _FOLD_PRELUDE.replace("KEEP", keep).replace("SEP", sep) + hf.chat_template
+
+
 def control_strings(text):
     """The control-token strings (of the common chat formats) that occur in a text."""
     return CONTROL_STRING_RE.findall(text)

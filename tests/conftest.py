@@ -73,3 +73,31 @@ def smollm_model(smollm_models):
 def smollm_model_4bit(smollm_models):
     """models/smollm2-135m-instruct-4bit: the GGUF's own 4-bit/8-bit quantization, repacked."""
     return smollm_models[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model, tmp_path_factory):
+    """models/tiny-mistral exported as make fuse exports (F16, its sentencepiece vocabulary)."""
+    from mlx_lm import load
+
+    from train import fuse_gguf
+
+    model, tokenizer, config = load(str(tiny_model), return_config=True)
+    out = tmp_path_factory.mktemp("tiny_gguf")
+    result = fuse_gguf.export(out, tiny_model, model, config, tokenizer, tokenizer._tokenizer.chat_template)
+    assert result["file"], result["note"]
+    return out / result["file"], tokenizer
+
+
+@pytest.fixture(scope="module", params=["mlx", "llamacpp"])
+def engine_args(request):
+    """Worker arguments per engine, for tests that run against both: mlx on the tiny model,
+    llama.cpp on its GGUF (make fuse's exporter; the model folder's tokenizer renders prompts)."""
+    if request.param == "mlx":
+        return ()
+    from core import llamacpp
+
+    if not llamacpp.installed():
+        pytest.skip(llamacpp.INSTALL_HINT)
+    gguf, _ = request.getfixturevalue("tiny_gguf")
+    return ("--engine", "llamacpp", "--gguf", str(gguf))

@@ -27,15 +27,15 @@ LONG_ENV = {"WORKER_TEST_IGNORE_EOS": "1", "WORKER_TEST_FAULT": "BOOM", "WORKER_
 
 
 @pytest.fixture(scope="module")
-def w():
-    worker = Worker(*CONTEXT_2048)
+def w(engine_args):
+    worker = Worker(*CONTEXT_2048, *engine_args)
     yield worker
     worker.close()
 
 
 @pytest.fixture(scope="module")
-def lw():
-    worker = Worker(*CONTEXT_2048, env=LONG_ENV)
+def lw(engine_args):
+    worker = Worker(*CONTEXT_2048, *engine_args, env=LONG_ENV)
     yield worker
     worker.close()
 

@@ -78,8 +78,8 @@ def _all_cancelled(w, n):
 
 
 @pytest.mark.parametrize("how", ["sigterm", "shutdown"])
-def test_sigterm_and_shutdown_cancel_in_flight_and_exit_0_quickly(how):
-    with Worker("--max-batch", "2", env=LONG) as w:
+def test_sigterm_and_shutdown_cancel_in_flight_and_exit_0_quickly(how, engine_args):
+    with Worker("--max-batch", "2", *engine_args, env=LONG) as w:
         _long_streams(w, 2)
         w.send({"id": "queued", "prompt": PROMPT, "max_tokens": 100}, {"op": "stats"})
         assert w.wait_for(lambda m: m["type"] == "stats")["queued"] == 1
@@ -116,8 +116,8 @@ def test_sigterm_exits_even_when_stdout_is_not_read():
             proc.wait()
 
 
-def test_overloaded_with_a_small_queue_and_cancelling_queued_requests():
-    with Worker("--max-batch", "1", "--max-queue", "2", env=LONG) as w:
+def test_overloaded_with_a_small_queue_and_cancelling_queued_requests(engine_args):
+    with Worker("--max-batch", "1", "--max-queue", "2", *engine_args, env=LONG) as w:
         w.send(
             *[{"id": f"r{i}", "prompt": f"{PROMPT} {i}", "max_tokens": 1500} for i in range(6)],
             {"op": "stats"},
@@ -291,13 +291,13 @@ def test_closed_stdout_makes_the_worker_exit():
             proc.wait()
 
 
-def test_soak_concurrent_streams_cancels_garbage_then_eof():
+def test_soak_concurrent_streams_cancels_garbage_then_eof(engine_args):
     """36 concurrent requests (half streaming, some sampled, some with stops), garbage lines
     and cancels, then stdin closes: each id is answered exactly once, and the worker exits 0."""
     import random
 
     rnd = random.Random(11)
-    with Worker("--max-batch", "16") as w:
+    with Worker("--max-batch", "16", *engine_args) as w:
         ids = [f"k{i}" for i in range(36)]
         lines = []
         for i, rid in enumerate(ids):

@@ -2,6 +2,7 @@
 
     python -m train.evaluate --name NAME [--data D] [--model M] [--split valid|train]
         [--max-tokens N] [--limit N] [--general-text DIR] [--models-dir DIR]
+        [--engine mlx|llamacpp] [--gguf FILE]
 
 For both models, under the same prompt (core.prompt.encode_prompt with the run's system prompt,
 exactly as the worker formats it), greedy answers:
@@ -14,6 +15,9 @@ exactly as the worker formats it), greedy answers:
 - the general text (data/general/*.txt): perplexity, flagged when the fine-tuned model's is more
   than 15% above the base's (forgetting).
 Writes models/NAME/eval.json and eval.md (eval-train.* for --split train): every answer shown.
+--engine llamacpp also asks the fine-tuned model the same questions through the llama.cpp engine
+(the run's fused GGUF, or --gguf) and sets its key-fact accuracy beside mlx's
+(train/eval_llamacpp.py): exit 3 when a measure differs by more than one question.
 """
 
 import argparse
@@ -26,7 +30,9 @@ from collections import Counter
 from pathlib import Path
 
 from core import atomic, paths
-from train import batches, bundle, eval_model, eval_report, eval_sets
+from train import batches, bundle, eval_llamacpp, eval_model, eval_report, eval_sets
+
+EXIT_ENGINES_DIFFER = 3
 
 
 def log(message):
@@ -93,6 +99,15 @@ def parse_args(argv=None):
         "--general-text", default=str(paths.GENERAL_TEXT), help="folder of *.txt for the forgetting check"
     )
     p.add_argument("--models-dir", help="where run folders are (default models/, or $MODELS_DIR)")
+    p.add_argument(
+        "--engine",
+        choices=("mlx", "llamacpp"),
+        default="mlx",
+        help="llamacpp: also answer through the llama.cpp engine, key facts beside mlx's (make llamacpp, make fuse)",
+    )
+    p.add_argument(
+        "--gguf", help="with --engine llamacpp: the GGUF (default: the run's fused/ggml-model-f16.gguf)"
+    )
     return p.parse_args(argv)
 
 
@@ -138,17 +153,44 @@ def main(argv=None):
         log(f"error: no conversations in {inputs.data_file}")
         return 2
     tic = time.perf_counter()
+    problem = args.engine == "llamacpp" and eval_llamacpp.unavailable(run_dir, args.gguf)
+    if problem:
+        log(f"error: {problem}")
+        return 2
     model_name = args.model or meta.get("base_model_path") or meta["base_model"]
     results, max_tokens = compare(model_name, run_dir, meta, train_cfg, inputs, args.max_tokens)
     report = eval_report.make_report(args, inputs, model_name, meta, results, max_tokens)
+    md, text, status = eval_report.markdown(report), eval_report.console(report), 0
+    if args.engine == "llamacpp":
+        try:
+            report["llamacpp"] = through_llamacpp(args, run_dir, inputs, results["fine_tuned"], max_tokens)
+            md += eval_llamacpp.markdown(report["llamacpp"])
+            text += "\n" + eval_llamacpp.console(report["llamacpp"])
+            status = 0 if report["llamacpp"]["within_one_question"] else EXIT_ENGINES_DIFFER
+        except eval_llamacpp.EngineError as e:
+            log(f"error: the llama.cpp engine: {e}")
+            status = 2
     report["wall_time_s"] = round(time.perf_counter() - tic, 2)
     stem = "eval" if args.split == "valid" else f"eval-{args.split}"
     atomic.write_text(
         run_dir / f"{stem}.json", json.dumps(bundle.finite(report), indent=2, ensure_ascii=False) + "\n"
     )
-    atomic.write_text(run_dir / f"{stem}.md", eval_report.markdown(report))
-    print(eval_report.console(report) + f"\nwrote {run_dir / (stem + '.json')} and {stem}.md")
-    return 0
+    atomic.write_text(run_dir / f"{stem}.md", md)
+    print(text + f"\nwrote {run_dir / (stem + '.json')} and {stem}.md")
+    if status == EXIT_ENGINES_DIFFER:
+        log(f"the engines differ: not {eval_llamacpp.RULE} (see {stem}.md)")
+    return status
+
+
+def through_llamacpp(args, run_dir, inputs, mlx, max_tokens):
+    """The fine-tuned model's answers through the llama.cpp engine, judged as mlx's, beside them."""
+    gguf = args.gguf or eval_llamacpp.fused_gguf(run_dir)
+    questions = questions_of(inputs)
+    log(f"llamacpp: generating {len(questions)} answers through the llama.cpp engine on {gguf}")
+    tic = time.perf_counter()
+    answers = eval_llamacpp.answer(run_dir, questions, max_tokens, model=args.model, gguf=args.gguf)
+    log(f"llamacpp: answered in {time.perf_counter() - tic:.1f}s")
+    return eval_llamacpp.compare(args.split, mlx, judged(answers, inputs), gguf)
 
 
 # --------------------------------------------------------------------------- the two models
@@ -167,9 +209,7 @@ def compare(model_name, run_dir, meta, train_cfg, inputs, max_tokens=None):
         tokenizer, conversations, system_prompt, True, int(meta.get("max_seq_length") or 2048)
     ).examples
     text_examples = eval_model.text_examples(tokenizer, [t for _, t in inputs.texts])
-    questions = [m[:-1] for m in conversations] + [
-        item[0] for items in inputs.sets.values() for item in items
-    ]
+    questions = questions_of(inputs)
     cap = int(meta["generation"].get("max_tokens") or 256)
     max_tokens = max_tokens or eval_model.answer_budget(tokenizer, inputs.answers, cap)
     results = {}
@@ -191,17 +231,33 @@ def compare(model_name, run_dir, meta, train_cfg, inputs, max_tokens=None):
     return results, max_tokens
 
 
+def questions_of(inputs):
+    """Every question asked, in order: the split's conversations without their answers, then each
+    evaluation set's."""
+    return [m[:-1] for m in inputs.conversations] + [
+        item[0] for items in inputs.sets.values() for item in items
+    ]
+
+
 def side(loss, ntoks, answers, inputs):
-    """One model's results: the split's scores and key facts, then each evaluation set's."""
+    """One model's results: the loss, then judged() answers."""
+    return {
+        "loss": loss,
+        "perplexity": eval_model.perplexity(loss),
+        "answer_tokens": ntoks,
+        **judged(answers, inputs),
+    }
+
+
+def judged(answers, inputs):
+    """Answers to questions_of(inputs) scored and judged: the split's scores and key facts, then
+    each evaluation set's."""
     n = len(inputs.conversations)
     own, rest = answers[:n], answers[n:]
     summary, rows = score(own, [m[-1]["content"] for m in inputs.conversations])
     refused = inputs.refused
     judgements, key_facts = eval_model.judge_all(own, inputs.facts, refused)
     result = {
-        "loss": loss,
-        "perplexity": eval_model.perplexity(loss),
-        "answer_tokens": ntoks,
         **summary,
         "key_facts": key_facts,
         "answers": own,

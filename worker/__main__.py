@@ -15,7 +15,7 @@ import time
 
 import worker  # noqa: F401  (imports train first: fast BLAS before mlx)
 from core import blas
-from worker import allocator, io, limits, loading
+from worker import allocator, io, limits, loading, signals
 
 PR_SET_PDEATHSIG = 1
 
@@ -34,6 +34,16 @@ def parse_args(argv=None):
         type=int,
         default=None,
         help="cap the context (prompt + answer) below the model's or adapter's (default: theirs)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("mlx", "llamacpp"),
+        default="mlx",
+        help="mlx (default) or llamacpp: a GGUF in llama.cpp (make llamacpp installs it)",
+    )
+    p.add_argument("--gguf", help="llamacpp: the GGUF (default: the adapter's fused/ggml-model-f16.gguf)")
+    p.add_argument(
+        "--lora-gguf", help="llamacpp: an adapter in GGUF-LoRA format on --gguf's base (make gguf-lora)"
     )
     p.add_argument("--max-line-bytes", type=int, default=1 << 20, help="longest request line (default 1 MiB)")
     p.add_argument(
@@ -123,40 +133,38 @@ def _watch_parent(parent):
     os._exit(0)
 
 
-def version():
+def version(engine="mlx"):
+    if engine == "llamacpp":
+        from core.llamacpp import LLAMA_CPP_VERSION
+
+        return f"worker/1 llama.cpp (llama-cpp-python/{LLAMA_CPP_VERSION})"
     import mlx.core as mx
     import mlx_lm
 
     return f"worker/1 mlx/{mx.__version__} mlx-lm/{mlx_lm.__version__}"
 
 
-def main(argv=None):
-    proto_fd = io.claim_stdout()  # before anything can print
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the (idle) process, until the engine's handler
-    die_with_parent()
-    args = parse_args(argv)
-    log = io.Logger(args.log_format)
-    t0 = time.perf_counter()
-    allocator.configure(log)  # before the weights: every buffer follows it
-    try:
-        settings = loading.settings_for(
-            args.model, args.adapter, args.system_prompt, args.allow_base_mismatch
-        )
-        log.info(
-            f"loading {settings.model_path}"
-            + (f" with adapter {settings.adapter_path}" if settings.adapter else "")
-        )
+def load(args, log):
+    """(settings, model, tokenizer, context length, engine or None for mlx's, limits): the
+    model folder, adapter and metadata; mlx's weights, or llama.cpp's GGUF (engine_llamacpp)."""
+    settings = loading.settings_for(args.model, args.adapter, args.system_prompt, args.allow_base_mismatch)
+    log.info(
+        f"loading {settings.model_path}"
+        + (f" with adapter {settings.adapter_path}" if settings.adapter else "")
+    )
+    if args.engine == "llamacpp":
+        model, (tokenizer, config) = None, loading.load_tokenizer(settings)
+    else:
         model, tokenizer, config = loading.load(settings)
-    except loading.LoadError as e:
-        log.error(str(e))
-        return 2
-
-    from worker.engine import Engine  # mlx after train (fast BLAS)
-
-    writer = io.ProtocolWriter(proto_fd, on_broken_pipe=lambda: _broken_pipe(log))
     context_length = loading.context_length(settings, config)
     if args.context_length:
         context_length = min(context_length or args.context_length, args.context_length)
+    if args.engine == "llamacpp":
+        from worker.engine_llamacpp import build
+
+        args.tokenizer = tokenizer
+        engine, chosen = build(args, settings, context_length, log)
+        return settings, model, tokenizer, context_length, engine, chosen
     chosen = limits.choose(
         config,
         context_length,
@@ -168,6 +176,26 @@ def main(argv=None):
     )
     if chosen.get("context_capped_from"):  # not even one full-context sequence fits
         context_length = chosen["context_length"]
+    return settings, model, tokenizer, context_length, None, chosen
+
+
+def main(argv=None):
+    proto_fd = io.claim_stdout()  # before anything can print
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the (idle) process, until the engine's handler
+    die_with_parent()
+    args = parse_args(argv)
+    log = io.Logger(args.log_format)
+    t0 = time.perf_counter()
+    allocator.configure(log)  # before the weights: every buffer follows it
+    try:
+        settings, model, tokenizer, context_length, engine_impl, chosen = load(args, log)
+    except loading.LoadError as e:
+        log.error(str(e))
+        return 2
+
+    from worker.engine import Engine  # mlx after train (fast BLAS)
+
+    writer = io.ProtocolWriter(proto_fd, on_broken_pipe=lambda: _broken_pipe(log))
     engine = Engine(
         model,
         tokenizer,
@@ -179,9 +207,10 @@ def main(argv=None):
         max_batch=chosen["max_batch"],
         prefix_cache_bytes=chosen["prefix_cache_bytes"],
         prefill_step_size=chosen["prefill_step_size"],
+        engine=engine_impl,
     )
     engine.limits = chosen
-    engine.install_signal_handlers()
+    signals.install(engine)
     try:
         engine.warm_up()
     except Exception as e:  # e.g. the adapter's chat template cannot render: exit 2, clearly
@@ -194,7 +223,8 @@ def main(argv=None):
         return 2
     writer.add(
         dict(
-            engine.ready_message(args.max_line_bytes, blas=blas.loaded_path, version=version()), limits=chosen
+            engine.ready_message(args.max_line_bytes, blas=blas.loaded_path, version=version(args.engine)),
+            limits=chosen,
         )
     )
     writer.flush()

@@ -1,19 +1,15 @@
-"""The generation loop: continuous batching with mlx-lm's BatchGenerator and a prefix cache.
+"""The generation loop, engine-independent: continuous batching over an engine (mlx:
+worker/engine_mlx.py; llama.cpp: worker/engine_llamacpp.py).
 
-One thread (the caller of `Engine.run`) owns mlx, the BatchGenerator, the prefix cache
-(worker/prefix_cache.py) and all output. Each loop turn it takes the events the stdin reader
-has queued (without blocking while there is work), admits requests into the batch, runs one
-`BatchGenerator.next()` (a decode step for every sequence, plus prompt processing for
-newcomers), turns tokens into protocol messages, and writes them in one flushed write. When
-sequences left the batch, mlx's buffer cache is emptied (worker/allocator.py).
+One thread (the caller of `Engine.run`) owns the engine and all output. Each loop turn it takes
+the events the stdin reader has queued (without blocking while there is work), admits requests
+into the batch, runs one engine step (a decode step for every sequence, plus prompt processing
+for newcomers), turns tokens into protocol messages, and writes them in one flushed write.
 
-Per request: its own sampler (temperature/top_p/top_k/min_p; a seeded one when `seed` is
-given), logits processors (repetition_penalty), stop strings (matched on the decoded text,
-with a held-back tail so streamed text never shows a stop string's beginning) and
-max_tokens. Prompts are formatted by core.prompt.encode_prompt, exactly as in training.
-
-The prefix cache follows mlx_lm.server: the nearest cached prefix is fetched at admission,
-the cache is stored at the end of the system-prompt and prompt segments, and at finish.
+Here, for every engine: the protocol (requests, cancel, stats, ping, shutdown), scheduling, the
+context policy, prompts by core.prompt.encode_prompt as token ids, sampling settings, stop
+strings, max_tokens, detokenisation, timings (worker/request.py: one request's parts). The
+engine's part is the interface worker/engine_mlx.py describes.
 
 Test-only hooks (environment variables, read once; documented in docs/PROTOCOL.md):
   WORKER_TEST_IGNORE_EOS=1   generation ends only by max_tokens, a stop string or cancel
@@ -22,114 +18,20 @@ Test-only hooks (environment variables, read once; documented in docs/PROTOCOL.m
   WORKER_TEST_PRINT=1        every admission print()s to sys.stdout and writes to fd 1
                              (the protocol stream must stay clean)
   WORKER_TEST_ECHO=TEXT      a request whose last message contains TEXT is answered with that
-                             message first (worker/testhooks.py)
+                             message first (worker/testhooks.py; the mlx engine only)
 """
 
 import os
 import queue
-import signal
-import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
 
-import mlx.core as mx
-
-from core.prompt import encode_prompt, with_system_prompt
-from worker import allocator, context, protocol, testhooks
+from core.prompt import encode_prompt
+from worker import protocol, signals
 from worker.io import EOF
-from worker.mlxlm_api import (
-    BatchGenerator,
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    can_trim_prompt_cache,
-    eos_stop_sequences,
-    make_logits_processors,
-    make_sampler,
-    no_stop_sequences,
-    trim_prompt_cache,
-)
-from worker.prefix_cache import PrefixCache
+from worker.request import Active, Refused, done_message, emit, fit, push, sampling_settings, system_end
 
-REPLACEMENT = "\ufffd"
 MAX_EVENTS_PER_TURN = 256
-# Sampling runs on float32 log-probabilities. Beyond these bounds 1/temperature overflows to
-# inf or underflows to 0 (then -inf * 0 = NaN for the tokens a filter removed), and mlx-lm's
-# apply_top_p compares with top_p * mass rounded to 0 (then indexes past the vocabulary): the
-# sampled tokens fell outside top_k/top_p/min_p. Clamping keeps the meaning: a smaller
-# temperature is greedy, a larger one is uniform over the tokens the filters keep, and a
-# smaller top_p keeps only the most likely token (tests/test_reliability_worker.py).
-MIN_TEMPERATURE = 1e-30
-MAX_TEMPERATURE = 1e30
-MIN_TOP_P = 1e-6
-
-
-def _ms(seconds):
-    return round(seconds * 1000.0, 3)
-
-
-class SeededSampler:
-    """make_sampler's chain with its own PRNG key: the same seed gives the same tokens."""
-
-    def __init__(self, seed, temperature, top_p, min_p, top_k):
-        self.key = mx.random.key(seed)
-        self.inv_temp = 1.0 / temperature
-        methods = []
-        if 0 < top_p < 1.0:
-            methods.append(lambda x: apply_top_p(x, top_p))
-        if min_p != 0.0:
-            methods.append(lambda x: apply_min_p(x, min_p, 1))
-        if top_k > 0:
-            methods.append(lambda x: apply_top_k(x, top_k))
-        self.methods = methods
-
-    def __call__(self, logprobs):
-        for method in self.methods:
-            logprobs = method(logprobs)
-        self.key, sub = mx.random.split(self.key)
-        return mx.random.categorical(logprobs * self.inv_temp, key=sub)
-
-
-@dataclass(eq=False, slots=True)
-class Active:
-    """One accepted generation request and its state until its terminal message."""
-
-    req: protocol.Generate
-    ids: list | None = None  # prompt token ids (after the context policy)
-    dropped: int = 0  # messages the context policy left out
-    sys_end: int = 0  # prompt tokens of the leading system message(s)
-    max_tokens: int = 1
-    sampler: Any = None  # None: the batch's shared greedy sampler
-    processors: Any = None
-    uid: int | None = None  # BatchGenerator uid once admitted
-    cached: int = 0  # prompt tokens served from the prefix cache
-    detok: Any = None
-    parts: list = field(default_factory=list)
-    tail: str | None = ""  # text held back (stop string / split character)
-    n_tokens: int = 0
-    t_received: float = 0.0
-    t_admitted: float | None = None
-    t_first: float | None = None
-    t_last: float | None = None
-    segment_types: list = field(default_factory=list)
-    fault: bool = False
-
-    def __post_init__(self):
-        self.t_received = self.req.received or time.perf_counter()
-
-    @property
-    def id(self):
-        return self.req.id
-
-    @property
-    def stream(self):
-        return self.req.stream
-
-    @property
-    def stops(self):
-        return self.req.stop
 
 
 class Engine:
@@ -147,8 +49,10 @@ class Engine:
         prefix_cache_bytes=256 << 20,
         prefill_step_size=2048,
         hooks=None,
+        engine=None,
     ):
-        self.model = model
+        """`engine`: the engine the loop drives (default: mlx's on `model`, with the batch,
+        prefix-cache and prefill settings given)."""
         self.tokenizer = tokenizer
         self.settings = settings
         self.gen_defaults = settings.generation
@@ -158,31 +62,36 @@ class Engine:
         self.context_length = context_length
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
-        self.prefill_step_size = prefill_step_size
-        self.vocab_size = self._vocab_size()
         hooks = os.environ if hooks is None else hooks
         self.ignore_eos = hooks.get("WORKER_TEST_IGNORE_EOS") == "1"
         self.fault_text = hooks.get("WORKER_TEST_FAULT") or None
         self.test_print = hooks.get("WORKER_TEST_PRINT") == "1"
         self.echo_marker = hooks.get("WORKER_TEST_ECHO") or None
+        if engine is None:
+            from worker.engine_mlx import MlxEngine
 
-        self.stop_sequences = no_stop_sequences() if self.ignore_eos else eos_stop_sequences(tokenizer)
-        self.prefix = PrefixCache(prefix_cache_bytes)
-        self.prefix_budget = self.prefix.budget
-        self.gen = self._new_generator()
+            engine = MlxEngine(
+                model,
+                tokenizer,
+                log=log,
+                max_batch=self.max_batch,
+                ignore_eos=self.ignore_eos,
+                prefix_cache_bytes=prefix_cache_bytes,
+                prefill_step_size=prefill_step_size,
+            )
+        self.engine = engine
+        self.vocab_size = engine.vocab_size
 
         self.by_id = {}  # id -> Active: accepted and not finished (batch + queue)
-        self.by_uid = {}  # BatchGenerator uid -> Active
+        self.by_uid = {}  # the engine's uid -> Active
         self.pending = deque()  # accepted, waiting for a batch slot
-        self._samplers = {}
-        self._processors = {}
         self._sys_probe = {}
 
-        self.left_batch = False  # a sequence left the batch this turn (worker/allocator.py)
+        self.left_batch = False  # a sequence left the batch this turn (engine.released)
         self.eof = False
         self.shutdown_reason = None
         self.stop_signal = False
-        self.install_watchdog = False  # set by install_signal_handlers (the real worker)
+        self.install_watchdog = False  # set by worker/signals.py's install (the real worker)
         self.started = time.time()
         self.served = 0
         self.errors = 0
@@ -192,30 +101,11 @@ class Engine:
         self.decode_time = 0.0
 
     # ----------------------------------------------------------------- setup
-    def _vocab_size(self):
-        try:
-            return int(self.model.args.vocab_size)
-        except Exception:
-            return len(self.tokenizer)
-
-    def _new_generator(self):
-        return BatchGenerator(
-            self.model,
-            completion_batch_size=self.max_batch,
-            prefill_batch_size=min(8, self.max_batch),
-            prefill_step_size=self.prefill_step_size,
-            stop_tokens=None,
-        )
-
     def warm_up(self):
         """One short generation, so the first request doesn't pay for first-call setup."""
-        ids = encode_prompt(self.tokenizer, [{"role": "user", "content": "Olá"}], self.system_prompt)
-        (uid,) = self.gen.insert([ids], max_tokens=[3], stop_sequences=[no_stop_sequences()])
-        for _ in range(64):
-            _, responses = self.gen.next()
-            if any(r.finish_reason for r in responses):
-                break
-        self.gen.remove([uid])
+        self.engine.warm_up(
+            encode_prompt(self.tokenizer, [{"role": "user", "content": "Olá"}], self.system_prompt)
+        )
 
     def ready_message(self, max_line_bytes, blas=None, version=None):
         gen = self.gen_defaults
@@ -227,34 +117,12 @@ class Engine:
             max_tokens_cap=int(gen["max_tokens_cap"]),
             max_line_bytes=int(max_line_bytes),
             context_length=self.context_length,
-            backend="gpu" if mx.default_device() == mx.gpu else "cpu",
+            backend=self.engine.device,
             blas=blas,
             version=version or "",
         )
 
     # ----------------------------------------------------------------- loop
-    @staticmethod
-    def arm_exit_watchdog(seconds=1.2):
-        """Whatever happens next (a blocked stdout write, a long prompt), exit 0 in time.
-        1.2 s leaves the 2 s rule room for the process teardown on a loaded machine (1.7 s
-        measured 2.02 s end to end on 2 busy cores)."""
-        t = threading.Timer(seconds, lambda: os._exit(0))
-        t.daemon = True
-        t.start()
-
-    def install_signal_handlers(self):
-        def on_signal(signum, frame):
-            if not self.stop_signal:
-                self.stop_signal = True
-                # The watchdog first: this handler may run inside a blocked write (stderr or
-                # stdout full) that holds the logger's lock; the exit must not depend on it.
-                self.arm_exit_watchdog()
-                self.log.info(f"signal {signum}: cancelling in-flight requests and exiting")
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        self.install_watchdog = True
-
     def run(self, events):
         """Serve until EOF (after finishing everything read), shutdown or a signal. Returns 0."""
         while True:
@@ -287,9 +155,9 @@ class Engine:
                 self.admit()
             if self.by_uid:
                 self.step()
-            if self.left_batch:  # their batch buffers, freed, would wait in mlx's buffer cache
+            if self.left_batch:
                 self.left_batch = False
-                allocator.release_batch_buffers()
+                self.engine.released()
             self.writer.flush()
 
     def handle(self, event):
@@ -332,7 +200,7 @@ class Engine:
             self.shutdown_reason = "shutdown"
             self.log.info("shutdown requested")
             if self.install_watchdog:
-                self.arm_exit_watchdog()
+                signals.arm_exit_watchdog()
 
     def error(self, rid, code, message):
         self.errors += 1
@@ -369,100 +237,20 @@ class Engine:
             self.pending.append(act)
 
     def fit_context(self, req):
-        """The prompt after the context policy (worker/context.py), or None after answering
-        the request with its error."""
-        gen = self.gen_defaults
-        wanted = req.max_tokens if req.max_tokens is not None else int(gen["max_tokens"])
-        wanted = min(wanted, int(gen["max_tokens_cap"]))
-        messages = with_system_prompt(list(req.messages), self.system_prompt)
+        """The prompt after the context policy, or None after answering with the error."""
         try:
-            fitted = context.fit(
-                lambda ms: encode_prompt(self.tokenizer, ms, None),
-                messages,
-                wanted,
-                self.context_length,
-                req.overflow,
+            return fit(
+                self.tokenizer, self.system_prompt, self.gen_defaults, self.context_length, req, self.log
             )
-        except context.TooLong as e:
-            self.error(req.id, "too_long", f"{e.message} (overflow: {req.overflow})")
+        except Refused as e:
+            self.error(req.id, e.code, e.message)
             return None
-        except Exception as e:
-            if type(e).__name__ == "TemplateError" or "jinja" in type(e).__module__:
-                self.error(req.id, "invalid_request", f"messages: rejected by the chat template: {e}")
-            else:
-                self.error(req.id, "internal", f"formatting the prompt failed: {type(e).__name__}: {e}")
-            return None
-        if not fitted.ids:
-            self.error(req.id, "invalid_request", "messages: the formatted prompt is empty")
-            return None
-        if fitted.dropped:
-            self.log.info(
-                f"request {req.id!r}: left out the {fitted.dropped} oldest message(s) to fit the context",
-                prompt_tokens=len(fitted.ids),
-            )
-        return fitted
 
     def prepare(self, act, messages):
-        req, gen = act.req, self.gen_defaults
-        temp = req.temperature if req.temperature is not None else float(gen["temperature"])
-        top_p = req.top_p if req.top_p is not None else float(gen["top_p"])
-        top_k = req.top_k if req.top_k is not None else int(gen["top_k"])
-        min_p = req.min_p if req.min_p is not None else float(gen["min_p"])
-        rep = (
-            req.repetition_penalty if req.repetition_penalty is not None else float(gen["repetition_penalty"])
-        )
-        if top_k >= self.vocab_size:
-            top_k = 0
-        if temp < MIN_TEMPERATURE:
-            temp = 0.0
-        temp = min(temp, MAX_TEMPERATURE)
-        if 0.0 < top_p < MIN_TOP_P:
-            top_p = MIN_TOP_P
-        if temp <= 0:
-            act.sampler = None  # the batch's shared greedy sampler
-        elif req.seed is not None:
-            act.sampler = SeededSampler(req.seed, temp, top_p, min_p, top_k)
-        else:
-            key = (temp, top_p, min_p, top_k)  # shared object: batched sampling
-            act.sampler = self._samplers.get(key)
-            if act.sampler is None:
-                if len(self._samplers) > 256:
-                    self._samplers.clear()
-                act.sampler = self._samplers[key] = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
-        if rep != 1.0:
-            act.processors = self._processors.get(rep)
-            if act.processors is None:
-                if len(self._processors) > 256:
-                    self._processors.clear()
-                act.processors = self._processors[rep] = make_logits_processors(repetition_penalty=rep)
-        else:
-            act.processors = None
-        if self.echo_marker and self.echo_marker in messages[-1]["content"]:
-            act.processors = testhooks.echo_processors(self.tokenizer, messages, act.processors)
-        act.sys_end = self._system_end(messages, act.ids)
-
-    def _system_end(self, messages, ids):
-        """Tokens of the prompt that belong to its leading system message(s) (0 if none)."""
-        n = 0
-        while n < len(messages) and messages[n]["role"] == "system":
-            n += 1
-        if n == 0:
-            return 0
-        key = tuple(m["content"] for m in messages[:n])
-        probe = self._sys_probe.get(key)
-        if probe is None:
-            probe = encode_prompt(
-                self.tokenizer, list(messages[:n]) + [{"role": "user", "content": ""}], None
-            )
-            if len(self._sys_probe) > 64:
-                self._sys_probe.clear()
-            self._sys_probe[key] = probe
-        end = 0
-        for a, b in zip(probe, ids):
-            if a != b:
-                break
-            end += 1
-        return end if 0 < end < len(ids) else 0
+        settings = sampling_settings(act.req, self.gen_defaults, self.vocab_size)
+        echo = messages if self.echo_marker and self.echo_marker in messages[-1]["content"] else None
+        act.sampling = self.engine.sampling(*settings, act.req.seed, echo)
+        act.sys_end = system_end(self.tokenizer, self._sys_probe, messages, act.ids)
 
     def admit(self):
         while self.pending and len(self.by_uid) < self.max_batch:
@@ -476,7 +264,7 @@ class Engine:
             self.by_id.pop(act.id, None)
             if act.uid is not None:
                 self.by_uid.pop(act.uid, None)
-                self._remove_uids([act.uid])
+                self._end([act.uid])
             self.error(act.id, "internal", f"{type(e).__name__}: {e}")
 
     def _start(self, act):
@@ -484,53 +272,19 @@ class Engine:
         if self.test_print:
             print(f"test hook: print() to sys.stdout while admitting {act.id!r}")
             os.write(1, b"test hook: raw write to fd 1\n")
-        ids = act.ids
-        cache, rest = self.prefix.fetch(ids)
-        if cache is not None and not rest:
-            # An exact hit: recompute the last token so there is something to feed the model.
-            if can_trim_prompt_cache(cache):
-                trim_prompt_cache(cache, 1)
-                rest = ids[-1:]
-            else:
-                cache, rest = None, ids
-        act.cached = len(ids) - len(rest)
+        act.uid, act.cached = self.engine.start(act.ids, act.sys_end, act.max_tokens, act.sampling)
         if act.cached > 0:
             self.hits += 1
         else:
             self.misses += 1
-            cache = None
-
-        if act.sys_end:
-            segments, types = [ids[: act.sys_end], ids[act.sys_end :]], ["system", "user"]
-        else:
-            segments, types = [ids], ["user"]
-        n = act.cached
-        while n > 0:
-            if n >= len(segments[0]):
-                n -= len(segments.pop(0))
-                types.pop(0)
-            else:
-                segments[0] = segments[0][n:]
-                break
-        act.segment_types = types[::-1]
         act.detok = self.tokenizer.detokenizer
-        (uid,) = self.gen.insert_segments(
-            segments=[segments],
-            max_tokens=[act.max_tokens],
-            caches=[cache],
-            all_tokens=[ids[: act.cached]],
-            samplers=[act.sampler],
-            logits_processors=[act.processors],
-            stop_sequences=[self.stop_sequences],
-        )
-        act.uid = uid
-        self.by_uid[uid] = act
+        self.by_uid[act.uid] = act
 
     # ----------------------------------------------------------------- decoding
     def step(self):
         tic = time.perf_counter()
         try:
-            prompt_responses, responses = self.gen.next()
+            responses = self.engine.step()
         except Exception as e:
             self._batch_failed(e)
             return
@@ -538,14 +292,11 @@ class Engine:
             self.decode_time += time.perf_counter() - tic
             self.gen_tokens += len(responses)
 
-        if prompt_responses:
-            self._segment_caches(prompt_responses)
-
         by_uid = self.by_uid
         stopped = []  # ended by a stop string: still in the batch
         failed = []
         for r in responses:
-            act = by_uid.get(r.uid)
+            act = by_uid.get(r[0])
             if act is None:
                 continue
             try:
@@ -554,45 +305,22 @@ class Engine:
             except Exception as e:
                 self.log.error(f"request {act.id!r} failed: {type(e).__name__}: {e}")
                 self._drop(act)
-                if r.finish_reason is None:
+                if r[2] is None:
                     failed.append(act.uid)
                 self.error(act.id, "internal", f"{type(e).__name__}: {e}")
         if failed:
-            self._remove_uids(failed)
+            self._end(failed)
         if stopped:
-            caches = self._remove_uids([a.uid for a in stopped], return_caches=True)
+            self._end([a.uid for a in stopped], keep=True)
             for act in stopped:
-                self._finish(act, "stop", caches.get(act.uid))
+                self._finish(act, "stop")
         if self.pending:
             self.admit()
 
-    def _segment_caches(self, prompt_responses):
-        """Store the prompt cache at segment ends (system prompt, prompt minus its last token)."""
-        uids = [
-            r.uid
-            for r in prompt_responses
-            if r.end_of_segment
-            and not r.end_of_prompt
-            and r.uid in self.by_uid
-            and self.by_uid[r.uid].segment_types
-        ]
-        if not uids:
-            return
-        try:
-            caches = self.gen.extract_cache(uids)
-            for uid, (cache, tokens) in caches.items():
-                act = self.by_uid[uid]
-                self._store(list(tokens), cache, act.segment_types.pop())
-        except Exception as e:
-            self.log.warning(f"prefix cache insert failed: {type(e).__name__}: {e}")
-
-    def _store(self, tokens, cache, cache_type):
-        self.prefix.insert(tokens, cache, cache_type)
-
     def _on_token(self, act, r):
-        """Handle one generated token. Returns True when a stop string ended the request
-        (it must still be removed from the batch); finishes length/EOS itself."""
-        finish = r.finish_reason
+        """Handle one generated token (uid, token, finish_reason). Returns True when a stop
+        string ended the request (it must still leave the batch); finishes length/EOS itself."""
+        _, token, finish = r
         now = time.perf_counter()
         detok = act.detok
         if finish == "stop":
@@ -601,7 +329,7 @@ class Engine:
             seg = detok.last_segment
             if seg:
                 self._push(act, seg)
-            self._finish(act, "stop", (r.prompt_cache, r.all_tokens))
+            self._finish(act, "stop")
             return False
         if act.fault:
             raise RuntimeError("test fault (WORKER_TEST_FAULT)")
@@ -609,7 +337,7 @@ class Engine:
         if act.t_first is None:
             act.t_first = now
         act.t_last = now
-        detok.add_token(r.token)
+        detok.add_token(token)
         if finish is not None:
             detok.finalize()
         seg = detok.last_segment
@@ -617,90 +345,22 @@ class Engine:
         if stopped:
             if finish is None:
                 return True
-            self._finish(act, "stop", (r.prompt_cache, r.all_tokens))
+            self._finish(act, "stop")
         elif finish is not None:
-            self._finish(act, finish, (r.prompt_cache, r.all_tokens))
+            self._finish(act, finish)
         return False
 
     def _push(self, act, seg):
-        """Add decoded text; emit what can no longer be part of a stop string or a split
-        character. Returns True if a stop string completed (the text ends before it)."""
-        buf = act.tail + seg if act.tail else seg
-        hold = 0
-        stops = act.stops
-        if stops:
-            first = -1
-            for s in stops:
-                i = buf.find(s)
-                if i >= 0 and (first < 0 or i < first):
-                    first = i
-            if first >= 0:
-                act.tail = ""
-                self._emit(act, buf[:first])
-                act.tail = None  # a stop string ended the text: nothing more is added
-                return True
-            for s in stops:
-                for k in range(min(len(s) - 1, len(buf)), hold, -1):
-                    if buf.endswith(s[:k]):
-                        hold = k
-                        break
-        keep = len(buf) - hold
-        while keep > 0 and buf[keep - 1] == REPLACEMENT:
-            keep -= 1
-        if keep == len(buf):
-            act.tail = ""
-            self._emit(act, buf)
-        else:
-            act.tail = buf[keep:]
-            self._emit(act, buf[:keep])
-        return False
-
-    def _emit(self, act, text):
-        if text:
-            act.parts.append(text)
-            if act.stream:
-                self.writer.add(protocol.token_message(act.id, text))
+        return push(act, seg, self.writer)
 
     # ----------------------------------------------------------------- finishing
-    def _finish(self, act, reason, cache_and_tokens=None):
+    def _finish(self, act, reason):
         if act.tail:  # not a stop: what was held back is text after all
             tail, act.tail = act.tail, ""
-            self._emit(act, tail)
+            emit(act, tail, self.writer)
         self._drop(act)
-        now = time.perf_counter()
-        n = act.n_tokens
-        # Decode rate after the first token (prompt processing is in ttft_ms); 0 below 2 tokens.
-        tps = (n - 1) / (act.t_last - act.t_first) if n > 1 and act.t_last > act.t_first else 0.0
-        admitted = act.t_admitted if act.t_admitted is not None else now
-        self.writer.add(
-            protocol.done_message(
-                act.id,
-                "".join(act.parts),
-                reason,
-                usage={
-                    "prompt_tokens": len(act.ids),
-                    "completion_tokens": n,
-                    "cached_tokens": act.cached,
-                    "dropped_messages": act.dropped,
-                },
-                timing={
-                    "queue_ms": _ms(max(0.0, admitted - act.t_received)),
-                    "ttft_ms": _ms(act.t_first - act.t_received) if act.t_first is not None else None,
-                    "total_ms": _ms(max(0.0, now - act.t_received)),
-                    "tokens_per_s": round(tps, 3),
-                },
-                model=self.settings.model,
-                adapter=self.settings.adapter,
-            )
-        )
+        self.writer.add(done_message(act, reason, self.settings))
         self.served += 1
-        if reason != "cancelled" and cache_and_tokens:
-            cache, tokens = cache_and_tokens
-            try:
-                if cache is not None and tokens:
-                    self._store(list(tokens), cache, "assistant")
-            except Exception as e:
-                self.log.warning(f"prefix cache insert failed: {type(e).__name__}: {e}")
 
     def _drop(self, act):
         self.by_id.pop(act.id, None)
@@ -708,17 +368,16 @@ class Engine:
             self.by_uid.pop(act.uid, None)
             self.left_batch = True
 
-    def _remove_uids(self, uids, return_caches=False):
+    def _end(self, uids, keep=False):
         try:
-            return self.gen.remove(uids, return_prompt_caches=return_caches) or {}
+            self.engine.end(uids, keep=keep)
         except Exception as e:
             self.log.error(f"removing from the batch failed: {type(e).__name__}: {e}; resetting it")
             self._reset_generator("internal", f"batch reset after {type(e).__name__}: {e}")
-            return {}
 
     def cancel(self, act):
         if act.uid is not None:
-            self._remove_uids([act.uid])
+            self._end([act.uid])
         else:
             try:
                 self.pending.remove(act)
@@ -746,7 +405,7 @@ class Engine:
         uids = [a.uid for a in acts if a.uid is not None]
         if uids:
             try:
-                self.gen.remove(uids)
+                self.engine.end(uids)
             except Exception:
                 pass
         self.pending.clear()
@@ -765,11 +424,7 @@ class Engine:
             self._drop(act)
             self.error(act.id, code, message)
         self.by_uid.clear()
-        try:
-            self.gen.close()
-        except Exception:
-            pass
-        self.gen = self._new_generator()
+        self.engine.reset()
 
     # ----------------------------------------------------------------- stats
     def stats(self):
@@ -780,14 +435,8 @@ class Engine:
                 "served": self.served,
                 "errors": self.errors,
                 "tokens_per_s": round(self.gen_tokens / self.decode_time, 3) if self.decode_time > 0 else 0.0,
-                "prefix_cache": {
-                    "hits": self.hits,
-                    "misses": self.misses,
-                    "entries": len(self.prefix),
-                    "bytes": int(self.prefix.nbytes),
-                    "budget_bytes": self.prefix_budget,
-                },
-                "memory": allocator.memory_figures(),
+                "prefix_cache": {"hits": self.hits, "misses": self.misses, **self.engine.cache_figures()},
+                "memory": self.engine.memory(),
                 "uptime_s": round(time.time() - self.started, 3),
                 **({"limits": self.limits} if getattr(self, "limits", None) else {}),  # worker/limits.py
             }

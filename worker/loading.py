@@ -130,6 +130,30 @@ def load(settings):
     return model, tokenizer, config
 
 
+def load_tokenizer(settings):
+    """(tokenizer, config) of the model folder alone, chat template set: for an engine that
+    brings its own weights (llama.cpp's GGUF), the tokenizer training used; base pin checked."""
+    import json
+
+    from worker.mlxlm_api import hf_repo_to_path
+    from worker.mlxlm_api import load_tokenizer as mlx_load_tokenizer
+
+    check_base(settings)
+    try:
+        folder = Path(settings.model_path)
+        if not folder.exists():
+            folder = Path(hf_repo_to_path(settings.model_path))
+        tokenizer = mlx_load_tokenizer(folder, {"trust_remote_code": False})
+        config = json.loads((folder / "config.json").read_text())
+    except Exception as e:
+        raise LoadError(
+            f"cannot load the tokenizer of {settings.model_path!r}: {type(e).__name__}: {e}"
+        ) from e
+    if settings.chat_template:
+        getattr(tokenizer, "_tokenizer", tokenizer).chat_template = settings.chat_template
+    return tokenizer, config
+
+
 def check_base(settings):
     """Refuse a base model other than the one the adapter was trained on (metadata.json's
     base_model_hash: the hub revision, or the sha256 of a folder's weights and config),

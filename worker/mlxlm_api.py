@@ -26,6 +26,8 @@ REQUIRED = (
     ("mlx_lm.sample_utils", "make_logits_processors"),
     ("mlx_lm.sample_utils", "make_sampler"),
     ("mlx_lm.utils", "DEFAULT_ALLOW_PATTERNS"),
+    ("mlx_lm.utils", "hf_repo_to_path"),
+    ("mlx_lm.utils", "load_tokenizer"),
     ("mlx_lm", "load"),
 )
 
@@ -78,7 +80,7 @@ from mlx_lm.sample_utils import (  # noqa: E402
     make_logits_processors,
     make_sampler,
 )
-from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS  # noqa: E402
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, hf_repo_to_path, load_tokenizer  # noqa: E402
 
 
 def no_stop_sequences():
@@ -103,6 +105,8 @@ __all__ = [
     "make_logits_processors",
     "make_sampler",
     "DEFAULT_ALLOW_PATTERNS",
+    "hf_repo_to_path",
+    "load_tokenizer",
     "no_stop_sequences",
     "eos_stop_sequences",
     "check",
