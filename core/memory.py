@@ -21,6 +21,7 @@ from core.batch_probe import find_batch_size, optimizer_state_bytes
 from core.device import available_memory, device_memory, set_wired_limit
 from core.memory_model import (
     GB,
+    RUNTIME_BYTES,
     _matrix_bytes,
     activation_bytes_per_token,
     kv_bytes_per_token,
@@ -52,6 +53,7 @@ __all__ = [
     "enable_grad_checkpoint",
     "KV_STEP",
     "WORKER_MAX_BATCH",
+    "RUNTIME_BYTES",
     "DoesNotFit",
     "TrainSettings",
     "_matrix_bytes",

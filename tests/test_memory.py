@@ -8,6 +8,7 @@ patches the block class for the whole process, and a fresh process has a clean p
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,8 @@ def measure_training(model_path, batch, seq_len, grad_checkpoint, num_layers, ra
     (loss, _), grads = loss_and_grad(model, tokens, lengths)
     opt.update(model, grads)
     mx.eval(loss, grads, model.parameters(), opt.state)
-    return {"weights": int(weights), "peak": int(mx.get_peak_memory())}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"weights": int(weights), "peak": int(mx.get_peak_memory()), "rss_peak": int(rss)}
 
 
 def measure_kv(model_path, n_tokens):
@@ -281,7 +283,7 @@ def test_wired_limit_is_a_no_op_without_metal():
 if __name__ == "__main__":
     what, rest = sys.argv[1], sys.argv[2:]
     if what == "train":
-        out = measure_training(rest[0], int(rest[1]), int(rest[2]), rest[3] == "1", int(rest[4]))
+        out = measure_training(rest[0], int(rest[1]), int(rest[2]), rest[3] == "1", *map(int, rest[4:6]))
     else:
         out = measure_kv(rest[0], int(rest[1]))
     print(json.dumps(out))

@@ -1,0 +1,80 @@
+"""The memory model against SmolLM2-135M-Instruct (a real LLM, float32; `make base-model`):
+one training step of the demo's recipe (LoRA rank 16 on 8 blocks, batch 4) and the real worker
+serving a few concurrent requests, each predicted within 20% of its measured peak, mlx's and the
+process's resident one (issue 23). bench/memory_real.py measures the whole picture (training,
+the worker with 8 users, both at once; docs/MEMORY.md, "SmolLM2-135M on this machine").
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from test_memory import run_measure  # noqa: E402
+from worker_harness import Worker  # noqa: E402
+
+from bench.soak import SYSTEM  # noqa: E402  (the club's system prompt)
+from core import memory  # noqa: E402
+
+TOLERANCE = 0.20
+STATUS = Path("/proc/self/status")
+
+
+def within(measured, predicted):
+    return abs(predicted / measured - 1) <= TOLERANCE
+
+
+def test_training_step_of_smollm_is_predicted_within_20_percent(smollm_model):
+    shape = memory.shape_from_config(memory.read_config(smollm_model))
+    got = run_measure("train", smollm_model, 4, 128, 0, 8, 16)
+    predicted = memory.training_peak(shape, memory.TrainSettings(num_layers=8, rank=16), 4, 128)
+    resident = predicted["total"] + memory.RUNTIME_BYTES
+    print(f"\nSMOLLM train: mlx {got['peak']} vs {predicted['total']}; rss {got['rss_peak']} vs {resident}")
+    assert within(got["peak"], predicted["total"]), (got, predicted)
+    assert within(got["rss_peak"], resident), (got, resident)
+
+
+def high_water_mark(pid):
+    """The process's RSS high-water mark (Linux: /proc/PID/status VmHWM), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the worker's plan counts a prefill chunk as 8 prompts x 256 tokens x (a block's "
+    "intermediates + the vocabulary's logits), 560 MB on SmolLM2; mlx-lm's prefill evaluates only "
+    "the KV cache (no logits) and prefills at most max_batch prompts: measured 954 MB RSS against "
+    "1504 MB planned (docs/MEMORY.md, SmolLM2-135M on this machine). Fixing prefill_bytes_per_token "
+    "changes the 7B tables; remove this mark with that fix",
+)
+@pytest.mark.skipif(not STATUS.exists(), reason="reads the RSS high-water mark from /proc (Linux)")
+def test_worker_serving_smollm_is_predicted_within_20_percent(smollm_model):
+    """4 concurrent requests that fill their context (generation goes on past end-of-sequence),
+    the prefix cache filled by them: the worker's own plan (ready.limits) against its peak."""
+    users, context, budget = 4, 512, 64 << 20
+    args = ("--max-batch", users, "--context-length", context, "--prefix-cache-bytes", budget)
+    with Worker(*args, model=smollm_model, env={"WORKER_TEST_IGNORE_EOS": "1"}, ready_timeout=300) as w:
+        mark = w.mark()
+        for i in range(users):
+            msgs = [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"Pergunta {i}: o estádio?"},
+            ]
+            w.send({"id": f"r{i}", "messages": msgs, "max_tokens": 256, "temperature": 0})
+        for i in range(users):
+            assert w.terminal(f"r{i}", timeout=600, start=mark)["type"] == "done"
+        stats = w.stats()
+        measured = high_water_mark(w.proc.pid)
+    if stats["memory"]["resident_source"] != "rss":  # Metal/CUDA: mlx's buffers are not in the RSS
+        measured += stats["memory"]["peak_bytes"]
+    predicted = w.ready["limits"]["predicted_peak_bytes"] + memory.RUNTIME_BYTES
+    print(f"\nSMOLLM worker: measured {measured}, predicted {predicted}; stats {stats['memory']}")
+    assert stats["prefix_cache"]["bytes"] > 0
+    assert within(measured, predicted), (measured, predicted, w.ready["limits"])
