@@ -272,6 +272,32 @@ def test_worker_limits_for_7b_on_a_16gb_mac():
     assert not memory.worker_limits(s, int(4e9), 2048)["full_context_fits"]  # below the weights
 
 
+def test_the_prefill_chunk_counts_the_prompts_mlx_lm_prefills_together():
+    """mlx-lm prefills min(8, max_batch) prompts at a time (worker/engine.py): the plan counts
+    that many, never fewer; for the 7B over these budgets, at most one more (the plan stops
+    removing prompts where one fewer would let a larger batch in)."""
+    from core.memory_model import prefill_bytes_per_token
+    from core.worker_budget import PREFILL_BATCH, _kv_with_growth, prompts
+
+    s = memory.shape_from_config(MISTRAL_7B_4BIT)
+    seen = set()
+    for budget in [int(g * 1e8) for g in range(44, 200, 3)]:
+        for given in (None, 1, 3, 12):
+            lim = memory.worker_limits(s, budget, 2048, max_batch=given)
+            ctx, step = lim["context_length"], lim["prefill_step_size"]
+            fixed = (
+                lim["weights_bytes"] + lim["prefix_cache_bytes"] + lim["max_batch"] * _kv_with_growth(s, ctx)
+            )
+            chunk = (lim["predicted_peak_bytes"] - fixed) / (min(step, ctx) * prefill_bytes_per_token(s, ctx))
+            counted = round(chunk)
+            assert abs(chunk - counted) < 1e-6 and counted <= PREFILL_BATCH, (budget, given, lim)
+            assert prompts(lim["max_batch"]) <= counted <= prompts(lim["max_batch"]) + 1, (budget, given, lim)
+            if given:
+                assert counted == prompts(given)
+            seen.add(counted)
+    assert {1, 3, PREFILL_BATCH} <= seen
+
+
 def test_wired_limit_is_a_no_op_without_metal():
     import mlx.core as mx
 

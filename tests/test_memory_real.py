@@ -46,14 +46,6 @@ def high_water_mark(pid):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker's plan counts a prefill chunk as 8 prompts x 256 tokens x (a block's "
-    "intermediates + the vocabulary's logits), 560 MB on SmolLM2; mlx-lm's prefill evaluates only "
-    "the KV cache (no logits) and prefills at most max_batch prompts: measured 954 MB RSS against "
-    "1504 MB planned (docs/MEMORY.md, SmolLM2-135M on this machine). Fixing prefill_bytes_per_token "
-    "changes the 7B tables; remove this mark with that fix",
-)
 @pytest.mark.skipif(not STATUS.exists(), reason="reads the RSS high-water mark from /proc (Linux)")
 def test_worker_serving_smollm_is_predicted_within_20_percent(smollm_model):
     """4 concurrent requests that fill their context (generation goes on past end-of-sequence),

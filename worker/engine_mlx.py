@@ -15,6 +15,7 @@ the cache is stored at the end of the system-prompt and prompt segments, and at 
 
 import mlx.core as mx
 
+from core.worker_budget import prompts as prefill_prompts
 from worker import allocator, testhooks
 from worker.mlxlm_api import (
     BatchGenerator,
@@ -83,7 +84,7 @@ class MlxEngine:
         return BatchGenerator(
             self.model,
             completion_batch_size=self.max_batch,
-            prefill_batch_size=min(8, self.max_batch),
+            prefill_batch_size=prefill_prompts(self.max_batch),  # the memory model's count
             prefill_step_size=self.prefill_step_size,
             stop_tokens=None,
         )
