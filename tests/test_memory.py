@@ -270,6 +270,14 @@ def test_worker_limits_for_7b_on_a_16gb_mac():
     assert 256 <= tight["context_length"] < 2048 and tight["predicted_peak_bytes"] <= int(4.56e9)
     assert tight["prefix_cache_bytes"] == 0
     assert not memory.worker_limits(s, int(4e9), 2048)["full_context_fits"]  # below the weights
+    # docs/MEMORY.md's table of the default budget, as the plan prints it
+    doc = (ROOT / "docs" / "MEMORY.md").read_text(encoding="utf-8")
+    for b in (budget, int(7.0e9), int(6.0e9), int(4.56e9)):
+        lim = memory.worker_limits(s, b, 2048)
+        capped = f", context capped at {lim['context_length']}" if lim["context_capped_from"] else ""
+        batch = f"| {lim['max_batch']}{capped} | {lim['predicted_peak_bytes'] / 1e9:.2f} GB |"
+        assert batch in doc, (b, batch)
+        assert lim["prefix_cache_bytes"] == 0 or f"| {lim['prefix_cache_bytes'] / 1e9:.2f} GB {batch}" in doc
 
 
 def test_the_prefill_chunk_counts_the_prompts_mlx_lm_prefills_together():
