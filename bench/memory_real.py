@@ -181,13 +181,14 @@ def start_worker(cfg, tmp, args, context):
 
 
 def serve(w, system, questions, args, until=None):
-    """--users threads, each asking --rounds questions one after the other (more while `until`
-    is alive); `stats` polled meanwhile. Returns (requests answered, the largest stats.memory)."""
+    """--users threads, each asking --rounds questions one after the other (more while the
+    thread `until` is alive); `stats` polled meanwhile. Returns (requests answered, the largest
+    stats.memory)."""
     done, errors, stop = [], [], threading.Event()
 
     def user(u):
         k = 0
-        while k < args.rounds or (until is not None and until.poll() is None and not stop.is_set()):
+        while k < args.rounds or (until is not None and until.is_alive() and not stop.is_set()):
             q = questions[(u + k * args.users) % len(questions)]
             msgs = [{"role": "system", "content": system}, {"role": "user", "content": q}]
             try:
@@ -306,9 +307,16 @@ def together(cfg, tmp, args, context, system, questions, iters, res):
     w = start_worker(cfg, tmp, args, context)
     sampler.watch("worker", w.proc.pid)
     sampler.start()
-    n, stats = serve(w, system, questions, args, until=proc)
+    # reaped by a thread of its own (wait4 gives its high-water mark; a poll() would reap it first)
+    trained = {}
+    reaper = threading.Thread(target=lambda: trained.update(finish_training(proc, tmp)), daemon=True)
+    reaper.start()
+    n, stats = serve(w, system, questions, args, until=reaper)
+    reaper.join()
+    if not trained:
+        raise RuntimeError("training failed (its traceback above)")
     res["predicted"].setdefault("serve", w.ready["limits"]["predicted_peak_bytes"] + memory.RUNTIME_BYTES)
-    out = {"train": finish_training(proc, tmp), "requests": n}
+    out = {"train": trained, "requests": n}
     out["serve"] = {"hwm": close_worker(w), "mlx_peak": stats.get("peak_bytes", 0)}
     sampler.stop()
     out["peak_sum_sampled"] = sampler.peak_sum
