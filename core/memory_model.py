@@ -23,8 +23,9 @@ LOGIT_COPIES = 5  # logits, log-softmax and their gradients, float32 (measured) 
 LOGIT_COPIES_CHECKPOINTED = 2  # ... and at the peak of a checkpointed step
 SCORES_CHECKPOINTED = 4  # attention score matrices in flight while a block is recomputed
 # The process itself, beside mlx's buffers: Python, mlx, mlx-lm, transformers, the BLAS and the
-# tokenizer (RSS before the weights load, measured with SmolLM2-135M on Linux: 137 MB; 165 MB
-# of RSS beside mlx's active memory once loaded). Added to a process's predicted resident peak.
+# tokenizer. Measured with SmolLM2-135M on Linux (docs/MEMORY.md): 137 MB of RSS before the
+# weights load; at the peak, 167 MB of RSS beside mlx's peak in training and 155 MB in the
+# worker beside its arrays and buffer cache. Added to a process's predicted resident peak.
 RUNTIME_BYTES = 150 * 10**6
 
 
