@@ -1,5 +1,6 @@
 """Shared pieces of the training, evaluation and fuse tests: real subprocesses on the tiny
-model, every output under a temporary MODELS_DIR / LOGS_DIR."""
+model (and on SmolLM2-135M-Instruct where the model must learn), every output under a temporary
+MODELS_DIR / LOGS_DIR."""
 
 import json
 import subprocess
@@ -32,6 +33,22 @@ SMALL_CONFIG = {
     "steps_per_eval": 5,
     "save_every": 5,
     "keep_last": 3,
+}
+
+# The real-model run the learning claims rest on (tests/test_smollm_train.py): SmolLM2-135M-
+# Instruct (make base-model), a small fixed budget - 4 LoRA blocks, 16 steps of 4 examples (2/3
+# of an epoch), ~1 min of 2 cores - with dropout on and a checkpoint every 4 steps, so that the
+# same run is also the uninterrupted reference of the kill -9 test.
+SMOLLM_CONFIG = {
+    "model": "models/smollm2-135m-instruct",
+    "num_layers": 4,
+    "lora_parameters": {"rank": 8, "scale": 10.0, "dropout": 0.05},
+    "batch_size": 4,
+    "iters": 16,
+    "learning_rate": 5e-4,
+    "lr_schedule": {"name": "cosine", "warmup": 2, "min_lr": 1e-4},
+    "steps_per_eval": 8,
+    "save_every": 4,
 }
 
 
@@ -141,6 +158,16 @@ def shared_base(tmp_path_factory):
 def reference_run(base):
     """The uninterrupted small run (30 steps) the resume tests compare against."""
     path, _ = trained(base / "ref", "run", base / "small.yaml", base / "data")
+    return path
+
+
+def smollm_reference_run(base):
+    """The uninterrupted SmolLM2 run (SMOLLM_CONFIG), trained once per session under `base`
+    (shared_base's folder); callers request the smollm_model fixture first."""
+    config = base / "smollm.yaml"
+    if not config.exists():
+        write_config(config, **SMOLLM_CONFIG)
+    path, _ = trained(base / "smollm", "run", config, base / "data")
     return path
 
 

@@ -34,8 +34,8 @@ def test_evaluate_writes_side_by_side_metrics(run):
             assert isinstance(r[key], (int, float)), (side, key)
         assert r["perplexity"] == pytest.approx(np.exp(r["loss"]), rel=1e-6)
         assert 0 <= r["exact_match"] <= 1 and 0 <= r["token_f1"] <= 1 and 0 <= r["chrf"] <= 100
-    assert report["fine_tuned"]["loss"] < report["base"]["loss"]
-    assert report["fine_tuned"]["chrf"] > report["base"]["chrf"]
+    # That the tuned model is nearer the answers than the base is claimed on a real model
+    # (test_smollm_train.py); the tiny random one only checks the report's plumbing.
     # the fine-tuned loss is the run's final validation loss: same examples, same loss
     meta = json.loads((run / "metadata.json").read_text())
     assert report["fine_tuned"]["loss"] == pytest.approx(meta["final_val_loss"], abs=1e-5)
