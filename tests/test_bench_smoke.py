@@ -81,6 +81,39 @@ def test_rows_tables_and_files(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_training_on_smollm2_rows_side_by_side_or_skipped():
+    from bench import training
+
+    s = lambda *v: report.summarize(list(v))
+    tr = {"model": "models/tiny-mistral", "batch_size": 4, "lora_rank": 8, "lora_layers": 4, "iters": 15}
+    runs = lambda *pairs: [{"tokens_per_s": t, "peak_mem_gb": m} for t, m in pairs]
+    tr["smollm2"] = {
+        "model": "models/smollm2-135m-instruct",
+        "iters": 10,
+        "steps_per_report": 5,
+        "ours": runs((110.0, 1.0), (90.0, 1.2)),
+        "mlx_lm_lora": runs((100.0, 1.1), (100.0, 1.1)),
+        "ours_summary": s(110.0, 90.0),
+        "mlx_lm_lora_summary": s(100.0, 100.0),
+        "ours_peak_summary": s(1.0, 1.2),
+        "mlx_lm_lora_peak_summary": s(1.1, 1.1),
+    }
+    speed, memory = training.real_rows({"training": tr})
+    assert speed["name"] == "training tokens/s (LoRA), SmolLM2" and speed["ratio"] == pytest.approx(1.0)
+    assert speed["paired_ratio"] == pytest.approx(1.0) and speed["met"] is True
+    assert memory["ours"] == pytest.approx(1.1) and memory["target"] == "<= 1" and memory["met"] is True
+    assert "models/smollm2-135m-instruct, batch 4, rank 8, 4 layers, 2 reps x 10 iters" in memory["note"]
+    tr["smollm2"]["ours_peak_summary"] = s(1.3, 1.3)
+    assert training.real_rows({"training": tr})[1]["met"] is False
+    tr["smollm2"] = {
+        "model": "models/smollm2-135m-instruct",
+        "skipped": "models/smollm2-135m-instruct is missing",
+    }
+    (row,) = training.real_rows({"training": tr})
+    assert row["ours"] is None and row["met"] is None and row["note"].startswith("skipped: models/smollm2")
+    assert training.real_rows({"training": {"model": "m"}}) == []  # runs recorded before SmolLM2
+
+
 def test_build_rows_and_section():
     from bench import run
 
@@ -452,7 +485,12 @@ def test_a_partial_run_keeps_the_whole_runs_results():
 # A full and a quick run recorded before bench/ was split into one module per measurement
 # (issue 25): the code of today must rebuild their rows, targets, plan and doc section exactly.
 COMMITTED_RUNS = ["2026-12-01-1250-vm.json", "2026-12-01-1233-vm-quick.json"]
-NEWER_SECTIONS = ("settings_", "llamacpp_", "lw_")  # plan keys of the measurements added after those runs
+NEWER_SECTIONS = (
+    "settings_",
+    "llamacpp_",
+    "lw_",
+    "train_real",
+)  # plan keys of the measurements added after those runs
 
 
 @pytest.mark.parametrize("name", COMMITTED_RUNS)
