@@ -37,7 +37,7 @@ SMALL_CONFIG = {
 
 # The real-model run the learning claims rest on (tests/test_smollm_train.py): SmolLM2-135M-
 # Instruct (make base-model), a small fixed budget - 4 LoRA blocks, 16 steps of 4 examples (2/3
-# of an epoch), ~1 min of 2 cores - with dropout on and a checkpoint every 4 steps, so that the
+# of an epoch), ~80 s of CPU time - with dropout on and a checkpoint every 4 steps, so that the
 # same run is also the uninterrupted reference of the kill -9 test.
 SMOLLM_CONFIG = {
     "model": "models/smollm2-135m-instruct",
