@@ -181,15 +181,16 @@ gguf-lora: $(STAMP) ## models/NAME's adapter as llama.cpp GGUF-LoRA (ggml-lora.g
 worker: $(STAMP) $(if $(filter llamacpp,$(ENGINE)),$(LLAMA_STAMP)) ## Run the NDJSON worker on models/NAME (stdin/stdout; ENGINE=llamacpp: its fused GGUF in llama.cpp)
 	$(PY) -m worker --adapter models/$(NAME) $(call opt,--model,$(MODEL)) $(if $(filter llamacpp,$(ENGINE)),--engine llamacpp $(call opt,--gguf,$(GGUF)))
 
-demo: $(STAMP) ## The whole job on the tiny model: data, train, eval, a worker round trip
-	@$(MAKE) --no-print-directory tiny-model
+demo: $(STAMP) ## The whole job on a real LLM (SmolLM2-135M-Instruct, offline): data, train, eval base vs tuned, a worker round trip
+	@$(MAKE) --no-print-directory base-model
 	$(MAKE) --no-print-directory data
-	$(MAKE) --no-print-directory train CONFIG=$(DEMO_CONFIG) NAME=$(DEMO_NAME) MODEL=models/tiny-mistral FRESH=1
+	$(MAKE) --no-print-directory train CONFIG=$(DEMO_CONFIG) NAME=$(DEMO_NAME) FRESH=1
 	$(MAKE) --no-print-directory eval NAME=$(DEMO_NAME)
 	@echo "--- worker round trip (python -m worker --adapter models/$(DEMO_NAME)) ---"
 	printf '%s\n' '{"id":"demo-1","prompt":"Em que ano foi fundado o Sporting Clube Farense?"}' \
 	  '{"id":"demo-2","prompt":"Qual é o estádio do Farense?","stream":true}' \
-	  | $(PY) -m worker --adapter models/$(DEMO_NAME)
+	  | $(PY) -m worker --adapter models/$(DEMO_NAME) \
+	  | $(PY) -m train.demo_check --expect 'demo-1=1910' --expect 'demo-2=São Luís'
 
 notebook: $(STAMP) ## Open notebooks/walkthrough.ipynb (data, training, loss curves, eval, chat) in JupyterLab, installed into .venv the first time
 	@$(PY) -c "import sys, jupyterlab; sys.exit(jupyterlab.__version__ != '$(JUPYTERLAB_VERSION)')" 2>/dev/null \

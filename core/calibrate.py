@@ -41,11 +41,13 @@ BUDGET_S = 60  # no round is started that would end later than this (at least 2 
 MARGIN = 0.05  # an alternative must beat the default by more than this in a role's score
 TOKENS = 8  # decode steps per item, mode and round
 TIMEOUT_S = 300  # one child process
-# the items timed (calibrate_work.SHAPES): one stream of the bench and SmolLM2-135M shapes (M=1
-# products, the kernel's dot products), 8 streams (its interleaved ones), a training step (large
-# products). The tiny model is left out (its products are too small for any choice to matter);
-# --decode/--train time others, e.g. decode:smollm2:16,train:smollm2.
-ROLES = {"decode": ["decode:bench:1", "decode:smollm2:1", "decode:bench:8"], "train": ["train:bench"]}
+# the items timed (calibrate_work.SHAPES): one stream of the bench shape (M=1 products, the
+# kernel's dot products), 8 streams (its interleaved ones), a training step (large products).
+# The tiny model is left out (its products are too small for any choice to matter); SmolLM2-135M's
+# one stream too: it ranked the 12 options as the bench shape's one stream did (2026-12-05, quiet
+# 2-core Xeon, docs/PERFORMANCE.md) and made two rounds take 68 s, over BUDGET_S.
+# --decode/--train time others, e.g. decode:smollm2:1,decode:smollm2:16,train:smollm2.
+ROLES = {"decode": ["decode:bench:1", "decode:bench:8"], "train": ["train:bench"]}
 DEFAULT_MODE = "all"  # what a process does with the kernel and no calibration
 MODE_SETTINGS = {
     "off": {"SMALL_GEMM": "0"},
@@ -85,8 +87,12 @@ def candidates(libs=None):
 
 
 def kernel_modes():
-    """The small_gemm row ranges to try: none where the kernel is not built or is turned off."""
-    if os.environ.get("SMALL_GEMM", "1").lower() in ("0", "off", "false", "no"):
+    """The small_gemm row ranges to try: none where the kernel is not built or is turned off by
+    hand (a SMALL_GEMM=0 that core.blas set from the stored choice does not count: measuring again
+    after a "kernel off" choice must try the kernel again)."""
+    automatic = set(filter(None, os.environ.get(blas.AUTO_KEYS, "").split(",")))
+    value = os.environ.get("SMALL_GEMM", "1")
+    if f"SMALL_GEMM={value}" not in automatic and value.lower() in ("0", "off", "false", "no"):
         return []
     try:
         lib = ctypes.CDLL(blas.SMALL_GEMM_PATH, mode=os.RTLD_LOCAL)

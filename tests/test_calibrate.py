@@ -314,3 +314,15 @@ def test_bench_settings_runs_each_candidate_for_real(monkeypatch):
     assert st["base"]["decode"] == calibrate.option_of(calibrate.current_settings(), st["results"], "decode")
     (row,) = settings.rows(ctx.res)
     assert row["ours"] > 0 and row["anchor"] > 0 and row["ours_label"] == st["base"]["decode"]
+
+
+def test_a_stored_kernel_off_choice_does_not_stop_the_next_calibration_trying_the_kernel(monkeypatch):
+    """core.blas sets SMALL_GEMM=0 from a stored "kernel off" choice (listed in FAST_BLAS_AUTO);
+    measuring again must still try the kernel. SMALL_GEMM=0 set by hand turns it off."""
+    if not os.path.exists(blas.SMALL_GEMM_PATH):
+        pytest.skip(f"{blas.SMALL_GEMM_PATH} is not built (make setup builds it)")
+    monkeypatch.setenv("SMALL_GEMM", "0")
+    monkeypatch.setenv(blas.AUTO_KEYS, "KMP_BLOCKTIME=200,SMALL_GEMM=0")
+    assert calibrate.kernel_modes() == list(calibrate.KERNEL_MODES)
+    monkeypatch.setenv(blas.AUTO_KEYS, "KMP_BLOCKTIME=200")
+    assert calibrate.kernel_modes() == []
