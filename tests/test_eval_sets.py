@@ -79,7 +79,10 @@ def test_near_copy_measure_catches_near_copies_and_passes_paraphrases():
     """Deliberate near copies of each sample question score >= NEAR_COPY; the paraphrases, worded
     as a fan would, stay below it with a margin."""
     rng = random.Random(0)
-    questions = [q for _, q in training_questions() if len(q.split()) >= 4]
+    # the sample's questions (the measure was calibrated on them; data/augment's shorter ones, such
+    # as "Quem é o Sporting Clube Farense?" -> "Quem é o Farense?" at 0.47, are checked for overlap
+    # with the evaluation sets by the test above, not used to calibrate)
+    questions = [q for at, q in training_questions() if at.startswith("data/sample/") and len(q.split()) >= 4]
 
     def variants(q):
         w = q.split()
