@@ -119,3 +119,34 @@ def test_a_removed_sequence_frees_its_slot(batch, prompts, alone):
     with pytest.raises(RuntimeError, match="batch is full"):
         for p in prompts:
             batch.insert(p, N)
+
+
+def test_a_newcomer_that_does_not_fit_the_kv_cache_waits_for_room(tiny_gguf):
+    """Two prompts of ~150 tokens in a KV cache of 256 cells: the second one's prompt waits while
+    the first generates (no error, as the 16-user bench met before), then runs in the cells the
+    first one frees; each answer is the one it gets alone."""
+    from worker.llamacpp_batch import LlamaCppBatch
+
+    path, tokenizer = tiny_gguf
+
+    def encode(text):
+        return prompt.encode_prompt(tokenizer, [{"role": "user", "content": text}], "És o assistente.")
+
+    long = []
+    for q in QUESTIONS[:2]:
+        text = q
+        while len(encode(text)) < 150:
+            text += " " + q
+        long.append(encode(text))
+    assert all(140 < len(ids) < 240 for ids in long), [len(ids) for ids in long]
+    model = llamacpp.load(path, n_ctx=512, threads=2)
+    alone = [llamacpp.greedy(model, ids, N)[0] for ids in long]
+    b = LlamaCppBatch(path, n_ctx=256, max_batch=2, stop_ids=(), threads=2, cache_slots=1, prefill_step=64)
+    try:
+        assert b.seqs.n_ctx < sum(len(ids) + N for ids in long)
+        first, second = b.insert(long[0], N), b.insert(long[1], N)
+        tokens, finish = run(b)
+    finally:
+        b.close()
+    assert [tokens[first], tokens[second]] == alone
+    assert finish == {first: "length", second: "length"}

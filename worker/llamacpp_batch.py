@@ -122,20 +122,21 @@ class LlamaCppBatch:
     # ---------------------------------------------------------------- decoding
     def next(self):
         """One llama_decode for the whole batch; the tokens sampled in it."""
-        work, budget = [], self.prefill_step
+        steps, chunks, budget = [], [], self.prefill_step
         for seq in self.live.values():
             if seq.todo:
-                if budget <= 0:
-                    continue
-                chunk, seq.todo = seq.todo[:budget], seq.todo[budget:]
-                budget -= len(chunk)
-                pos = len(seq.ids) - len(seq.todo) - len(chunk)
-                work.append(Work(seq.slot, chunk, pos, logits=not seq.todo))
+                if budget > 0:
+                    chunk = seq.todo[:budget]
+                    budget -= len(chunk)
+                    pos = len(seq.ids) - len(seq.todo)
+                    chunks.append((seq, Work(seq.slot, chunk, pos, logits=len(chunk) == len(seq.todo))))
             elif seq.logits is not None:
-                work.append(Work(seq.slot, [seq.ids[-1]], len(seq.ids) - 1))
-        if not work:
+                steps.append(Work(seq.slot, [seq.ids[-1]], len(seq.ids) - 1))
+        if not steps and not chunks:
             return []
-        logits = self._decode(work)
+        logits, prefilled = self._decode(steps, [w for _, w in chunks])
+        for seq, w in chunks[:prefilled]:
+            seq.todo = seq.todo[len(w.tokens) :]
         by_slot = {s.slot: s for s in self.live.values()}
         out = []
         for slot, row in logits.items():
@@ -150,16 +151,21 @@ class LlamaCppBatch:
                 out.append(Response(seq.uid, token, "length" if seq.generated >= seq.max_tokens else None))
         return out
 
-    def _decode(self, work):
-        try:
-            return self.seqs.decode(work)
-        except DecodeError:
-            if not self.cache:
-                raise
-            self._evict(0)  # no room in the KV cache: give up the cache entries, once
-            for w in work:  # the failed call may have kept part of the batch
-                self.seqs.drop(w.seq, w.pos)
-            return self.seqs.decode(work)
+    def _decode(self, steps, chunks):
+        """(logits by slot, how many of the prompt chunks were decoded). With no room in the KV
+        cache the cache entries are given up; if there is still none, newcomers' prompt chunks wait
+        for a later step (sequences that finish free their cells) and only the generating
+        sequences decode. Only when those alone do not fit is it an error."""
+        attempts = [chunks] + ([chunks] if self.cache else []) + ([[]] if chunks and steps else [])
+        for i, attempt in enumerate(attempts):
+            try:
+                return self.seqs.decode(steps + attempt), len(attempt)
+            except DecodeError:
+                if i == len(attempts) - 1:
+                    raise
+                for w in steps + attempt:  # the failed call may have kept part of the batch
+                    self.seqs.drop(w.seq, w.pos)
+                self._evict(0)
 
     def _sample(self, seq, logits):
         s = seq.sampling
