@@ -114,6 +114,7 @@ $(STAMP): requirements.txt requirements-cuda.txt requirements-mkl.txt core/nativ
 	  $(PY) -m pip uninstall --yes --quiet mkl intel-openmp tbb tcmlib umf intel-cmplr-lib-ur; fi
 	@bash .ci/install-blas.sh
 	@bash .ci/build-small-gemm.sh
+	@$(PY) -m core.calibrate --if-needed  # once per CPU (~1 min), so every first target has the choice
 	@rm -f $(VENV)/.setup-*
 	@touch $@
 
@@ -201,6 +202,9 @@ notebook: $(STAMP) ## Open notebooks/walkthrough.ipynb (data, training, loss cur
 browser: ## Install Chromium for the chat page's browser tests (apt-get, as root); elsewhere they are skipped with the reason
 	@bash .ci/install-chromium.sh
 
+# The suite's results must not depend on this machine's calibrated CPU choice (conftest sets the
+# same for pytest; this covers the shell and Node tests' workers too).
+test test-all test-repeat: export FAST_BLAS_CALIBRATION = 0
 test: $(STAMP) $(LLAMA_STAMP) node-setup lint browser ## Run the linters, then the test suite (Python, shell, Node, a headless browser); sets everything up itself
 	@$(MAKE) --no-print-directory tiny-model
 	$(PY) -m pytest -q -m "not slow" tests
