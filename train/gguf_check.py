@@ -5,6 +5,8 @@ against the model's tokenizer, texts tokenized with llama.cpp's sentencepiece al
 (spm_tokenize, in Python: fuse runs without llama.cpp installed), the template rendered by Jinja
 against core/prompt.py."""
 
+from train.gguf_import import LAYER_NAMES, TOP_NAMES
+
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # gguf TokenType = sentencepiece's
 F32, F16 = 0, 1  # GGMLQuantizationType
 
@@ -18,23 +20,13 @@ def hf_of(tokenizer):
 
 
 def expected_tensors(config):
-    """GGUF name -> mlx name, for a dense llama-architecture model (llama.cpp's names)."""
-    names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
-    if not config.get("tie_word_embeddings", False):
-        names["output.weight"] = "lm_head.weight"
-    parts = {
-        "attn_q": "self_attn.q_proj",
-        "attn_k": "self_attn.k_proj",
-        "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj",
-        "ffn_gate": "mlp.gate_proj",
-        "ffn_up": "mlp.up_proj",
-        "ffn_down": "mlp.down_proj",
-        "attn_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }
+    """GGUF name -> mlx name, for a dense llama-architecture model (llama.cpp's names, the map
+    make base-model reads GGUFs with)."""
+    names = {f"{g}.weight": f"{m}.weight" for g, m in TOP_NAMES.items()}
+    if config.get("tie_word_embeddings", False):
+        del names["output.weight"]
     for i in range(config["num_hidden_layers"]):
-        for g, m in parts.items():
+        for g, m in LAYER_NAMES.items():
             names[f"blk.{i}.{g}.weight"] = f"model.layers.{i}.{m}.weight"
     return names
 
