@@ -194,6 +194,7 @@ demo: $(STAMP) ## The whole job on a real LLM (SmolLM2-135M-Instruct, offline): 
 	  | $(PY) -m train.demo_check --expect 'demo-1=1910' --expect 'demo-2=São Luís'
 
 notebook: $(STAMP) ## Open notebooks/walkthrough.ipynb (data, training, loss curves, eval, chat) in JupyterLab, installed into .venv the first time
+	@$(MAKE) --no-print-directory base-model  # the demo's model, the notebook's default
 	@$(PY) -c "import sys, jupyterlab; sys.exit(jupyterlab.__version__ != '$(JUPYTERLAB_VERSION)')" 2>/dev/null \
 	  || { echo "notebook: installing jupyterlab==$(JUPYTERLAB_VERSION) into $(VENV)"; \
 	       $(PY) -m pip install --quiet --disable-pip-version-check jupyterlab==$(JUPYTERLAB_VERSION); }
