@@ -27,6 +27,7 @@ def demo(tmp_path_factory, smollm_model):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the shared run's training and evaluation count towards the first test
 def test_the_demo_recipe_teaches_smollm2_the_facts(demo):
     base_dir, report = demo
     base, tuned = report["base"], report["fine_tuned"]

@@ -76,8 +76,19 @@ def measure_training(model_path, batch, seq_len, grad_checkpoint, num_layers, ra
     (loss, _), grads = loss_and_grad(model, tokens, lengths)
     opt.update(model, grads)
     mx.eval(loss, grads, model.parameters(), opt.state)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {"weights": int(weights), "peak": int(mx.get_peak_memory()), "rss_peak": int(rss)}
+    return {"weights": int(weights), "peak": int(mx.get_peak_memory()), "rss_peak": rss_high_water()}
+
+
+def rss_high_water():
+    """This process's RSS high-water mark, bytes. On Linux VmHWM (this program's own): ru_maxrss
+    keeps the forking parent's across exec, so a child of a pytest that has grown to 2 GB
+    reported 2 GB (a fresh clone's full `make test`, 2026-12-05)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def measure_kv(model_path, n_tokens):
@@ -321,3 +332,15 @@ if __name__ == "__main__":
     else:
         out = measure_kv(rest[0], int(rest[1]))
     print(json.dumps(out))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's /proc")
+def test_the_rss_high_water_mark_is_the_programs_own_not_its_forking_parents():
+    """A child started by a 1 GiB process reports its own peak, not the parent's (ru_maxrss did)."""
+    ballast = bytearray(1 << 30)
+    ballast[:: 1 << 12] = b"\x01" * len(ballast[:: 1 << 12])  # every page resident
+    code = "import sys; sys.path.insert(0, 'tests'); from test_memory import rss_high_water; print(rss_high_water())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) < (1 << 30) // 2, proc.stdout
+    del ballast
