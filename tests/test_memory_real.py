@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from test_memory import run_measure  # noqa: E402
+from test_memory import high_water_mark, run_measure  # noqa: E402
 from worker_harness import Worker  # noqa: E402
 
 from bench.soak import SYSTEM  # noqa: E402  (the club's system prompt)
@@ -35,14 +35,6 @@ def test_training_step_of_smollm_is_predicted_within_20_percent(smollm_model):
     print(f"\nSMOLLM train: mlx {got['peak']} vs {predicted['total']}; rss {got['rss_peak']} vs {resident}")
     assert within(got["peak"], predicted["total"]), (got, predicted)
     assert within(got["rss_peak"], resident), (got, resident)
-
-
-def high_water_mark(pid):
-    """The process's RSS high-water mark (Linux: /proc/PID/status VmHWM), bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
 
 
 @pytest.mark.skipif(not STATUS.exists(), reason="reads the RSS high-water mark from /proc (Linux)")
