@@ -1,10 +1,11 @@
 """`make bench` section **llamacpp_workload**: the chatbot workload (bench/workload.jsonl, as the
 workload section replays it) through the worker's llama.cpp engine (`--engine llamacpp`) and
-through llama.cpp's own `llama-server` (make llama-server) on the same GGUF (the bench model's
-Q8_0) and threads, alternating, at 1/4/8/16 simulated users. llama-server runs with its best
+through llama.cpp's own `llama-server` (make llama-server) on the same GGUF (Q8_0 of
+SmolLM2-135M-Instruct, make base-model; of the random bench model in the quick run or without
+it) and threads, alternating, at 1/4/8/16 simulated users. llama-server runs with its best
 settings for a chatbot: parallel slots = users (a fresh server per level), continuous batching
-and its prompt cache (defaults), OpenAI chat endpoint rendering the GGUF's own template (which
-folds the system prompt as core/prompt.py does). Goal (issue 26): tokens/s >= 1.0x llama-server's
+and its prompt cache (defaults), OpenAI chat endpoint rendering the GGUF's own template (the
+same prompt ids as core/prompt.py's: the usage's prompt tokens are compared in the results). Goal (issue 26): tokens/s >= 1.0x llama-server's
 at 8 users with a p99 first token no worse. Skipped with a warning without llama.cpp or
 llama-server."""
 
@@ -15,15 +16,15 @@ from pathlib import Path
 
 from bench import chat_replay, report
 from bench.common import ROOT, log, rel, sub_env
-from bench.llamacpp import BENCH_REL, Server, gguf_files, server_binary
+from bench.llamacpp import BENCH_REL, SMOLLM2, Server, gguf_files, server_binary
 from bench.worker_client import WorkerProcess
 
 SECTION = "llamacpp_workload"
 PLAN = {
     "quick": dict(lw_model=BENCH_REL, lw_levels=(1, 4), lw_reps=1, lw_max_tokens=24, lw_conversations=4),
-    "full": dict(
-        lw_model=BENCH_REL, lw_levels=(1, 4, 8, 16), lw_reps=2, lw_max_tokens=64, lw_conversations=4
-    ),
+    # the real model: a random one's answers (control tokens, broken UTF-8) come back as text that
+    # each side writes differently, so follow-up turns would not carry the same history
+    "full": dict(lw_model=SMOLLM2, lw_levels=(1, 4, 8, 16), lw_reps=2, lw_max_tokens=64, lw_conversations=4),
 }
 GGUF_TYPE = "Q8_0"
 CONTEXT = 2048
@@ -44,6 +45,9 @@ def section(ctx):
         return
     plan, threads = ctx.plan, os.cpu_count() or 1
     model_dir = ROOT / plan["lw_model"]
+    if not (model_dir / "config.json").is_file():
+        ctx.warn(f"llamacpp_workload: {plan['lw_model']} is missing (make base-model): on {BENCH_REL}")
+        model_dir = ROOT / BENCH_REL
     gguf = gguf_files(model_dir, (GGUF_TYPE,))[GGUF_TYPE]
     system, convs = chat_replay.load()
     max_users = max(plan["lw_levels"])
@@ -52,7 +56,7 @@ def section(ctx):
     w = WorkerProcess(args, env=sub_env(), stderr_path=Path(ctx.tmp) / "worker-llamacpp.log")
     w.start()
     out = ctx.res[SECTION] = {
-        "model": plan["lw_model"],
+        "model": rel(model_dir),
         "gguf": rel(gguf),
         "levels": plan["lw_levels"],
         "max_tokens": plan["lw_max_tokens"],

@@ -14,8 +14,9 @@ model's prediction (issue 23 item 5; docs/MEMORY.md, "SmolLM2-135M on this machi
     the plan of this traffic;
 (c) both at once (a 16 GB Mac's situation: a worker serving while a new adapter trains).
 
-Measured per process: the RSS high-water mark (the kernel's: wait4's ru_maxrss; also sampled
-every 50 ms with psutil), and mlx's peak (training's metrics.jsonl, the worker's `stats`); for
+Measured per process: the RSS high-water mark (the kernel's: VmHWM, read every 50 ms while it
+runs; where there is no /proc, wait4's ru_maxrss, which on Linux would keep the forking parent's;
+RSS also sampled with psutil), and mlx's peak (training's metrics.jsonl, the worker's `stats`); for
 (c) the peak of the two RSS summed, sampled. Predicted: core.memory.training_peak (the longest
 batch, as train.py's check does) and the worker's own plan (`ready.limits.predicted_peak_bytes`,
 core.memory.worker_limits), each plus core.memory.RUNTIME_BYTES for the process itself. On Metal
@@ -50,11 +51,12 @@ MB = 1e6
 
 
 class Sampler(threading.Thread):
-    """RSS of some processes every `every` seconds: each one's maximum and the maximum sum."""
+    """RSS of some processes every `every` seconds: each one's maximum and the maximum sum; and
+    each one's high-water mark as the kernel counts it (VmHWM; none without /proc)."""
 
     def __init__(self, every=0.05):
         super().__init__(daemon=True)
-        self.every, self.procs, self.peak, self.peak_sum = every, {}, {}, 0
+        self.every, self.procs, self.peak, self.peak_sum, self.hwm = every, {}, {}, 0, {}
         self.halt = threading.Event()
 
     def watch(self, role, pid):
@@ -70,6 +72,9 @@ class Sampler(threading.Thread):
                     continue
                 self.peak[role] = max(self.peak.get(role, 0), rss)
                 total += rss
+                hwm = memory.high_water_mark(p.pid)  # None once it has exited
+                if hwm is not None:
+                    self.hwm[role] = max(self.hwm.get(role, 0), hwm)
             self.peak_sum = max(self.peak_sum, total)
             self.halt.wait(self.every)
 
@@ -78,10 +83,13 @@ class Sampler(threading.Thread):
         self.join()
 
 
-def reap(proc):
-    """Wait for a child: (exit code, its RSS high-water mark in bytes: the kernel's count)."""
+def reap(proc, sampler, role):
+    """Wait for a child: (exit code, its RSS high-water mark in bytes: the kernel's VmHWM as the
+    sampler last read it, or without /proc wait4's ru_maxrss)."""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if role in sampler.hwm:
+        return proc.returncode, sampler.hwm[role]
     per = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return proc.returncode, usage.ru_maxrss * per
 
@@ -154,8 +162,8 @@ def start_training(cfg, tmp, iters):
     )
 
 
-def finish_training(proc, tmp):
-    code, hwm = reap(proc)
+def finish_training(proc, tmp, sampler):
+    code, hwm = reap(proc, sampler, "train")
     if code != 0:
         tail = (tmp / "train.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"training exited {code}:\n{tail}")
@@ -215,10 +223,10 @@ def serve(w, system, questions, args, until=None):
     return len(done), top
 
 
-def close_worker(w):
+def close_worker(w, sampler):
     """Stop the worker (EOF) and reap it: its RSS high-water mark."""
     w.proc.stdin.close()
-    code, hwm = reap(w.proc)
+    code, hwm = reap(w.proc, sampler, "worker")
     w.close()
     if code != 0:
         raise RuntimeError(f"worker exited {code}")
@@ -278,7 +286,11 @@ def main(argv=None):
                "runtime_bytes": memory.RUNTIME_BYTES, "predicted": {"train": train_pred}}  # fmt: skip
         # the adapter the worker serves: training alone, or a short run when that phase is skipped
         proc = start_training(cfg, tmp, iters if "train" in phases else 1)
-        trained = finish_training(proc, tmp)
+        sampler = Sampler()
+        sampler.watch("train", proc.pid)
+        sampler.start()
+        trained = finish_training(proc, tmp, sampler)
+        sampler.stop()
         if "train" in phases:
             res["train"] = trained
         if "serve" in phases:
@@ -288,7 +300,7 @@ def main(argv=None):
             sampler.start()
             n, stats = serve(w, system, questions, args)
             res["predicted"]["serve"] = w.ready["limits"]["predicted_peak_bytes"] + memory.RUNTIME_BYTES
-            res["serve"] = {"hwm": close_worker(w), "mlx_peak": stats.get("peak_bytes", 0), "requests": n,
+            res["serve"] = {"hwm": close_worker(w, sampler), "mlx_peak": stats.get("peak_bytes", 0), "requests": n,
                             "stats": stats, "sampled": sampler.peak.get("worker", 0)}  # fmt: skip
             sampler.stop()
         if "both" in phases:
@@ -309,7 +321,7 @@ def together(cfg, tmp, args, context, system, questions, iters, res):
     sampler.start()
     # reaped by a thread of its own (wait4 gives its high-water mark; a poll() would reap it first)
     trained = {}
-    reaper = threading.Thread(target=lambda: trained.update(finish_training(proc, tmp)), daemon=True)
+    reaper = threading.Thread(target=lambda: trained.update(finish_training(proc, tmp, sampler)), daemon=True)
     reaper.start()
     n, stats = serve(w, system, questions, args, until=reaper)
     reaper.join()
@@ -317,7 +329,7 @@ def together(cfg, tmp, args, context, system, questions, iters, res):
         raise RuntimeError("training failed (its traceback above)")
     res["predicted"].setdefault("serve", w.ready["limits"]["predicted_peak_bytes"] + memory.RUNTIME_BYTES)
     out = {"train": trained, "requests": n}
-    out["serve"] = {"hwm": close_worker(w), "mlx_peak": stats.get("peak_bytes", 0)}
+    out["serve"] = {"hwm": close_worker(w, sampler), "mlx_peak": stats.get("peak_bytes", 0)}
     sampler.stop()
     out["peak_sum_sampled"] = sampler.peak_sum
     return out

@@ -17,6 +17,8 @@ Callers import this module; the names they use from the others are re-exported h
 code may import the module that holds a name).
 """
 
+from pathlib import Path
+
 from core.batch_probe import find_batch_size, optimizer_state_bytes
 from core.device import available_memory, device_memory, set_wired_limit
 from core.memory_model import (
@@ -75,6 +77,21 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- the budget now
+
+
+def high_water_mark(pid="self"):
+    """A running process's RSS high-water mark in bytes, the kernel's (Linux: VmHWM in
+    /proc/PID/status); None where there is no /proc. Not getrusage's ru_maxrss: Linux keeps the
+    forking parent's across exec, so a child of a 2 GB pytest 'peaked' at 2 GB (2026-12-05)."""
+    path = Path(f"/proc/{pid}/status")
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None  # a zombie: its memory is gone
 
 
 def budget(fraction, held=0, total=None, available=None):

@@ -88,7 +88,13 @@ def test_a_finished_prefix_serves_the_next_prompt_from_the_kv_cache(batch, promp
     from the cached sequence (all but its last token reused) and decodes as it would from scratch."""
     first = batch.insert(prompts[0], N)
     tokens, _ = run(batch)
-    assert batch.stats() == {"hits": 0, "misses": 1, "entries": 1, "tokens": len(prompts[0]) + N - 1}
+    assert batch.stats() == {
+        "hits": 0,
+        "misses": 1,
+        "entries": 1,
+        "tokens": len(prompts[0]) + N - 1,
+        "preempted": 0,
+    }
     follow = prompts[0] + tokens[first] + prompts[1][1:]
     uid = batch.insert(follow, N)
     assert batch.cached_tokens(uid) == len(prompts[0]) + N - 1
@@ -121,32 +127,89 @@ def test_a_removed_sequence_frees_its_slot(batch, prompts, alone):
             batch.insert(p, N)
 
 
+def long_prompts(tokenizer, lengths):
+    """Prompts of about the given token lengths (a question repeated)."""
+    out = []
+    for q, n in zip(QUESTIONS, lengths):
+        text = q
+        while (
+            len(
+                ids := prompt.encode_prompt(
+                    tokenizer, [{"role": "user", "content": text}], "És o assistente."
+                )
+            )
+            < n
+        ):
+            text += " " + q
+        out.append(ids)
+    return out
+
+
+def run_in_small_cache(tiny_gguf, prompts, n_tokens, insert_at, n_ctx=256):
+    """Each prompt inserted at its step (0: at once) into a batch of two in a KV cache of n_ctx
+    cells; (tokens per prompt, finish per prompt, the batch's stats, each prompt alone)."""
+    from worker.llamacpp_batch import LlamaCppBatch
+
+    path, _ = tiny_gguf
+    model = llamacpp.load(path, n_ctx=512, threads=2)
+    alone = [llamacpp.greedy(model, ids, n)[0] for ids, n in zip(prompts, n_tokens)]
+    b = LlamaCppBatch(path, n_ctx=n_ctx, max_batch=2, stop_ids=(), threads=2, cache_slots=1, prefill_step=64)
+    tokens, finish, uids, step = {}, {}, [], 0
+    try:
+        assert b.seqs.n_ctx < sum(len(ids) + n for ids, n in zip(prompts, n_tokens))
+        while len(uids) < len(prompts) or b.live:
+            while len(uids) < len(prompts) and insert_at[len(uids)] <= step:
+                uids.append(b.insert(prompts[len(uids)], n_tokens[len(uids)]))
+            for r in b.next():
+                tokens.setdefault(r.uid, []).append(r.token)
+                if r.finish_reason:
+                    finish[r.uid] = r.finish_reason
+                    b.remove([r.uid], keep=True)
+            step += 1
+            assert step < 2000, "the batch does not advance"
+        stats = b.stats()
+    finally:
+        b.close()
+    return [tokens[u] for u in uids], [finish[u] for u in uids], stats, alone
+
+
 def test_a_newcomer_that_does_not_fit_the_kv_cache_waits_for_room(tiny_gguf):
     """Two prompts of ~150 tokens in a KV cache of 256 cells: the second one's prompt waits while
     the first generates (no error, as the 16-user bench met before), then runs in the cells the
     first one frees; each answer is the one it gets alone."""
-    from worker.llamacpp_batch import LlamaCppBatch
+    prompts = long_prompts(tiny_gguf[1], (150, 150))
+    assert all(140 < len(ids) < 240 for ids in prompts), [len(ids) for ids in prompts]
+    tokens, finish, _, alone = run_in_small_cache(tiny_gguf, prompts, (N, N), (0, 0))
+    assert tokens == alone
+    assert finish == ["length", "length"]
 
-    path, tokenizer = tiny_gguf
 
-    def encode(text):
-        return prompt.encode_prompt(tokenizer, [{"role": "user", "content": text}], "És o assistente.")
+def test_a_partly_read_prompt_gives_its_cells_back_to_a_generating_sequence(tiny_gguf):
+    """The 16-user bench's failure (`llama_decode returned 1`): a newcomer read part of its long
+    prompt into the cells a generating sequence then needs. It gives them back and reads its
+    prompt again once the first sequence ends; each answer is the one it gets alone."""
+    prompts = long_prompts(tiny_gguf[1], (60, 220))
+    tokens, finish, stats, alone = run_in_small_cache(tiny_gguf, prompts, (150, 20), (0, 3))
+    assert stats["preempted"] >= 1  # the scenario happened
+    assert tokens == alone
+    assert finish == ["length", "length"]
 
-    long = []
-    for q in QUESTIONS[:2]:
-        text = q
-        while len(encode(text)) < 150:
-            text += " " + q
-        long.append(encode(text))
-    assert all(140 < len(ids) < 240 for ids in long), [len(ids) for ids in long]
-    model = llamacpp.load(path, n_ctx=512, threads=2)
-    alone = [llamacpp.greedy(model, ids, N)[0] for ids in long]
-    b = LlamaCppBatch(path, n_ctx=256, max_batch=2, stop_ids=(), threads=2, cache_slots=1, prefill_step=64)
-    try:
-        assert b.seqs.n_ctx < sum(len(ids) + N for ids in long)
-        first, second = b.insert(long[0], N), b.insert(long[1], N)
-        tokens, finish = run(b)
-    finally:
-        b.close()
-    assert [tokens[first], tokens[second]] == alone
-    assert finish == {first: "length", second: "length"}
+
+def test_two_generating_sequences_that_outgrow_the_kv_cache_take_turns(tiny_gguf):
+    """Two answers whose prompts fit together but whose lengths do not: the younger sequence is
+    preempted (its cells freed), the older finishes, and the younger reads its prompt and the
+    tokens it had generated again and goes on: no error, each answer the one it gets alone."""
+    prompts = long_prompts(tiny_gguf[1], (70, 70))
+    tokens, finish, stats, alone = run_in_small_cache(tiny_gguf, prompts, (120, 120), (0, 0))
+    assert stats["preempted"] >= 1
+    assert tokens == alone
+    assert finish == ["length", "length"]
+
+
+def test_a_sequence_longer_than_the_kv_cache_is_an_error(tiny_gguf):
+    """Alone and still no room: nothing is left to give up, and llama_decode's failure is raised."""
+    from worker.llamacpp_seqs import DecodeError
+
+    prompts = long_prompts(tiny_gguf[1], (70,))
+    with pytest.raises(DecodeError):
+        run_in_small_cache(tiny_gguf, prompts, (300,), (0,))

@@ -79,20 +79,13 @@ def measure_training(model_path, batch, seq_len, grad_checkpoint, num_layers, ra
     return {"weights": int(weights), "peak": int(mx.get_peak_memory()), "rss_peak": rss_high_water()}
 
 
-def high_water_mark(pid="self"):
-    """A process's RSS high-water mark (Linux: /proc/PID/status VmHWM), bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
-
-
 def rss_high_water():
     """This process's RSS high-water mark, bytes. On Linux VmHWM (this program's own): ru_maxrss
     keeps the forking parent's across exec, so a child of a pytest that has grown to 2 GB
     reported 2 GB (a fresh clone's full `make test`, 2026-12-05)."""
-    if Path("/proc/self/status").exists():
-        return high_water_mark()
+    hwm = memory.high_water_mark()
+    if hwm is not None:
+        return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 

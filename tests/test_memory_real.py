@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from test_memory import high_water_mark, run_measure  # noqa: E402
+from test_memory import run_measure  # noqa: E402
 from worker_harness import Worker  # noqa: E402
 
 from bench.soak import SYSTEM  # noqa: E402  (the club's system prompt)
@@ -58,7 +58,7 @@ def test_worker_serving_smollm_is_predicted_within_20_percent(smollm_model):
             assert done["type"] == "done", done
             assert done["usage"]["prompt_tokens"] + done["usage"]["completion_tokens"] == context, done
         stats = w.stats()
-        measured = high_water_mark(w.proc.pid)
+        measured = memory.high_water_mark(w.proc.pid)
     if stats["memory"]["resident_source"] != "rss":  # Metal/CUDA: mlx's buffers are not in the RSS
         measured += stats["memory"]["peak_bytes"]
     predicted = w.ready["limits"]["predicted_peak_bytes"] + memory.RUNTIME_BYTES

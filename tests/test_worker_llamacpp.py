@@ -105,3 +105,27 @@ def test_an_adapters_fused_gguf_is_served_with_its_metadata_and_base_pin(fused_r
     proc = worker(base, "--adapter", run)
     err = proc.stderr.decode()
     assert proc.returncode == 2 and "is not the one the adapter" in err, err[-2000:]
+
+
+def test_the_kv_cache_holds_every_sequences_context_within_the_memory_budget(tmp_path, monkeypatch):
+    """Pure sizing: context x --max-batch cells when the budget holds them beside the weights;
+    else as many as fit (whole 256-cell steps), never less than one context, and a warning that
+    says what to change. Mistral v0.3's shape: 128 KiB of float16 K and V per token."""
+    from core import memory
+    from worker.engine_llamacpp import kv_cells
+
+    config = {
+        "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32768,
+    }  # fmt: skip
+    gguf = tmp_path / "w.gguf"
+    gguf.write_bytes(b"\0" * 1000)
+    per_token = 2 * 32 * 8 * 128 * 2
+    monkeypatch.setattr(memory, "budget", lambda fraction: (1000 + 4096 * 8 * per_token, "given"))
+    assert kv_cells(config, 4096, 8, gguf, 0.8) == (4096 * 8, None)
+    monkeypatch.setattr(memory, "budget", lambda fraction: (1000 + 10_000 * per_token, "a small budget"))
+    cells, why = kv_cells(config, 4096, 8, gguf, 0.8)
+    assert cells == 9984  # 10,000 rounded down to 256s
+    assert "not 32768" in why and "a small budget" in why and "--max-batch" in why
+    monkeypatch.setattr(memory, "budget", lambda fraction: (500, "nothing"))
+    assert kv_cells(config, 4096, 8, gguf, 0.8)[0] == 4096

@@ -163,7 +163,7 @@ def load(args, log):
         from worker.engine_llamacpp import build
 
         args.tokenizer = tokenizer
-        engine, chosen = build(args, settings, context_length, log)
+        engine, chosen = build(args, settings, context_length, log, config)
         return settings, model, tokenizer, context_length, engine, chosen
     chosen = limits.choose(
         config,

@@ -8,6 +8,7 @@ The GGUF: a fused model's (make fuse), or a base's with the adapter converted to
 """
 
 import os
+from pathlib import Path
 
 from worker.llamacpp_batch import LlamaCppBatch, Sampling
 
@@ -80,11 +81,9 @@ class LlamaCppEngine:
         return allocator.memory_figures(gpu=False)
 
 
-def build(args, settings, context_length, log):
+def build(args, settings, context_length, log, config):
     """The engine for `python -m worker --engine llamacpp`: (engine, limits). Raises
     loading.LoadError (exit 2) for a missing llama.cpp, GGUF or a vocabulary that differs."""
-    from pathlib import Path
-
     from core import llamacpp
     from worker.loading import LoadError
 
@@ -107,7 +106,9 @@ def build(args, settings, context_length, log):
     if problem:
         raise LoadError(problem)
     max_batch = args.max_batch or 8
-    n_ctx = (context_length or 4096) * min(max_batch, 4)
+    n_ctx, capped = kv_cells(config, context_length or 4096, max_batch, gguf, args.memory_fraction)
+    if capped:
+        log.warning(capped)
     engine = LlamaCppEngine(
         gguf,
         tokenizer,
@@ -123,9 +124,34 @@ def build(args, settings, context_length, log):
         "prefill_step_size": engine.batch.prefill_step,
         "cache_limit_bytes": 0,
         "source": f"llama.cpp: {Path(gguf).name}{' + ' + Path(args.lora_gguf).name if args.lora_gguf else ''}, "
-        f"--max-batch {max_batch}, a KV cache of {n_ctx} tokens shared by the sequences",
+        f"--max-batch {max_batch}, a KV cache of {n_ctx} tokens ({engine.kv_budget / 2**20:.0f} MiB) shared by the sequences",
     }
     return engine, limits
+
+
+def kv_cells(config, context, max_batch, gguf, memory_fraction):
+    """(KV cache cells, why fewer than wanted or None). Wanted: every sequence's whole context,
+    context x max_batch, as llama-server's -c for --parallel. At most what the memory budget
+    (core.memory.budget) holds beside the GGUF's weights, and at least one context: a smaller
+    cache stays correct (sequences take turns: llamacpp_batch), only slower when it fills."""
+    from core import memory
+    from core.memory_model import shape_from_config
+
+    want = context * max_batch
+    s = shape_from_config(config)
+    per_token = 2 * s.layers * s.kv_heads * s.head_dim * 2  # K and V, float16 (llama.cpp's default)
+    budget, why = memory.budget(memory_fraction)
+    weights = Path(gguf).stat().st_size
+    room = max(budget - weights, 0) // per_token
+    if room >= want:
+        return want, None
+    cells = max(context, room // 256 * 256)
+    return cells, (
+        f"a KV cache of {cells} tokens, not {want} (context {context} x --max-batch {max_batch}): "
+        f"the memory budget is {why}, the GGUF's weights {weights / memory.GB:.1f} GB of it; "
+        "sequences take turns when it is full (lower --context-length or --max-batch, or raise "
+        "--memory-fraction)"
+    )
 
 
 def check_vocabulary(gguf, tokenizer):

@@ -74,7 +74,8 @@ class LlamaCppBatch:
         self.live = {}  # uid -> _Seq
         self.cache = OrderedDict()  # slot -> token ids held (least recently used first)
         self.next_uid = 0
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.preempted = 0
+        self.waiting = set()  # uids that gave up room: they read again once a sequence ends
         self.shared = np.random.default_rng()
 
     # ---------------------------------------------------------------- requests
@@ -110,6 +111,7 @@ class LlamaCppBatch:
             seq = self.live.pop(uid, None)
             if seq is None:
                 continue
+            self.waiting.clear()  # cells are freed: whoever waited for room may try again
             held = len(seq.ids) - len(seq.todo) - (1 if seq.logits is not None and seq.generated else 0)
             if keep and self.cache_slots and held > 0 and not seq.todo:
                 self.seqs.drop(seq.slot, held)  # positions past what is decoded
@@ -122,20 +124,11 @@ class LlamaCppBatch:
     # ---------------------------------------------------------------- decoding
     def next(self):
         """One llama_decode for the whole batch; the tokens sampled in it."""
-        steps, chunks, budget = [], [], self.prefill_step
-        for seq in self.live.values():
-            if seq.todo:
-                if budget > 0:
-                    chunk = seq.todo[:budget]
-                    budget -= len(chunk)
-                    pos = len(seq.ids) - len(seq.todo)
-                    chunks.append((seq, Work(seq.slot, chunk, pos, logits=len(chunk) == len(seq.todo))))
-            elif seq.logits is not None:
-                steps.append(Work(seq.slot, [seq.ids[-1]], len(seq.ids) - 1))
+        steps, chunks = self._plan()
         if not steps and not chunks:
             return []
-        logits, prefilled = self._decode(steps, [w for _, w in chunks])
-        for seq, w in chunks[:prefilled]:
+        logits, chunks = self._decode(steps, chunks)
+        for seq, w in chunks:
             seq.todo = seq.todo[len(w.tokens) :]
         by_slot = {s.slot: s for s in self.live.values()}
         out = []
@@ -151,21 +144,65 @@ class LlamaCppBatch:
                 out.append(Response(seq.uid, token, "length" if seq.generated >= seq.max_tokens else None))
         return out
 
+    def _plan(self):
+        """([(seq, Work)] one token for each generating sequence, [(seq, Work)] prompt chunks of at
+        most prefill_step tokens in all, oldest sequence first). A sequence that gave up its cells
+        for lack of room reads again only once a sequence has ended (else it would take the cells
+        back and lose them again), or when no sequence is generating."""
+        generating = any(not s.todo for s in self.live.values())
+        steps, chunks, budget = [], [], self.prefill_step
+        for seq in self.live.values():  # insertion order: oldest first
+            if not seq.todo:
+                steps.append((seq, Work(seq.slot, [seq.ids[-1]], len(seq.ids) - 1)))
+            elif budget > 0 and not (generating and seq.uid in self.waiting):
+                chunk = seq.todo[:budget]
+                budget -= len(chunk)
+                pos = len(seq.ids) - len(seq.todo)
+                chunks.append((seq, Work(seq.slot, chunk, pos, logits=len(chunk) == len(seq.todo))))
+        return steps, chunks
+
     def _decode(self, steps, chunks):
-        """(logits by slot, how many of the prompt chunks were decoded). With no room in the KV
-        cache the cache entries are given up; if there is still none, newcomers' prompt chunks wait
-        for a later step (sequences that finish free their cells) and only the generating
-        sequences decode. Only when those alone do not fit is it an error."""
-        attempts = [chunks] + ([chunks] if self.cache else []) + ([[]] if chunks and steps else [])
-        for i, attempt in enumerate(attempts):
+        """(logits by slot, the prompt chunks decoded). When the KV cache has no room for the
+        batch, room is made one give-up at a time (_make_room) until it fits."""
+        while True:
             try:
-                return self.seqs.decode(steps + attempt), len(attempt)
+                return self.seqs.decode([w for _, w in steps + chunks]), chunks
             except DecodeError:
-                if i == len(attempts) - 1:
-                    raise
-                for w in steps + attempt:  # the failed call may have kept part of the batch
+                for _, w in steps + chunks:  # the failed call may have kept part of the batch
                     self.seqs.drop(w.seq, w.pos)
-                self._evict(0)
+                if not self._make_room(steps, chunks):
+                    raise
+
+    def _make_room(self, steps, chunks):
+        """Give up one thing for room in the KV cache, cheapest first: the cache entries; a
+        prompt chunk (it waits, its sequence keeps its cells), youngest first; then the cells of
+        the youngest sequence holding some - a partly read prompt or a generating sequence, read
+        again later (vLLM's preemption by recomputation: its prompt and the tokens generated so
+        far; its answer goes on unchanged). The oldest sequence in the batch never yields, so
+        it always advances and, ending, frees room. False when nothing is left to give up: that
+        sequence alone does not fit (a prompt and answer longer than the KV cache)."""
+        if self.cache:
+            self._evict(0)
+            return True
+        if chunks and len(steps) + len(chunks) > 1:
+            seq, _ = max(chunks, key=lambda c: c[0].uid)
+            self._wait(seq, steps, chunks)
+            return True
+        oldest = min(seq.uid for seq, _ in steps + chunks)
+        holders = [s for s in self.live.values() if s.uid != oldest and len(s.ids) > len(s.todo)]
+        if not holders:
+            return False
+        seq = max(holders, key=lambda s: s.uid)
+        self.seqs.drop(seq.slot)
+        seq.todo = list(seq.ids)  # its last token's logits will be those a step would give
+        self.preempted += 1
+        self._wait(seq, steps, chunks)
+        return True
+
+    def _wait(self, seq, steps, chunks):
+        steps[:] = [(s, w) for s, w in steps if s is not seq]
+        chunks[:] = [(s, w) for s, w in chunks if s is not seq]
+        self.waiting.add(seq.uid)
 
     def _sample(self, seq, logits):
         s = seq.sampling
@@ -222,6 +259,7 @@ class LlamaCppBatch:
             "misses": self.misses,
             "entries": len(self.cache),
             "tokens": sum(map(len, self.cache.values())),
+            "preempted": self.preempted,
         }
 
     def close(self):
