@@ -46,15 +46,21 @@ def batch(tiny_gguf):
     b.close()
 
 
+def step(batch, tokens, finish):
+    """One next(): its tokens and finish reasons recorded per uid, ended sequences removed (kept
+    as cache entries, as the engine does)."""
+    for r in batch.next():
+        tokens.setdefault(r.uid, []).append(r.token)
+        if r.finish_reason:
+            finish[r.uid] = r.finish_reason
+            batch.remove([r.uid], keep=True)
+
+
 def run(batch, until=None):
     """next() until every live sequence ended (or `until` steps); tokens and finish per uid."""
     tokens, finish, steps = {}, {}, 0
     while batch.live and (until is None or steps < until):
-        for r in batch.next():
-            tokens.setdefault(r.uid, []).append(r.token)
-            if r.finish_reason:
-                finish[r.uid] = r.finish_reason
-                batch.remove([r.uid], keep=True)
+        step(batch, tokens, finish)
         steps += 1
     return tokens, finish
 
@@ -154,19 +160,15 @@ def run_in_small_cache(tiny_gguf, prompts, n_tokens, insert_at, n_ctx=256):
     model = llamacpp.load(path, n_ctx=512, threads=2)
     alone = [llamacpp.greedy(model, ids, n)[0] for ids, n in zip(prompts, n_tokens)]
     b = LlamaCppBatch(path, n_ctx=n_ctx, max_batch=2, stop_ids=(), threads=2, cache_slots=1, prefill_step=64)
-    tokens, finish, uids, step = {}, {}, [], 0
+    tokens, finish, uids, steps = {}, {}, [], 0
     try:
         assert b.seqs.n_ctx < sum(len(ids) + n for ids, n in zip(prompts, n_tokens))
         while len(uids) < len(prompts) or b.live:
-            while len(uids) < len(prompts) and insert_at[len(uids)] <= step:
+            while len(uids) < len(prompts) and insert_at[len(uids)] <= steps:
                 uids.append(b.insert(prompts[len(uids)], n_tokens[len(uids)]))
-            for r in b.next():
-                tokens.setdefault(r.uid, []).append(r.token)
-                if r.finish_reason:
-                    finish[r.uid] = r.finish_reason
-                    b.remove([r.uid], keep=True)
-            step += 1
-            assert step < 2000, "the batch does not advance"
+            step(b, tokens, finish)
+            steps += 1
+            assert steps < 2000, "the batch does not advance"
         stats = b.stats()
     finally:
         b.close()
