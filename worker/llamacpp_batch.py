@@ -12,6 +12,10 @@ of its stop tokens (the end-of-sequence ids; none with ignore_eos) or at max_tok
 Prefix reuse: a finished sequence stays in the KV cache as a cache entry (up to `cache_slots`,
 least recently used evicted); a new prompt starts from the longest common prefix with any
 sequence held, copied by llama_memory_seq_cp (shared cells: nothing is recomputed or copied).
+
+A full KV cache fails no sequence that fits alone: the step gives up room until the batch fits
+(_make_room: cache entries, then prompt chunks, then the youngest sequence's cells, read again
+later), one more llama_decode attempt each time.
 """
 
 from collections import OrderedDict
