@@ -3,6 +3,7 @@ layer 4-bit, like mlx-community/Mistral-7B-Instruct-v0.3-4bit) through training,
 resume, best/, the worker and `make eval`; and user text with control-token strings through
 the real worker."""
 
+import json
 import os
 import signal
 import subprocess
@@ -159,55 +160,82 @@ def test_a_conversation_the_template_cannot_train_stops_with_file_and_line(share
 # --------------------------------------------------------------------------- train/serve parity (slow)
 
 
-def exact_answers_through_the_worker(adapter, conversations):
-    """How many training questions the worker answers with exactly their training answer."""
-    w = Worker("--context-length", "2048", adapter=adapter)
+def answers_through_the_worker(adapter, conversations):
+    """The worker's greedy answer to each conversation's question (the system message left to
+    the worker, which adds it from metadata.json) and its prompt length, one request at a time
+    without the prefix cache, so each answer is computed as a lone generation is."""
+    w = Worker("--context-length", "2048", "--prefix-cache-bytes", "0", adapter=adapter)
     try:
-        for i, messages in enumerate(conversations):
-            w.send(
-                {
-                    "id": f"q{i}",
-                    "messages": [m for m in messages[:-1] if m["role"] != "system"],
-                    "max_tokens": 80,
-                }
+        done = [
+            w.request(
+                f"q{i}",
+                timeout=300,
+                messages=[m for m in messages[:-1] if m["role"] != "system"],
+                max_tokens=ANSWER_TOKENS,
             )
-        done = [w.terminal(f"q{i}", timeout=300) for i in range(len(conversations))]
+            for i, messages in enumerate(conversations)
+        ]
     finally:
         w.close()
-    return sum(d["text"].strip() == m[-1]["content"].strip() for d, m in zip(done, conversations))
+    assert all(d["type"] == "done" for d in done), [d for d in done if d["type"] != "done"][:3]
+    return [(d["text"].strip(), d["usage"]["prompt_tokens"]) for d in done]
+
+
+def trained_model(run):
+    """The trained model (base + adapter) and its tokenizer, loaded as `make eval` loads them."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    from train import eval_model
+
+    meta = json.loads((run / "metadata.json").read_text())
+    model, tokenizer = eval_model.load_base(meta["base_model_path"], meta)
+    load_adapters(model, str(run))
+    return model, tokenizer, meta
+
+
+ANSWER_TOKENS = 80
 
 
 @pytest.mark.slow
-def test_a_model_trained_with_a_system_prompt_answers_as_well_through_the_worker(shared):
-    """The system prompt is trained where it is served (folded into the first turn), so it costs
-    nothing: with it the worker (which adds it from metadata.json) reproduces as many training
-    answers as without it."""
-    import json
+def test_a_model_trained_with_a_system_prompt_answers_through_the_worker_as_it_was_trained(shared):
+    """The system prompt is trained where it is served. For every training conversation the
+    worker, given the questions without the system message, builds the prompt that training
+    learned from (the same length as the training example's masked prefix), and its greedy
+    answer is the one the trained model gives in-process on training's own prompt ids. Many of
+    those answers are the training answers: the model learned through the system prompt.
 
+    What this test used to compare, "as many training answers right as a model trained without
+    a system prompt (within 5%)", is no property of the code: two trainings of a random
+    1.3M-parameter model on sequences of different lengths are two trajectories that diverge
+    (59 against 69 of 96 here, within the margin where it landed). Whether a real model
+    learns as well with the club's system prompt is `make eval`'s to measure on SmolLM2."""
     from train import batches
 
     demo = ROOT / "tests" / "fixtures" / "tiny-demo.yaml"
     split = batches.read_split(shared / "data" / "train.jsonl")
     assert all(m[0]["role"] == "system" for m in split.conversations)
-    plain = shared / "data-no-system"
-    plain.mkdir(exist_ok=True)
-    for name in ("train", "valid"):
-        rows = batches.read_split(shared / "data" / f"{name}.jsonl").conversations
-        (plain / f"{name}.jsonl").write_text(
-            "".join(
-                json.dumps({"messages": [m for m in c if m["role"] != "system"]}, ensure_ascii=False) + "\n"
-                for c in rows
-            ),
-            encoding="utf-8",
-        )
-    with_system, _ = trained(shared / "tiny-demo", "demo", demo, shared / "data")
-    without, _ = trained(shared / "tiny-demo-plain", "demo", demo, plain)
-    assert json.loads((with_system / "metadata.json").read_text())["system_prompt"]
-    n = len(split.conversations)
-    got_with = exact_answers_through_the_worker(with_system, split.conversations)
-    got_without = exact_answers_through_the_worker(without, split.conversations)
-    print(
-        f"exact training answers through the worker: with system prompt {got_with}/{n}, without {got_without}/{n}"
+    run, _ = trained(shared / "tiny-demo", "demo", demo, shared / "data")
+    model, tokenizer, meta = trained_model(run)
+    assert meta["system_prompt"] == split.conversations[0][0]["content"]
+    encoded = batches.encode(
+        tokenizer, split.conversations, meta["system_prompt"], True, meta["max_seq_length"]
     )
-    assert got_with > n / 2
-    assert got_with >= got_without - n // 20
+    assert len(encoded.examples) == len(split.conversations) and not encoded.truncated
+    prompts = [ids[:offset] for ids, offset in encoded.examples]
+    from mlx_lm import generate
+
+    model_answers = [generate(model, tokenizer, ids, max_tokens=ANSWER_TOKENS).strip() for ids in prompts]
+    del model
+    served = answers_through_the_worker(run, split.conversations)
+
+    assert [n for _, n in served] == [len(p) for p in prompts], "the worker's prompts are not training's"
+    differ = [(i, s, m) for i, ((s, _), m) in enumerate(zip(served, model_answers)) if s != m]
+    assert not differ, (
+        f"{len(differ)} answers differ between the worker and training's prompt ids: {differ[:3]}"
+    )
+    right = sum(s == c[-1]["content"].strip() for (s, _), c in zip(served, split.conversations))
+    n = len(split.conversations)
+    print(f"training answers given exactly through the worker: {right}/{n}")
+    # The base model gives none of them. How many the toy memorises in 700 steps depends on the
+    # machine's kernels (48, 59 and 63 of 84-96 seen): a quarter is half the lowest.
+    assert right >= n // 4
