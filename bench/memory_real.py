@@ -90,8 +90,7 @@ def reap(proc, sampler, role):
     proc.returncode = os.waitstatus_to_exitcode(status)
     if role in sampler.hwm:
         return proc.returncode, sampler.hwm[role]
-    per = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return proc.returncode, usage.ru_maxrss * per
+    return proc.returncode, memory.maxrss_bytes(usage)
 
 
 def prepare(tmp, args):

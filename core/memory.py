@@ -17,6 +17,7 @@ Callers import this module; the names they use from the others are re-exported h
 code may import the module that holds a name).
 """
 
+import sys
 from pathlib import Path
 
 from core.batch_probe import find_batch_size, optimizer_state_bytes
@@ -92,6 +93,12 @@ def high_water_mark(pid="self"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return None  # a zombie: its memory is gone
+
+
+def maxrss_bytes(usage):
+    """A getrusage/wait4 result's ru_maxrss in bytes (macOS counts bytes, Linux KiB): the
+    high-water mark where there is no /proc, the forking parent's included on Linux."""
+    return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def budget(fraction, held=0, total=None, available=None):

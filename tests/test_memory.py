@@ -86,7 +86,7 @@ def rss_high_water():
     hwm = memory.high_water_mark()
     if hwm is not None:
         return hwm
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return memory.maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF))
 
 
 def measure_kv(model_path, n_tokens):
