@@ -36,9 +36,11 @@ def test_evaluate_writes_side_by_side_metrics(run):
         assert 0 <= r["exact_match"] <= 1 and 0 <= r["token_f1"] <= 1 and 0 <= r["chrf"] <= 100
     # That the tuned model is nearer the answers than the base is claimed on a real model
     # (test_smollm_train.py); the tiny random one only checks the report's plumbing.
-    # the fine-tuned loss is the run's final validation loss: same examples, same loss
+    # the fine-tuned model is the adapter shipped, the best one: its loss is the run's best
+    # validation loss (same examples, same loss). Not the final one: the best step depends on
+    # the machine's kernels (15 of 30 in a fresh clone's CI, 2026-12-06: 0.8475 against 0.8588).
     meta = json.loads((run / "metadata.json").read_text())
-    assert report["fine_tuned"]["loss"] == pytest.approx(meta["final_val_loss"], abs=1e-5)
+    assert report["fine_tuned"]["loss"] == pytest.approx(meta["best_val_loss"], abs=1e-5)
     assert report["base"]["loss"] == pytest.approx(metrics(base, "run")[0]["val_loss"], abs=1e-5)
     assert len(report["examples"]) == 11
     ex = report["examples"][0]

