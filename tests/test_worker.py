@@ -299,14 +299,14 @@ def test_prefix_cache_reuses_a_long_system_prompt(w, engine_args):
     second = w.request("pc2", messages=msgs(PROMPT), max_tokens=40)
     assert second["usage"]["cached_tokens"] > 500, second
     # The same answer as a worker of the same engine without a prefix cache (uncached, greedy).
-    # (It was compared with the mlx engine's, whichever engine served: llama.cpp's f16 GGUF of
-    # the tiny model went another way after 99 characters once earlier tests had filled the cache.)
+    # (It used to be the mlx engine's, whichever engine served: llama.cpp's f16 GGUF of the tiny
+    # model was then held to float32 mlx's answer, and went another way after 99 characters.)
     with Worker(*CONTEXT_2048, *engine_args, "--prefix-cache-bytes", "0") as fresh:
         ref = fresh.request("pc2", messages=msgs(PROMPT), max_tokens=40)
         assert ref["usage"]["cached_tokens"] == 0
         assert fresh.stats()["prefix_cache"]["entries"] == 0
     assert second["text"] == ref["text"]
-    # An exact repeat is served from the cache too, with the same text.
+    # An exact repeat is served from the cache too, with the same text on mlx.
     third = w.request("pc3", messages=msgs(PROMPT), max_tokens=40)
     assert third["usage"]["cached_tokens"] >= second["usage"]["prompt_tokens"] - 1
     if not engine_args:
