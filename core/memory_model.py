@@ -166,7 +166,9 @@ def activation_bytes_per_token(s, seq_len, num_layers=16, grad_checkpoint=False)
     probabilities (heads x seq_len per token; blocks below the adapted ones keep nothing);
     with it every block keeps only its input (twice: input and residual), and one block at a
     time recomputes the rest (with SCORES_CHECKPOINTED score matrices in flight). Plus the
-    logits and their gradients (float32 copies of vocab per token)."""
+    logits and their gradients (float32 copies of vocab per token), counted for every token:
+    train/loss.py computes them at the loss targets only, so with the prompts masked this is
+    an upper bound."""
     a = s.dtype_bytes
     block = ACT_FACTOR * _block_activations(s) * a
     scores = s.heads * seq_len * a

@@ -50,11 +50,11 @@ def measure_training(model_path, batch, seq_len, grad_checkpoint, num_layers, ra
     import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx_lm import load
-    from mlx_lm.tuner.trainer import default_loss
     from mlx_lm.tuner.trainer import grad_checkpoint as checkpoint
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     import train  # noqa: F401  (fast BLAS before mlx)
+    from train.loss import TargetLoss
 
     model, _ = load(str(model_path))
     mx.eval(model.parameters())
@@ -68,7 +68,7 @@ def measure_training(model_path, batch, seq_len, grad_checkpoint, num_layers, ra
     mx.eval(model.parameters(), opt.state)
     tokens = mx.random.randint(5, model.args.vocab_size, (batch, seq_len + 1)).astype(mx.int32)
     lengths = mx.array([[1, seq_len]] * batch, dtype=mx.int32)
-    loss_and_grad = nn.value_and_grad(model, default_loss)
+    loss_and_grad = nn.value_and_grad(model, TargetLoss(model).mean_loss)
     model.train()
     mx.synchronize()
     mx.clear_cache()

@@ -27,12 +27,12 @@ def probe_with_budget(where):
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm import load
-    from mlx_lm.tuner.trainer import default_loss
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     import train  # noqa: F401
     from core import memory
     from train import batches
+    from train.loss import TargetLoss
 
     model, _ = load(str(ROOT / "models" / "tiny-mistral"))
     model.freeze()
@@ -54,7 +54,7 @@ def probe_with_budget(where):
     try:
         b, why, gc = memory.choose_batch_size(
             model,
-            nn.value_and_grad(model, default_loss),
+            nn.value_and_grad(model, TargetLoss(model).mean_loss),
             examples,
             batches.collate,
             max_batch_size=8,

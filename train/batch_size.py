@@ -50,7 +50,8 @@ def probe_batch_size(cfg, inputs, dist):
     """The largest batch that fits memory. Every process probes at once; those on one machine
     share its memory. The run takes the smallest choice, so it fits everywhere."""
     import mlx.nn as nn
-    from mlx_lm.tuner.trainer import default_loss
+
+    from train.loss import TargetLoss
 
     model = inputs.model
     extra = memory.optimizer_state_bytes(model, str(cfg["optimizer"]).lower())
@@ -64,7 +65,7 @@ def probe_batch_size(cfg, inputs, dist):
     try:
         batch_size, why = memory.auto_batch_size(
             model,
-            nn.value_and_grad(model, default_loss),
+            nn.value_and_grad(model, TargetLoss(model).mean_loss),
             inputs.train_set,
             batches.collate,
             cfg,

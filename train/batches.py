@@ -192,9 +192,10 @@ def evaluate_loss(model, examples, batch_size, num_batches=-1, loss_fn=None, ran
     its shard of every batch and all_sum((loss sum, token count)) adds them up across the
     processes, so every one returns what a single process would."""
     import mlx.core as mx
-    from mlx_lm.tuner.trainer import default_loss
 
-    loss_fn = loss_fn or default_loss
+    from train.loss import TargetLoss
+
+    loss_fn = loss_fn or TargetLoss(model).mean_loss
     batches = make_batches(examples, batch_size)
     if num_batches is not None and num_batches >= 0:
         batches = batches[:num_batches]

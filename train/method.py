@@ -1,7 +1,7 @@
 """The method, as mlx-lm's tuner sets it up: adapters on the frozen base (add_adapters: LoRA,
 DoRA or full weights of the top num_layers blocks), the optimizer with its learning-rate
-schedule (make_optimizer, set_tree_leaves to put a checkpoint's state back) and the loss
-(sum_loss: summed over the targets, divided by the global batch's target count)."""
+schedule (make_optimizer, set_tree_leaves to put a checkpoint's state back). The loss is
+train/loss.py's."""
 
 from core import schedules
 from core.config import ConfigError
@@ -65,18 +65,3 @@ def set_tree_leaves(tree, flat):
             node[int(parts[-1])] = value
         else:
             node[parts[-1]] = value
-
-
-def sum_loss(model, batch, lengths, global_count):
-    """default_loss in its sum form: (this share's loss sum / the global batch's target count,
-    the loss sum). mlx-lm's default_loss returns the mean over this share's targets, which
-    would weigh the processes' shares equally instead of by their targets."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(inputs)
-    steps = mx.arange(1, targets.shape[1] + 1)
-    mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
-    total = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
-    return total / global_count, total

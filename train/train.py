@@ -15,12 +15,12 @@ bottom: the config (options.py) -> the base and the data, adapters added (inputs
 method.py) -> where to start: the newest intact checkpoint, --resume PATH, or step 0
 (resume.py) -> the batch size (batch_size.py) -> restore (Trainer.restore) -> fit: for each
 step seed the RNG from (seed, step), take the next batches of the epoch's fixed order
-(batches.py), forward/backward, stop on a non-finite loss, update (Trainer.train_step); report
-(progress.py), evaluate, keep the best and count patience (validate_and_track,
-state.RunState.record_val), checkpoint (save, checkpoint.py) -> write the bundle
-(write_outputs, bundle.py). Everything a step depends on is a function of the checkpoint, so
-an interrupted run (Ctrl-C, kill -9, power loss) rerun with the same command ends where an
-uninterrupted one ends.
+(batches.py), forward/backward (loss.py: the output layer at the answer tokens only), stop
+on a non-finite loss, update (Trainer.train_step); report (progress.py), evaluate, keep the
+best and count patience (validate_and_track, state.RunState.record_val), checkpoint (save,
+checkpoint.py) -> write the bundle (write_outputs, bundle.py). Everything a step depends on
+is a function of the checkpoint, so an interrupted run (Ctrl-C, kill -9, power loss) rerun
+with the same command ends where an uninterrupted one ends.
 
 Several processes (`make train NPROC=2`, `HOSTFILE=hosts.json`; train.launch starts them
 through mlx.launch): each process (rank) takes its share of every batch (batches.shard), the
@@ -57,7 +57,8 @@ from train.batch_size import choose_batch_size
 from train.dist import Dist, PeerLost
 from train.exits import EXIT_INTERRUPTED, EXIT_IO, EXIT_PEER, Stop, ended, non_finite
 from train.inputs import load_inputs
-from train.method import make_optimizer, sum_loss
+from train.loss import TargetLoss
+from train.method import make_optimizer
 from train.options import parse_args, resolve_config
 from train.resume import (
     already_complete,
@@ -114,7 +115,8 @@ class Trainer:
         self.global_batch_size = batch_size * DIST.size
         self.train_batches = batches.make_batches(inputs.train_set, self.global_batch_size)
         self.accum = cfg["grad_accumulation_steps"]
-        self.loss_and_grad = nn.value_and_grad(self.model, sum_loss)
+        self.loss = TargetLoss(self.model)
+        self.loss_and_grad = nn.value_and_grad(self.model, self.loss.sum_loss)
         self.optimizer = make_optimizer(cfg)
         self.optimizer.init(self.model.trainable_parameters())
         self.adapter_config = dict(
@@ -307,6 +309,7 @@ class Trainer:
             self.inputs.valid_set,
             self.global_batch_size,
             self.cfg["val_batches"],
+            loss_fn=self.loss.mean_loss,
             rank=DIST.rank,
             size=DIST.size,
             all_sum=DIST.all_sum_floats,

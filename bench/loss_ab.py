@@ -1,0 +1,94 @@
+"""The trainer's loss (train/loss.py: the output layer at the targets only) against mlx-lm's
+default_loss (every position's logits), one training step's forward and backward each, on the
+same real batches, alternating in one process:
+
+    python -m bench.loss_ab --model models/smollm2-135m-instruct --data data [--batches 8]
+
+Adapters as train/demo.yaml sets them (top 8 blocks, rank 16), the prepared training split
+encoded with the model's template and the data's system prompt, batches of 4 as the trainer
+forms them (similar lengths together, prompts masked). Each round runs every batch with one
+loss, then with the other (who goes first alternates), so each loss finds the allocator's
+buffers as a training run leaves them. Prints, per loss, the median seconds per step and the
+peak memory, then the median of the rounds' ratios (default_loss time over ours) and the
+largest relative difference between the two losses on a batch.
+"""
+
+import argparse
+import statistics
+import time
+
+import train  # noqa: F401  (the optimised BLAS before mlx)
+from train import batches
+from train.loss import TargetLoss
+from train.method import add_adapters
+
+LORA = {"fine_tune_type": "lora", "num_layers": 8, "grad_checkpoint": False}
+LORA["lora_parameters"] = {"rank": 16, "scale": 10.0, "dropout": 0.0}
+
+
+def real_batches(tokenizer, data_dir, batch_size, count):
+    split = batches.read_split(f"{data_dir}/train.jsonl")
+    system = batches.common_system_prompt(split.conversations)  # the one `make data` put there
+    enc = batches.encode(tokenizer, split.conversations, system, True, 512, "last", split.where)
+    groups = batches.make_batches(enc.examples, batch_size)
+    step = max(len(groups) // count, 1)  # spread over the lengths: short and long batches
+    return [batches.collate(enc.examples, g) for g in groups[::step][:count]]
+
+
+def timed_round(fn, batches_, with_count):
+    """Seconds of one pass over the batches (the first left out: it sets up the allocator's
+    buffers for this loss), the peak memory, the losses' sums."""
+    import mlx.core as mx
+
+    seconds, sums = 0.0, []
+    mx.reset_peak_memory()
+    for n, (batch, lengths, _) in enumerate(batches_):
+        start = time.perf_counter()
+        (loss, count), grads = fn(*((batch, lengths, 1.0) if with_count else (batch, lengths)))
+        mx.eval(loss, count, grads)
+        seconds += (time.perf_counter() - start) if n else 0.0
+        sums.append(loss.item() * (1.0 if with_count else count.item()))
+    return seconds, mx.get_peak_memory(), sums
+
+
+def main(argv=None):
+    import mlx.nn as nn
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.utils import load
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", default="data")
+    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    model, tokenizer = load(args.model)
+    add_adapters(model, LORA)
+    ours = TargetLoss(model)
+    print(f"model {args.model}: output layer at the targets only: {ours.targets_only}")
+    runs = {
+        "default_loss": (lambda b, lens: nn.value_and_grad(model, default_loss)(model, b, lens), False),
+        "ours": (lambda b, lens, n: nn.value_and_grad(model, ours.sum_loss)(model, b, lens, n), True),
+    }
+    data = real_batches(tokenizer, args.data, 4, args.batches + 1)
+    times, peaks, worst = {k: [] for k in runs}, dict.fromkeys(runs, 0), 0.0
+    for r in range(args.rounds):
+        results = {}
+        for name in list(runs)[:: 1 if r % 2 == 0 else -1]:  # who goes first alternates
+            fn, with_count = runs[name]
+            seconds, peak, sums = timed_round(fn, data, with_count)
+            times[name].append(seconds), results.setdefault(name, sums)
+            peaks[name] = max(peaks[name], peak)
+        worst = max([worst] + [abs(a - b) / abs(b) for a, b in zip(results["ours"], results["default_loss"])])
+    ratios = [a / b for a, b in zip(times["default_loss"], times["ours"])]
+    steps = len(data) - 1
+    for name, ts in times.items():
+        print(
+            f"{name:>12}: {statistics.median(ts) / steps:.3f} s/step (median of {len(ts)} rounds of {steps}), peak {peaks[name] / 1e6:,.0f} MB"
+        )
+    print(f"default_loss / ours, median of the rounds' ratios: {statistics.median(ratios):.2f}x")
+    print(f"largest relative difference of the losses: {worst:.1e}")
+
+
+if __name__ == "__main__":
+    main()

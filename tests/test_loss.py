@@ -1,0 +1,120 @@
+"""train/loss.py: the loss with the output layer at the targets only equals mlx-lm's
+default_loss (value and LoRA gradients) on the toy model (untied output layer), its 4-bit
+sibling and SmolLM2 (tied, a real LLM), and falls back to every logit where the model's
+output is not head(body(x))."""
+
+import random
+
+import numpy as np
+import pytest
+
+from train.loss import TargetLoss, target_rows
+
+
+def mask_rows(lengths, width):
+    """default_loss's own mask (mlx_lm/tuner/trainer.py), flattened: the independent reference."""
+    steps = np.arange(1, width + 1)
+    lengths = np.asarray(lengths)
+    mask = (steps >= lengths[:, 0:1]) & (steps <= lengths[:, 1:])
+    return np.flatnonzero(mask.ravel())
+
+
+def test_target_rows_are_the_rows_default_loss_masks_in():
+    rng = random.Random(0)
+    for _ in range(300):
+        width = rng.randint(1, 40)
+        lengths = []
+        for _ in range(rng.randint(1, 6)):
+            last = rng.randint(1, width)  # collate: len(ids) - 1, at most the targets' width
+            lengths.append((rng.randint(0, last), last))
+        assert target_rows(lengths, width).tolist() == mask_rows(lengths, width).tolist()
+
+
+def padded_batch(vocab, seed=0):
+    """Four rows of different lengths, prompts of different lengths (offset 0 on one), padded
+    with 0 as collate pads."""
+    from train.batches import collate
+
+    rng = np.random.default_rng(seed)
+    examples = [
+        (rng.integers(3, vocab, n).tolist(), offset) for n, offset in ((37, 20), (12, 0), (25, 24), (30, 9))
+    ]
+    return collate(examples, range(len(examples)))
+
+
+def lora_model(path):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.utils import load
+
+    from train.method import add_adapters
+
+    model, _ = load(str(path))
+    cfg = {
+        "fine_tune_type": "lora",
+        "num_layers": 2,
+        "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0},
+        "grad_checkpoint": False,
+    }
+    add_adapters(model, cfg)
+    # LoRA's B starts at zero: random values, so that the adapters change the logits
+    params = tree_flatten(model.trainable_parameters())
+    mx.random.seed(1)
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.02) for k, v in params]))
+    return model
+
+
+def compare_with_default_loss(model, vocab):
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.trainer import default_loss
+
+    batch, lengths, _ = padded_batch(vocab)
+    ours = TargetLoss(model)
+    (mean, n) = ours.mean_loss(model, batch, lengths)
+    (ref_mean, ref_n) = default_loss(model, batch, lengths)
+    assert n.item() == ref_n.item() == 17 + 11 + 1 + 21  # targets: max(offset, 1) .. len - 1
+    assert mean.item() == pytest.approx(ref_mean.item(), rel=1e-5)
+
+    (_, total), grads = nn.value_and_grad(model, ours.sum_loss)(model, batch, lengths, float(n.item()))
+    _, ref_grads = nn.value_and_grad(model, default_loss)(model, batch, lengths)
+    assert total.item() == pytest.approx(ref_mean.item() * ref_n.item(), rel=1e-5)
+    ref = dict(tree_flatten(ref_grads))
+    for key, g in tree_flatten(grads):
+        scale = float(mx.abs(ref[key]).max().item())
+        assert scale > 0, key
+        assert float(mx.abs(g - ref[key]).max().item()) <= 1e-4 * scale, key
+    return ours
+
+
+def test_equals_default_loss_on_the_toy_model(tiny_model):
+    model = lora_model(tiny_model)
+    assert "lm_head" in model  # the untied output layer
+    assert compare_with_default_loss(model, 1000).targets_only
+
+
+def test_equals_default_loss_on_the_4bit_toy_model(tiny_model_4bit):
+    assert compare_with_default_loss(lora_model(tiny_model_4bit), 1000).targets_only
+
+
+def test_equals_default_loss_on_smollm2(smollm_model):
+    model = lora_model(smollm_model)
+    assert "lm_head" not in model  # tied: the embedding's as_linear is the output layer
+    assert compare_with_default_loss(model, 49152).targets_only
+
+
+def test_a_model_with_something_after_the_output_layer_gets_every_logit(tiny_model):
+    """A soft cap after the output layer (as Gemma 2 has): the split would change the logits,
+    so the probe refuses it and the loss is still default_loss's."""
+    import mlx.core as mx
+
+    model = lora_model(tiny_model)
+    base_class = type(model)
+
+    class SoftCapped(base_class):
+        def __call__(self, inputs, *args, **kwargs):
+            return 5.0 * mx.tanh(base_class.__call__(self, inputs, *args, **kwargs) / 5.0)
+
+    model.__class__ = SoftCapped
+    assert not compare_with_default_loss(model, 1000).targets_only

@@ -1,0 +1,97 @@
+"""The loss of training, validation and evaluation: mlx-lm's default_loss (cross-entropy over the
+targets collate's lengths select), with the output layer applied at those targets only.
+
+default_loss computes the logits of every position, padding and prompt included, then masks
+most of them away. The output layer is vocabulary x hidden: on a 135M-270M model with a
+49k-262k vocabulary it is a large share of each step's work and memory (gemma-3-270m: 168M of
+its 268M parameters), and the prompt (system prompt and question) is most of each sequence.
+So TargetLoss runs the model's body on every position, as attention needs, and its output
+layer only on the hidden states of the targets: the same per-target losses, less of the rest.
+
+It needs the model split into body and output layer. mlx-lm's models are `model.model` (the
+blocks and the final norm) followed by `lm_head` or the tied embedding's `as_linear`; the split
+is taken only when it reproduces `model(inputs)` on a probe, else the full logits are used, so
+an architecture that does something else after the body (a soft cap, a scale) stays exact."""
+
+import numpy as np
+
+PROBE_IDS = [[1, 2, 3, 4, 5, 6, 7, 8]]
+
+
+def target_rows(lengths, width):
+    """Row indices into the flattened (batch x width) targets that the loss counts: row b's
+    positions max(offset, 1) - 1 .. last - 1, where lengths[b] = (offset, last) (collate)."""
+    rows = [
+        b * width + np.arange(max(int(offset), 1) - 1, int(last))
+        for b, (offset, last) in enumerate(np.asarray(lengths).tolist())
+    ]
+    return np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, np.int32)
+
+
+def output_parts(model):
+    """(body, head) as mlx-lm builds a causal LM: `model.model` (blocks and final norm), then
+    `lm_head` or the tied embedding's `as_linear`; None where the model has no such parts."""
+    body = getattr(model, "model", None)
+    if body is None or not callable(body):
+        return None
+    head = (
+        model["lm_head"]
+        if "lm_head" in model
+        else getattr(getattr(body, "embed_tokens", None), "as_linear", None)
+    )
+    return None if head is None else (body, head)
+
+
+def splits_exactly(model):
+    """Whether head(body(x)) is model(x) on a probe: nothing after the head (a soft cap, a
+    scale) that computing the head at some positions would leave out."""
+    import mlx.core as mx
+
+    parts = output_parts(model)
+    if parts is None:
+        return False
+    probe = mx.array(PROBE_IDS)
+    was_training = model.training
+    model.eval()  # dropout off: both sides must see the same weights
+    try:
+        full, split = model(probe), parts[1](parts[0](probe))
+        return full.shape == split.shape and mx.allclose(full, split, rtol=1e-4, atol=1e-4).item()
+    except (AttributeError, TypeError, ValueError):
+        return False
+    finally:
+        model.train(was_training)
+
+
+class TargetLoss:
+    """Per-target cross-entropy, as default_loss computes it, for one model. `sum_loss` is the
+    trainer's (share's sum / the global batch's target count, the sum) and `mean_loss` has
+    default_loss's signature and result ((mean, target count)) for evaluate_loss."""
+
+    def __init__(self, model):
+        self.targets_only = splits_exactly(model)
+
+    def token_losses(self, model, batch, lengths):
+        """float32 losses of the targets, in row order (padding and prompt left out)."""
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        rows = mx.array(target_rows(lengths, targets.shape[1]))
+        if not self.targets_only:
+            logits = model(inputs)
+            logits = logits.reshape(-1, logits.shape[-1])[rows]
+        else:
+            body, head = output_parts(model)  # the model's own, at each call: fuse replaces modules
+            hidden = body(inputs)
+            logits = head(hidden.reshape(-1, hidden.shape[-1])[rows])
+        return nn.losses.cross_entropy(logits, targets.reshape(-1)[rows]).astype(mx.float32)
+
+    def sum_loss(self, model, batch, lengths, global_count):
+        total = self.token_losses(model, batch, lengths).sum()
+        return total / global_count, total
+
+    def mean_loss(self, model, batch, lengths):
+        import mlx.core as mx
+
+        losses = self.token_losses(model, batch, lengths)
+        return losses.sum() / max(losses.size, 1), mx.array(losses.size)
