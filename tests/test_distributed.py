@@ -313,13 +313,14 @@ def test_a_killed_rank_stops_the_run_and_the_rerun_resumes_exactly(dist, two_by_
     rc = run.finish(timeout=120)
     latency = time.monotonic() - killed
     print(f"\nrank 1 SIGKILLed: the launcher exited {rc} after {latency:.2f} s")
-    assert rc != 0
-    assert latency < CRASH_STOP_LIMIT_S
-    assert "rank 1 was killed by SIGKILL first" in run.stderr, run.stderr[-3000:]
-    assert "Run the same command to continue" in run.stderr
-    assert not alive(pids[0])
+    tail = run.stderr[-3000:]  # every check says what the launcher printed: seen failing once, unexplained
+    assert rc != 0, tail
+    assert latency < CRASH_STOP_LIMIT_S, tail
+    assert "rank 1 was killed by SIGKILL first" in run.stderr, tail
+    assert "Run the same command to continue" in run.stderr, tail
+    assert not alive(pids[0]), tail
     out = run_dir(dist, "crash")
-    assert not (out / "metadata.json").exists()
+    assert not (out / "metadata.json").exists(), tail
 
     again = ok(run_launch(dist, 2, "crash"))
     assert "resuming from" in again.stderr, again.stderr[-3000:]
