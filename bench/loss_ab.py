@@ -2,7 +2,7 @@
 default_loss (every position's logits), one training step's forward and backward each, on the
 same real batches, alternating in one process:
 
-    python -m bench.loss_ab --model models/smollm2-135m-instruct --data data [--batches 8]
+    python -m bench.loss_ab --model models/smollm2-135m-instruct --data data [--batches 6] [--rounds 3]
 
 Adapters as train/demo.yaml sets them (top 8 blocks, rank 16), the prepared training split
 encoded with the model's template and the data's system prompt, batches of 4 as the trainer
@@ -35,7 +35,7 @@ def real_batches(tokenizer, data_dir, batch_size, count):
     return [batches.collate(enc.examples, g) for g in groups[::step][:count]]
 
 
-def timed_round(fn, batches_, with_count):
+def timed_round(model, fn, batches_, with_count):
     """Seconds of one pass over the batches (the first left out: it sets up the allocator's
     buffers for this loss), the peak memory, the losses' sums."""
     import mlx.core as mx
@@ -44,7 +44,7 @@ def timed_round(fn, batches_, with_count):
     mx.reset_peak_memory()
     for n, (batch, lengths, _) in enumerate(batches_):
         start = time.perf_counter()
-        (loss, count), grads = fn(*((batch, lengths, 1.0) if with_count else (batch, lengths)))
+        (loss, count), grads = fn(model, batch, lengths, *((1.0,) if with_count else ()))
         mx.eval(loss, count, grads)
         seconds += (time.perf_counter() - start) if n else 0.0
         sums.append(loss.item() * (1.0 if with_count else count.item()))
@@ -67,8 +67,8 @@ def main(argv=None):
     ours = TargetLoss(model)
     print(f"model {args.model}: output layer at the targets only: {ours.targets_only}")
     runs = {
-        "default_loss": (lambda b, lens: nn.value_and_grad(model, default_loss)(model, b, lens), False),
-        "ours": (lambda b, lens, n: nn.value_and_grad(model, ours.sum_loss)(model, b, lens, n), True),
+        "default_loss": (nn.value_and_grad(model, default_loss), False),
+        "ours": (nn.value_and_grad(model, ours.sum_loss), True),
     }
     data = real_batches(tokenizer, args.data, 4, args.batches + 1)
     times, peaks, worst = {k: [] for k in runs}, dict.fromkeys(runs, 0), 0.0
@@ -76,7 +76,7 @@ def main(argv=None):
         results = {}
         for name in list(runs)[:: 1 if r % 2 == 0 else -1]:  # who goes first alternates
             fn, with_count = runs[name]
-            seconds, peak, sums = timed_round(fn, data, with_count)
+            seconds, peak, sums = timed_round(model, fn, data, with_count)
             times[name].append(seconds), results.setdefault(name, sums)
             peaks[name] = max(peaks[name], peak)
         worst = max([worst] + [abs(a - b) / abs(b) for a, b in zip(results["ours"], results["default_loss"])])

@@ -81,7 +81,7 @@ class TargetLoss:
             logits = model(inputs)
             logits = logits.reshape(-1, logits.shape[-1])[rows]
         else:
-            body, head = output_parts(model)  # the model's own, at each call: fuse replaces modules
+            body, head = output_parts(model)  # looked up at each call: a module replaced later is used
             hidden = body(inputs)
             logits = head(hidden.reshape(-1, hidden.shape[-1])[rows])
         return nn.losses.cross_entropy(logits, targets.reshape(-1)[rows]).astype(mx.float32)
