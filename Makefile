@@ -43,6 +43,9 @@ ITERS         ?=
 BATCH_SIZE    ?=
 MAX_SEQ_LENGTH ?=
 GRAD_CHECKPOINT ?=
+# raw text whose next-token predictions training holds to the base model's (a KL term; data/replay/README.md), and its weight
+REPLAY        ?=
+REPLAY_WEIGHT ?=
 LEARNING_RATE ?=
 SAVE_EVERY    ?=
 EVAL_EVERY    ?=
@@ -85,7 +88,9 @@ TRAIN_ARGS = --config $(CONFIG) --name $(NAME) \
   $(call opt,--lora-rank,$(LORA_RANK)) $(call opt,--lora-layers,$(LORA_LAYERS)) \
   $(call flag,--fresh,$(FRESH)) $(call opt,--resume,$(RESUME)) $(call opt,--keep,$(KEEP)) \
   $(call opt,--set,$(if $(MAX_SEQ_LENGTH),max_seq_length=$(MAX_SEQ_LENGTH))) \
-  $(call flag,--set grad_checkpoint=true,$(GRAD_CHECKPOINT))
+  $(call flag,--set grad_checkpoint=true,$(GRAD_CHECKPOINT)) \
+  $(call opt,--set,$(if $(REPLAY),replay.data=$(REPLAY))) \
+  $(call opt,--set,$(if $(REPLAY_WEIGHT),replay.weight=$(REPLAY_WEIGHT)))
 
 TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo

@@ -35,6 +35,9 @@ DEFAULTS = {
     "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0, "keys": None},
     "mask_prompt": True,  # loss on assistant tokens only
     "train_on": "last",  # last | all_assistant: the assistant turns trained
+    # raw text (a .txt file or a folder of them) on which training keeps the model's next-token
+    # predictions close to the base model's (a KL term, weight x per token; train/replay.py)
+    "replay": {"data": None, "weight": 1.0},
     # --- optimisation ---
     "optimizer": "adam",
     "optimizer_config": {"adam": {}, "adamw": {}, "sgd": {}, "adafactor": {}, "muon": {}},
@@ -227,6 +230,8 @@ RULES = {
         " or ".join(sorted(schedules.SCHEDULES)) + " (or an mlx-lm schedule with arguments)",
     ),
     "lr_schedule.warmup": (lambda v: _is_int(0)(v or 0), "an integer >= 0"),
+    "replay.data": (lambda v: v is None or (isinstance(v, str) and v != ""), "a path or null"),
+    "replay.weight": (lambda v: _is_num(v) and v > 0, "a positive number"),
     "auto_batch.max_batch_size": (_is_int(1), "a positive integer"),
     "auto_batch.memory_fraction": (lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
 }
@@ -258,6 +263,11 @@ def check_config(cfg, keys=None):
             continue
         if _applies(cfg, key) and not test(get(cfg, key)):
             raise ConfigError(f"{key} must be {what}, got {get(cfg, key)!r}")
+    if (keys is None or "replay" in keys) and get(cfg, "replay.data") and cfg.get("fine_tune_type") != "lora":
+        raise ConfigError(
+            "replay.data needs fine_tune_type: lora (the base model's predictions come from "
+            f"switching the LoRA adapters off), got {cfg.get('fine_tune_type')!r}"
+        )
     notes = []
     warmup = (get(cfg, "lr_schedule.warmup") or 0) if _applies(cfg, "lr_schedule.warmup") else 0
     if (keys is None or "lr_schedule" in keys) and warmup >= cfg["iters"]:

@@ -2,8 +2,9 @@
 train/demo.yaml teaches SmolLM2-135M-Instruct the sample data's facts, `make eval` shows it on
 the frozen paraphrases (questions worded unlike any training question), the tuned model invents
 no more than the base on out-of-scope questions, and the worker answers the demo's two questions
-with their facts. The issue's goals (90% of the paraphrases, general-text perplexity within +15%)
-are not reached yet (docs/RECIPES.md): a strict xfail says so, and fails the day they are."""
+with their facts, and the general-text perplexity stays within +15% of the base's (the replay
+text, data/replay/). The issue's goal of 90% of the paraphrases is not reached yet
+(docs/RECIPES.md): a strict xfail says so, and fails the day it is."""
 
 import json
 import subprocess
@@ -13,7 +14,8 @@ from helpers_train import PY, ROOT, env_for, ok, prepare_data, run_dir, run_modu
 
 DEMO = ROOT / "train" / "demo.yaml"
 GOAL, BASE_AT_MOST = 0.90, 0.25  # issue 22's goal: tuned >= 90% of the paraphrases, base <= 25%
-# Measured with train/demo.yaml on a fresh clone (2026-12-05): base 0/58, tuned 21/58.
+# Measured with train/demo.yaml: base 0/58; tuned 21/58 on a fresh clone (2026-12-05, without
+# replay), 15/58 with replay at weight 2 (2026-12-06), general-text perplexity +5.2%.
 LEARNED_AT_LEAST = 0.25
 
 
@@ -64,10 +66,13 @@ def test_the_demo_recipe_teaches_smollm2_the_facts(demo):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True, reason="issue 22's goals are not reached by a 135M model yet: docs/RECIPES.md"
-)
-def test_the_demo_reaches_the_issues_goals(demo):
+def test_the_demo_keeps_its_general_language(demo):
+    _, report = demo
+    assert not report["general_text"]["flagged"], report["general_text"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 22's goal is not reached by a 135M model yet: docs/RECIPES.md")
+def test_the_demo_reaches_the_issues_paraphrase_goal(demo):
     _, report = demo
     assert report["fine_tuned"]["key_facts"]["paraphrases"]["accuracy"] >= GOAL
-    assert not report["general_text"]["flagged"], report["general_text"]

@@ -1,14 +1,16 @@
 """train/loss.py: the loss with the output layer at the targets only equals mlx-lm's
 default_loss (value and LoRA gradients) on the toy model (untied output layer), its 4-bit
 sibling and SmolLM2 (tied, a real LLM), and falls back to every logit where the model's
-output is not head(body(x))."""
+output is not head(body(x)). The replay loss (KL from the base model, taken by switching the
+adapters off) equals the KL computed from a separately loaded base model, in value (numpy,
+float64) and LoRA gradients, on the same three models."""
 
 import random
 
 import numpy as np
 import pytest
 
-from train.loss import TargetLoss, target_rows
+from train.loss import ReplayLoss, TargetLoss, adapters_off, lora_modules, target_rows
 
 
 def mask_rows(lengths, width):
@@ -42,7 +44,7 @@ def padded_batch(vocab, seed=0):
     return collate(examples, range(len(examples)))
 
 
-def lora_model(path):
+def lora_model(path, randomize=True, spread=0.02):
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.utils import load
@@ -57,10 +59,12 @@ def lora_model(path):
         "grad_checkpoint": False,
     }
     add_adapters(model, cfg)
+    if not randomize:
+        return model
     # LoRA's B starts at zero: random values, so that the adapters change the logits
     params = tree_flatten(model.trainable_parameters())
     mx.random.seed(1)
-    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.02) for k, v in params]))
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * spread) for k, v in params]))
     return model
 
 
@@ -118,3 +122,89 @@ def test_a_model_with_something_after_the_output_layer_gets_every_logit(tiny_mod
 
     model.__class__ = SoftCapped
     assert not compare_with_default_loss(model, 1000).targets_only
+
+
+# --------------------------------------------------------------------------- the replay loss
+
+
+def base_logits(path, batch):
+    """The base model's logits, from its own copy loaded without adapters: the reference."""
+    import mlx.core as mx
+    from mlx_lm.utils import load
+
+    base, _ = load(str(path))
+    return np.array(base(batch[:, :-1]).astype(mx.float32))
+
+
+def kl_rows(base, tuned, rows):
+    """KL(base || tuned) of each row, float64 numpy."""
+
+    def log_softmax(x):
+        x = x.reshape(-1, x.shape[-1])[rows].astype(np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    p, q = log_softmax(base), log_softmax(tuned)
+    return (np.exp(p) * (p - q)).sum(axis=-1)
+
+
+def compare_with_separate_base(path, vocab):
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    model = lora_model(path, spread=0.1)  # a KL well above float32's rounding
+    batch, lengths, _ = padded_batch(vocab)
+    rows = mask_rows(np.array(lengths), batch.shape[1] - 1)
+    base = base_logits(path, batch)
+    before = np.array(model(batch[:, :-1]))
+    replay = ReplayLoss(TargetLoss(model), weight=2.5)
+    ours = np.array(replay.token_losses(model, batch, lengths))
+    ref = kl_rows(base, before, rows)
+    assert ref.mean() > 1e-2  # the adapters do move the distribution
+    np.testing.assert_allclose(ours, ref, rtol=2e-3, atol=1e-5)
+    assert np.array_equal(np.array(model(batch[:, :-1])), before)  # the adapters are back on
+
+    def reference(model, batch, lengths, count):  # the base's logits as constants
+        logits = model(batch[:, :-1]).astype(mx.float32)
+        q = nn.log_softmax(logits.reshape(-1, logits.shape[-1])[mx.array(rows)], axis=-1)
+        p = nn.log_softmax(mx.array(base).reshape(-1, base.shape[-1])[mx.array(rows)], axis=-1)
+        return 2.5 * (mx.exp(p) * (p - q)).sum() / count
+
+    n = float(len(rows))
+    (weighted, total), grads = nn.value_and_grad(model, replay.sum_loss)(model, batch, lengths, n)
+    _, ref_grads = nn.value_and_grad(model, reference)(model, batch, lengths, n)
+    assert total.item() == pytest.approx(ref.sum(), rel=2e-3)  # reported unweighted
+    assert weighted.item() == pytest.approx(2.5 * ref.sum() / n, rel=2e-3)
+    expected = dict(tree_flatten(ref_grads))
+    for key, g in tree_flatten(grads):
+        scale = float(mx.abs(expected[key]).max().item())
+        assert scale > 0, key
+        assert float(mx.abs(g - expected[key]).max().item()) <= 2e-3 * scale, key
+
+
+def test_replay_kl_equals_a_separate_base_models_on_the_toy_model(tiny_model):
+    compare_with_separate_base(tiny_model, 1000)
+
+
+def test_replay_kl_equals_a_separate_base_models_on_the_4bit_toy_model(tiny_model_4bit):
+    compare_with_separate_base(tiny_model_4bit, 1000)
+
+
+def test_replay_kl_equals_a_separate_base_models_on_smollm2(smollm_model):
+    compare_with_separate_base(smollm_model, 49152)
+
+
+def test_replay_kl_is_zero_with_fresh_adapters_and_the_scales_come_back(tiny_model):
+    model = lora_model(tiny_model, randomize=False)
+    scales = [m.scale for m in lora_modules(model)]
+    assert len(scales) == 2 * 7 and set(scales) == {10.0}  # 7 linear layers in each of 2 blocks
+    batch, lengths, _ = padded_batch(1000)
+    assert (
+        np.abs(np.array(ReplayLoss(TargetLoss(model), 1.0).token_losses(model, batch, lengths))).max() < 1e-6
+    )
+    with pytest.raises(RuntimeError):
+        with adapters_off(model):
+            assert {m.scale for m in lora_modules(model)} == {0.0}
+            raise RuntimeError("inside")
+    assert [m.scale for m in lora_modules(model)] == scales

@@ -15,6 +15,7 @@ import subprocess
 import pytest
 from helpers_train import (
     ROOT,
+    SMOLLM_CONFIG,
     env_for,
     load_weights,
     max_abs_diff,
@@ -79,6 +80,39 @@ def test_the_evaluation_shows_the_tuned_model_nearer_the_answers_than_the_base(s
     assert t["loss"] <= 0.7 * b["loss"], proc.stdout
     assert t["token_f1"] >= b["token_f1"] + 0.1, proc.stdout
     assert t["chrf"] >= b["chrf"] + 5, proc.stdout
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def general_text_perplexity(model_dir, adapter=None):
+    """make eval's forgetting measure (data/general/, 256-token windows), in process."""
+    from mlx_lm import load
+
+    from train import batches, eval_model
+
+    model, tokenizer = load(str(model_dir), adapter_path=str(adapter) if adapter else None)
+    texts = [text for _, text in eval_model.general_texts()]
+    examples = batches.text_windows(tokenizer, texts, eval_model.TEXT_CHUNK)
+    return eval_model.text_perplexity(model, examples)["perplexity"]
+
+
+def test_replay_text_holds_the_general_text_perplexity_near_the_base(shared, smollm_run, smollm_model):
+    """The same 16 steps with data/replay/ in the epoch (a KL to the base, weight 4): the
+    general-text perplexity stays nearer the base's than without, and the run still learns."""
+    _, plain = smollm_run
+    config = write_config(
+        shared / "smollm-replay.yaml", **SMOLLM_CONFIG, replay={"data": "data/replay", "weight": 4.0}
+    )
+    replayed, proc = trained(shared / "smollm-replay", "run", config, shared / "data")
+    base = general_text_perplexity(smollm_model)
+    without, with_replay = (general_text_perplexity(smollm_model, run) for run in (plain, replayed))
+    print(
+        f"\nSMOLLM-REPLAY general-text perplexity: base {base:.2f}, tuned {without:.2f}, with replay {with_replay:.2f}"
+    )
+    assert with_replay < without
+    vals = val_losses(shared / "smollm-replay", "run")
+    assert vals[-1][1] <= 0.6 * vals[0][1], vals
 
 
 # --------------------------------------------------------------------------- kill -9, resume

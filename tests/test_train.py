@@ -26,6 +26,7 @@ from helpers_train import (
     run_train,
     shared_base,
     train_cmd,
+    write_config,
 )
 
 from train import checkpoint
@@ -165,6 +166,66 @@ def test_ctrl_c_saves_the_current_step_and_the_rerun_matches(shared, reference, 
         <= 1e-5
     )
     assert_same_losses(metrics(shared / "ref", "run"), metrics(tmp_path, "run"))
+
+
+def test_a_run_with_replay_text_reports_its_kl_and_resumes_exactly(shared, tmp_path):
+    """Replay (train/replay.py, the KL to the base on raw text) through the real loop: its
+    steps are reported apart, Ctrl-C then a rerun ends exactly where an uninterrupted run
+    ends, and a changed replay text refuses the resume."""
+    cfg = write_config(
+        tmp_path / "replay.yaml", replay={"data": str(ROOT / "data" / "replay"), "weight": 2.0}
+    )
+    ref = ok(run_train(tmp_path / "ref", cfg, "run", shared / "data"))
+    assert "replay: " in ref.stderr and "replay KL" in ref.stderr, ref.stderr[-3000:]
+    ref_m = metrics(tmp_path / "ref", "run")
+    kls = [r["replay_kl"] for r in ref_m if r.get("replay_kl") is not None]
+    assert kls and all(math.isfinite(k) and k >= 0 for k in kls) and max(kls) > 0
+    assert any(r["train_loss"] is None for r in ref_m)  # a step of replay text only
+
+    proc = subprocess.Popen(
+        train_cmd(cfg, "run", shared / "data"),
+        cwd=ROOT,
+        env=env_for(tmp_path, TRAIN_STEP_DELAY_S=0.1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watch_until(proc, tmp_path / "logs" / "run" / "metrics.jsonl", 8)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr[-3000:]
+    again = ok(run_train(tmp_path, cfg, "run", shared / "data"))
+    assert "resuming from" in again.stderr, again.stderr[-3000:]
+    got_w = load_weights(run_dir(tmp_path, "run") / "adapters.safetensors")
+    assert (
+        max_abs_diff(load_weights(run_dir(tmp_path / "ref", "run") / "adapters.safetensors"), got_w) <= 1e-5
+    )
+    got_m = metrics(tmp_path, "run")
+    assert len(assert_same_losses(ref_m, got_m)) == 31
+    for a, b in zip(ref_m, got_m):
+        x, y = a.get("replay_kl"), b.get("replay_kl")
+        assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-6 * max(1.0, x)), a["step"]
+
+    changed = tmp_path / "replay-changed"
+    shutil.copytree(ROOT / "data" / "replay", changed)
+    (changed / "en.txt").write_text("Other text.\n", encoding="utf-8")
+    cfg2 = write_config(tmp_path / "replay2.yaml", replay={"data": str(changed), "weight": 2.0})
+    refused = run_train(tmp_path, cfg2, "run", shared / "data")
+    assert refused.returncode == 2 and "replay data changed" in refused.stderr, refused.stderr[-3000:]
+
+
+def test_replay_settings_are_checked(shared, tmp_path):
+    data = shared / "data"
+    missing = write_config(tmp_path / "a.yaml", replay={"data": str(tmp_path / "nowhere"), "weight": 1.0})
+    proc = run_train(tmp_path, missing, "run", data)
+    assert (
+        proc.returncode == 2 and f"replay.data {tmp_path / 'nowhere'}: no such file or folder" in proc.stderr
+    )
+    dora = write_config(tmp_path / "b.yaml", fine_tune_type="dora", replay={"data": "data/replay"})
+    proc = run_train(tmp_path, dora, "run", data)
+    assert proc.returncode == 2 and "replay.data needs fine_tune_type: lora" in proc.stderr
+    proc = run_train(tmp_path, shared / "small.yaml", "run", data, "--set", "replay.weight=0")
+    assert proc.returncode == 2 and "replay.weight must be a positive number, got 0" in proc.stderr
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(shared, reference, tmp_path):

@@ -159,13 +159,21 @@ def test_snapshot_and_restore_round_trip():
     s = RunState(batch_size=4)
     s.record_val(5, 1.5)
     s.add_report(2.0)
+    s.add_report(None, 0.5)  # a replay step
     s.tokens_seen = 123
     saved = dict(s.snapshot(), data_position={"epoch": 1}, fingerprint={})  # extra checkpoint keys
     back = RunState.restore(json.loads(json.dumps(saved)), batch_size=8)
     assert back.best == s.best and back.val_history == s.val_history and back.tokens_seen == 123
-    assert back.report == {"loss_sum": 2.0, "steps": 1} and back.batch_size == 8
-    assert back.take_report() == 2.0 and back.report == {"loss_sum": 0.0, "steps": 0}
+    assert back.report == {"loss_sum": 2.0, "steps": 1, "replay_sum": 0.5, "replay_steps": 1}
+    assert back.batch_size == 8
+    assert back.take_report() == (2.0, 0.5) and back.take_report() == (None, None)
     assert RunState.restore({}) == RunState()  # an old checkpoint lacking keys
+
+
+def test_a_report_window_saved_before_replay_existed_still_adds_up():
+    s = RunState.restore({"report": {"loss_sum": 3.0, "steps": 2}})
+    s.add_report(1.0, 0.25)
+    assert s.take_report() == (pytest.approx(4.0 / 3), 0.25)
 
 
 # --------------------------------------------------------------------------- resume fingerprint
@@ -202,6 +210,25 @@ def test_keys_outside_the_trajectory_do_not_refuse_a_resume():
     cfg, t, v = _fp()
     cfg2, _, _ = _fp(save_every=7, patience=3, keep="last", steps_per_report=1)
     assert describe_changes(fingerprint(cfg, t, v, "h"), fingerprint(cfg2, t, v, "h")) == []
+
+
+def test_replay_enters_the_fingerprint_only_when_a_run_has_it():
+    cfg, t, v = _fp()
+    plain = fingerprint(cfg, t, v, "h")
+    assert "replay" not in plain["data"] and "replay_weight" not in plain["config"]
+    text = {"path": "r", "count": 2, "sha256": "d" * 64}
+    with_replay = fingerprint(cfg, t, v, "h", replay_info=text)
+    changes = describe_changes(plain, with_replay)
+    assert changes[0] == "replay_weight: null -> 1.0" and changes[1].startswith(
+        "replay data changed: r (None -> 2 texts"
+    )
+    cfg2, _, _ = _fp(replay={"data": "r", "weight": 2.0})
+    heavier = fingerprint(cfg2, t, v, "h", replay_info=text)
+    other = fingerprint(cfg, t, v, "h", replay_info=dict(text, sha256="e" * 64))
+    assert describe_changes(with_replay, heavier) == ["replay_weight: 1.0 -> 2.0"]
+    assert len(describe_changes(with_replay, other)) == 1
+    ids = {fingerprint_id(fp) for fp in (plain, with_replay, heavier, other)}
+    assert len(ids) == 4
 
 
 def test_step_seeds():

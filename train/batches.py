@@ -105,6 +105,18 @@ def _add_example(out, ids, prompt_len, mask_prompt, max_seq_length):
     out.examples.append((ids, offset))
 
 
+def text_windows(tokenizer, texts, window):
+    """Raw text as examples: each text's tokens (with the tokenizer's own start token) cut into
+    windows of `window` tokens, every token but a window's first a target: [(ids, 0)]."""
+    examples = []
+    for text in texts:
+        ids = tokenizer.encode(text)
+        examples += [
+            (ids[i : i + window], 0) for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1
+        ]
+    return examples
+
+
 def make_batches(examples, batch_size):
     """Example indices grouped into batches of similar length (shortest first)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))

@@ -88,20 +88,8 @@ def general_texts(folder=paths.GENERAL_TEXT):
     return [(p.name, p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.txt"))]
 
 
-def text_examples(tokenizer, texts, chunk=TEXT_CHUNK):
-    """Each text's tokens (with the tokenizer's own start token) cut into windows of `chunk`,
-    every token but a window's first predicted: [(ids, 0)] for batches.evaluate_loss."""
-    examples = []
-    for text in texts:
-        ids = tokenizer.encode(text)
-        examples += [
-            (ids[i : i + chunk], 0) for i in range(0, len(ids) - 1, chunk) if len(ids[i : i + chunk]) > 1
-        ]
-    return examples
-
-
 def text_perplexity(model, examples, batch_size=4):
-    """{"loss", "perplexity", "tokens"} of the model on text_examples."""
+    """{"loss", "perplexity", "tokens"} of the model on batches.text_windows."""
     loss, tokens = batches.evaluate_loss(model, examples, batch_size)
     return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
 

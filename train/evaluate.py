@@ -208,7 +208,7 @@ def compare(model_name, run_dir, meta, train_cfg, inputs, max_tokens=None):
     examples = batches.encode(
         tokenizer, conversations, system_prompt, True, int(meta.get("max_seq_length") or 2048)
     ).examples
-    text_examples = eval_model.text_examples(tokenizer, [t for _, t in inputs.texts])
+    text_examples = batches.text_windows(tokenizer, [t for _, t in inputs.texts], eval_model.TEXT_CHUNK)
     questions = questions_of(inputs)
     cap = int(meta["generation"].get("max_tokens") or 256)
     max_tokens = max_tokens or eval_model.answer_budget(tokenizer, inputs.answers, cap)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train import batches, bundle
+from train import batches, bundle, eval_model, replay
 from train.exits import EXIT_CONFIG, Stop
 from train.method import add_adapters
 from train.state import fingerprint
@@ -28,6 +28,7 @@ class Inputs:
     system_prompt: str | None
     lora_info: dict
     fingerprint: dict = field(default_factory=dict)
+    replay_set: list = field(default_factory=list)  # [(ids, 0)]: raw-text windows (replay.py)
 
 
 def load_inputs(cfg, dist):
@@ -42,6 +43,7 @@ def load_inputs(cfg, dist):
     )
     if not train_set:
         raise Stop("error: no usable training example (all longer than max_seq_length?)", EXIT_CONFIG)
+    replay_text, replay_set = read_replay_set(cfg, tokenizer, log)
     if not valid_set:
         log("warning: no validation data; no validation loss, best/ or early stopping")
     seed_all(cfg["seed"])
@@ -56,7 +58,9 @@ def load_inputs(cfg, dist):
         f"{method}: {lora_info['trainable_parameters']:,} trainable of "
         f"{lora_info['total_parameters']:,} parameters ({len(lora_info['adapted_modules'])} modules)"
     )
-    current = fingerprint(cfg, train_split.info, valid_split.info, base["hash"], dist.size)
+    current = fingerprint(
+        cfg, train_split.info, valid_split.info, base["hash"], dist.size, replay_text and replay_text.info
+    )
     return Inputs(
         model,
         tokenizer,
@@ -68,6 +72,7 @@ def load_inputs(cfg, dist):
         system_prompt,
         lora_info,
         current,
+        replay_set,
     )
 
 
@@ -105,6 +110,29 @@ def read_data(cfg, log):
             "the worker will add the config's to conversations without one"
         )
     return train_split, valid_split, cfg["system_prompt"]
+
+
+def read_replay_set(cfg, tokenizer, log):
+    """(ReplayText, its windows) of cfg replay.data, or (None, []) without one."""
+    path = cfg["replay"]["data"]
+    if not path:
+        return None, []
+    try:
+        text = replay.read_replay(path)
+    except ValueError as e:
+        raise Stop(f"error: {e}", EXIT_CONFIG) from None
+    measured = {t for _, t in eval_model.general_texts()}
+    if any(t in measured for _, t in text.texts):
+        log(
+            f"warning: {path} holds the general text `make eval` measures forgetting on "
+            "(data/general/); that measure will flatter this run"
+        )
+    windows = replay.replay_windows(tokenizer, text)
+    log(
+        f"replay: {len(windows)} windows of up to {replay.WINDOW} tokens from {path}, "
+        f"KL to the base model x {cfg['replay']['weight']}"
+    )
+    return text, windows
 
 
 def encode_split(tokenizer, split, system_prompt, cfg, log):

@@ -11,7 +11,13 @@ layer only on the hidden states of the targets: the same per-target losses, less
 It needs the model split into body and output layer. mlx-lm's models are `model.model` (the
 blocks and the final norm) followed by `lm_head` or the tied embedding's `as_linear`; the split
 is taken only when it reproduces `model(inputs)` on a probe, else the full logits are used, so
-an architecture that does something else after the body (a soft cap, a scale) stays exact."""
+an architecture that does something else after the body (a soft cap, a scale) stays exact.
+
+ReplayLoss is the other term a run can train with (config `replay`, train/replay.py): on raw
+text, the KL divergence from the base model's next-token distribution to the adapted model's,
+the base's taken from the same model with its LoRA adapters switched off (adapters_off)."""
+
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -70,20 +76,27 @@ class TargetLoss:
     def __init__(self, model):
         self.targets_only = splits_exactly(model)
 
+    def target_logits(self, model, batch, lengths):
+        """The logits at the targets' positions, in row order (padding and prompt left out)."""
+        import mlx.core as mx
+
+        inputs = batch[:, :-1]
+        rows = mx.array(target_rows(lengths, inputs.shape[1]))
+        if not self.targets_only:
+            logits = model(inputs)
+            return logits.reshape(-1, logits.shape[-1])[rows]
+        body, head = output_parts(model)  # looked up at each call: a module replaced later is used
+        hidden = body(inputs)
+        return head(hidden.reshape(-1, hidden.shape[-1])[rows])
+
     def token_losses(self, model, batch, lengths):
-        """float32 losses of the targets, in row order (padding and prompt left out)."""
+        """float32 losses of the targets, in row order."""
         import mlx.core as mx
         import mlx.nn as nn
 
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        targets = batch[:, 1:]
         rows = mx.array(target_rows(lengths, targets.shape[1]))
-        if not self.targets_only:
-            logits = model(inputs)
-            logits = logits.reshape(-1, logits.shape[-1])[rows]
-        else:
-            body, head = output_parts(model)  # looked up at each call: a module replaced later is used
-            hidden = body(inputs)
-            logits = head(hidden.reshape(-1, hidden.shape[-1])[rows])
+        logits = self.target_logits(model, batch, lengths)
         return nn.losses.cross_entropy(logits, targets.reshape(-1)[rows]).astype(mx.float32)
 
     def sum_loss(self, model, batch, lengths, global_count):
@@ -95,3 +108,47 @@ class TargetLoss:
 
         losses = self.token_losses(model, batch, lengths)
         return losses.sum() / max(losses.size, 1), mx.array(losses.size)
+
+
+def lora_modules(model):
+    """The LoRA layers mlx-lm added (LoRALinear, LoRASwitchLinear, LoRAEmbedding): each adds
+    scale x (x A) B to its frozen base layer."""
+    return [m for _, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
+
+
+@contextmanager
+def adapters_off(model):
+    """The base model: every LoRA layer's scale 0 while inside (restored on the way out)."""
+    layers = lora_modules(model)
+    scales = [m.scale for m in layers]
+    try:
+        for m in layers:
+            m.scale = 0.0
+        yield model
+    finally:
+        for m, scale in zip(layers, scales):
+            m.scale = scale
+
+
+class ReplayLoss:
+    """KL(base || adapted) per target token of raw-text windows: the adapted model's next-token
+    distribution held to the base's where the text is not the club's. With fresh adapters
+    (B = 0) it is 0. `sum_loss` has TargetLoss.sum_loss's signature: (weight x the share's KL
+    sum / the global batch's target count, the KL sum unweighted, as the loop reports it)."""
+
+    def __init__(self, target_loss, weight):
+        self.target_loss, self.weight = target_loss, float(weight)
+
+    def token_losses(self, model, batch, lengths):
+        import mlx.core as mx
+
+        with adapters_off(model):
+            base = mx.stop_gradient(self.target_loss.target_logits(model, batch, lengths).astype(mx.float32))
+        tuned = self.target_loss.target_logits(model, batch, lengths).astype(mx.float32)
+        base_logp = base - mx.logsumexp(base, axis=-1, keepdims=True)
+        tuned_logp = tuned - mx.logsumexp(tuned, axis=-1, keepdims=True)
+        return (mx.exp(base_logp) * (base_logp - tuned_logp)).sum(axis=-1)
+
+    def sum_loss(self, model, batch, lengths, global_count):
+        total = self.token_losses(model, batch, lengths).sum()
+        return self.weight * total / global_count, total

@@ -33,7 +33,8 @@ class Progress:
             f" per process x {dist_size} processes = {trainer.global_batch_size}" if dist_size > 1 else ""
         )
         self.log(
-            f"{len(inputs.train_set)} training / {len(inputs.valid_set)} validation examples, batch size "
+            f"{len(inputs.train_set)} training / {len(inputs.valid_set)} validation examples"
+            f"{f' + {len(inputs.replay_set)} replay windows' if inputs.replay_set else ''}, batch size "
             f"{trainer.state.batch_size}{per_process}{f' x {accum} accumulated' if accum > 1 else ''}, "
             f"{len(trainer.train_batches)} batches per epoch, {cfg['iters']} steps, learning rate "
             f"{cfg['learning_rate']:g} ({(cfg['lr_schedule'] or {}).get('name') or 'constant'})"
@@ -43,9 +44,10 @@ class Progress:
             f"metrics in {trainer.layout.metrics}"
         )
 
-    def report(self, step, iters, lr, elapsed, train_loss):
-        """The step line: the training loss, the throughput since the last report, the ETA;
-        returns what metrics.jsonl records of it."""
+    def report(self, step, iters, lr, elapsed, train_loss, replay_kl=None):
+        """The step line: the training loss (and the replay KL, where the window had replay
+        steps), the throughput since the last report, the ETA; returns what metrics.jsonl
+        records of it."""
         import mlx.core as mx
 
         now = time.perf_counter()
@@ -53,11 +55,12 @@ class Progress:
         self.window_start, self.window_tokens = now, 0
         eta = (now - self.session_start) / self.steps * (iters - step)
         self.log(
-            f"step {step:>{len(str(iters))}}/{iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
+            f"step {step:>{len(str(iters))}}/{iters} | loss {_num(train_loss)}"
+            f"{'' if replay_kl is None else f' | replay KL {replay_kl:.4f}'} | lr {lr:.2e} | "
             f"{tps:,.0f} tok/s | peak {mx.get_peak_memory() / 1e9:.2f} GB | "
             f"{fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}"
         )
-        return {"train_loss": train_loss, "tokens_per_s": tps}
+        return {"train_loss": train_loss, "tokens_per_s": tps, "replay_kl": replay_kl}
 
     def validation(self, step, iters, val, state, cfg):
         """The validation line: the loss, the best so far, patience; early stopping."""
@@ -92,8 +95,12 @@ def finished(log, layout, meta):
     )
 
 
-def record(step, lr, elapsed, tokens_seen, train_loss=None, val_loss=None, tokens_per_s=None):
-    """One line of metrics.jsonl."""
+def _num(value):
+    return "-" if value is None else f"{value:.4f}"
+
+
+def record(step, lr, elapsed, tokens_seen, train_loss=None, val_loss=None, tokens_per_s=None, replay_kl=None):
+    """One line of metrics.jsonl (train_loss None where no step of the window had one)."""
     import mlx.core as mx
 
     return {
@@ -105,6 +112,7 @@ def record(step, lr, elapsed, tokens_seen, train_loss=None, val_loss=None, token
         "peak_mem_gb": mx.get_peak_memory() / 1e9,
         "elapsed_s": elapsed,
         "tokens_seen": tokens_seen,
+        **({} if replay_kl is None else {"replay_kl": replay_kl}),  # runs with replay text only
     }
 
 

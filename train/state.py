@@ -33,6 +33,10 @@ TRAJECTORY_KEYS = (
 )
 
 
+# the reporting window: the steps' training losses, and their replay KL (replay.py) apart
+EMPTY_REPORT = {"loss_sum": 0.0, "steps": 0, "replay_sum": 0.0, "replay_steps": 0}
+
+
 @dataclass
 class RunState:
     step: int = 0
@@ -44,7 +48,7 @@ class RunState:
     patience_counter: int = 0  # evaluations since it was last beaten
     val_history: list = field(default_factory=list)  # [[step, val_loss]]
     final_val_loss: float | None = None
-    report: dict = field(default_factory=lambda: {"loss_sum": 0.0, "steps": 0})
+    report: dict = field(default_factory=lambda: dict(EMPTY_REPORT))
     tokens_seen: int = 0
     trained_tokens: int = 0
     elapsed_s: float = 0.0
@@ -78,27 +82,38 @@ class RunState:
                 self.done, self.stop_reason = True, "early_stopping"
         return new_best
 
-    def add_report(self, loss):
-        self.report["loss_sum"] += loss
-        self.report["steps"] += 1
+    def add_report(self, loss, replay=None):
+        """One step's training loss and replay KL (None where the step had none)."""
+        self.report = {**EMPTY_REPORT, **self.report}  # a checkpoint from before replay lacks keys
+        for value, total, steps in ((loss, "loss_sum", "steps"), (replay, "replay_sum", "replay_steps")):
+            if value is not None:
+                self.report[total] += value
+                self.report[steps] += 1
 
     def take_report(self):
-        """The mean training loss since the last report, and a fresh window."""
-        mean = self.report["loss_sum"] / max(self.report["steps"], 1)
-        self.report = {"loss_sum": 0.0, "steps": 0}
-        return mean
+        """(mean training loss, mean replay KL) since the last report (None where no step had
+        one), and a fresh window."""
+        report, self.report = {**EMPTY_REPORT, **self.report}, dict(EMPTY_REPORT)
+        loss = report["loss_sum"] / report["steps"] if report["steps"] else None
+        replay = report["replay_sum"] / report["replay_steps"] if report["replay_steps"] else None
+        return loss, replay
 
 
 # --------------------------------------------------------------------------- the fingerprint
 
 
-def fingerprint(cfg, train_info, valid_info, base_hash, world_size=1):
+def fingerprint(cfg, train_info, valid_info, base_hash, world_size=1, replay_info=None):
+    """What a run's trajectory depends on. The replay text and its weight enter only when a run
+    has one, so the fingerprints of runs without replay are those they always were."""
     config = {k: cfg[k] for k in TRAJECTORY_KEYS}
+    data = {"train": train_info, "valid": valid_info}
+    if replay_info:
+        config["replay_weight"], data["replay"] = cfg["replay"]["weight"], replay_info
     canonical = json.dumps(config, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return {
         "config": config,
         "config_sha256": hashlib.sha256(canonical).hexdigest(),
-        "data": {"train": train_info, "valid": valid_info},
+        "data": data,
         "base_model": {"name": cfg["model"], "hash": base_hash},
         "world_size": world_size,
     }
@@ -112,7 +127,7 @@ def fingerprint_id(fp):
         fp["data"]["valid"]["sha256"],
         fp["base_model"]["hash"],
         fp.get("world_size", 1),
-    ]
+    ] + ([fp["data"]["replay"]["sha256"]] if fp["data"].get("replay") else [])
     return int(hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12], 16)
 
 
@@ -124,15 +139,16 @@ def describe_changes(old, new):
     """What differs between a checkpoint's fingerprint and this run's, one line each."""
     changes = [
         f"{key}: {_dump(old['config'].get(key))} -> {_dump(new['config'].get(key))}"
-        for key in TRAJECTORY_KEYS
+        for key in (*TRAJECTORY_KEYS, "replay_weight")
         if old["config"].get(key) != new["config"].get(key)
     ]
-    for split in ("train", "valid"):
-        a, b = old["data"].get(split) or {}, new["data"][split]
-        if a.get("sha256") != b["sha256"]:
+    for split in ("train", "valid", "replay"):
+        a, b = old["data"].get(split) or {}, new["data"].get(split) or {}
+        if a.get("sha256") != b.get("sha256"):
             changes.append(
-                f"{split} data changed: {b['path']} ({a.get('count')} -> {b['count']} "
-                f"conversations, sha256 {str(a.get('sha256'))[:12]} -> {str(b['sha256'])[:12]})"
+                f"{split} data changed: {b.get('path')} ({a.get('count')} -> {b.get('count')} "
+                f"{'texts' if split == 'replay' else 'conversations'}, "
+                f"sha256 {str(a.get('sha256'))[:12]} -> {str(b.get('sha256'))[:12]})"
             )
     a, b = old["base_model"], new["base_model"]
     if a.get("hash") != b.get("hash"):

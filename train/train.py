@@ -57,7 +57,7 @@ from train.batch_size import choose_batch_size
 from train.dist import Dist, PeerLost
 from train.exits import EXIT_INTERRUPTED, EXIT_IO, EXIT_PEER, Stop, ended, non_finite
 from train.inputs import load_inputs
-from train.loss import TargetLoss
+from train.loss import ReplayLoss, TargetLoss
 from train.method import make_optimizer
 from train.options import parse_args, resolve_config
 from train.resume import (
@@ -113,10 +113,17 @@ class Trainer:
 
         self.cfg, self.layout, self.inputs, self.model = cfg, layout, inputs, inputs.model
         self.global_batch_size = batch_size * DIST.size
-        self.train_batches = batches.make_batches(inputs.train_set, self.global_batch_size)
+        # an epoch: the conversations' batches, then the replay text's (replay.py), in one order
+        self.train_batches = [
+            (examples, indices, is_replay)
+            for examples, is_replay in ((inputs.train_set, False), (inputs.replay_set, True))
+            for indices in batches.make_batches(examples, self.global_batch_size)
+        ]
         self.accum = cfg["grad_accumulation_steps"]
         self.loss = TargetLoss(self.model)
         self.loss_and_grad = nn.value_and_grad(self.model, self.loss.sum_loss)
+        replay_loss = ReplayLoss(self.loss, cfg["replay"]["weight"])
+        self.replay_loss_and_grad = nn.value_and_grad(self.model, replay_loss.sum_loss)
         self.optimizer = make_optimizer(cfg)
         self.optimizer.init(self.model.trainable_parameters())
         self.adapter_config = dict(
@@ -236,51 +243,60 @@ class Trainer:
         """This process's share of the step's `accum` global batches: its loss sum divided by
         the target count of the whole batch (known here: every process has all examples), so
         the sum over the processes is the gradient of the global mean (one process: the
-        gradient of the batch's mean). Returns (grads, loss, grad norm, targets, stop votes)."""
+        gradient of the batch's mean). A replay batch's loss is its KL to the base model
+        (loss.ReplayLoss). Returns (grads, {"loss", "replay"}: the step's mean of each, None
+        where none of its batches had one, grad norm, trained targets, stop votes)."""
         import mlx.core as mx
         from mlx.utils import tree_flatten, tree_map
 
         mx.random.seed(step_seed(self.cfg["seed"], step, DIST.rank))
-        examples = self.inputs.train_set
-        grads, loss_sum, count = None, mx.array(0.0), 0
+        grads, sums, counts = None, [mx.array(0.0), mx.array(0.0)], [0, 0]
         for _ in range(self.accum):
-            indices = self.train_batches[self.order.next()]
+            examples, indices, is_replay = self.train_batches[self.order.next()]
             mine = batches.shard(indices, DIST.rank, DIST.size)
             n = batches.target_count(examples, indices)
             if mine:
                 batch, lengths, _ = batches.collate(examples, mine)
-                (_, local_sum), g = self.loss_and_grad(self.model, batch, lengths, float(n))
+                loss_and_grad = self.replay_loss_and_grad if is_replay else self.loss_and_grad
+                (_, local_sum), g = loss_and_grad(self.model, batch, lengths, float(n))
             else:  # a last batch smaller than the ranks
                 g, local_sum = tree_map(mx.zeros_like, self.model.trainable_parameters()), mx.array(0.0)
             grads = g if grads is None else tree_map(mx.add, grads, g)
-            loss_sum, count = loss_sum + local_sum, count + n
-            mx.eval(grads, loss_sum)
+            sums[is_replay], counts[is_replay] = sums[is_replay] + local_sum, counts[is_replay] + n
+            mx.eval(grads, sums)
             n_tokens = batches.token_count(examples, indices)
             self.state.tokens_seen += n_tokens
             self.progress.window_tokens += n_tokens
         if self.accum > 1:
             grads = tree_map(lambda x: x / self.accum, grads)
         grads = DIST.sum_tree(grads)
-        total, stops = DIST.all_sum_floats([loss_sum.item(), float(bool(self.stop_requested))])
+        loss, replay, stops = DIST.all_sum_floats(
+            [s.item() for s in sums] + [float(bool(self.stop_requested))]
+        )
+        means = {
+            "loss": loss / counts[0] if counts[0] else None,
+            "replay": replay / counts[1] if counts[1] else None,
+        }
         grad_sq = sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads))
-        return grads, total / count, math.sqrt(grad_sq.item()), count, stops
+        return grads, means, math.sqrt(grad_sq.item()), counts[0], stops
 
     def train_step(self, step):
         """Gradients, the finite checks, the update; returns the processes' stop votes."""
         import mlx.core as mx
 
-        grads, loss, grad_norm, n_targets, stop_votes = self.gradients(step)
+        grads, means, grad_norm, n_targets, stop_votes = self.gradients(step)
         if self.inject == ("train", step):
-            loss = math.nan
-        if not math.isfinite(loss):
-            self.fail(step, "the training loss", loss)
+            means = {key: math.nan for key in means}
+        for key, what in (("loss", "the training loss"), ("replay", "the replay KL")):
+            if means[key] is not None and not math.isfinite(means[key]):
+                self.fail(step, what, means[key])
         if not math.isfinite(grad_norm):
             self.fail(step, "the gradient norm", grad_norm)
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         del grads
         self.state.trained_tokens += int(n_targets)
-        self.state.add_report(loss)
+        self.state.add_report(means["loss"], means["replay"])
         self.progress.steps += 1
         if self.step_delay:
             time.sleep(self.step_delay)
@@ -296,7 +312,7 @@ class Trainer:
         iters = self.cfg["iters"]
         if step % self.cfg["steps_per_report"] and step != iters:
             return None
-        return self.progress.report(step, iters, lr, elapsed, self.state.take_report())
+        return self.progress.report(step, iters, lr, elapsed, *self.state.take_report())
 
     def validate_and_track(self, step):
         """Every steps_per_eval steps (and the last, and step 0): the validation loss, the best
