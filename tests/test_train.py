@@ -136,20 +136,27 @@ def test_kill_9_then_rerun_matches_uninterrupted_run(shared, reference, tmp_path
     assert len(assert_same_losses(ref_m, got_m)) == 31
 
 
-def test_ctrl_c_saves_the_current_step_and_the_rerun_matches(shared, reference, tmp_path):
-    cfg = shared / "small.yaml"
+def ctrl_c_at(cfg, data, base, step):
+    """Start the run "run" under `base`, press Ctrl-C once it has logged `step` (a small pause
+    per step, the loop's test hook, lets it land mid-run); returns its stderr, exit 130 checked."""
     proc = subprocess.Popen(
-        train_cmd(cfg, "run", shared / "data"),
+        train_cmd(cfg, "run", data),
         cwd=ROOT,
-        env=env_for(tmp_path, TRAIN_STEP_DELAY_S=0.1),
+        env=env_for(base, TRAIN_STEP_DELAY_S=0.1),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    watch_until(proc, tmp_path / "logs" / "run" / "metrics.jsonl", 8)
+    watch_until(proc, base / "logs" / "run" / "metrics.jsonl", step)
     proc.send_signal(signal.SIGINT)
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, stderr[-3000:]
+    return stderr
+
+
+def test_ctrl_c_saves_the_current_step_and_the_rerun_matches(shared, reference, tmp_path):
+    cfg = shared / "small.yaml"
+    stderr = ctrl_c_at(cfg, shared / "data", tmp_path, 8)
     step = int(stderr.split("interrupted at step ")[1].split(";")[0])
     assert "checkpoint saved" in stderr
     newest = sorted((run_dir(tmp_path, "run") / "checkpoints").glob("step_*"))[-1]
@@ -182,18 +189,7 @@ def test_a_run_with_replay_text_reports_its_kl_and_resumes_exactly(shared, tmp_p
     assert kls and all(math.isfinite(k) and k >= 0 for k in kls) and max(kls) > 0
     assert any(r["train_loss"] is None for r in ref_m)  # a step of replay text only
 
-    proc = subprocess.Popen(
-        train_cmd(cfg, "run", shared / "data"),
-        cwd=ROOT,
-        env=env_for(tmp_path, TRAIN_STEP_DELAY_S=0.1),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    watch_until(proc, tmp_path / "logs" / "run" / "metrics.jsonl", 8)
-    proc.send_signal(signal.SIGINT)
-    stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130, stderr[-3000:]
+    ctrl_c_at(cfg, shared / "data", tmp_path, 8)
     again = ok(run_train(tmp_path, cfg, "run", shared / "data"))
     assert "resuming from" in again.stderr, again.stderr[-3000:]
     got_w = load_weights(run_dir(tmp_path, "run") / "adapters.safetensors")
