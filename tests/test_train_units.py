@@ -231,6 +231,29 @@ def test_replay_enters_the_fingerprint_only_when_a_run_has_it():
     assert len(ids) == 4
 
 
+def test_read_replay_names_what_is_wrong_and_hashes_what_it_read(tmp_path):
+    from train.replay import read_replay
+
+    with pytest.raises(ValueError, match=r"replay.data .*nowhere: no such file or folder"):
+        read_replay(tmp_path / "nowhere")
+    folder = tmp_path / "replay"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"replay.data .*replay: no \*.txt file in the folder"):
+        read_replay(folder)
+    (folder / "b.txt").write_text("Segundo.", encoding="utf-8")
+    (folder / "a.txt").write_text("First.", encoding="utf-8")
+    (folder / "notes.md").write_text("not read")
+    text = read_replay(folder)
+    assert text.texts == [("a.txt", "First."), ("b.txt", "Segundo.")] and text.info["count"] == 2
+    assert read_replay(folder).sha256 == text.sha256
+    (folder / "b.txt").write_text("Segundo!", encoding="utf-8")
+    assert read_replay(folder).sha256 != text.sha256
+    assert read_replay(folder / "a.txt").texts == [("a.txt", "First.")]
+    (folder / "c.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(ValueError, match=r"c.txt: not UTF-8 text \(byte 3\)"):
+        read_replay(folder)
+
+
 def test_step_seeds():
     assert step_seed(0, 5) == step_seed(0, 5, rank=0) != step_seed(0, 6)
     assert step_seed(0, 5, rank=1) != step_seed(0, 5)

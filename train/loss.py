@@ -76,12 +76,8 @@ class TargetLoss:
     def __init__(self, model):
         self.targets_only = splits_exactly(model)
 
-    def target_logits(self, model, batch, lengths):
-        """The logits at the targets' positions, in row order (padding and prompt left out)."""
-        import mlx.core as mx
-
-        inputs = batch[:, :-1]
-        rows = mx.array(target_rows(lengths, inputs.shape[1]))
+    def logits_at(self, model, inputs, rows):
+        """The logits at these rows of the flattened positions (target_rows), in row order."""
         if not self.targets_only:
             logits = model(inputs)
             return logits.reshape(-1, logits.shape[-1])[rows]
@@ -90,13 +86,13 @@ class TargetLoss:
         return head(hidden.reshape(-1, hidden.shape[-1])[rows])
 
     def token_losses(self, model, batch, lengths):
-        """float32 losses of the targets, in row order."""
+        """float32 losses of the targets, in row order (padding and prompt left out)."""
         import mlx.core as mx
         import mlx.nn as nn
 
-        targets = batch[:, 1:]
+        inputs, targets = batch[:, :-1], batch[:, 1:]
         rows = mx.array(target_rows(lengths, targets.shape[1]))
-        logits = self.target_logits(model, batch, lengths)
+        logits = self.logits_at(model, inputs, rows)
         return nn.losses.cross_entropy(logits, targets.reshape(-1)[rows]).astype(mx.float32)
 
     def sum_loss(self, model, batch, lengths, global_count):
@@ -140,11 +136,15 @@ class ReplayLoss:
         self.target_loss, self.weight = target_loss, float(weight)
 
     def token_losses(self, model, batch, lengths):
+        """float32 KL of each target, in row order."""
         import mlx.core as mx
 
+        inputs = batch[:, :-1]
+        rows = mx.array(target_rows(lengths, inputs.shape[1]))
+        logits_at = self.target_loss.logits_at
         with adapters_off(model):
-            base = mx.stop_gradient(self.target_loss.target_logits(model, batch, lengths).astype(mx.float32))
-        tuned = self.target_loss.target_logits(model, batch, lengths).astype(mx.float32)
+            base = mx.stop_gradient(logits_at(model, inputs, rows).astype(mx.float32))
+        tuned = logits_at(model, inputs, rows).astype(mx.float32)
         base_logp = base - mx.logsumexp(base, axis=-1, keepdims=True)
         tuned_logp = tuned - mx.logsumexp(tuned, axis=-1, keepdims=True)
         return (mx.exp(base_logp) * (base_logp - tuned_logp)).sum(axis=-1)
