@@ -254,6 +254,19 @@ def test_read_replay_names_what_is_wrong_and_hashes_what_it_read(tmp_path):
         read_replay(folder)
 
 
+def test_the_loss_plot_draws_the_replay_kl_where_a_run_has_it():
+    from train.bundle import loss_plot_png
+
+    records = [
+        {"step": 0, "train_loss": None, "val_loss": 2.8},
+        {"step": 10, "train_loss": 2.4, "val_loss": None, "replay_kl": 0.08},
+        {"step": 20, "train_loss": 1.5, "val_loss": 1.2, "replay_kl": 0.3},
+    ]
+    plain = [{k: v for k, v in r.items() if k != "replay_kl"} for r in records]
+    with_kl, without = loss_plot_png(records, "run", 20), loss_plot_png(plain, "run", 20)
+    assert with_kl[:8] == without[:8] == b"\x89PNG\r\n\x1a\n" and with_kl != without
+
+
 def test_step_seeds():
     assert step_seed(0, 5) == step_seed(0, 5, rank=0) != step_seed(0, 6)
     assert step_seed(0, 5, rank=1) != step_seed(0, 5)

@@ -79,9 +79,12 @@ def loss_plot_png(records, title, best_step=None):
 
     train = [(r["step"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    replay = [(r["step"], r["replay_kl"]) for r in records if r.get("replay_kl") is not None]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train), label="train", color="tab:blue", linewidth=1.2)
+    if replay:  # a run with replay text (train/replay.py): its KL to the base, per token
+        ax.plot(*zip(*replay), label="replay KL to the base", color="tab:purple", linewidth=1, linestyle=":")
     if val:
         ax.plot(*zip(*val), label="validation", color="tab:orange", marker="o", markersize=3)
     if best_step is not None:
@@ -89,7 +92,7 @@ def loss_plot_png(records, title, best_step=None):
             best_step, color="tab:green", linestyle="--", linewidth=1, label=f"best (step {best_step})"
         )
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss (nats per token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
