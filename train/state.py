@@ -61,7 +61,9 @@ class RunState:
     def restore(cls, saved, **override):
         """From a checkpoint's training_state.json (keys it lacks keep their defaults)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{**{k: v for k, v in saved.items() if k in names}, **override})
+        state = cls(**{**{k: v for k, v in saved.items() if k in names}, **override})
+        state.report = {**EMPTY_REPORT, **state.report}  # a checkpoint from before replay lacks keys
+        return state
 
     def record_val(self, step, val_loss, min_delta=0.0, patience=0):
         """Record one validation loss; True when it is the best so far. An evaluation that
@@ -84,7 +86,6 @@ class RunState:
 
     def add_report(self, loss, replay=None):
         """One step's training loss and replay KL (None where the step had none)."""
-        self.report = {**EMPTY_REPORT, **self.report}  # a checkpoint from before replay lacks keys
         for value, total, steps in ((loss, "loss_sum", "steps"), (replay, "replay_sum", "replay_steps")):
             if value is not None:
                 self.report[total] += value
@@ -93,7 +94,7 @@ class RunState:
     def take_report(self):
         """(mean training loss, mean replay KL) since the last report (None where no step had
         one), and a fresh window."""
-        report, self.report = {**EMPTY_REPORT, **self.report}, dict(EMPTY_REPORT)
+        report, self.report = self.report, dict(EMPTY_REPORT)
         loss = report["loss_sum"] / report["steps"] if report["steps"] else None
         replay = report["replay_sum"] / report["replay_steps"] if report["replay_steps"] else None
         return loss, replay
