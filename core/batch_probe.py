@@ -1,7 +1,9 @@
 """batch_size: auto - the largest batch that fits, found by trying.
 
 Each probe runs one forward and backward pass (no optimizer update, so the weights do not
-change) on the longest examples, padded as training pads them, and reads mlx's peak memory.
+change) on the longest examples, padded as training pads them, and reads mlx's peak memory; in
+a run with replay text, a replay batch's pass too (it holds the base model's logits), and the
+larger peak counts.
 The optimizer's state, which does not exist yet, is added as an estimate
 (optimizer_state_bytes). A batch whose predicted peak (core/training_budget.py) is over the
 budget is never tried (a Metal out-of-memory is an abort no code can catch); when batch 1 does
@@ -46,9 +48,7 @@ def _measure(model, loss_and_grad, examples, collate, indices):
     return peak
 
 
-def _probe_sizes(
-    model, loss_and_grad, examples, collate, longest, limit, budget_bytes, predict, extra_bytes, log
-):
+def _probe_sizes(measure, limit, budget_bytes, predict, extra_bytes, log):
     """[(batch, measured peak)] and the largest batch within budget (None: not even 1)."""
     probes, chosen = [], None
     for b in _candidates(limit):
@@ -68,7 +68,7 @@ def _probe_sizes(
                     f"{extrapolated / GB:.2f} GB > budget)"
                 )
                 break
-        peak = _measure(model, loss_and_grad, examples, collate, longest[:b]) + extra_bytes
+        peak = measure(b) + extra_bytes
         probes.append((b, peak))
         if peak > budget_bytes:
             break
@@ -91,9 +91,10 @@ def find_batch_size(
     settings=None,
     grad_checkpoint=False,
     enable_grad_checkpoint=None,
+    replay=None,
 ):
     """Pick the batch size within budget_bytes (whose origin is source); returns (batch_size,
-    explanation, grad_checkpoint).
+    explanation, grad_checkpoint). replay: (loss_and_grad, windows) of a run with replay text.
 
     shape/settings (the memory model): batches predicted over budget are not tried. When
     batch 1 does not fit and grad_checkpoint is off, enable_grad_checkpoint() is called and
@@ -105,15 +106,21 @@ def find_batch_size(
     seq_len = max(len(examples[i][0]) for i in longest[:1]) if examples else 1
     model.train()
 
+    def measure(b):
+        peak = _measure(model, loss_and_grad, examples, collate, longest[:b])
+        if replay:
+            replay_loss_and_grad, windows = replay
+            rows = list(range(min(b, len(windows))))
+            peak = max(peak, _measure(model, replay_loss_and_grad, windows, collate, rows))
+        return peak
+
     def probe(gc):
         predict = (
             (lambda b: None)
             if shape is None
             else (lambda b: training_peak(shape, settings, b, seq_len, gc)["total"])
         )
-        return _probe_sizes(
-            model, loss_and_grad, examples, collate, longest, limit, budget_bytes, predict, extra_bytes, log
-        )
+        return _probe_sizes(measure, limit, budget_bytes, predict, extra_bytes, log)
 
     probes, chosen = probe(grad_checkpoint)
     note = ""
@@ -128,9 +135,12 @@ def find_batch_size(
     mx.clear_cache()
     mx.reset_peak_memory()
     table = ", ".join(f"{b}: {m / GB:.3f} GB" for b, m in probes) or "none tried"
+    what = f"longest examples, {seq_len} tokens"
+    if replay:
+        what += f", or replay windows of {max(len(ids) for ids, _ in replay[1])}"
     why = (
-        f"budget {budget_bytes / GB:.2f} GB = {source}; peak per batch size (longest "
-        f"examples, {seq_len} tokens, incl. optimizer state) {table}{note}"
+        f"budget {budget_bytes / GB:.2f} GB = {source}; peak per batch size ({what}, "
+        f"incl. optimizer state) {table}{note}"
     )
     if chosen is None:
         if shape is None:

@@ -179,6 +179,7 @@ FINE_TUNE_TYPES = ("lora", "dora", "full")
 OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor", "muon")
 TRAIN_ON = ("last", "all_assistant")
 KEEP = ("best", "last")
+REPLAY_WINDOW = 128  # tokens per window of replay text (train/replay.py; the memory model's too)
 
 
 def _is_int(lo):

@@ -29,6 +29,7 @@ from core.memory_model import (
     activation_bytes_per_token,
     kv_bytes_per_token,
     read_config,
+    replay_bytes_per_token,
     shape_from_config,
     shape_from_model,
     training_state_bytes,
@@ -65,8 +66,10 @@ __all__ = [
     "device_memory",
     "does_not_fit_message",
     "kv_bytes_per_token",
+    "largest_batch",
     "optimizer_state_bytes",
     "read_config",
+    "replay_bytes_per_token",
     "set_wired_limit",
     "shape_from_config",
     "shape_from_model",
@@ -136,9 +139,11 @@ def choose_batch_size(
     grad_checkpoint=False,
     enable_grad_checkpoint=None,
     budget_bytes=None,
+    replay=None,
 ):
     """Pick the batch size within the budget now (core/batch_probe.py); returns (batch_size,
-    explanation, grad_checkpoint). budget_bytes overrides the budget (tests)."""
+    explanation, grad_checkpoint). budget_bytes overrides the budget (tests); replay:
+    (loss_and_grad, windows) of a run with replay text."""
     import mlx.core as mx
 
     if budget_bytes is None:
@@ -159,6 +164,7 @@ def choose_batch_size(
         settings=settings,
         grad_checkpoint=grad_checkpoint,
         enable_grad_checkpoint=enable_grad_checkpoint,
+        replay=replay,
     )
 
 
@@ -181,10 +187,21 @@ def enable_grad_checkpoint(model, cfg):
 
 
 def auto_batch_size(
-    model, loss_and_grad, examples, collate, cfg, *, max_batch_size, memory_fraction, extra_bytes=0, log=print
+    model,
+    loss_and_grad,
+    examples,
+    collate,
+    cfg,
+    *,
+    max_batch_size,
+    memory_fraction,
+    extra_bytes=0,
+    log=print,
+    replay=None,
 ):
     """batch_size: auto with the memory model: (batch_size, explanation); may turn on
-    cfg['grad_checkpoint']; raises DoesNotFit (before allocating) when nothing fits."""
+    cfg['grad_checkpoint']; raises DoesNotFit (before allocating) when nothing fits. replay:
+    (loss_and_grad, windows) of a run with replay text, probed too."""
     set_wired_limit(log)
     try:
         shape = shape_from_model(model)
@@ -206,6 +223,7 @@ def auto_batch_size(
         enable_grad_checkpoint=None
         if cfg.get("grad_checkpoint")
         else lambda: enable_grad_checkpoint(model, cfg),
+        replay=replay,
     )
     return b, why
 

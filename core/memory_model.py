@@ -22,6 +22,11 @@ ACT_FACTOR = 0.82  # share of a block's intermediates alive at the backward pass
 LOGIT_COPIES = 5  # logits, log-softmax and their gradients, float32 (measured) ...
 LOGIT_COPIES_CHECKPOINTED = 2  # ... and at the peak of a checkpointed step
 SCORES_CHECKPOINTED = 4  # attention score matrices in flight while a block is recomputed
+# A replay step (train/loss.py ReplayLoss) holds, beside an ordinary step's logits, the base
+# model's logits and log-probabilities and the KL's terms at every position: 2.1-2.2 more
+# float32 copies of the vocabulary per token, measured on SmolLM2-135M and gemma-3-270m
+# (batch 1-8 of 128-token windows); counted as 3, an upper bound as LOGIT_COPIES is.
+REPLAY_LOGIT_COPIES = 3
 # The process itself, beside mlx's buffers: Python, mlx, mlx-lm, transformers, the BLAS and the
 # tokenizer. Measured with SmolLM2-135M on Linux (docs/MEMORY.md): 137 MB of RSS before the
 # weights load; at the peak, 167 MB of RSS beside mlx's peak in training and 155 MB in the
@@ -181,6 +186,14 @@ def activation_bytes_per_token(s, seq_len, num_layers=16, grad_checkpoint=False)
         )
     n = adapted_layers(s, num_layers)
     return int(n * (block + scores) + scores + LOGIT_COPIES * s.vocab * 4)
+
+
+def replay_bytes_per_token(s, window, num_layers=16, grad_checkpoint=False):
+    """Training activations per token of a replay batch (raw-text windows of `window` tokens):
+    an ordinary step's, plus the base model's logits and the KL's (REPLAY_LOGIT_COPIES)."""
+    return activation_bytes_per_token(s, window, num_layers, grad_checkpoint) + (
+        REPLAY_LOGIT_COPIES * s.vocab * 4
+    )
 
 
 def kv_bytes_per_token(s):

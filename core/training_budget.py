@@ -6,7 +6,14 @@ in bytes; the budget now is core/memory.py's, the measuring probe core/batch_pro
 
 from dataclasses import dataclass
 
-from core.memory_model import GB, activation_bytes_per_token, training_state_bytes, weight_bytes
+from core.config import REPLAY_WINDOW
+from core.memory_model import (
+    GB,
+    activation_bytes_per_token,
+    replay_bytes_per_token,
+    training_state_bytes,
+    weight_bytes,
+)
 
 
 class DoesNotFit(Exception):
@@ -19,6 +26,7 @@ class TrainSettings:
     rank: int = 8
     fine_tune_type: str = "lora"
     optimizer: str = "adamw"
+    replay_window: int = 0  # tokens per replay window; 0: no replay text (config `replay`)
 
     @classmethod
     def from_cfg(cls, cfg):
@@ -28,7 +36,18 @@ class TrainSettings:
             rank=int(lora.get("rank", 8)),
             fine_tune_type=str(cfg.get("fine_tune_type", "lora")),
             optimizer=str(cfg.get("optimizer", "adamw")).lower(),
+            replay_window=REPLAY_WINDOW if (cfg.get("replay") or {}).get("data") else 0,
         )
+
+
+def per_sequence_bytes(s, settings, seq_len, grad_checkpoint=False):
+    """Activation bytes one row of a batch adds: a conversation padded to seq_len or, in a run
+    with replay text, a replay window (a batch of its own, with the base's logits), the larger."""
+    chat = seq_len * activation_bytes_per_token(s, seq_len, settings.num_layers, grad_checkpoint)
+    w = settings.replay_window
+    if not w:
+        return chat
+    return max(chat, w * replay_bytes_per_token(s, w, settings.num_layers, grad_checkpoint))
 
 
 def training_peak(s, settings, batch_size, seq_len, grad_checkpoint=False):
@@ -39,9 +58,7 @@ def training_peak(s, settings, batch_size, seq_len, grad_checkpoint=False):
             s, settings.num_layers, settings.rank, settings.fine_tune_type, settings.optimizer
         )
     )
-    out["activations"] = (
-        batch_size * seq_len * activation_bytes_per_token(s, seq_len, settings.num_layers, grad_checkpoint)
-    )
+    out["activations"] = batch_size * per_sequence_bytes(s, settings, seq_len, grad_checkpoint)
     out["total"] = sum(out.values())
     return out
 
@@ -49,7 +66,7 @@ def training_peak(s, settings, batch_size, seq_len, grad_checkpoint=False):
 def largest_batch(s, settings, seq_len, budget, grad_checkpoint=False, cap=1 << 16):
     """The largest batch whose predicted peak is within budget (0: not even 1)."""
     fixed = training_peak(s, settings, 0, seq_len, grad_checkpoint)["total"]
-    per_seq = seq_len * activation_bytes_per_token(s, seq_len, settings.num_layers, grad_checkpoint)
+    per_seq = per_sequence_bytes(s, settings, seq_len, grad_checkpoint)
     return int(max(0, min(cap, (budget - fixed) // max(per_seq, 1))))
 
 

@@ -43,9 +43,10 @@ GiB = 1 << 30
 # --------------------------------------------------------------------------- measuring (subprocess)
 
 
-def measure_training(model_path, batch, seq_len, grad_checkpoint, num_layers, rank=8):
+def measure_training(model_path, batch, seq_len, grad_checkpoint, num_layers, rank=8, replay=0):
     """One LoRA training step (forward, backward, AdamW update) as train.py runs it; returns
-    the loaded weights' bytes and mlx's peak."""
+    the loaded weights' bytes and mlx's peak. replay: a replay batch's step instead (the KL to
+    the base model on raw-text windows, train/loss.py ReplayLoss)."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -54,7 +55,7 @@ def measure_training(model_path, batch, seq_len, grad_checkpoint, num_layers, ra
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     import train  # noqa: F401  (fast BLAS before mlx)
-    from train.loss import TargetLoss
+    from train.loss import ReplayLoss, TargetLoss
 
     model, _ = load(str(model_path))
     mx.eval(model.parameters())
@@ -68,7 +69,11 @@ def measure_training(model_path, batch, seq_len, grad_checkpoint, num_layers, ra
     mx.eval(model.parameters(), opt.state)
     tokens = mx.random.randint(5, model.args.vocab_size, (batch, seq_len + 1)).astype(mx.int32)
     lengths = mx.array([[1, seq_len]] * batch, dtype=mx.int32)
-    loss_and_grad = nn.value_and_grad(model, TargetLoss(model).mean_loss)
+    loss = TargetLoss(model).mean_loss
+    if replay:
+        replay_loss = ReplayLoss(TargetLoss(model), 1.0)
+        loss = lambda m, b, n: replay_loss.sum_loss(m, b, n, 1)  # noqa: E731
+    loss_and_grad = nn.value_and_grad(model, loss)
     model.train()
     mx.synchronize()
     mx.clear_cache()
@@ -233,6 +238,22 @@ def test_checkpointing_and_shorter_sequences_need_less():
     assert memory.training_peak(s, st, 2, 1024)["total"] > memory.training_peak(s, st, 1, 1024)["total"]
 
 
+def test_a_run_with_replay_text_is_planned_by_its_larger_step():
+    """A replay window (128 tokens) holds the base's logits too: on the 7B model it is smaller
+    than a 1,024-token conversation, so nothing changes; next to 64-token conversations it is
+    the larger step and sets the batch. The config's replay.data turns it on."""
+    s = memory.shape_from_config(MISTRAL_7B_4BIT)
+    st, replay = memory.TrainSettings(), memory.TrainSettings(replay_window=128)
+    assert memory.TrainSettings.from_cfg({"replay": {"data": "data/replay"}}) == replay
+    assert memory.TrainSettings.from_cfg({"replay": {"data": None}}) == st
+    assert memory.training_peak(s, replay, 4, 1024) == memory.training_peak(s, st, 4, 1024)
+    window = 128 * memory.replay_bytes_per_token(s, 128, 16)
+    assert window > 64 * memory.activation_bytes_per_token(s, 64, 16)
+    assert memory.training_peak(s, replay, 4, 64)["activations"] == 4 * window
+    budget = memory.training_peak(s, st, 8, 64)["total"]
+    assert memory.largest_batch(s, st, 64, budget) == 8 > memory.largest_batch(s, replay, 64, budget)
+
+
 def test_budget_is_the_smaller_of_device_share_and_available_now():
     b, why = memory.budget(0.8, held=1 * GiB, total=16 * GiB, available=20 * GiB)
     assert b == int(0.8 * 16 * GiB) and "0.8 x" in why
@@ -326,7 +347,7 @@ def test_wired_limit_is_a_no_op_without_metal():
 if __name__ == "__main__":
     what, rest = sys.argv[1], sys.argv[2:]
     if what == "train":
-        out = measure_training(rest[0], int(rest[1]), int(rest[2]), rest[3] == "1", *map(int, rest[4:6]))
+        out = measure_training(rest[0], int(rest[1]), int(rest[2]), rest[3] == "1", *map(int, rest[4:7]))
     else:
         out = measure_kv(rest[0], int(rest[1]))
     print(json.dumps(out))

@@ -37,6 +37,20 @@ def test_training_step_of_smollm_is_predicted_within_20_percent(smollm_model):
     assert within(got["rss_peak"], resident), (got, resident)
 
 
+def test_a_replay_step_of_smollm_is_predicted_within_20_percent(smollm_model):
+    """A replay batch (4 windows of 128 tokens, train/replay.py) holds the base model's logits
+    beside the adapted ones': the memory model counts them (REPLAY_LOGIT_COPIES), so a run
+    with replay text is planned by its larger step, and an ordinary step's plan would not do."""
+    shape = memory.shape_from_config(memory.read_config(smollm_model))
+    got = run_measure("train", smollm_model, 4, 128, 0, 8, 16, 1)
+    settings = memory.TrainSettings(num_layers=8, rank=16, replay_window=128)
+    predicted = memory.training_peak(shape, settings, 4, 128)["total"]
+    plain = memory.training_peak(shape, memory.TrainSettings(num_layers=8, rank=16), 4, 128)["total"]
+    print(f"\nSMOLLM replay step: mlx {got['peak']} vs {predicted} (without replay's logits {plain})")
+    assert within(got["peak"], predicted), (got, predicted)
+    assert plain < got["peak"] <= predicted, (got, plain, predicted)
+
+
 @pytest.mark.skipif(not STATUS.exists(), reason="reads the RSS high-water mark from /proc (Linux)")
 def test_worker_serving_smollm_is_predicted_within_20_percent(smollm_model):
     """4 concurrent requests (a 180-token prompt each, prefilled together) that fill a 256-token

@@ -86,6 +86,67 @@ def probe_with_budget(where):
         }
 
 
+def probe_with_replay():
+    """The probe with and without replay windows (128 tokens, as train/replay.py cuts them)
+    beside conversations of 64 tokens, on a budget that holds 8 conversations but not 8
+    windows with the base model's logits: {"without", "with": (batch, why), the peaks}."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    import train  # noqa: F401
+    from core import batch_probe, memory
+    from train import batches
+    from train.loss import ReplayLoss, TargetLoss
+    from train.replay import WINDOW
+
+    model, _ = load(str(ROOT / "models" / "tiny-mistral"))
+    model.freeze()
+    linear_to_lora_layers(model, 4, {"rank": 8, "scale": 20.0, "dropout": 0.0})
+    mx.eval(model.parameters())
+    model.train()
+    chat = [([5 + (i * 7 + j) % 1000 for j in range(64)], 1) for i in range(8)]
+    windows = [([5 + (i * 11 + j) % 1000 for j in range(WINDOW)], 0) for i in range(8)]
+    chat_step = nn.value_and_grad(model, TargetLoss(model).mean_loss)
+    replay_loss = ReplayLoss(TargetLoss(model), 1.0)
+    replay_step = nn.value_and_grad(model, lambda m, b, n: replay_loss.sum_loss(m, b, n, 1))
+    extra = memory.optimizer_state_bytes(model, "adamw")
+
+    def peak(step, examples, b):
+        return batch_probe._measure(model, step, examples, batches.collate, list(range(b))) + extra
+
+    chat_peaks = {b: peak(chat_step, chat, b) for b in (1, 2, 4, 8)}
+    replay_peaks = {b: peak(replay_step, windows, b) for b in (1, 2, 4, 8)}
+    budget = int(1.05 * max(chat_peaks[8], replay_peaks[1]))
+    out = {"budget": budget, "chat_peaks": chat_peaks, "replay_peaks": replay_peaks}
+    for key, replay in (("without", None), ("with", (replay_step, windows))):
+        b, why, _ = memory.choose_batch_size(
+            model,
+            chat_step,
+            chat,
+            batches.collate,
+            max_batch_size=8,
+            memory_fraction=0.8,
+            extra_bytes=extra,
+            log=lambda line: None,
+            budget_bytes=budget,
+            replay=replay,
+        )
+        out[key] = (b, why)
+    return out
+
+
+def test_the_probe_counts_a_replay_batch_with_the_base_models_logits():
+    r = run_probe("replay")
+    peaks = {int(b): p for b, p in r["replay_peaks"].items()}
+    assert peaks[8] > r["budget"], r  # the budget is one that replay must lower the batch for
+    assert r["without"][0] == 8, r
+    batch, why = r["with"]
+    assert 1 <= batch < 8 and peaks[batch] <= r["budget"], r
+    assert "replay windows" in why, r
+
+
 def run_probe(where):
     proc = subprocess.run(
         [sys.executable, __file__, where],
@@ -187,4 +248,4 @@ def test_a_fixed_batch_over_budget_is_kept_with_a_warning(data, tmp_path):
 
 
 if __name__ == "__main__":
-    print(json.dumps(probe_with_budget(sys.argv[1])))
+    print(json.dumps(probe_with_replay() if sys.argv[1] == "replay" else probe_with_budget(sys.argv[1])))

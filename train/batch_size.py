@@ -1,8 +1,9 @@
 """The batch size a run trains with, per process (choose_batch_size): the config's number
 (checked against the memory model), the one a resumed run chose, or, with batch_size auto,
 the largest that fits memory (probe_batch_size: core.memory's estimate, then a measured
-probe; the processes on one machine share its memory and the run takes the smallest choice).
-Never more than the training set allows."""
+probe of the longest conversations and of the replay windows, if any; the processes on one
+machine share its memory and the run takes the smallest choice). Never more than the
+training set allows."""
 
 from core import memory
 from train import batches
@@ -51,7 +52,7 @@ def probe_batch_size(cfg, inputs, dist):
     share its memory. The run takes the smallest choice, so it fits everywhere."""
     import mlx.nn as nn
 
-    from train.loss import TargetLoss
+    from train.loss import ReplayLoss, TargetLoss
 
     model = inputs.model
     extra = memory.optimizer_state_bytes(model, str(cfg["optimizer"]).lower())
@@ -62,6 +63,11 @@ def probe_batch_size(cfg, inputs, dist):
         here = hosts.count(dist.host_id())
         memory_fraction /= here
         max_batch_size = max(1, min(max_batch_size, len(inputs.train_set) // dist.size))
+    replay = None
+    if inputs.replay_set:  # a replay batch also holds the base model's logits: probe one too
+        replay_loss = ReplayLoss(TargetLoss(model), cfg["replay"]["weight"])
+        replay_step = nn.value_and_grad(model, lambda m, b, n: replay_loss.sum_loss(m, b, n, 1))
+        replay = (replay_step, inputs.replay_set)
     try:
         batch_size, why = memory.auto_batch_size(
             model,
@@ -73,6 +79,7 @@ def probe_batch_size(cfg, inputs, dist):
             memory_fraction=memory_fraction,
             extra_bytes=extra,
             log=dist.log,
+            replay=replay,
         )
     except memory.DoesNotFit as e:
         raise Stop(str(e), EXIT_CONFIG) from None

@@ -19,9 +19,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.config import REPLAY_WINDOW as WINDOW  # tokens per replay window
 from train import batches
-
-WINDOW = 128  # tokens per replay window
 
 
 @dataclass
