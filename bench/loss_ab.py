@@ -4,7 +4,7 @@ same real batches, alternating in one process:
 
     python -m bench.loss_ab --model models/smollm2-135m-instruct --data data [--batches 6] [--rounds 3]
 
-Adapters as train/demo.yaml sets them (top 8 blocks, rank 16), the prepared training split
+Adapters as train/demo.yaml set them until 2026-12-06 (top 8 blocks, rank 16), the prepared training split
 encoded with the model's template and the data's system prompt, batches of 4 as the trainer
 forms them (similar lengths together, prompts masked). Each round runs every batch with one
 loss, then with the other (who goes first alternates), so each loss finds the allocator's

@@ -1,7 +1,7 @@
 """The memory model against SmolLM2-135M-Instruct (a real LLM, float32; `make base-model`):
-one training step of the demo's recipe (LoRA rank 16 on 8 blocks, batch 4) and the real worker
-serving a few concurrent requests, each predicted within 20% of its measured peak, mlx's and the
-process's resident one (issue 23). bench/memory_real.py measures the whole picture (training,
+one training step like the demo's (LoRA rank 16 on 8 blocks, batch 4), a replay step, and the
+real worker serving a few concurrent requests, each predicted within 20% of its measured peak,
+mlx's and the process's resident one (issue 23). bench/memory_real.py measures the whole picture (training,
 the worker with 8 users, both at once; docs/MEMORY.md, "SmolLM2-135M on this machine").
 """
 
