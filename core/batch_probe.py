@@ -48,6 +48,24 @@ def _measure(model, loss_and_grad, examples, collate, indices):
     return peak
 
 
+def _peak_of_batch(model, loss_and_grad, examples, collate, rows, replay):
+    """mlx's peak for a batch of these rows and, in a run with replay text, for a replay batch
+    of as many windows: the larger (a replay batch holds the base model's logits too)."""
+    peak = _measure(model, loss_and_grad, examples, collate, rows)
+    if replay:
+        replay_loss_and_grad, windows = replay
+        window_rows = list(range(min(len(rows), len(windows))))
+        peak = max(peak, _measure(model, replay_loss_and_grad, windows, collate, window_rows))
+    return peak
+
+
+def _what_was_probed(seq_len, replay):
+    what = f"longest examples, {seq_len} tokens"
+    if replay:
+        what += f", or replay windows of {max(len(ids) for ids, _ in replay[1])}"
+    return what
+
+
 def _probe_sizes(measure, limit, budget_bytes, predict, extra_bytes, log):
     """[(batch, measured peak)] and the largest batch within budget (None: not even 1)."""
     probes, chosen = [], None
@@ -107,12 +125,7 @@ def find_batch_size(
     model.train()
 
     def measure(b):
-        peak = _measure(model, loss_and_grad, examples, collate, longest[:b])
-        if replay:
-            replay_loss_and_grad, windows = replay
-            rows = list(range(min(b, len(windows))))
-            peak = max(peak, _measure(model, replay_loss_and_grad, windows, collate, rows))
-        return peak
+        return _peak_of_batch(model, loss_and_grad, examples, collate, longest[:b], replay)
 
     def probe(gc):
         predict = (
@@ -135,12 +148,9 @@ def find_batch_size(
     mx.clear_cache()
     mx.reset_peak_memory()
     table = ", ".join(f"{b}: {m / GB:.3f} GB" for b, m in probes) or "none tried"
-    what = f"longest examples, {seq_len} tokens"
-    if replay:
-        what += f", or replay windows of {max(len(ids) for ids, _ in replay[1])}"
     why = (
-        f"budget {budget_bytes / GB:.2f} GB = {source}; peak per batch size ({what}, "
-        f"incl. optimizer state) {table}{note}"
+        f"budget {budget_bytes / GB:.2f} GB = {source}; peak per batch size "
+        f"({_what_was_probed(seq_len, replay)}, incl. optimizer state) {table}{note}"
     )
     if chosen is None:
         if shape is None:
