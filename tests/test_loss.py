@@ -176,6 +176,8 @@ def compare_with_separate_base(path, vocab):
     _, ref_grads = nn.value_and_grad(model, reference)(model, batch, lengths, n)
     assert total.item() == pytest.approx(ref.sum(), rel=2e-3)  # reported unweighted
     assert weighted.item() == pytest.approx(2.5 * ref.sum() / n, rel=2e-3)
+    mean, count = replay.mean_loss(model, batch, lengths)  # the batch-size probe's, one batch alone
+    assert count.item() == len(rows) and mean.item() == pytest.approx(2.5 * ref.mean(), rel=2e-3)
     expected = dict(tree_flatten(ref_grads))
     for key, g in tree_flatten(grads):
         scale = float(mx.abs(expected[key]).max().item())

@@ -69,11 +69,8 @@ def measure_training(model_path, batch, seq_len, grad_checkpoint, num_layers, ra
     mx.eval(model.parameters(), opt.state)
     tokens = mx.random.randint(5, model.args.vocab_size, (batch, seq_len + 1)).astype(mx.int32)
     lengths = mx.array([[1, seq_len]] * batch, dtype=mx.int32)
-    loss = TargetLoss(model).mean_loss
-    if replay:
-        replay_loss = ReplayLoss(TargetLoss(model), 1.0)
-        loss = lambda m, b, n: replay_loss.sum_loss(m, b, n, 1)  # noqa: E731
-    loss_and_grad = nn.value_and_grad(model, loss)
+    loss = ReplayLoss(TargetLoss(model), 1.0) if replay else TargetLoss(model)
+    loss_and_grad = nn.value_and_grad(model, loss.mean_loss)
     model.train()
     mx.synchronize()
     mx.clear_cache()

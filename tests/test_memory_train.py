@@ -109,8 +109,7 @@ def probe_with_replay():
     chat = [([5 + (i * 7 + j) % 1000 for j in range(64)], 1) for i in range(8)]
     windows = [([5 + (i * 11 + j) % 1000 for j in range(WINDOW)], 0) for i in range(8)]
     chat_step = nn.value_and_grad(model, TargetLoss(model).mean_loss)
-    replay_loss = ReplayLoss(TargetLoss(model), 1.0)
-    replay_step = nn.value_and_grad(model, lambda m, b, n: replay_loss.sum_loss(m, b, n, 1))
+    replay_step = nn.value_and_grad(model, ReplayLoss(TargetLoss(model), 1.0).mean_loss)
     extra = memory.optimizer_state_bytes(model, "adamw")
 
     def peak(step, examples, b):

@@ -210,6 +210,22 @@ def test_a_run_with_replay_text_reports_its_kl_and_resumes_exactly(shared, tmp_p
     assert refused.returncode == 2 and "replay data changed" in refused.stderr, refused.stderr[-3000:]
 
 
+def test_batch_size_auto_probes_a_replay_batch_too(shared, tmp_path):
+    """With replay text, batch_size auto measures a replay batch beside the longest
+    conversations (its base-model logits are the larger step when conversations are short)."""
+    cfg = write_config(
+        tmp_path / "auto.yaml",
+        batch_size="auto",
+        iters=2,
+        save_every=2,
+        steps_per_eval=2,
+        replay={"data": str(ROOT / "data" / "replay"), "weight": 1.0},
+    )
+    proc = ok(run_train(tmp_path, cfg, "run", shared / "data", "--set", "auto_batch.max_batch_size=4"))
+    line = next(x for x in proc.stderr.splitlines() if "batch_size auto: " in x)
+    assert "or replay windows of 128" in line and "1: " in line, line
+
+
 def test_replay_settings_are_checked(shared, tmp_path):
     data = shared / "data"
     missing = write_config(tmp_path / "a.yaml", replay={"data": str(tmp_path / "nowhere"), "weight": 1.0})

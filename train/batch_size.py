@@ -66,8 +66,7 @@ def probe_batch_size(cfg, inputs, dist):
     replay = None
     if inputs.replay_set:  # a replay batch also holds the base model's logits: probe one too
         replay_loss = ReplayLoss(TargetLoss(model), cfg["replay"]["weight"])
-        replay_step = nn.value_and_grad(model, lambda m, b, n: replay_loss.sum_loss(m, b, n, 1))
-        replay = (replay_step, inputs.replay_set)
+        replay = (nn.value_and_grad(model, replay_loss.mean_loss), inputs.replay_set)
     try:
         batch_size, why = memory.auto_batch_size(
             model,

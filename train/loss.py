@@ -152,3 +152,11 @@ class ReplayLoss:
     def sum_loss(self, model, batch, lengths, global_count):
         total = self.token_losses(model, batch, lengths).sum()
         return self.weight * total / global_count, total
+
+    def mean_loss(self, model, batch, lengths):
+        """TargetLoss.mean_loss's signature: (weight x the batch's mean KL, target count), for
+        the batch-size probe, which runs one batch alone."""
+        import mlx.core as mx
+
+        losses = self.token_losses(model, batch, lengths)
+        return self.weight * losses.sum() / max(losses.size, 1), mx.array(losses.size)
