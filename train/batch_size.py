@@ -63,14 +63,15 @@ def probe_batch_size(cfg, inputs, dist):
         here = hosts.count(dist.host_id())
         memory_fraction /= here
         max_batch_size = max(1, min(max_batch_size, len(inputs.train_set) // dist.size))
+    target_loss = TargetLoss(model)  # checks the model's output split once (a forward pass)
     replay = None
     if inputs.replay_set:  # a replay batch also holds the base model's logits: probe one too
-        replay_loss = ReplayLoss(TargetLoss(model), cfg["replay"]["weight"])
+        replay_loss = ReplayLoss(target_loss, cfg["replay"]["weight"])
         replay = (nn.value_and_grad(model, replay_loss.mean_loss), inputs.replay_set)
     try:
         batch_size, why = memory.auto_batch_size(
             model,
-            nn.value_and_grad(model, TargetLoss(model).mean_loss),
+            nn.value_and_grad(model, target_loss.mean_loss),
             inputs.train_set,
             batches.collate,
             cfg,
