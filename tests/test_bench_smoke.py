@@ -44,6 +44,13 @@ def test_training_windows():
         {"trained_tokens": 1200, "tokens_per_second": 120.0},
     ]
     assert report.train_windows_lora(lora) == [(600, 60.0), (600, 120.0)]
+    # prompts masked: the loss targets per second of each window's elapsed time
+    masked = [
+        {"step": 0, "tokens_per_s": None, "tokens_seen": 0, "trained_tokens": 0, "elapsed_s": 0.0},
+        {"step": 10, "tokens_per_s": 100.0, "tokens_seen": 1000, "trained_tokens": 300, "elapsed_s": 10.0},
+        {"step": 20, "tokens_per_s": 200.0, "tokens_seen": 3000, "trained_tokens": 500, "elapsed_s": 20.0},
+    ]
+    assert report.train_windows_ours(masked, "trained_tokens") == [(300, 30.0), (200, 20.0)]
 
 
 def test_rows_tables_and_files(tmp_path):
@@ -105,6 +112,20 @@ def test_training_on_smollm2_rows_side_by_side_or_skipped():
     assert "models/smollm2-135m-instruct, batch 4, rank 8, 4 layers, 2 reps x 10 iters" in memory["note"]
     tr["smollm2"]["ours_peak_summary"] = s(1.3, 1.3)
     assert training.real_rows({"training": tr})[1]["met"] is False
+    tr["smollm2"]["demo"] = {
+        "adapters": {"layers": 16, "rank": 16, "mask": True},
+        "ours": runs((60.0, 0.9), (66.0, 0.9)),
+        "mlx_lm_lora": runs((50.0, 1.0), (60.0, 1.0)),
+        "ours_summary": s(60.0, 66.0),
+        "mlx_lm_lora_summary": s(50.0, 60.0),
+        "ours_peak_summary": s(0.9, 0.9),
+        "mlx_lm_lora_peak_summary": s(1.0, 1.0),
+    }
+    _, _, demo_speed, demo_memory = training.real_rows({"training": tr})
+    assert demo_speed["name"] == "training tokens/s (LoRA), SmolLM2, the demo's adapters (answer tokens/s)"
+    assert demo_speed["ratio"] == pytest.approx(63 / 55) and demo_speed["paired_ratio"] == pytest.approx(1.15)
+    assert demo_memory["name"] == "training peak memory (LoRA), SmolLM2, the demo's adapters"
+    assert demo_memory["met"] is True and "top 16 blocks, rank 16, prompts masked" in demo_memory["note"]
     tr["smollm2"] = {
         "model": "models/smollm2-135m-instruct",
         "skipped": "models/smollm2-135m-instruct is missing",

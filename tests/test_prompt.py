@@ -379,3 +379,21 @@ def test_make_data_reports_every_control_token_of_both_families(family):
 def control_ids_text(tok):
     hf = getattr(tok, "_tokenizer", tok)
     return set(hf.all_special_tokens) | {t.content for t in hf.added_tokens_decoder.values() if t.special}
+
+
+def test_raw_text_windows_keep_the_start_token_at_every_window_and_cover_each_token_once(family):
+    """batches.text_windows (replay text, make eval's general-text perplexity): Mistral's
+    sentencepiece adds <s>, so every window starts with it and each token of the texts is a
+    target exactly once; SmolLM2's BPE adds none, so the windows are the plain token runs."""
+    from train import batches
+
+    texts = [" ".join(WORDS * 6), "Olá, Faro! 1910"]
+    encoded = [family.encode(t) for t in texts]
+    windows = [w for w, _ in batches.text_windows(family, texts, 16)]
+    bos = family.bos_token_id
+    if encoded[0][0] == bos:  # the Mistral family
+        assert all(w[0] == bos and bos not in w[1:] and len(w) <= 16 for w in windows)
+        assert [t for w in windows for t in w[1:]] == [t for ids in encoded for t in ids[1:]]
+    else:
+        runs = [ids[i : i + 16] for ids in encoded for i in range(0, len(ids), 16)]
+        assert windows == [r for r in runs if len(r) > 1] and len(runs) > 2

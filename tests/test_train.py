@@ -133,6 +133,10 @@ def test_kill_9_then_rerun_matches_uninterrupted_run(shared, reference, tmp_path
     )
     ref_m, got_m = metrics(shared / "ref", "run"), metrics(tmp_path, "run")
     assert [r["step"] for r in got_m] == [r["step"] for r in ref_m]  # nothing logged twice
+    # the token counters resume too; the trained tokens are the answers' (prompts masked)
+    counters = lambda m: [(r["tokens_seen"], r["trained_tokens"]) for r in m]
+    assert counters(got_m) == counters(ref_m)
+    assert all(0 < r["trained_tokens"] < r["tokens_seen"] for r in ref_m if r["step"])
     assert len(assert_same_losses(ref_m, got_m)) == 31
 
 

@@ -106,14 +106,20 @@ def _add_example(out, ids, prompt_len, mask_prompt, max_seq_length):
 
 
 def text_windows(tokenizer, texts, window):
-    """Raw text as examples: each text's tokens (with the tokenizer's own start token) cut into
-    windows of `window` tokens, every token but a window's first a target: [(ids, 0)]."""
+    """Raw text as examples: each text's tokens cut into windows of at most `window` tokens,
+    every token but a window's first a target: [(ids, 0)].
+
+    A tokenizer that starts a text with its own start token (Mistral's <s>, Gemma's <bos>)
+    gets it at the head of every window, not only the first: a model trained always to see it
+    at position 0 is measured as it runs, and each of the text's tokens is a target exactly
+    once. One without (SmolLM2's byte-level BPE) gets plain consecutive windows."""
     examples = []
     for text in texts:
         ids = tokenizer.encode(text)
-        examples += [
-            (ids[i : i + window], 0) for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1
-        ]
+        start = ids[:1] if ids and ids[0] == getattr(tokenizer, "bos_token_id", None) else []
+        ids, step = ids[len(start) :], window - len(start)
+        chunks = [start + ids[i : i + step] for i in range(0, len(ids), step)]
+        examples += [(chunk, 0) for chunk in chunks if len(chunk) > 1]
     return examples
 
 
