@@ -319,24 +319,26 @@ def real_rows(res):
     runs = f"{len(real['ours'])} reps x {real['iters']} iters, first {real['steps_per_report']}-step window left out"
     rows = _pair_rows(
         real,
-        "",
+        ("SmolLM2", ""),
         f"{real['model']}, batch {tr['batch_size']}, rank {tr['lora_rank']}, {tr['lora_layers']} layers, {runs}",
     )
     demo = real.get("demo")
     if demo:  # results written before the demo's pairing existed have none
         a = demo["adapters"]
         note = f"{real['model']}, train/demo.yaml's top {a['layers']} blocks, rank {a['rank']}, prompts masked, batch {tr['batch_size']}, {runs}"
-        rows += _pair_rows(demo, ", the demo's adapters (answer tokens/s)", note)
+        rows += _pair_rows(demo, ("SmolLM2, the demo's adapters", " (answer tokens/s)"), note)
     return rows
 
 
-def _pair_rows(pair, suffix, note):
+def _pair_rows(pair, names, note):
+    """The tokens/s and peak-memory rows of one pairing; names: (what ran, what the rate counts)."""
+    what, counted = names
     labels = dict(ours_label="train.train", anchor_label="mlx_lm lora", note=note)
     samples = lambda k, v: [r.get(v) for r in (pair.get(k) or [])]
     paired = lambda v: report.paired_ratio(samples("ours", v), samples("mlx_lm_lora", v))
     return [
         report.row(
-            f"training tokens/s (LoRA), SmolLM2{suffix}",
+            f"training tokens/s (LoRA), {what}{counted}",
             _median(pair, "ours_summary"),
             _median(pair, "mlx_lm_lora_summary"),
             "tok/s",
@@ -345,7 +347,7 @@ def _pair_rows(pair, suffix, note):
             **labels,
         ),
         report.row(
-            f"training peak memory (LoRA), SmolLM2{suffix.split(' (')[0]}",
+            f"training peak memory (LoRA), {what}",
             _median(pair, "ours_peak_summary"),
             _median(pair, "mlx_lm_lora_peak_summary"),
             "GB",
