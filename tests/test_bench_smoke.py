@@ -88,22 +88,30 @@ def test_rows_tables_and_files(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def pairing(ours, anchor):
+    """One pairing as bench/training.py records it, from each side's runs of (tokens/s, peak GB)."""
+    runs = lambda pairs: [{"tokens_per_s": t, "peak_mem_gb": m} for t, m in pairs]
+    median_of = lambda pairs, i: report.summarize([p[i] for p in pairs])
+    return {
+        "ours": runs(ours),
+        "mlx_lm_lora": runs(anchor),
+        "ours_summary": median_of(ours, 0),
+        "mlx_lm_lora_summary": median_of(anchor, 0),
+        "ours_peak_summary": median_of(ours, 1),
+        "mlx_lm_lora_peak_summary": median_of(anchor, 1),
+    }
+
+
 def test_training_on_smollm2_rows_side_by_side_or_skipped():
     from bench import training
 
     s = lambda *v: report.summarize(list(v))
     tr = {"model": "models/tiny-mistral", "batch_size": 4, "lora_rank": 8, "lora_layers": 4, "iters": 15}
-    runs = lambda *pairs: [{"tokens_per_s": t, "peak_mem_gb": m} for t, m in pairs]
     tr["smollm2"] = {
         "model": "models/smollm2-135m-instruct",
         "iters": 10,
         "steps_per_report": 5,
-        "ours": runs((110.0, 1.0), (90.0, 1.2)),
-        "mlx_lm_lora": runs((100.0, 1.1), (100.0, 1.1)),
-        "ours_summary": s(110.0, 90.0),
-        "mlx_lm_lora_summary": s(100.0, 100.0),
-        "ours_peak_summary": s(1.0, 1.2),
-        "mlx_lm_lora_peak_summary": s(1.1, 1.1),
+        **pairing([(110.0, 1.0), (90.0, 1.2)], [(100.0, 1.1), (100.0, 1.1)]),
     }
     speed, memory = training.real_rows({"training": tr})
     assert speed["name"] == "training tokens/s (LoRA), SmolLM2" and speed["ratio"] == pytest.approx(1.0)
@@ -114,12 +122,7 @@ def test_training_on_smollm2_rows_side_by_side_or_skipped():
     assert training.real_rows({"training": tr})[1]["met"] is False
     tr["smollm2"]["demo"] = {
         "adapters": {"layers": 16, "rank": 16, "mask": True},
-        "ours": runs((60.0, 0.9), (66.0, 0.9)),
-        "mlx_lm_lora": runs((50.0, 1.0), (60.0, 1.0)),
-        "ours_summary": s(60.0, 66.0),
-        "mlx_lm_lora_summary": s(50.0, 60.0),
-        "ours_peak_summary": s(0.9, 0.9),
-        "mlx_lm_lora_peak_summary": s(1.0, 1.0),
+        **pairing([(60.0, 0.9), (66.0, 0.9)], [(50.0, 1.0), (60.0, 1.0)]),
     }
     _, _, demo_speed, demo_memory = training.real_rows({"training": tr})
     assert demo_speed["name"] == "training tokens/s (LoRA), SmolLM2, the demo's adapters (answer tokens/s)"
