@@ -99,11 +99,11 @@ def _num(value):
     return "-" if value is None else f"{value:.4f}"
 
 
-def record(step, lr, elapsed, seen, train_loss=None, val_loss=None, tokens_per_s=None, replay_kl=None):
-    """One line of metrics.jsonl (train_loss None where no step of the window had one). `seen`:
-    (tokens_seen, trained_tokens), the tokens of the conversations' batches so far and the
-    loss targets among them (the answers' tokens where prompts are masked; mlx-lm's
-    trained_tokens counts the same)."""
+def record(step, lr, elapsed, state, train_loss=None, val_loss=None, tokens_per_s=None, replay_kl=None):
+    """One line of metrics.jsonl (train_loss None where no step of the window had one), with the
+    run state's counters: tokens_seen, the tokens of the conversations' batches so far, and
+    trained_tokens, the loss targets among them (the answers' tokens where prompts are masked;
+    mlx-lm's trained_tokens counts the same)."""
     import mlx.core as mx
 
     return {
@@ -114,8 +114,8 @@ def record(step, lr, elapsed, seen, train_loss=None, val_loss=None, tokens_per_s
         "tokens_per_s": tokens_per_s,
         "peak_mem_gb": mx.get_peak_memory() / 1e9,
         "elapsed_s": elapsed,
-        "tokens_seen": seen[0],
-        "trained_tokens": seen[1],
+        "tokens_seen": state.tokens_seen,
+        "trained_tokens": state.trained_tokens,
         **({} if replay_kl is None else {"replay_kl": replay_kl}),  # runs with replay text only
     }
 

@@ -180,7 +180,7 @@ class Trainer:
             val_loss, new_best = self.validate_and_track(step)
             if reported or val_loss is not None:
                 self.metrics.write(
-                    progress.record(step, lr, elapsed, self.seen(), val_loss=val_loss, **(reported or {}))
+                    progress.record(step, lr, elapsed, self.state, val_loss=val_loss, **(reported or {}))
                 )
             if step == iters:
                 self.state.done, self.state.stop_reason = True, self.state.stop_reason or "completed"
@@ -214,7 +214,7 @@ class Trainer:
         self.model.train()
         if self.state.step == 0 and self.inputs.valid_set:
             val, _ = self.validate_and_track(0)
-            self.metrics.write(progress.record(0, self.learning_rate(), 0.0, self.seen(), val_loss=val))
+            self.metrics.write(progress.record(0, self.learning_rate(), 0.0, self.state, val_loss=val))
 
     def _take_rank0_weights(self):
         """Every process starts from rank 0's weights (the same seed gives the same adapters,
@@ -309,9 +309,6 @@ class Trainer:
         if step % self.cfg["steps_per_report"] and step != iters:
             return None
         return self.progress.report(step, iters, lr, elapsed, *self.state.take_report())
-
-    def seen(self):
-        return self.state.tokens_seen, self.state.trained_tokens
 
     def validate_and_track(self, step):
         """Every steps_per_eval steps (and the last, and step 0): the validation loss, the best
