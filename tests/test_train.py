@@ -323,6 +323,8 @@ def test_changed_data_or_config_is_refused_then_fresh_starts_over(shared, refere
     proc = run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--learning-rate", "5e-4")
     assert proc.returncode == 2
     assert "learning_rate: 0.001 -> 0.0005" in proc.stderr, proc.stderr
+    proc = run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--set", "question_noise=2")
+    assert proc.returncode == 2 and "question_noise: null -> 2" in proc.stderr, proc.stderr
     assert (out / "adapters.safetensors").read_bytes() == before  # nothing was touched
 
     proc = ok(run_train(tmp_path, shared / "small.yaml", "run", changed, "--fresh", "--iters", "6"))
@@ -331,6 +333,30 @@ def test_changed_data_or_config_is_refused_then_fresh_starts_over(shared, refere
     assert meta["steps"] == 6 and meta["data"]["train"]["count"] == 97
     assert [r["step"] for r in metrics(tmp_path, "run")][0] == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step_0000006"
+
+
+def test_question_noise_adds_training_examples_and_not_validation_ones(shared, tmp_path):
+    """question_noise (train/question_noise.py) through the real loop: the run says how many
+    noised questions it added to the 96 conversations, trains on all of them, and validates on
+    the 11 it had; its metadata counts both."""
+    proc = ok(
+        run_train(
+            tmp_path,
+            shared / "small.yaml",
+            "run",
+            shared / "data",
+            "--iters",
+            "2",
+            "--set",
+            "question_noise=2",
+        )
+    )
+    line = next(x for x in proc.stderr.splitlines() if "question noise: " in x)
+    added = int(line.split("question noise: ")[1].split()[0])
+    assert 0 < added <= 192 and "added to 96 conversations" in line, line
+    assert f"{96 + added} training / 11 validation examples" in proc.stderr, proc.stderr[-3000:]
+    meta = json.loads((run_dir(tmp_path, "run") / "metadata.json").read_text())
+    assert meta["data"]["train"]["count"] == 96 and meta["data"]["train"]["noised"] == added, meta["data"]
 
 
 def test_rerun_of_a_finished_run_changes_nothing(shared, reference, tmp_path):

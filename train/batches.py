@@ -33,13 +33,15 @@ class Split:
     conversations: list
     sha256: str
     lines: list = field(default_factory=list)  # the file's line number of each conversation
+    noised: int = 0  # the last conversations: noised copies of the file's (question_noise.py)
 
     def where(self, i):
         return f"{self.path}:{self.lines[i]}" if i < len(self.lines) else f"{self.path}: conversation {i + 1}"
 
     @property
     def info(self):
-        return {"path": self.path, "sha256": self.sha256, "count": len(self.conversations)}
+        info = {"path": self.path, "sha256": self.sha256, "count": len(self.conversations) - self.noised}
+        return {**info, "noised": self.noised} if self.noised else info
 
 
 def read_split(path):

@@ -2,13 +2,14 @@
 encoded as the worker renders prompts (batches.encode through core.prompt). load_inputs is the
 first thing a run does; read_data is shared with `make show-data`."""
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from train import batches, bundle, eval_model, replay
+from train import batches, bundle, eval_model, eval_sets, question_noise, replay
 from train.exits import EXIT_CONFIG, Stop
 from train.method import add_adapters
 from train.state import fingerprint
@@ -95,12 +96,14 @@ def load_base(cfg, log):
 
 
 def read_data(cfg, log):
-    """(train split, valid split, the system prompt training adds)."""
+    """(train split with its noised questions, valid split, the system prompt training adds)."""
     data_dir = Path(cfg["data"])
     train_split = batches.read_split(data_dir / "train.jsonl")
     valid_split = batches.read_split(data_dir / "valid.jsonl")
     if not train_split.conversations:
         raise Stop(f"error: no training data in {data_dir / 'train.jsonl'} (run `make data`)", EXIT_CONFIG)
+    if cfg["question_noise"]:
+        train_split = add_question_noise(train_split, data_dir, cfg, log)
     data_system = batches.common_system_prompt(train_split.conversations)
     if cfg["system_prompt"] is None:
         return train_split, valid_split, data_system
@@ -110,6 +113,25 @@ def read_data(cfg, log):
             "the worker will add the config's to conversations without one"
         )
     return train_split, valid_split, cfg["system_prompt"]
+
+
+def add_question_noise(split, data_dir, cfg, log):
+    """split with cfg question_noise noised copies of each question after its own conversations
+    (each named by its source line); none is a near copy of data_dir's evaluation sets."""
+    guard = eval_sets.Guard(eval_sets.load(data_dir))
+    near_copy = lambda text: (guard.closest(text) or (0,))[0] >= eval_sets.NEAR_COPY  # noqa: E731
+    count = cfg["question_noise"]
+    added = question_noise.variants(split.conversations, count, cfg["seed"], near_copy)
+    log(
+        f"question noise: {len(added)} noised questions added to {len(split.conversations)} conversations "
+        f"({count} per conversation at most; repeats and near copies of evaluation questions left out)"
+    )
+    return dataclasses.replace(
+        split,
+        conversations=split.conversations + [messages for _, messages in added],
+        lines=split.lines + [split.lines[i] for i, _ in added],
+        noised=len(added),
+    )
 
 
 def read_replay_set(cfg, tokenizer, log):

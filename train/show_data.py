@@ -106,8 +106,9 @@ def report(tokenizer, split, system_prompt, cfg, n, colour):
             totals["trained"] += len(ids) - prompt_len
             totals["over"] += len(ids) > cfg["max_seq_length"]
             if totals["examples"] <= n:
+                noised = " (a noised copy)" if i >= len(split.conversations) - split.noised else ""
                 print(
-                    f"--- {split.where(i)}: {len(ids)} tokens = {prompt_len} prompt (masked) + "
+                    f"--- {split.where(i)}{noised}: {len(ids)} tokens = {prompt_len} prompt (masked) + "
                     f"{len(ids) - prompt_len} trained"
                 )
                 print(show(tokenizer, ids[:prompt_len], "masked", specials, colour))

@@ -104,9 +104,11 @@ class RunState:
 
 
 def fingerprint(cfg, train_info, valid_info, base_hash, world_size=1, replay_info=None):
-    """What a run's trajectory depends on. The replay text and its weight enter only when a run
-    has one, so the fingerprints of runs without replay are those they always were."""
+    """What a run's trajectory depends on. The replay text and its weight, and the question noise,
+    enter only when a run has them, so the fingerprints of runs without are those they always were."""
     config = {k: cfg[k] for k in TRAJECTORY_KEYS}
+    if cfg.get("question_noise"):
+        config["question_noise"] = cfg["question_noise"]
     data = {"train": train_info, "valid": valid_info}
     if replay_info:
         config["replay_weight"], data["replay"] = cfg["replay"]["weight"], replay_info
@@ -140,7 +142,7 @@ def describe_changes(old, new):
     """What differs between a checkpoint's fingerprint and this run's, one line each."""
     changes = [
         f"{key}: {_dump(old['config'].get(key))} -> {_dump(new['config'].get(key))}"
-        for key in (*TRAJECTORY_KEYS, "replay_weight")
+        for key in (*TRAJECTORY_KEYS, "replay_weight", "question_noise")
         if old["config"].get(key) != new["config"].get(key)
     ]
     for split in ("train", "valid", "replay"):

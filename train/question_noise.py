@@ -1,0 +1,80 @@
+"""More questions per answer without writing any: noised copies of the training questions.
+
+A small model fine-tuned on a club's questions learns every answer, then maps a question worded
+another way to the wrong one (docs/RECIPES.md, "What limits it"). Several questions per answer
+is what helps (Bhushan et al., NAACL 2025 Findings); this makes more of them the way EDA does
+(Wei & Zou, EMNLP 2019, "Easy Data Augmentation"), less its synonym step, which would need a
+thesaurus of the data's language.
+
+Config `question_noise: N` (0 = off) adds N variants of each training conversation, its last
+question changed and its answer not. Each variant gets one word-level change - random deletion
+(each word dropped with probability P_DELETE, at least two kept) or random swap (one pair of
+words per ten, at least one) - and, half of the time, one written-form change: lower case,
+accents dropped, or the final punctuation dropped: the way fans type. A deletion may drop no
+word and a swap may swap two equal ones: such a variant differs in its written form only, or
+repeats the question and is not added. Seeded by the run's seed,
+the conversation and the variant: the same data and seed give the same variants on any machine.
+
+A variant that repeats a question already there, or is a near copy of an evaluation question
+(train/eval_sets.py, the rule `make data` applies to the user's own data), is not added. The
+validation split is never noised."""
+
+import random
+import unicodedata
+
+P_DELETE = 0.15
+MIN_WORDS = 3  # shorter questions have no word to spare
+
+
+def delete_words(words, rng):
+    kept = [w for w in words if rng.random() >= P_DELETE]
+    return kept if len(kept) >= 2 else words[:2]
+
+
+def swap_words(words, rng):
+    words = list(words)
+    for _ in range(max(1, len(words) // 10)):
+        i, j = rng.sample(range(len(words)), 2)
+        words[i], words[j] = words[j], words[i]
+    return words
+
+
+def strip_accents(text):
+    bare = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+    return unicodedata.normalize("NFC", bare)  # as every text of the data is
+
+
+def drop_end_punctuation(text):
+    return text.rstrip().rstrip("?!.").rstrip()
+
+
+WORD_CHANGES = (delete_words, swap_words)
+FORM_CHANGES = (str.lower, strip_accents, drop_end_punctuation)
+
+
+def noisy(question, rng):
+    """A noised copy of question, or None when it is too short to noise."""
+    words = question.split()
+    if len(words) < MIN_WORDS:
+        return None
+    text = " ".join(rng.choice(WORD_CHANGES)(words, rng))
+    return rng.choice(FORM_CHANGES)(text) if rng.random() < 0.5 else text
+
+
+def variants(conversations, count, seed, near_copy=lambda text: False):
+    """[(index of the conversation, its noised copy)], count per conversation at most, in order.
+    near_copy(text) says whether a question must stay out of training (an evaluation question's
+    near copy)."""
+    seen = {m["content"] for c in conversations for m in c if m["role"] == "user"}
+    out = []
+    for index, messages in enumerate(conversations):
+        *head, user, answer = messages
+        if user["role"] != "user":
+            continue
+        for k in range(count):
+            text = noisy(user["content"], random.Random(f"{seed}:{index}:{k}"))
+            if text is None or text in seen or near_copy(text):
+                continue
+            seen.add(text)
+            out.append((index, [*head, {**user, "content": text}, answer]))
+    return out
