@@ -27,47 +27,33 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_show_data_marks_the_masked_prompt_the_trained_answer_and_control_tokens(request, family, tmp_path):
-    fixture, typed, masked_start, user_line, trained_line = FAMILIES[family]
-    model = request.getfixturevalue(fixture)
+def write_train(tmp_path, rows, roles):
+    """tmp_path/data/train.jsonl: one conversation per row, its contents in the roles given."""
     data = tmp_path / "data"
     data.mkdir()
-    rows = [("Sê breve.", f"Olá {typed} quem?", "O Farense."), ("Sê breve.", "Onde?", "Em Faro.")]
-    (data / "train.jsonl").write_text(
-        "".join(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": r, "content": c} for r, c in zip(("system", "user", "assistant"), row)
-                    ]
-                }
-            )
-            + "\n"
-            for row in rows
-        ),
-        encoding="utf-8",
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train.show_data",
-            "--model",
-            str(model),
-            "--data",
-            str(data),
-            "-n",
-            "1",
-            "--color",
-            "never",
-        ],
+    lines = [{"messages": [{"role": r, "content": c} for r, c in zip(roles, row)]} for row in rows]
+    (data / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    return data
+
+
+def show_data(tmp_path, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "train.show_data", *map(str, args)],
         cwd=ROOT,
         env=env_for(tmp_path),
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_show_data_marks_the_masked_prompt_the_trained_answer_and_control_tokens(request, family, tmp_path):
+    fixture, typed, masked_start, user_line, trained_line = FAMILIES[family]
+    model = request.getfixturevalue(fixture)
+    rows = [("Sê breve.", f"Olá {typed} quem?", "O Farense."), ("Sê breve.", "Onde?", "Em Faro.")]
+    data = write_train(tmp_path, rows, ("system", "user", "assistant"))
+    proc = show_data(tmp_path, "--model", model, "--data", data, "-n", "1", "--color", "never")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(f"--- {data / 'train.jsonl'}:1: ")
@@ -82,17 +68,8 @@ def test_show_data_marks_the_masked_prompt_the_trained_answer_and_control_tokens
 
 
 def test_show_data_names_the_line_a_template_cannot_encode(tiny_model, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_text('{"messages":[{"role":"user","content":"Quem?"}]}\n', encoding="utf-8")
-    proc = subprocess.run(
-        [sys.executable, "-m", "train.show_data", "--model", str(tiny_model), "--data", str(data)],
-        cwd=ROOT,
-        env=env_for(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    data = write_train(tmp_path, [("Quem?",)], ("user",))
+    proc = show_data(tmp_path, "--model", tiny_model, "--data", data)
     assert proc.returncode == 1
     assert f"{data / 'train.jsonl'}:1: a training conversation must end with an assistant turn" in proc.stderr
 
@@ -100,28 +77,12 @@ def test_show_data_names_the_line_a_template_cannot_encode(tiny_model, tmp_path)
 def test_show_data_counts_and_marks_the_noised_questions(tiny_model, tmp_path):
     """With question_noise in the config, make show-data reads the data as training does: the
     file's conversations, then their noised copies, each named by its source line."""
-    data = tmp_path / "data"
-    data.mkdir()
     rows = [("Em que estádio joga o Farense em casa?", "No São Luís."), ("Onde?", "Em Faro.")]
-    (data / "train.jsonl").write_text(
-        "".join(
-            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-            + "\n"
-            for q, a in rows
-        ),
-        encoding="utf-8",
-    )
+    data = write_train(tmp_path, rows, ("user", "assistant"))
     config = tmp_path / "noise.yaml"
     config.write_text("question_noise: 3\n", encoding="utf-8")
-    cmd = [sys.executable, "-m", "train.show_data", "--config", str(config), "--model", str(tiny_model)]
-    proc = subprocess.run(
-        [*cmd, "--data", str(data), "-n", "9", "--color", "never"],
-        cwd=ROOT,
-        env=env_for(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = ("--config", config, "--model", tiny_model, "--data", data, "-n", "9", "--color", "never")
+    proc = show_data(tmp_path, *args)
     assert proc.returncode == 0, proc.stderr
     heads = [line for line in proc.stdout.splitlines() if line.startswith("--- ")]
     added = len(heads) - 2  # "Onde?" is too short to noise

@@ -339,18 +339,8 @@ def test_question_noise_adds_training_examples_and_not_validation_ones(shared, t
     """question_noise (train/question_noise.py) through the real loop: the run says how many
     noised questions it added to the 96 conversations, trains on all of them, and validates on
     the 11 it had; its metadata counts both."""
-    proc = ok(
-        run_train(
-            tmp_path,
-            shared / "small.yaml",
-            "run",
-            shared / "data",
-            "--iters",
-            "2",
-            "--set",
-            "question_noise=2",
-        )
-    )
+    noise = ("--iters", "2", "--set", "question_noise=2")
+    proc = ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data", *noise))
     line = next(x for x in proc.stderr.splitlines() if "question noise: " in x)
     added = int(line.split("question noise: ")[1].split()[0])
     assert 0 < added <= 192 and "added to 96 conversations" in line, line
