@@ -2,9 +2,8 @@
 encoded as the worker renders prompts (batches.encode through core.prompt). load_inputs is the
 first thing a run does; read_data is shared with `make show-data`."""
 
-import dataclasses
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +125,7 @@ def add_question_noise(split, data_dir, cfg, log):
         f"question noise: {len(added)} noised questions added to {len(split.conversations)} conversations "
         f"({count} per conversation at most; repeats and near copies of evaluation questions left out)"
     )
-    return dataclasses.replace(
+    return replace(
         split,
         conversations=split.conversations + [messages for _, messages in added],
         lines=split.lines + [split.lines[i] for i, _ in added],
