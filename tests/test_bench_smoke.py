@@ -2,11 +2,14 @@
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from bench import report
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_statistics_helpers():
@@ -636,3 +639,32 @@ def test_same_shape_compares_keys_and_rows_not_values(tmp_path, capsys):
     assert (
         same_shape.main([str(a), str(b)]) == 1 and "gone: decode.worker[].timing" in capsys.readouterr().out
     )
+
+
+@pytest.mark.parametrize(
+    "sections, llama, smollm2",
+    [
+        ("training", False, True),
+        ("decode,ttft", False, False),
+        ("llamacpp_workload", True, False),
+        ("", True, True),
+    ],
+)
+def test_make_bench_builds_llama_cpp_and_smollm2_only_for_the_sections_that_use_them(
+    tmp_path, sections, llama, smollm2
+):
+    """`make bench SECTIONS=...` (dry run, llama.cpp not yet built): the ~15-minute llama.cpp build
+    only when a llamacpp section runs (or all do), SmolLM2 only when the training section does."""
+    proc = subprocess.run(
+        ["make", "-n", "bench", f"SECTIONS={sections}", f"LLAMA_STAMP={tmp_path / 'not-built'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert ("install-llamacpp.sh" in proc.stdout) == llama and (
+        "build-llama-server.sh" in proc.stdout
+    ) == llama
+    assert ("models/smollm2-135m-instruct/config.json" in proc.stdout) == smollm2, proc.stdout
+    assert "-m bench.run" in proc.stdout
