@@ -94,10 +94,14 @@ class Guard:
         )
         return best
 
+    def near_copy(self, text):
+        """(similarity, item, question) of the evaluation question text is a near copy of, or None."""
+        best = self.closest(text)
+        return best if best and best[0] >= NEAR_COPY else None
+
     def check(self, messages):
         for text in user_turns(messages):
-            best = self.closest(text)
-            if best and best[0] >= NEAR_COPY:
+            if best := self.near_copy(text):
                 score, item, question = best
                 raise Rejected(
                     f"question {text!r} is a near copy of {item.file}:{item.line} ({question!r}; similarity "

@@ -118,9 +118,8 @@ def add_question_noise(split, data_dir, cfg, log):
     """split with cfg question_noise noised copies of each question after its own conversations
     (each named by its source line); none is a near copy of data_dir's evaluation sets."""
     guard = eval_sets.Guard(eval_sets.load(data_dir))
-    near_copy = lambda text: (guard.closest(text) or (0,))[0] >= eval_sets.NEAR_COPY  # noqa: E731
     count = cfg["question_noise"]
-    added = question_noise.variants(split.conversations, count, cfg["seed"], near_copy)
+    added = question_noise.variants(split.conversations, count, cfg["seed"], guard.near_copy)
     log(
         f"question noise: {len(added)} noised questions added to {len(split.conversations)} conversations "
         f"({count} per conversation at most; repeats and near copies of evaluation questions left out)"

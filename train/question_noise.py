@@ -10,10 +10,10 @@ Config `question_noise: N` (0 = off) adds N variants of each training conversati
 question changed and its answer not. Each variant gets one word-level change - random deletion
 (each word dropped with probability P_DELETE, at least two kept) or random swap (one pair of
 words per ten, at least one) - and, half of the time, one written-form change: lower case,
-accents dropped, or the final punctuation dropped: the way fans type. A deletion may drop no
-word and a swap may swap two equal ones: such a variant differs in its written form only, or
-repeats the question and is not added. Seeded by the run's seed,
-the conversation and the variant: the same data and seed give the same variants on any machine.
+accents dropped, or the final punctuation dropped: the way fans type. (A deletion may drop no
+word and a swap may swap two equal ones: such a variant differs in its written form only.)
+Seeded by the run's seed, the conversation and the variant: the same data and seed give the same
+variants on any machine.
 
 A variant that repeats a question already there, or is a near copy of an evaluation question
 (train/eval_sets.py, the rule `make data` applies to the user's own data), is not added. The
@@ -61,10 +61,10 @@ def noisy(question, rng):
     return rng.choice(FORM_CHANGES)(text) if rng.random() < 0.5 else text
 
 
-def variants(conversations, count, seed, near_copy=lambda text: False):
+def variants(conversations, count, seed, near_copy=lambda text: None):
     """[(index of the conversation, its noised copy)], count per conversation at most, in order.
-    near_copy(text) says whether a question must stay out of training (an evaluation question's
-    near copy)."""
+    near_copy(text) is truthy for a question that must stay out of training (an evaluation
+    question's near copy: eval_sets.Guard.near_copy)."""
     seen = {m["content"] for c in conversations for m in c if m["role"] == "user"}
     out = []
     for index, messages in enumerate(conversations):
