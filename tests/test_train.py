@@ -29,7 +29,7 @@ from helpers_train import (
     write_config,
 )
 
-from train import checkpoint
+from train import batches, checkpoint, eval_sets, question_noise
 
 
 @pytest.fixture(scope="session")
@@ -347,6 +347,27 @@ def test_question_noise_adds_training_examples_and_not_validation_ones(shared, t
     assert f"{96 + added} training / 11 validation examples" in proc.stderr, proc.stderr[-3000:]
     meta = json.loads((run_dir(tmp_path, "run") / "metadata.json").read_text())
     assert meta["data"]["train"]["count"] == 96 and meta["data"]["train"]["noised"] == added, meta["data"]
+
+
+def test_other_noised_copies_from_the_same_files_refuse_the_resume(shared, tmp_path):
+    """The noised questions depend on the evaluation sets too (a copy that is a near copy of
+    one is left out): a paraphrase added after a run changes its copies while train.jsonl and
+    the config stay the same. The rerun is refused, not resumed on other examples."""
+    data = tmp_path / "data"
+    shutil.copytree(shared / "data", data)
+    noise = ("--iters", "2", "--set", "question_noise=2")
+    ok(run_train(tmp_path, shared / "small.yaml", "run", data, *noise))
+    split = batches.read_split(data / "train.jsonl")
+    guard = eval_sets.Guard(eval_sets.load(data))
+    index, copy = question_noise.variants(split.conversations, 2, 0, guard.near_copy)[0]
+    question = copy[-2]["content"]
+    assert question != split.conversations[index][-2]["content"]
+    with open(data / "eval" / "paraphrases.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"question": question, "facts": ["Farense"]}, ensure_ascii=False) + "\n")
+    proc = run_train(tmp_path, shared / "small.yaml", "run", data, *noise)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the examples encode to other tokens though the files and settings" in proc.stderr, proc.stderr
+    assert "already complete" not in proc.stderr
 
 
 def test_rerun_of_a_finished_run_changes_nothing(shared, reference, tmp_path):

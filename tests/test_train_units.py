@@ -5,12 +5,14 @@ metadata reader. (The black-box tests of the same code: test_train.py and friend
 import argparse
 import json
 
+import numpy as np
 import pytest
 
 from core import atomic, config, schedules
 from core.config import ConfigError, check_config, load_config
 from core.paths import Layout, step_name
 from train import bundle
+from train.batches import examples_sha256
 from train.state import RunState, describe_changes, fingerprint, fingerprint_id, step_seed
 
 
@@ -204,6 +206,26 @@ def test_each_kind_of_change_is_described():
     assert any(c.startswith("base model changed") for c in changes)
     assert any(c.startswith("processes (NPROC / HOSTFILE hosts): 1 -> 2") for c in changes)
     assert len(changes) == 5 and fingerprint_id(old) != fingerprint_id(new)
+
+
+def test_other_tokens_from_the_same_files_and_settings_refuse_a_resume():
+    """The encoded examples' hash catches what no file hash or setting names (the noised
+    copies, the replay windows, the prompt rendering); a checkpoint from before it was
+    recorded is compared without it, and a change named otherwise is not named twice."""
+    cfg, t, v = _fp()
+    examples = [([1, 5, 9, 2], 2), ([1, 7, 2], 1)]
+    a = fingerprint(cfg, t, v, "h", encoded=examples_sha256(examples, []))
+    b = fingerprint(cfg, t, v, "h", encoded=examples_sha256([([1, 5, 9, 2], 2), ([1, 7, 3], 1)], []))
+    c = fingerprint(cfg, t, v, "h", encoded=examples_sha256([([1, 5, 9, 2], 3), ([1, 7, 2], 1)], []))
+    assert examples_sha256(examples, []) == examples_sha256([(np.array(i), o) for i, o in examples], [])
+    assert examples_sha256(examples, []) != examples_sha256(examples[:1], examples[1:])
+    (change,) = describe_changes(a, b)
+    assert change.startswith("the examples encode to other tokens though the files and settings")
+    assert len(describe_changes(a, c)) == 1 and len({fingerprint_id(fp) for fp in (a, b, c)}) == 3
+    older = fingerprint(cfg, t, v, "h")
+    assert "encoded_sha256" not in older and describe_changes(older, a) == []
+    moved = fingerprint(cfg, dict(t, sha256="c" * 64), v, "h", encoded=b["encoded_sha256"])
+    assert [x.split(":")[0] for x in describe_changes(a, moved)] == ["train data changed"]
 
 
 def test_keys_outside_the_trajectory_do_not_refuse_a_resume():

@@ -14,6 +14,7 @@ losses are summed and divided by the target count of the whole batch (target_cou
 processes see, and average over, exactly what one process with k x batch_size would.
 """
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,15 @@ def text_windows(tokenizer, texts, window):
         chunks = [start + ids[i : i + step] for i in range(0, len(ids), step)]
         examples += [(chunk, 0) for chunk in chunks if len(chunk) > 1]
     return examples
+
+
+def examples_sha256(*example_sets):
+    """One hash of encoded example sets, token for token and offset for offset."""
+    digest = hashlib.sha256()
+    for examples in example_sets:
+        rows = [[[int(t) for t in ids], int(offset)] for ids, offset in examples]
+        digest.update(orjson.dumps(rows) + b"\n")
+    return digest.hexdigest()
 
 
 def make_batches(examples, batch_size):

@@ -59,7 +59,13 @@ def load_inputs(cfg, dist):
         f"{lora_info['total_parameters']:,} parameters ({len(lora_info['adapted_modules'])} modules)"
     )
     current = fingerprint(
-        cfg, train_split.info, valid_split.info, base["hash"], dist.size, replay_text and replay_text.info
+        cfg,
+        train_split.info,
+        valid_split.info,
+        base["hash"],
+        dist.size,
+        replay_text and replay_text.info,
+        batches.examples_sha256(train_set, valid_set, replay_set),
     )
     return Inputs(
         model,

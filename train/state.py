@@ -2,8 +2,9 @@
 
 RunState       step, best, patience, history, counters; snapshot() -> the checkpoint's
                training_state.json, restore() <- it, record_val() keeps best and patience
-fingerprint    what decides the weights a run produces (config, data, base, processes);
-               describe_changes() says what differs, so a resume is never silently wrong
+fingerprint    what decides the weights a run produces (config, data, base, processes, and
+               the encoded examples token for token); describe_changes() says what
+               differs, so a resume is never silently wrong
 """
 
 import hashlib
@@ -103,9 +104,11 @@ class RunState:
 # --------------------------------------------------------------------------- the fingerprint
 
 
-def fingerprint(cfg, train_info, valid_info, base_hash, world_size=1, replay_info=None):
+def fingerprint(cfg, train_info, valid_info, base_hash, world_size=1, replay_info=None, encoded=None):
     """What a run's trajectory depends on. The replay text and its weight, and the question noise,
-    enter only when a run has them, so the fingerprints of runs without are those they always were."""
+    enter only when a run has them. encoded: the hash of the examples as training reads them
+    (batches.examples_sha256), which catches what the files and settings do not name: the
+    noised copies, the replay windows, a change in prompt rendering or tokenization."""
     config = {k: cfg[k] for k in TRAJECTORY_KEYS}
     if cfg.get("question_noise"):
         config["question_noise"] = cfg["question_noise"]
@@ -113,13 +116,14 @@ def fingerprint(cfg, train_info, valid_info, base_hash, world_size=1, replay_inf
     if replay_info:
         config["replay_weight"], data["replay"] = cfg["replay"]["weight"], replay_info
     canonical = json.dumps(config, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return {
+    fp = {
         "config": config,
         "config_sha256": hashlib.sha256(canonical).hexdigest(),
         "data": data,
         "base_model": {"name": cfg["model"], "hash": base_hash},
         "world_size": world_size,
     }
+    return {**fp, "encoded_sha256": encoded} if encoded else fp
 
 
 def fingerprint_id(fp):
@@ -131,6 +135,7 @@ def fingerprint_id(fp):
         fp["base_model"]["hash"],
         fp.get("world_size", 1),
     ] + ([fp["data"]["replay"]["sha256"]] if fp["data"].get("replay") else [])
+    key += [fp["encoded_sha256"]] if fp.get("encoded_sha256") else []
     return int(hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12], 16)
 
 
@@ -164,6 +169,13 @@ def describe_changes(old, new):
         changes.append(
             f"processes (NPROC / HOSTFILE hosts): {a} -> {b} (batch_size is per "
             f"process, so each step's batch changes: {a} x batch_size -> {b} x batch_size)"
+        )
+    a, b = old.get("encoded_sha256"), new.get("encoded_sha256")
+    if not changes and a and b and a != b:  # checkpoints from before it are compared without it
+        changes.append(
+            "the examples encode to other tokens though the files and settings are the same (the "
+            "noised questions, the replay windows, the prompt rendering or the tokenizer changed): "
+            f"sha256 {a[:12]} -> {b[:12]}"
         )
     return changes
 
