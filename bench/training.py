@@ -204,27 +204,18 @@ def section(ctx):
         "ours_noblas": [],
     }
     ctx.res[SECTION] = out
-    for rep in range(plan["train_reps"]):
-        first, second = ("ours", "lora") if rep % 2 == 0 else ("lora", "ours")
-        for which in (first, second):
-            if which == "ours":
-                r = train_ours(plan, tmp, data, rep, plan["train_iters"])
-                out["ours"].append(r)
-            else:
-                r = train_lora(plan, tmp, folded, rep, plan["train_iters"])
-                out["mlx_lm_lora"].append(r)
-            log(
-                f"training rep {rep + 1}/{plan['train_reps']}: {which} {report.fmt(r['tokens_per_s'])} tokens/s "
-                f"({r['wall_s']:.0f}s)"
-            )
+
+    def without_blas(rep):  # between the pairs, so both see the same stretch of the machine
         if rep < plan["train_noblas_reps"]:
             r = train_ours(plan, tmp, data, rep, plan["train_noblas_iters"], blas=False)
             out["ours_noblas"].append(r)
             log(
                 f"training rep {rep + 1}: ours FAST_BLAS=0 {report.fmt(r['tokens_per_s'])} tokens/s ({r['wall_s']:.0f}s)"
             )
-    for key in ("ours", "mlx_lm_lora", "ours_noblas"):
-        out[key + "_summary"] = report.summarize([r["tokens_per_s"] for r in out[key]])
+
+    names, runs = ("", "the toy model"), (plan["train_reps"], plan["train_iters"])
+    out.update(_pairing(plan, tmp, (data, folded), names, runs, after_rep=without_blas))
+    out["ours_noblas_summary"] = report.summarize([r["tokens_per_s"] for r in out["ours_noblas"]])
     out["smollm2"] = real_model(plan, tmp, data)
 
 
@@ -243,30 +234,34 @@ def real_model(plan, tmp, data):
         "steps_per_report": plan["train_real_report"],
     }
     lora_data = data if _takes_system_role(model) else Path(tmp) / "data-folded"
-    run = lambda tag, what, adapters: _pairing(plan, tmp, (data, lora_data), model, (tag, what), adapters)
+    runs, every = (plan["train_real_reps"], plan["train_real_iters"]), plan["train_real_report"]
+    run = lambda tag, what, adapters: _pairing(
+        plan, tmp, (data, lora_data), (tag, what), runs, model=model, report_every=every, adapters=adapters
+    )
     out.update(run("-smollm2", "SmolLM2", bench_adapters(plan)))
     demo = demo_adapters()
     out["demo"] = {"adapters": demo, **run("-smollm2-demo", "SmolLM2 with the demo's adapters", demo)}
     return out
 
 
-def _pairing(plan, tmp, data, model, names, adapters):
-    """train.train and mlx_lm lora alternating, train_real_reps times each: their runs and the
-    medians of tokens/s and peak memory. data: (ours, mlx-lm's); names: (file tag, log label)."""
-    out, (tag, what) = {"ours": [], "mlx_lm_lora": []}, names
-    kw = dict(model=model, report_every=plan["train_real_report"], tag=tag, adapters=adapters)
-    for rep in range(plan["train_real_reps"]):
+def _pairing(plan, tmp, data, names, runs, after_rep=lambda rep: None, **kw):
+    """train.train and mlx_lm lora alternating: their runs and the medians of tokens/s and peak
+    memory. data: (ours, mlx-lm's); names: (file tag, log label); runs: (reps, iterations);
+    after_rep(rep) runs after each pair; kw: train_ours's and train_lora's (model, adapters...)."""
+    out, (tag, what), (reps, iters) = {"ours": [], "mlx_lm_lora": []}, names, runs
+    for rep in range(reps):
         for which in ("ours", "lora") if rep % 2 == 0 else ("lora", "ours"):
             if which == "ours":
-                r = train_ours(plan, tmp, data[0], rep, plan["train_real_iters"], **kw)
+                r = train_ours(plan, tmp, data[0], rep, iters, tag=tag, **kw)
                 out["ours"].append(r)
             else:
-                r = train_lora(plan, tmp, data[1], rep, plan["train_real_iters"], **kw)
+                r = train_lora(plan, tmp, data[1], rep, iters, tag=tag, **kw)
                 out["mlx_lm_lora"].append(r)
             log(
-                f"training on {what} rep {rep + 1}/{plan['train_real_reps']}: {which} "
+                f"training on {what} rep {rep + 1}/{reps}: {which} "
                 f"{report.fmt(r['tokens_per_s'])} tokens/s, peak {report.fmt(r['peak_mem_gb'])} GB ({r['wall_s']:.0f}s)"
             )
+        after_rep(rep)
     for key in ("ours", "mlx_lm_lora"):
         out[key + "_summary"] = report.summarize([r["tokens_per_s"] for r in out[key]])
         out[key + "_peak_summary"] = report.summarize([r["peak_mem_gb"] for r in out[key]])
