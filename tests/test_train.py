@@ -29,7 +29,8 @@ from helpers_train import (
     write_config,
 )
 
-from train import batches, checkpoint, eval_sets, question_noise
+from train import batches, checkpoint
+from train.inputs import add_question_noise
 
 
 @pytest.fixture(scope="session")
@@ -358,10 +359,10 @@ def test_other_noised_copies_from_the_same_files_refuse_the_resume(shared, tmp_p
     noise = ("--iters", "2", "--set", "question_noise=2")
     ok(run_train(tmp_path, shared / "small.yaml", "run", data, *noise))
     split = batches.read_split(data / "train.jsonl")
-    guard = eval_sets.Guard(eval_sets.load(data))
-    index, copy = question_noise.variants(split.conversations, 2, 0, guard.near_copy)[0]
-    question = copy[-2]["content"]
-    assert question != split.conversations[index][-2]["content"]
+    noised = add_question_noise(split, data, {"question_noise": 2, "seed": 0}, log=lambda m: None)
+    first = len(split.conversations)  # the copies come after the file's own conversations
+    question = noised.conversations[first][-2]["content"]
+    assert question not in {c[-2]["content"] for c in split.conversations}
     with open(data / "eval" / "paraphrases.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"question": question, "facts": ["Farense"]}, ensure_ascii=False) + "\n")
     proc = run_train(tmp_path, shared / "small.yaml", "run", data, *noise)
