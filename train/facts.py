@@ -44,11 +44,16 @@ INVENTS_RULE = (
 _WORD = re.compile(r"[^\W_]+")
 
 
+def strip_accents(text):
+    """text without its combining marks ("São Luís" -> "Sao Luis"), composed (NFC) as the data is."""
+    bare = "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
+    return unicodedata.normalize("NFC", bare)
+
+
 def words(text):
-    """The normalised words of a text: accents dropped, case folded, punctuation a boundary."""
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if not unicodedata.combining(c)).casefold()
-    return _WORD.findall(text)
+    """The normalised words of a text: compatibility forms folded ("1º" -> "1o", "ﬁ" -> "fi"),
+    accents dropped, case folded, punctuation a boundary."""
+    return _WORD.findall(strip_accents(unicodedata.normalize("NFKC", text)).casefold())
 
 
 def _holds(answer_words, spelling):

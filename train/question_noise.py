@@ -20,7 +20,8 @@ A variant that repeats a question already there, or is a near copy of an evaluat
 validation split is never noised."""
 
 import random
-import unicodedata
+
+from train.facts import strip_accents  # the one accent rule, the one eval matches by
 
 P_DELETE = 0.15
 MIN_WORDS = 3  # shorter questions have no word to spare
@@ -37,11 +38,6 @@ def swap_words(words, rng):
         i, j = rng.sample(range(len(words)), 2)
         words[i], words[j] = words[j], words[i]
     return words
-
-
-def strip_accents(text):
-    bare = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
-    return unicodedata.normalize("NFC", bare)  # as every text of the data is
 
 
 def drop_end_punctuation(text):
