@@ -227,6 +227,10 @@ RULES = {
     "lora_parameters.rank": (_is_int(1), "a positive integer"),
     "lora_parameters.scale": (_is_num, "a number"),
     "lora_parameters.dropout": (lambda v: _is_num(v) and 0 <= v < 1, "in [0, 1)"),
+    "lora_parameters.keys": (
+        lambda v: v is None or (isinstance(v, list) and v and all(isinstance(k, str) and k for k in v)),
+        "null (every linear layer of a block) or a list of module names, e.g. [self_attn.q_proj, self_attn.v_proj]",
+    ),
     "lr_schedule": (lambda v: v is None or isinstance(v, dict), "a mapping or null"),
     "lr_schedule.name": (
         lambda v: v is None or v in schedules.SCHEDULES,

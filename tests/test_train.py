@@ -436,6 +436,22 @@ def test_bad_config_values_are_named(shared, tmp_path):
     assert proc.returncode == 2 and "batch_size" in proc.stderr
 
 
+def test_lora_keys_name_the_modules_adapted_and_a_misspelt_one_is_refused(shared, tmp_path):
+    # mlx-lm passes over a key that matches no module: without the check this run trains q alone
+    keys = "lora_parameters.keys=[self_attn.q_proj, self_attn.v_prj]"
+    proc = run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--set", keys)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "lora_parameters.keys: 'self_attn.v_prj' names no layer LoRA can adapt" in proc.stderr
+    assert "self_attn.v_proj" in proc.stderr  # the names it could have meant
+    assert not run_dir(tmp_path, "run").exists()
+    keys = "lora_parameters.keys=[self_attn.q_proj, self_attn.v_proj]"
+    ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--set", keys, "--iters", "2"))
+    adapted = json.loads((run_dir(tmp_path, "run") / "lora_config.json").read_text())["adapted_modules"]
+    blocks = json.loads((ROOT / "models" / "tiny-mistral" / "config.json").read_text())["num_hidden_layers"]
+    assert sorted({m.split(".", 3)[3] for m in adapted}) == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert len(adapted) == 2 * blocks, adapted
+
+
 def test_dora_auto_batch_size_and_grad_accumulation(shared, tmp_path):
     proc = ok(
         run_train(

@@ -96,6 +96,8 @@ def test_an_mlx_lm_schedule_is_built_by_mlx_lm():
         ("train_on", "first", "train_on must be one of last, all_assistant"),
         ("keep", "final", "keep must be one of best, last"),
         ("lora_parameters.dropout", 1.0, "lora_parameters.dropout must be in [0, 1)"),
+        ("lora_parameters.keys", "self_attn.q_proj", "lora_parameters.keys must be null (every linear"),
+        ("lora_parameters.keys", [], "lora_parameters.keys must be null (every linear"),
         ("auto_batch.memory_fraction", 0, "auto_batch.memory_fraction must be in (0, 1]"),
     ],
 )

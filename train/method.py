@@ -22,6 +22,7 @@ def add_adapters(model, cfg):
         for layer in model.layers[-max(num_layers, 0) :]:
             layer.unfreeze()
     else:
+        _check_keys(model, num_layers, cfg["lora_parameters"].get("keys"))
         linear_to_lora_layers(
             model, num_layers, dict(cfg["lora_parameters"]), use_dora=cfg["fine_tune_type"] == "dora"
         )
@@ -39,6 +40,35 @@ def add_adapters(model, cfg):
         "total_parameters": int(get_total_parameters(model)),
         "adapted_modules": adapted,
     }
+
+
+def _check_keys(model, num_layers, keys):
+    """mlx-lm adapts the modules `keys` names and passes over a name that matches none: a
+    misspelt key would train fewer modules (or none) without a word."""
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    if keys is None:
+        return
+    types = (
+        nn.Linear,
+        nn.QuantizedLinear,
+        nn.Embedding,
+        nn.QuantizedEmbedding,
+        SwitchLinear,
+        QuantizedSwitchLinear,
+    )
+    adaptable = lambda m: hasattr(m, "to_lora") or isinstance(m, types)  # noqa: E731  (mlx-lm's own test)
+    blocks = model.layers[-max(num_layers, 0) :]
+    names = {k for b in blocks for k, m in b.named_modules() if adaptable(m)}
+    names |= {k for k, m in model.named_modules() if adaptable(m)}
+    unknown = [k for k in keys if k not in names]
+    if unknown:
+        in_block = sorted({k for k, m in model.layers[-1].named_modules() if adaptable(m)})
+        raise ConfigError(
+            f"lora_parameters.keys: {', '.join(map(repr, unknown))} names no layer LoRA can adapt "
+            f"in the top {len(blocks)} blocks; a block's are: {', '.join(in_block)}"
+        )
 
 
 def make_optimizer(cfg):
