@@ -444,6 +444,11 @@ def test_lora_keys_name_the_modules_adapted_and_a_misspelt_one_is_refused(shared
     assert "lora_parameters.keys: 'self_attn.v_prj' names no layer LoRA can adapt" in proc.stderr
     assert "self_attn.v_proj" in proc.stderr  # the names it could have meant
     assert not run_dir(tmp_path, "run").exists()
+    proc = run_train(
+        tmp_path, shared / "small.yaml", "run", shared / "data", "--set", "lora_parameters.keys=[self_attn]"
+    )
+    assert proc.returncode == 2 and "lora_parameters: Can't convert layer of type Attention" in proc.stderr
+    assert "a block's linear layers: mlp.down_proj, " in proc.stderr and "Traceback" not in proc.stderr
     keys = "lora_parameters.keys=[self_attn.q_proj, self_attn.v_proj]"
     ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--set", keys, "--iters", "2"))
     adapted = json.loads((run_dir(tmp_path, "run") / "lora_config.json").read_text())["adapted_modules"]

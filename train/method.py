@@ -10,7 +10,6 @@ from core.config import ConfigError
 def add_adapters(model, cfg):
     """Freeze the base and make the chosen part trainable; returns lora_config.json's data."""
     from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import get_total_parameters
 
     n_layers = len(model.layers)
@@ -22,52 +21,50 @@ def add_adapters(model, cfg):
         for layer in model.layers[-max(num_layers, 0) :]:
             layer.unfreeze()
     else:
-        _check_keys(model, num_layers, cfg["lora_parameters"].get("keys"))
-        linear_to_lora_layers(
-            model, num_layers, dict(cfg["lora_parameters"]), use_dora=cfg["fine_tune_type"] == "dora"
-        )
+        _add_lora(model, num_layers, cfg)
     if cfg["grad_checkpoint"]:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(model.layers[0])
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    adapted = sorted({k.rsplit(".", 1)[0] for k, _ in tree_flatten(model.trainable_parameters())})
     return {
         "fine_tune_type": cfg["fine_tune_type"],
         "num_layers": num_layers,
         "lora_parameters": None if cfg["fine_tune_type"] == "full" else dict(cfg["lora_parameters"]),
         "trainable_parameters": int(trainable),
         "total_parameters": int(get_total_parameters(model)),
-        "adapted_modules": adapted,
+        "adapted_modules": adapted_modules(model),
     }
 
 
-def _check_keys(model, num_layers, keys):
-    """mlx-lm adapts the modules `keys` names and passes over a name that matches none: a
-    misspelt key would train fewer modules (or none) without a word."""
-    import mlx.nn as nn
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+def adapted_modules(model):
+    """The names of the modules with trainable weights ("model.layers.29.self_attn.q_proj")."""
+    from mlx.utils import tree_flatten
 
-    if keys is None:
-        return
-    types = (
-        nn.Linear,
-        nn.QuantizedLinear,
-        nn.Embedding,
-        nn.QuantizedEmbedding,
-        SwitchLinear,
-        QuantizedSwitchLinear,
-    )
-    adaptable = lambda m: hasattr(m, "to_lora") or isinstance(m, types)  # noqa: E731  (mlx-lm's own test)
-    blocks = model.layers[-max(num_layers, 0) :]
-    names = {k for b in blocks for k, m in b.named_modules() if adaptable(m)}
-    names |= {k for k, m in model.named_modules() if adaptable(m)}
-    unknown = [k for k in keys if k not in names]
+    return sorted({k.rsplit(".", 1)[0] for k, _ in tree_flatten(model.trainable_parameters())})
+
+
+def _add_lora(model, num_layers, cfg):
+    """mlx-lm's LoRA (or DoRA) layers on the top blocks. mlx-lm passes over a `keys` name that
+    matches no module: a misspelt key would train fewer modules (or none) without a word, so a
+    key that adapted nothing is refused, by what mlx-lm did rather than a copy of its rules."""
+    import mlx.nn as nn
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    params = dict(cfg["lora_parameters"])
+    linear = (nn.Linear, nn.QuantizedLinear)
+    names = sorted(k for k, m in model.layers[-1].named_modules() if isinstance(m, linear))
+    hint = f"; a block's linear layers: {', '.join(names)}"
+    try:
+        linear_to_lora_layers(model, num_layers, params, use_dora=cfg["fine_tune_type"] == "dora")
+    except ValueError as e:  # a key naming what LoRA cannot replace: "Can't convert ... Attention"
+        raise ConfigError(f"lora_parameters: {e}{hint}") from None
+    adapted = adapted_modules(model)
+    unknown = [k for k in params.get("keys") or () if not any(a == k or a.endswith("." + k) for a in adapted)]
     if unknown:
-        in_block = sorted({k for k, m in model.layers[-1].named_modules() if adaptable(m)})
         raise ConfigError(
             f"lora_parameters.keys: {', '.join(map(repr, unknown))} names no layer LoRA can adapt "
-            f"in the top {len(blocks)} blocks; a block's are: {', '.join(in_block)}"
+            f"in the top {len(model.layers[-max(num_layers, 0) :])} blocks{hint}"
         )
 
 
