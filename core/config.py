@@ -38,7 +38,7 @@ DEFAULTS = {
     "question_noise": 0,  # noised copies of each training question (train/question_noise.py)
     # raw text (a .txt file or a folder of them) on which training keeps the model's next-token
     # predictions close to the base model's (a KL term, weight x per token; train/replay.py)
-    "replay": {"data": None, "weight": 1.0},
+    "replay": {"data": None, "weight": 1.0, "repeat": 1},
     # --- optimisation ---
     "optimizer": "adam",
     "optimizer_config": {"adam": {}, "adamw": {}, "sgd": {}, "adafactor": {}, "muon": {}},
@@ -239,6 +239,7 @@ RULES = {
     "lr_schedule.warmup": (lambda v: _is_int(0)(v or 0), "an integer >= 0"),
     "replay.data": (lambda v: v is None or (isinstance(v, str) and v != ""), "a path or null"),
     "replay.weight": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "replay.repeat": (_is_int(1), "a positive integer"),
     "auto_batch.max_batch_size": (_is_int(1), "a positive integer"),
     "auto_batch.memory_fraction": (lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
 }

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from helpers_train import (
     PY,
     ROOT,
+    SMALL_CONFIG,
     TINY,
     env_for,
     load_weights,
@@ -229,6 +231,22 @@ def test_batch_size_auto_probes_a_replay_batch_too(shared, tmp_path):
     proc = ok(run_train(tmp_path, cfg, "run", shared / "data", "--set", "auto_batch.max_batch_size=4"))
     line = next(x for x in proc.stderr.splitlines() if "batch_size auto: " in x)
     assert "or replay windows of 128" in line and "1: " in line, line
+
+
+def test_replay_repeat_puts_each_window_in_an_epoch_that_many_times(shared, tmp_path):
+    replay = {"data": str(ROOT / "data" / "replay"), "weight": 1.0}
+    lines = {}
+    for repeat in (1, 3):
+        cfg = write_config(tmp_path / f"r{repeat}.yaml", iters=1, replay={**replay, "repeat": repeat})
+        proc = ok(run_train(tmp_path, cfg, f"run{repeat}", shared / "data"))
+        lines[repeat] = [x for x in proc.stderr.splitlines() if "replay" in x and "windows" in x]
+    once, thrice = lines[1], lines[3]
+    assert ", each 3 times an epoch" in thrice[0] and "times an epoch" not in once[0]
+    windows = int(re.search(r"replay: (\d+) windows", once[0])[1])
+    assert f"+ {windows} replay windows" in once[1] and f"+ {3 * windows} replay windows" in thrice[1], thrice
+    batches = [int(re.search(r"(\d+) batches per epoch", x[1])[1]) for x in (once, thrice)]
+    size = SMALL_CONFIG["batch_size"]
+    assert batches[1] - batches[0] == -(-3 * windows // size) - -(-windows // size), batches
 
 
 def test_replay_settings_are_checked(shared, tmp_path):

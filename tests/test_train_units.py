@@ -99,6 +99,7 @@ def test_an_mlx_lm_schedule_is_built_by_mlx_lm():
         ("lora_parameters.keys", "self_attn.q_proj", "lora_parameters.keys must be null (every linear"),
         ("lora_parameters.keys", [], "lora_parameters.keys must be null (every linear"),
         ("auto_batch.memory_fraction", 0, "auto_batch.memory_fraction must be in (0, 1]"),
+        ("replay.repeat", 0, "replay.repeat must be a positive integer"),
     ],
 )
 def test_a_bad_value_is_named(key, value, message):
@@ -251,8 +252,13 @@ def test_replay_enters_the_fingerprint_only_when_a_run_has_it():
     other = fingerprint(cfg, t, v, "h", replay_info=dict(text, sha256="e" * 64))
     assert describe_changes(with_replay, heavier) == ["replay_weight: 1.0 -> 2.0"]
     assert len(describe_changes(with_replay, other)) == 1
-    ids = {fingerprint_id(fp) for fp in (plain, with_replay, heavier, other)}
-    assert len(ids) == 4
+    cfg3, _, _ = _fp(replay={"data": "r", "weight": 1.0, "repeat": 2})
+    often = fingerprint(cfg3, t, v, "h", replay_info=text)
+    assert describe_changes(with_replay, often) == ["replay_repeat: null -> 2"]
+    cfg4, _, _ = _fp(replay={"data": "r", "weight": 1.0, "repeat": 1})  # = a checkpoint from before it
+    assert fingerprint(cfg4, t, v, "h", replay_info=text) == with_replay
+    ids = {fingerprint_id(fp) for fp in (plain, with_replay, heavier, other, often)}
+    assert len(ids) == 5
 
 
 def test_read_replay_names_what_is_wrong_and_hashes_what_it_read(tmp_path):

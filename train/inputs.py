@@ -154,11 +154,13 @@ def read_replay_set(cfg, tokenizer, log):
             "(data/general/); that measure will flatter this run"
         )
     windows = replay.replay_windows(tokenizer, text)
+    repeat = cfg["replay"]["repeat"]
+    times = f", each {repeat} times an epoch" if repeat > 1 else ""
     log(
-        f"replay: {len(windows)} windows of up to {replay.WINDOW} tokens from {path}, "
+        f"replay: {len(windows)} windows of up to {replay.WINDOW} tokens from {path}{times}, "
         f"KL to the base model x {cfg['replay']['weight']}"
     )
-    return text, windows
+    return text, windows * repeat
 
 
 def encode_split(tokenizer, split, system_prompt, cfg, log):

@@ -9,11 +9,13 @@ model's next-token distribution to the adapted one's at every position of the te
 (loss.ReplayLoss), the base's computed by the same model with its LoRA adapters switched off,
 so no second copy of the model is held in memory.
 
-Config: `replay: {data: PATH, weight: W}`. PATH is a .txt file or a folder of them (sorted by
-name); it must not be the text `make eval` measures forgetting on, or that measure says
-nothing. Its windows of WINDOW tokens are batched like the conversations and join every epoch
+Config: `replay: {data: PATH, weight: W, repeat: N}`. PATH is a .txt file or a folder of them
+(sorted by name); it must not be the text `make eval` measures forgetting on, or that measure
+says nothing. Its windows of WINDOW tokens are batched like the conversations and join every epoch
 as batches of their own (Trainer), so the share of replay steps is the share of replay
-batches; W scales the KL per token."""
+batches; W scales the KL per token, and N (default 1) puts each window N times in an epoch: more
+replay steps, each as strong (twice as often at half the weight forgot less than once at the full
+weight, docs/RECIPES.md g13)."""
 
 import hashlib
 from dataclasses import dataclass

@@ -115,6 +115,8 @@ def fingerprint(cfg, train_info, valid_info, base_hash, world_size=1, replay_inf
     data = {"train": train_info, "valid": valid_info}
     if replay_info:
         config["replay_weight"], data["replay"] = cfg["replay"]["weight"], replay_info
+        if cfg["replay"].get("repeat", 1) != 1:  # absent at 1, as in checkpoints from before it
+            config["replay_repeat"] = cfg["replay"]["repeat"]
     canonical = json.dumps(config, sort_keys=True, ensure_ascii=False).encode("utf-8")
     fp = {
         "config": config,
@@ -147,7 +149,7 @@ def describe_changes(old, new):
     """What differs between a checkpoint's fingerprint and this run's, one line each."""
     changes = [
         f"{key}: {_dump(old['config'].get(key))} -> {_dump(new['config'].get(key))}"
-        for key in (*TRAJECTORY_KEYS, "replay_weight", "question_noise")
+        for key in (*TRAJECTORY_KEYS, "replay_weight", "replay_repeat", "question_noise")
         if old["config"].get(key) != new["config"].get(key)
     ]
     for split in ("train", "valid", "replay"):
