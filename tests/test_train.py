@@ -456,10 +456,11 @@ def test_bad_config_values_are_named(shared, tmp_path):
 
 def test_lora_keys_name_the_modules_adapted_and_a_misspelt_one_is_refused(shared, tmp_path):
     # mlx-lm passes over a key that matches no module: without the check this run trains q alone
-    keys = "lora_parameters.keys=[self_attn.q_proj, self_attn.v_prj]"
+    # ('q_proj' alone is no block's module name, though a name ends with it)
+    keys = "lora_parameters.keys=[self_attn.q_proj, self_attn.v_prj, q_proj]"
     proc = run_train(tmp_path, shared / "small.yaml", "run", shared / "data", "--set", keys)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "lora_parameters.keys: 'self_attn.v_prj' names no layer LoRA can adapt" in proc.stderr
+    assert "lora_parameters.keys: 'self_attn.v_prj', 'q_proj' names no layer LoRA can adapt" in proc.stderr
     assert "self_attn.v_proj" in proc.stderr  # the names it could have meant
     assert not run_dir(tmp_path, "run").exists()
     proc = run_train(

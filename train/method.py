@@ -49,6 +49,7 @@ def _add_lora(model, num_layers, cfg):
     matches no module: a misspelt key would train fewer modules (or none) without a word, so a
     key that adapted nothing is refused, by what mlx-lm did rather than a copy of its rules."""
     import mlx.nn as nn
+    from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     params = dict(cfg["lora_parameters"])
@@ -59,12 +60,15 @@ def _add_lora(model, num_layers, cfg):
         linear_to_lora_layers(model, num_layers, params, use_dora=cfg["fine_tune_type"] == "dora")
     except ValueError as e:  # a key naming what LoRA cannot replace: "Can't convert ... Attention"
         raise ConfigError(f"lora_parameters: {e}{hint}") from None
-    adapted = adapted_modules(model)
-    unknown = [k for k in params.get("keys") or () if not any(a == k or a.endswith("." + k) for a in adapted)]
+    # a key names a module as mlx-lm matches it: within a block, or in the whole model
+    blocks = model.layers[-max(num_layers, 0) :]
+    adapted = {k.rsplit(".", 1)[0] for b in blocks for k, _ in tree_flatten(b.trainable_parameters())}
+    adapted |= set(adapted_modules(model))
+    unknown = [k for k in params.get("keys") or () if k not in adapted]
     if unknown:
         raise ConfigError(
             f"lora_parameters.keys: {', '.join(map(repr, unknown))} names no layer LoRA can adapt "
-            f"in the top {len(model.layers[-max(num_layers, 0) :])} blocks{hint}"
+            f"in the top {len(blocks)} blocks{hint}"
         )
 
 
