@@ -4,7 +4,9 @@ A small model fine-tuned on a club's questions learns every answer, then maps a 
 another way to the wrong one (docs/RECIPES.md, "What limits it"). Several questions per answer
 is what helps (Bhushan et al., NAACL 2025 Findings); this makes more of them the way EDA does
 (Wei & Zou, EMNLP 2019, "Easy Data Augmentation"), less its synonym step, which would need a
-thesaurus of the data's language.
+thesaurus of the data's language that knows word senses: the Portuguese thesaurus found on PyPI
+(data-augmentation-gaspln 0.2.3's, Brazilian, GPL-3) offers "olfato" for Faro, verb forms for
+"cores" and "comparsa" for sócio, so it would teach wrong questions.
 
 Config `question_noise: N` (0 = off) adds N variants of each training conversation, its last
 question changed and its answer not. Each variant gets one word-level change - random deletion
