@@ -37,11 +37,12 @@ def add_adapters(model, cfg):
     }
 
 
-def adapted_modules(model):
-    """The names of the modules with trainable weights ("model.layers.29.self_attn.q_proj")."""
+def adapted_modules(module):
+    """The names, relative to module, of the modules with trainable weights under it
+    ("model.layers.29.self_attn.q_proj" in the model, "self_attn.q_proj" in a block)."""
     from mlx.utils import tree_flatten
 
-    return sorted({k.rsplit(".", 1)[0] for k, _ in tree_flatten(model.trainable_parameters())})
+    return sorted({k.rsplit(".", 1)[0] for k, _ in tree_flatten(module.trainable_parameters())})
 
 
 def _add_lora(model, num_layers, cfg):
@@ -49,7 +50,6 @@ def _add_lora(model, num_layers, cfg):
     matches no module: a misspelt key would train fewer modules (or none) without a word, so a
     key that adapted nothing is refused, by what mlx-lm did rather than a copy of its rules."""
     import mlx.nn as nn
-    from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     params = dict(cfg["lora_parameters"])
@@ -62,7 +62,7 @@ def _add_lora(model, num_layers, cfg):
         raise ConfigError(f"lora_parameters: {e}{hint}") from None
     # a key names a module as mlx-lm matches it: within a block, or in the whole model
     blocks = model.layers[-max(num_layers, 0) :]
-    adapted = {k.rsplit(".", 1)[0] for b in blocks for k, _ in tree_flatten(b.trainable_parameters())}
+    adapted = {name for block in blocks for name in adapted_modules(block)}
     adapted |= set(adapted_modules(model))
     unknown = [k for k in params.get("keys") or () if k not in adapted]
     if unknown:
