@@ -43,9 +43,11 @@ ITERS         ?=
 BATCH_SIZE    ?=
 MAX_SEQ_LENGTH ?=
 GRAD_CHECKPOINT ?=
-# raw text whose next-token predictions training holds to the base model's (a KL term; data/replay/README.md), its weight, and how often an epoch
+# raw text whose next-token predictions training holds to the base model's (a KL term; data/replay/README.md), its weight,
+# its windows in every step (0: batches of their own), and how often an epoch as batches
 REPLAY        ?=
 REPLAY_WEIGHT ?=
+REPLAY_PER_STEP ?=
 REPLAY_REPEAT ?=
 # noised copies of each training question added at training time (train/question_noise.py)
 QUESTION_NOISE ?=
@@ -94,6 +96,7 @@ TRAIN_ARGS = --config $(CONFIG) --name $(NAME) \
   $(call flag,--set grad_checkpoint=true,$(GRAD_CHECKPOINT)) \
   $(call opt,--set,$(if $(REPLAY),replay.data=$(REPLAY))) \
   $(call opt,--set,$(if $(REPLAY_WEIGHT),replay.weight=$(REPLAY_WEIGHT))) \
+  $(call opt,--set,$(if $(REPLAY_PER_STEP),replay.per_step=$(REPLAY_PER_STEP))) \
   $(call opt,--set,$(if $(REPLAY_REPEAT),replay.repeat=$(REPLAY_REPEAT))) \
   $(call opt,--set,$(if $(QUESTION_NOISE),question_noise=$(QUESTION_NOISE)))
 

@@ -38,7 +38,8 @@ DEFAULTS = {
     "question_noise": 0,  # noised copies of each training question (train/question_noise.py)
     # raw text (a .txt file or a folder of them) on which training keeps the model's next-token
     # predictions close to the base model's (a KL term, weight x per token; train/replay.py)
-    "replay": {"data": None, "weight": 1.0, "repeat": 1},
+    # per_step: windows of it in every step's loss; 0: batches of their own in each epoch
+    "replay": {"data": None, "weight": 1.0, "repeat": 1, "per_step": 1},
     # --- optimisation ---
     "optimizer": "adam",
     "optimizer_config": {"adam": {}, "adamw": {}, "sgd": {}, "adafactor": {}, "muon": {}},
@@ -240,6 +241,7 @@ RULES = {
     "replay.data": (lambda v: v is None or (isinstance(v, str) and v != ""), "a path or null"),
     "replay.weight": (lambda v: _is_num(v) and v > 0, "a positive number"),
     "replay.repeat": (_is_int(1), "a positive integer"),
+    "replay.per_step": (_is_int(0), "an integer >= 0"),
     "auto_batch.max_batch_size": (_is_int(1), "a positive integer"),
     "auto_batch.memory_fraction": (lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]"),
 }
@@ -275,6 +277,12 @@ def check_config(cfg, keys=None):
         raise ConfigError(
             "replay.data needs fine_tune_type: lora (the base model's predictions come from "
             f"switching the LoRA adapters off), got {cfg.get('fine_tune_type')!r}"
+        )
+    if (keys is None or "replay" in keys) and get(cfg, "replay.per_step") and get(cfg, "replay.repeat") != 1:
+        raise ConfigError(
+            f"replay.repeat ({get(cfg, 'replay.repeat')}) puts replay batches in an epoch more often; "
+            f"with replay.per_step ({get(cfg, 'replay.per_step')}) every step has replay windows: "
+            "leave repeat at 1 and raise replay.weight or replay.per_step instead"
         )
     notes = []
     warmup = (get(cfg, "lr_schedule.warmup") or 0) if _applies(cfg, "lr_schedule.warmup") else 0

@@ -17,9 +17,15 @@ GOAL, BASE_AT_MOST = 0.90, 0.25  # issue 22's goal: tuned >= 90% of the paraphra
 # Measured with train/demo.yaml: base 0/58; tuned 21/58 on a fresh clone (2026-12-05, 8 blocks,
 # without replay), 15/58 with replay at weight 2 (2026-12-06, perplexity +5.2%), 22/58 on 16
 # blocks (2026-12-06, perplexity +1.8%), 29/58 with 4 noised copies of each question and replay
-# at weight 8 (2026-12-06, perplexity +11.2%). That is seed 0, which the demo trains with;
-# seeds 1-3 of the same recipe answer 23-26/58 (2026-12-07, docs/RECIPES.md, the s rows).
-LEARNED_AT_LEAST = 0.40
+# at weight 8 (2026-12-06, perplexity +11.2%; seeds 1-3: 23-26/58, the s rows), 30/58 with one
+# replay window in every step at weight 1 (2026-12-07, perplexity +0.7%). That is seed 0, which
+# the demo trains with; seeds 1-3 of that recipe answer 21-30/58 (docs/RECIPES.md, the q rows):
+# the floor, 35% (21 of the 58 pass), is under every seed measured, so that another machine's
+# float rounding, which moves a run as another seed does, does not fail it.
+LEARNED_AT_LEAST = 0.35
+# The general-text perplexity measured at seeds 0-3: -0.7% to +1.0% of the base's (the q rows);
+# make eval flags +15%. Past +5% the replay in every step no longer does what it did.
+KEPT_WITHIN = 1.05
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +78,7 @@ def test_the_demo_recipe_teaches_smollm2_the_facts(demo):
 def test_the_demo_keeps_its_general_language(demo):
     _, report = demo
     assert not report["general_text"]["flagged"], report["general_text"]
+    assert report["general_text"]["ratio"] <= KEPT_WITHIN, report["general_text"]
 
 
 @pytest.mark.slow

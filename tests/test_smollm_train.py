@@ -98,22 +98,25 @@ def general_text_perplexity(model_dir, adapter=None):
 
 
 def test_replay_text_holds_the_general_text_perplexity_near_the_base(shared, smollm_run, smollm_model):
-    """The same 16 steps with data/replay/ in the epoch (a KL to the base, weight 4): the
-    general-text perplexity stays nearer the base's than without, and the run still learns."""
+    """The same 16 steps with a window of data/replay/ in every step (a KL to the base, weight
+    1, the demo's replay): the general-text perplexity stays nearer the base's than without,
+    and the run still learns."""
     _, plain = smollm_run
     config = write_config(
-        shared / "smollm-replay.yaml", **SMOLLM_CONFIG, replay={"data": "data/replay", "weight": 4.0}
+        shared / "smollm-replay.yaml", **SMOLLM_CONFIG, replay={"data": "data/replay", "weight": 1.0}
     )
     replayed, proc = trained(shared / "smollm-replay", "run", config, shared / "data")
     base = general_text_perplexity(smollm_model)
     without, with_replay = (general_text_perplexity(smollm_model, run) for run in (plain, replayed))
-    print(
-        f"\nSMOLLM-REPLAY general-text perplexity: base {base:.2f}, tuned {without:.2f}, with replay {with_replay:.2f}"
-    )
-    # Measured (2026-12-06): base 50.23, tuned 62.94 (+25%), with replay 53.86 (+7.2%); the
-    # validation loss 2.83 -> 1.77 with replay against 1.32 without: it learns, more slowly.
-    assert with_replay < without and with_replay <= 1.15 * base
     vals = val_losses(shared / "smollm-replay", "run")
+    print(
+        f"\nSMOLLM-REPLAY general-text perplexity: base {base:.2f}, tuned {without:.2f}, with replay "
+        f"{with_replay:.2f}; validation losses with replay {vals}"
+    )
+    # Measured (2026-12-07): base 50.23, tuned 62.94 (+25%), with replay 52.34 (+4.2%); the
+    # validation loss 2.83 -> 1.42 with replay against 1.32 without: it learns, a little more
+    # slowly (with replay batches at weight 4, 2026-12-06: 53.86, +7.2%, and 1.77).
+    assert with_replay < without and with_replay <= 1.15 * base
     assert vals[-1][1] <= 0.7 * vals[0][1], vals
 
 

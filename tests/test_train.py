@@ -182,19 +182,27 @@ def test_ctrl_c_saves_the_current_step_and_the_rerun_matches(shared, reference, 
     assert_same_losses(metrics(shared / "ref", "run"), metrics(tmp_path, "run"))
 
 
-def test_a_run_with_replay_text_reports_its_kl_and_resumes_exactly(shared, tmp_path):
-    """Replay (train/replay.py, the KL to the base on raw text) through the real loop: its
-    steps are reported apart, Ctrl-C then a rerun ends exactly where an uninterrupted run
-    ends, and a changed replay text refuses the resume."""
-    cfg = write_config(
-        tmp_path / "replay.yaml", replay={"data": str(ROOT / "data" / "replay"), "weight": 2.0}
-    )
+@pytest.mark.parametrize("per_step", [0, 2])
+def test_a_run_with_replay_text_reports_its_kl_and_resumes_exactly(shared, tmp_path, per_step):
+    """Replay (train/replay.py, the KL to the base on raw text) through the real loop, as batches
+    of their own (per_step 0: steps of replay text only) or as two windows in every step's loss:
+    its KL is reported, Ctrl-C then a rerun ends exactly where an uninterrupted run ends (the
+    windows a step takes are a function of the step), and a changed replay text refuses the resume."""
+    replay = {"data": str(ROOT / "data" / "replay"), "weight": 2.0, "per_step": per_step}
+    cfg = write_config(tmp_path / "replay.yaml", replay=replay)
     ref = ok(run_train(tmp_path / "ref", cfg, "run", shared / "data"))
     assert "replay: " in ref.stderr and "replay KL" in ref.stderr, ref.stderr[-3000:]
     ref_m = metrics(tmp_path / "ref", "run")
     kls = [r["replay_kl"] for r in ref_m if r.get("replay_kl") is not None]
     assert kls and all(math.isfinite(k) and k >= 0 for k in kls) and max(kls) > 0
-    assert any(r["train_loss"] is None for r in ref_m)  # a step of replay text only
+    steps = [r for r in ref_m if r["tokens_per_s"] is not None]  # one report a step
+    replay_only = [r["step"] for r in steps if r["train_loss"] is None]
+    with_kl = [r["step"] for r in steps if r.get("replay_kl") is not None]
+    if per_step:
+        assert "2 in every step" in ref.stderr and not replay_only, ref.stderr[-3000:]
+        assert with_kl == list(range(1, 31))
+    else:
+        assert replay_only and set(with_kl) == set(replay_only), (replay_only, with_kl)
 
     ctrl_c_at(cfg, shared / "data", tmp_path, 8)
     again = ok(run_train(tmp_path, cfg, "run", shared / "data"))
@@ -212,7 +220,7 @@ def test_a_run_with_replay_text_reports_its_kl_and_resumes_exactly(shared, tmp_p
     changed = tmp_path / "replay-changed"
     shutil.copytree(ROOT / "data" / "replay", changed)
     (changed / "en.txt").write_text("Other text.\n", encoding="utf-8")
-    cfg2 = write_config(tmp_path / "replay2.yaml", replay={"data": str(changed), "weight": 2.0})
+    cfg2 = write_config(tmp_path / "replay2.yaml", replay={**replay, "data": str(changed)})
     refused = run_train(tmp_path, cfg2, "run", shared / "data")
     assert refused.returncode == 2 and "replay data changed" in refused.stderr, refused.stderr[-3000:]
 
@@ -237,7 +245,9 @@ def test_replay_repeat_puts_each_window_in_an_epoch_that_many_times(shared, tmp_
     replay = {"data": str(ROOT / "data" / "replay"), "weight": 1.0}
     lines = {}
     for repeat in (1, 3):
-        cfg = write_config(tmp_path / f"r{repeat}.yaml", iters=1, replay={**replay, "repeat": repeat})
+        cfg = write_config(
+            tmp_path / f"r{repeat}.yaml", iters=1, replay={**replay, "repeat": repeat, "per_step": 0}
+        )
         proc = ok(run_train(tmp_path, cfg, f"run{repeat}", shared / "data"))
         lines[repeat] = [x for x in proc.stderr.splitlines() if "replay" in x and "windows" in x]
     once, thrice = lines[1], lines[3]
@@ -261,6 +271,9 @@ def test_replay_settings_are_checked(shared, tmp_path):
     assert proc.returncode == 2 and "replay.data needs fine_tune_type: lora" in proc.stderr
     proc = run_train(tmp_path, shared / "small.yaml", "run", data, "--set", "replay.weight=0")
     assert proc.returncode == 2 and "replay.weight must be a positive number, got 0" in proc.stderr
+    both = write_config(tmp_path / "c.yaml", replay={"data": "data/replay", "per_step": 1, "repeat": 2})
+    proc = run_train(tmp_path, both, "run", data)
+    assert proc.returncode == 2 and "with replay.per_step (1) every step has replay windows" in proc.stderr
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(shared, reference, tmp_path):

@@ -100,6 +100,7 @@ def test_an_mlx_lm_schedule_is_built_by_mlx_lm():
         ("lora_parameters.keys", [], "lora_parameters.keys must be null (every linear"),
         ("auto_batch.memory_fraction", 0, "auto_batch.memory_fraction must be in (0, 1]"),
         ("replay.repeat", 0, "replay.repeat must be a positive integer"),
+        ("replay.per_step", -1, "replay.per_step must be an integer >= 0"),
     ],
 )
 def test_a_bad_value_is_named(key, value, message):
@@ -242,23 +243,37 @@ def test_replay_enters_the_fingerprint_only_when_a_run_has_it():
     plain = fingerprint(cfg, t, v, "h")
     assert "replay" not in plain["data"] and "replay_weight" not in plain["config"]
     text = {"path": "r", "count": 2, "sha256": "d" * 64}
-    with_replay = fingerprint(cfg, t, v, "h", replay_info=text)
+    as_batches = {"data": "r", "weight": 1.0, "per_step": 0}  # as runs had it before per_step
+    cfg1, _, _ = _fp(replay=as_batches)
+    with_replay = fingerprint(cfg1, t, v, "h", replay_info=text)
     changes = describe_changes(plain, with_replay)
     assert changes[0] == "replay_weight: null -> 1.0" and changes[1].startswith(
         "replay data changed: r (None -> 2 texts"
     )
-    cfg2, _, _ = _fp(replay={"data": "r", "weight": 2.0})
+    cfg2, _, _ = _fp(replay={**as_batches, "weight": 2.0})
     heavier = fingerprint(cfg2, t, v, "h", replay_info=text)
-    other = fingerprint(cfg, t, v, "h", replay_info=dict(text, sha256="e" * 64))
+    other = fingerprint(cfg1, t, v, "h", replay_info=dict(text, sha256="e" * 64))
     assert describe_changes(with_replay, heavier) == ["replay_weight: 1.0 -> 2.0"]
     assert len(describe_changes(with_replay, other)) == 1
-    cfg3, _, _ = _fp(replay={"data": "r", "weight": 1.0, "repeat": 2})
+    cfg3, _, _ = _fp(replay={**as_batches, "repeat": 2})
     often = fingerprint(cfg3, t, v, "h", replay_info=text)
     assert describe_changes(with_replay, often) == ["replay_repeat: null -> 2"]
-    cfg4, _, _ = _fp(replay={"data": "r", "weight": 1.0, "repeat": 1})  # = a checkpoint from before it
+    cfg4, _, _ = _fp(replay={"data": "r", "weight": 1.0})  # a checkpoint from before repeat and per_step
     assert fingerprint(cfg4, t, v, "h", replay_info=text) == with_replay
-    ids = {fingerprint_id(fp) for fp in (plain, with_replay, heavier, other, often)}
-    assert len(ids) == 5
+    every_step = fingerprint(cfg, t, v, "h", replay_info=text)  # the default: a window in every step
+    assert describe_changes(with_replay, every_step) == ["replay_per_step: null -> 1"]
+    ids = {fingerprint_id(fp) for fp in (plain, with_replay, heavier, other, often, every_step)}
+    assert len(ids) == 6
+
+
+def test_replay_windows_at_a_step_are_each_window_once_a_pass_and_a_function_of_the_step():
+    from train.replay import windows_at
+
+    taken = [i for step in range(1, 14) for i in windows_at(step, 2, 13, seed=0)]  # two passes
+    assert sorted(taken[:13]) == sorted(taken[13:]) == list(range(13))
+    assert taken[:13] != taken[13:]  # a new order each pass
+    assert [windows_at(7, 2, 13, seed=0)] == [taken[12:14]]  # no state: the step says which
+    assert windows_at(1, 1, 13, seed=0) == taken[:1] and windows_at(1, 2, 13, seed=1) != taken[:2]
 
 
 def test_read_replay_names_what_is_wrong_and_hashes_what_it_read(tmp_path):

@@ -154,8 +154,9 @@ def read_replay_set(cfg, tokenizer, log):
             "(data/general/); that measure will flatter this run"
         )
     windows = replay.replay_windows(tokenizer, text)
-    repeat = cfg["replay"]["repeat"]
+    repeat, per_step = cfg["replay"]["repeat"], cfg["replay"]["per_step"]
     times = f", each {repeat} times an epoch" if repeat > 1 else ""
+    times += f", {per_step} in every step" if per_step else ", as batches in every epoch"
     log(
         f"replay: {len(windows)} windows of up to {replay.WINDOW} tokens from {path}{times}, "
         f"KL to the base model x {cfg['replay']['weight']}"

@@ -34,7 +34,8 @@ class Progress:
         )
         self.log(
             f"{len(inputs.train_set)} training / {len(inputs.valid_set)} validation examples"
-            f"{f' + {len(inputs.replay_set)} replay windows' if inputs.replay_set else ''}, batch size "
+            f"{f' + {len(inputs.replay_set)} replay windows' if inputs.replay_set else ''}"
+            f"{f' ({trainer.replay_per_step} in every step)' if trainer.replay_per_step else ''}, batch size "
             f"{trainer.state.batch_size}{per_process}{f' x {accum} accumulated' if accum > 1 else ''}, "
             f"{len(trainer.train_batches)} batches per epoch, {cfg['iters']} steps, learning rate "
             f"{cfg['learning_rate']:g} ({(cfg['lr_schedule'] or {}).get('name') or 'constant'})"

@@ -117,6 +117,8 @@ def fingerprint(cfg, train_info, valid_info, base_hash, world_size=1, replay_inf
         config["replay_weight"], data["replay"] = cfg["replay"]["weight"], replay_info
         if cfg["replay"].get("repeat", 1) != 1:  # absent at 1, as in checkpoints from before it
             config["replay_repeat"] = cfg["replay"]["repeat"]
+        if cfg["replay"].get("per_step", 0):  # absent at 0, as in checkpoints from before it
+            config["replay_per_step"] = cfg["replay"]["per_step"]
     canonical = json.dumps(config, sort_keys=True, ensure_ascii=False).encode("utf-8")
     fp = {
         "config": config,
@@ -149,7 +151,7 @@ def describe_changes(old, new):
     """What differs between a checkpoint's fingerprint and this run's, one line each."""
     changes = [
         f"{key}: {_dump(old['config'].get(key))} -> {_dump(new['config'].get(key))}"
-        for key in (*TRAJECTORY_KEYS, "replay_weight", "replay_repeat", "question_noise")
+        for key in (*TRAJECTORY_KEYS, "replay_weight", "replay_repeat", "replay_per_step", "question_noise")
         if old["config"].get(key) != new["config"].get(key)
     ]
     for split in ("train", "valid", "replay"):

@@ -52,7 +52,7 @@ import numpy as np
 
 from core.config import ConfigError
 from core.paths import Layout
-from train import batches, bundle, checkpoint, progress
+from train import batches, bundle, checkpoint, progress, replay
 from train.batch_size import choose_batch_size
 from train.dist import Dist, PeerLost
 from train.exits import EXIT_INTERRUPTED, EXIT_IO, EXIT_PEER, Stop, ended, non_finite
@@ -113,10 +113,13 @@ class Trainer:
 
         self.cfg, self.layout, self.inputs, self.model = cfg, layout, inputs, inputs.model
         self.global_batch_size = batch_size * DIST.size
+        # windows of replay text in every step (replay.py), or batches of their own in each epoch
+        self.replay_per_step = cfg["replay"]["per_step"] if inputs.replay_set else 0
         # an epoch: the conversations' batches, then the replay text's (replay.py), in one order
         self.train_batches = [
             (examples, indices, is_replay)
             for examples, is_replay in ((inputs.train_set, False), (inputs.replay_set, True))
+            if not (is_replay and self.replay_per_step)
             for indices in batches.make_batches(examples, self.global_batch_size)
         ]
         self.accum = cfg["grad_accumulation_steps"]
@@ -240,8 +243,9 @@ class Trainer:
         the target count of the whole batch (known here: every process has all examples), so
         the sum over the processes is the gradient of the global mean (one process: the
         gradient of the batch's mean). A replay batch's loss is its KL to the base model
-        (loss.ReplayLoss). Returns (grads, {"loss", "replay"}: the step's mean of each, None
-        where none of its batches had one, grad norm, trained targets, stop votes)."""
+        (loss.ReplayLoss); with replay.per_step, the KL of the step's replay windows is a term
+        of every step's loss instead. Returns (grads, {"loss", "replay"}: the step's mean of
+        each, None where it had none, grad norm, trained targets, stop votes)."""
         import mlx.core as mx
         from mlx.utils import tree_flatten, tree_map
 
@@ -249,32 +253,45 @@ class Trainer:
         grads, sums, counts = None, [mx.array(0.0), mx.array(0.0)], [0, 0]
         for _ in range(self.accum):
             examples, indices, is_replay = self.train_batches[self.order.next()]
-            mine = batches.shard(indices, DIST.rank, DIST.size)
-            n = batches.target_count(examples, indices)
-            if mine:
-                batch, lengths, _ = batches.collate(examples, mine)
-                loss_and_grad = self.replay_loss_and_grad if is_replay else self.loss_and_grad
-                (_, local_sum), g = loss_and_grad(self.model, batch, lengths, float(n))
-            else:  # a last batch smaller than the ranks
-                g, local_sum = tree_map(mx.zeros_like, self.model.trainable_parameters()), mx.array(0.0)
+            loss_and_grad = self.replay_loss_and_grad if is_replay else self.loss_and_grad
+            g, local_sum, n = self.batch_gradient(examples, indices, loss_and_grad)
+            if g is None:  # a last batch smaller than the ranks
+                g = tree_map(mx.zeros_like, self.model.trainable_parameters())
             grads = g if grads is None else tree_map(mx.add, grads, g)
             sums[is_replay], counts[is_replay] = sums[is_replay] + local_sum, counts[is_replay] + n
             mx.eval(grads, sums)
-            n_tokens = batches.token_count(examples, indices)
-            self.state.tokens_seen += n_tokens
-            self.progress.window_tokens += n_tokens
         if self.accum > 1:
             grads = tree_map(lambda x: x / self.accum, grads)
+        if self.replay_per_step:
+            windows = self.inputs.replay_set
+            indices = replay.windows_at(step, self.replay_per_step, len(windows), self.cfg["seed"])
+            g, local_sum, n = self.batch_gradient(windows, indices, self.replay_loss_and_grad)
+            grads = grads if g is None else tree_map(mx.add, grads, g)
+            sums[1], counts[1] = sums[1] + local_sum, counts[1] + n
+            mx.eval(grads, sums)
         grads = DIST.sum_tree(grads)
-        loss, replay, stops = DIST.all_sum_floats(
-            [s.item() for s in sums] + [float(bool(self.stop_requested))]
-        )
+        loss, kl, stops = DIST.all_sum_floats([s.item() for s in sums] + [float(bool(self.stop_requested))])
         means = {
             "loss": loss / counts[0] if counts[0] else None,
-            "replay": replay / counts[1] if counts[1] else None,
+            "replay": kl / counts[1] if counts[1] else None,
         }
         grad_sq = sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads))
         return grads, means, math.sqrt(grad_sq.item()), counts[0], stops
+
+    def batch_gradient(self, examples, indices, loss_and_grad):
+        """This process's share of one global batch: (its gradient, None where it has no share;
+        its loss sum; the whole batch's target count). Counts the batch's tokens."""
+        import mlx.core as mx
+
+        n_tokens = batches.token_count(examples, indices)
+        self.state.tokens_seen += n_tokens
+        self.progress.window_tokens += n_tokens
+        n, mine = batches.target_count(examples, indices), batches.shard(indices, DIST.rank, DIST.size)
+        if not mine:
+            return None, mx.array(0.0), n
+        batch, lengths, _ = batches.collate(examples, mine)
+        (_, local_sum), g = loss_and_grad(self.model, batch, lengths, float(n))
+        return g, local_sum, n
 
     def train_step(self, step):
         """Gradients, the finite checks, the update; returns the processes' stop votes."""
