@@ -13,13 +13,14 @@ Config: `replay: {data: PATH, weight: W, per_step: K, repeat: N}`. PATH is a .tx
 folder of them (sorted by name); it must not be the text `make eval` measures forgetting on, or
 that measure says nothing. W scales the KL per token. Its windows of WINDOW tokens reach
 training in one of two ways:
-- per_step K >= 1: K windows in every step (windows_at), their KL x W added to the step's
-  loss beside the conversations' cross-entropy. The adapters never go many steps unchecked.
-- per_step 0 (the default): the windows are batched like the conversations and join every
-  epoch as batches of their own (Trainer), so the share of replay steps is the share of replay
-  batches, and N (default 1) puts each window N times in an epoch.
+- per_step K >= 1 (the default, 1): K windows in every step (windows_at), their KL x W added
+  to the step's loss beside the conversations' cross-entropy. The adapters never go many steps
+  unchecked.
+- per_step 0: the windows are batched like the conversations and join every epoch as batches
+  of their own (Trainer), so the share of replay steps is the share of replay batches, and N
+  (default 1) puts each window N times in an epoch.
 On SmolLM2 the demo's recipe with replay batches (4 of an epoch's 116, weight 8) went up to 80
-steps without one; the KL at a replay batch was 0.7-1.7 per token, and 3 seeds of 4 forgot past
+steps without one; the KL at a replay batch was 0.6-1.8 per token, and 3 seeds of 4 forgot past
 the limit of `make eval` (+21.6% to +43.1%; twice as often, N 2, held it at all four: the s and v
 rows of docs/RECIPES.md). One window in every step at weight 1 kept the KL at 0.02-0.3 and the
 general text within 1% of the base at all four seeds, and answered a median of 28.5 of the 58
