@@ -2,8 +2,9 @@
 
 Each probe runs one forward and backward pass (no optimizer update, so the weights do not
 change) on the longest examples, padded as training pads them, and reads mlx's peak memory; in
-a run with replay text, a replay batch's pass too (it holds the base model's logits), and the
-larger peak counts.
+a run with replay text, a pass over replay windows too (it holds the base model's logits): as
+many as the batch's rows where they are batched like the conversations, the per_step windows
+of every step otherwise; the larger peak counts.
 The optimizer's state, which does not exist yet, is added as an estimate
 (optimizer_state_bytes). A batch whose predicted peak (core/training_budget.py) is over the
 budget is never tried (a Metal out-of-memory is an abort no code can catch); when batch 1 does
@@ -49,12 +50,13 @@ def _measure(model, loss_and_grad, examples, collate, indices):
 
 
 def _peak_of_batch(model, loss_and_grad, examples, collate, rows, replay):
-    """mlx's peak for a batch of these rows and, in a run with replay text, for a replay batch
-    of as many windows: the larger (a replay batch holds the base model's logits too)."""
+    """mlx's peak for a batch of these rows and, in a run with replay text, for its replay
+    windows' pass: as many windows as rows (per_step 0), else per_step: the larger (the
+    windows' pass holds the base model's logits too)."""
     peak = _measure(model, loss_and_grad, examples, collate, rows)
     if replay:
-        replay_loss_and_grad, windows = replay
-        window_rows = list(range(min(len(rows), len(windows))))
+        replay_loss_and_grad, windows, per_step = replay
+        window_rows = list(range(min(per_step or len(rows), len(windows))))
         peak = max(peak, _measure(model, replay_loss_and_grad, windows, collate, window_rows))
     return peak
 
@@ -62,7 +64,9 @@ def _peak_of_batch(model, loss_and_grad, examples, collate, rows, replay):
 def _what_was_probed(seq_len, replay):
     what = f"longest examples, {seq_len} tokens"
     if replay:
-        what += f", or replay windows of {max(len(ids) for ids, _ in replay[1])}"
+        _, windows, per_step = replay
+        longest = max(len(ids) for ids, _ in windows)
+        what += f", or replay windows of {longest}" + (f", {per_step} a step" if per_step else "")
     return what
 
 
@@ -112,7 +116,8 @@ def find_batch_size(
     replay=None,
 ):
     """Pick the batch size within budget_bytes (whose origin is source); returns (batch_size,
-    explanation, grad_checkpoint). replay: (loss_and_grad, windows) of a run with replay text.
+    explanation, grad_checkpoint). replay: (loss_and_grad, windows, per_step) of a run with
+    replay text.
 
     shape/settings (the memory model): batches predicted over budget are not tried. When
     batch 1 does not fit and grad_checkpoint is off, enable_grad_checkpoint() is called and

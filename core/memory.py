@@ -143,7 +143,7 @@ def choose_batch_size(
 ):
     """Pick the batch size within the budget now (core/batch_probe.py); returns (batch_size,
     explanation, grad_checkpoint). budget_bytes overrides the budget (tests); replay:
-    (loss_and_grad, windows) of a run with replay text."""
+    (loss_and_grad, windows, per_step) of a run with replay text."""
     import mlx.core as mx
 
     if budget_bytes is None:
@@ -201,7 +201,7 @@ def auto_batch_size(
 ):
     """batch_size: auto with the memory model: (batch_size, explanation); may turn on
     cfg['grad_checkpoint']; raises DoesNotFit (before allocating) when nothing fits. replay:
-    (loss_and_grad, windows) of a run with replay text, probed too."""
+    (loss_and_grad, windows, per_step) of a run with replay text, probed too."""
     set_wired_limit(log)
     try:
         shape = shape_from_model(model)

@@ -27,6 +27,7 @@ class TrainSettings:
     fine_tune_type: str = "lora"
     optimizer: str = "adamw"
     replay_window: int = 0  # tokens per replay window; 0: no replay text (config `replay`)
+    replay_per_step: int = 1  # windows in every step's pass of their own; 0: batches of B windows
 
     @classmethod
     def from_cfg(cls, cfg):
@@ -37,17 +38,32 @@ class TrainSettings:
             fine_tune_type=str(cfg.get("fine_tune_type", "lora")),
             optimizer=str(cfg.get("optimizer", "adamw")).lower(),
             replay_window=REPLAY_WINDOW if (cfg.get("replay") or {}).get("data") else 0,
+            replay_per_step=int((cfg.get("replay") or {}).get("per_step", 1)),
         )
 
 
 def per_sequence_bytes(s, settings, seq_len, grad_checkpoint=False):
-    """Activation bytes one row of a batch adds: a conversation padded to seq_len or, in a run
-    with replay text, a replay window (a batch of its own, with the base's logits), the larger."""
+    """Activation bytes one row of a batch adds: a conversation padded to seq_len or, where
+    replay windows are batched like the conversations (per_step 0), a window (with the base's
+    logits), the larger."""
     chat = seq_len * activation_bytes_per_token(s, seq_len, settings.num_layers, grad_checkpoint)
-    w = settings.replay_window
-    if not w:
+    if settings.replay_per_step:
         return chat
-    return max(chat, w * replay_bytes_per_token(s, w, settings.num_layers, grad_checkpoint))
+    return max(chat, replay_pass_bytes(s, settings, 1, grad_checkpoint))
+
+
+def replay_pass_bytes(s, settings, windows, grad_checkpoint=False):
+    """Activation bytes of a pass over this many replay windows (0 without replay text)."""
+    w = settings.replay_window
+    return windows * w * replay_bytes_per_token(s, w, settings.num_layers, grad_checkpoint) if w else 0
+
+
+def activation_bytes(s, settings, batch_size, seq_len, grad_checkpoint=False):
+    """A step's activation peak: batch_size rows (per_sequence_bytes) or, with replay windows in
+    every step (per_step K), the K windows' pass, which runs after the batch's (train.py
+    Trainer.gradients): the larger."""
+    rows = batch_size * per_sequence_bytes(s, settings, seq_len, grad_checkpoint)
+    return max(rows, replay_pass_bytes(s, settings, settings.replay_per_step, grad_checkpoint))
 
 
 def training_peak(s, settings, batch_size, seq_len, grad_checkpoint=False):
@@ -58,16 +74,19 @@ def training_peak(s, settings, batch_size, seq_len, grad_checkpoint=False):
             s, settings.num_layers, settings.rank, settings.fine_tune_type, settings.optimizer
         )
     )
-    out["activations"] = batch_size * per_sequence_bytes(s, settings, seq_len, grad_checkpoint)
+    out["activations"] = activation_bytes(s, settings, batch_size, seq_len, grad_checkpoint)
     out["total"] = sum(out.values())
     return out
 
 
 def largest_batch(s, settings, seq_len, budget, grad_checkpoint=False, cap=1 << 16):
     """The largest batch whose predicted peak is within budget (0: not even 1)."""
-    fixed = training_peak(s, settings, 0, seq_len, grad_checkpoint)["total"]
+    empty = training_peak(s, settings, 0, seq_len, grad_checkpoint)  # with per-step replay windows
+    if empty["total"] > budget:
+        return 0
+    state = empty["total"] - empty["activations"]  # weights, adapters, gradients, optimizer
     per_seq = per_sequence_bytes(s, settings, seq_len, grad_checkpoint)
-    return int(max(0, min(cap, (budget - fixed) // max(per_seq, 1))))
+    return int(max(0, min(cap, (budget - state) // max(per_seq, 1))))
 
 
 def settings_that_fit(s, settings, budget, seq_lens=(4096, 2048, 1024, 512, 256, 128)):

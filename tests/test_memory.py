@@ -238,17 +238,29 @@ def test_checkpointing_and_shorter_sequences_need_less():
 def test_a_run_with_replay_text_is_planned_by_its_larger_step():
     """A replay window (128 tokens) holds the base's logits too: on the 7B model it is smaller
     than a 1,024-token conversation, so nothing changes; next to 64-token conversations it is
-    the larger step and sets the batch. The config's replay.data turns it on."""
+    the larger step. Batched like the conversations (per_step 0) the windows set the batch;
+    one in every step (per_step 1, the default) is a pass of its own after the batch's, so it
+    counts once, not once a row. The config's replay.data turns it on."""
     s = memory.shape_from_config(MISTRAL_7B_4BIT)
-    st, replay = memory.TrainSettings(), memory.TrainSettings(replay_window=128)
-    assert memory.TrainSettings.from_cfg({"replay": {"data": "data/replay"}}) == replay
+    st = memory.TrainSettings()
+    per_step, batched = (memory.TrainSettings(replay_window=128, replay_per_step=k) for k in (1, 0))
+    assert memory.TrainSettings.from_cfg({"replay": {"data": "data/replay"}}) == per_step
+    assert memory.TrainSettings.from_cfg({"replay": {"data": "data/replay", "per_step": 0}}) == batched
     assert memory.TrainSettings.from_cfg({"replay": {"data": None}}) == st
-    assert memory.training_peak(s, replay, 4, 1024) == memory.training_peak(s, st, 4, 1024)
+    for replay in (per_step, batched):
+        assert memory.training_peak(s, replay, 4, 1024) == memory.training_peak(s, st, 4, 1024)
     window = 128 * memory.replay_bytes_per_token(s, 128, 16)
-    assert window > 64 * memory.activation_bytes_per_token(s, 64, 16)
-    assert memory.training_peak(s, replay, 4, 64)["activations"] == 4 * window
+    chat = 64 * memory.activation_bytes_per_token(s, 64, 16)
+    assert chat < window < 4 * chat
+    assert memory.training_peak(s, batched, 4, 64)["activations"] == 4 * window
+    assert memory.training_peak(s, per_step, 4, 64)["activations"] == 4 * chat
+    assert memory.training_peak(s, per_step, 1, 64)["activations"] == window
     budget = memory.training_peak(s, st, 8, 64)["total"]
-    assert memory.largest_batch(s, st, 64, budget) == 8 > memory.largest_batch(s, replay, 64, budget)
+    assert memory.largest_batch(s, st, 64, budget) == memory.largest_batch(s, per_step, 64, budget) == 8
+    assert memory.largest_batch(s, batched, 64, budget) == 8 * chat // window
+    # a budget that holds a conversation but not the window: per-step replay fits no batch
+    small = memory.training_peak(s, st, 0, 64)["total"] + (chat + window) // 2
+    assert memory.largest_batch(s, st, 64, small) >= 1 and memory.largest_batch(s, per_step, 64, small) == 0
 
 
 def test_budget_is_the_smaller_of_device_share_and_available_now():

@@ -88,8 +88,10 @@ def probe_with_budget(where):
 
 def probe_with_replay():
     """The probe with and without replay windows (128 tokens, as train/replay.py cuts them)
-    beside conversations of 64 tokens, on a budget that holds 8 conversations but not 8
-    windows with the base model's logits: {"without", "with": (batch, why), the peaks}."""
+    beside conversations of 64 tokens, on a budget that holds 8 conversations and 1 window
+    with the base model's logits but not 8 windows: {"without", "batches" (the windows batched
+    like the conversations, per_step 0), "per_step" (1 window in every step): (batch, why),
+    the peaks}."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm import load
@@ -119,7 +121,12 @@ def probe_with_replay():
     replay_peaks = {b: peak(replay_step, windows, b) for b in (1, 2, 4, 8)}
     budget = int(1.05 * max(chat_peaks[8], replay_peaks[1]))
     out = {"budget": budget, "chat_peaks": chat_peaks, "replay_peaks": replay_peaks}
-    for key, replay in (("without", None), ("with", (replay_step, windows))):
+    cases = (
+        ("without", None),
+        ("batches", (replay_step, windows, 0)),
+        ("per_step", (replay_step, windows, 1)),
+    )
+    for key, replay in cases:
         b, why, _ = memory.choose_batch_size(
             model,
             chat_step,
@@ -136,14 +143,18 @@ def probe_with_replay():
     return out
 
 
-def test_the_probe_counts_a_replay_batch_with_the_base_models_logits():
+def test_the_probe_counts_replay_windows_with_the_base_models_logits():
     r = run_probe("replay")
     peaks = {int(b): p for b, p in r["replay_peaks"].items()}
     assert peaks[8] > r["budget"], r  # the budget is one that replay must lower the batch for
     assert r["without"][0] == 8, r
-    batch, why = r["with"]
+    batch, why = r["batches"]
     assert 1 <= batch < 8 and peaks[batch] <= r["budget"], r
-    assert "replay windows" in why, r
+    assert "replay windows of 128" in why and "a step" not in why, r
+    # one window in every step: its pass runs after the batch's, so the batch need not shrink
+    batch, why = r["per_step"]
+    assert batch == 8 and peaks[1] <= r["budget"], r
+    assert "replay windows of 128, 1 a step" in why, r
 
 
 def run_probe(where):

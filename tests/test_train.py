@@ -225,9 +225,10 @@ def test_a_run_with_replay_text_reports_its_kl_and_resumes_exactly(shared, tmp_p
     assert refused.returncode == 2 and "replay data changed" in refused.stderr, refused.stderr[-3000:]
 
 
-def test_batch_size_auto_probes_a_replay_batch_too(shared, tmp_path):
-    """With replay text, batch_size auto measures a replay batch beside the longest
-    conversations (its base-model logits are the larger step when conversations are short)."""
+def test_batch_size_auto_probes_the_replay_windows_too(shared, tmp_path):
+    """With replay text, batch_size auto measures the step's replay windows (per_step: 1, the
+    default) beside the longest conversations (their base-model logits are the larger pass
+    when conversations are short)."""
     cfg = write_config(
         tmp_path / "auto.yaml",
         batch_size="auto",
@@ -238,7 +239,7 @@ def test_batch_size_auto_probes_a_replay_batch_too(shared, tmp_path):
     )
     proc = ok(run_train(tmp_path, cfg, "run", shared / "data", "--set", "auto_batch.max_batch_size=4"))
     line = next(x for x in proc.stderr.splitlines() if "batch_size auto: " in x)
-    assert "or replay windows of 128" in line and "1: " in line, line
+    assert "or replay windows of 128, 1 a step" in line and "1: " in line, line
 
 
 def test_replay_repeat_puts_each_window_in_an_epoch_that_many_times(shared, tmp_path):

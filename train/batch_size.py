@@ -65,9 +65,10 @@ def probe_batch_size(cfg, inputs, dist):
         max_batch_size = max(1, min(max_batch_size, len(inputs.train_set) // dist.size))
     target_loss = TargetLoss(model)  # checks the model's output split once (a forward pass)
     replay = None
-    if inputs.replay_set:  # a replay batch also holds the base model's logits: probe one too
+    if inputs.replay_set:  # a replay pass also holds the base model's logits: probe one too
         replay_loss = ReplayLoss(target_loss, cfg["replay"]["weight"])
-        replay = (nn.value_and_grad(model, replay_loss.mean_loss), inputs.replay_set)
+        loss_and_grad = nn.value_and_grad(model, replay_loss.mean_loss)
+        replay = (loss_and_grad, inputs.replay_set, cfg["replay"]["per_step"])
     try:
         batch_size, why = memory.auto_batch_size(
             model,
