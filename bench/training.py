@@ -12,7 +12,10 @@ Its template takes a system role, so both read the data as prepared (no folding)
 with `train/demo.yaml`'s adapters and its masking (the top 16 blocks, rank 16, `mask_prompt:
 true` on both, so only the answers are loss targets): there the rate is of the trained tokens
 (the answers'), which is what mlx-lm counts with a masked prompt and what train.train's metrics
-record as trained_tokens; the demo's replay text is left out (mlx-lm has none)."""
+record as trained_tokens; the demo's replay text is left out (mlx-lm has none). Beside each of
+those pairs, our trainer once more with the demo's replay too (`replay.per_step`, a window of raw
+text in every step, its KL to the base model): what the replay costs, in answer tokens/s and
+peak memory, against the same runs without it."""
 
 import json
 import shlex
@@ -112,23 +115,25 @@ def prepare_data(tmp):
     return data, folded, cmd
 
 
-def train_ours(plan, tmp, data, rep, iters, blas=True, model=None, report_every=None, tag="", adapters=None):
+def train_ours(
+    plan, tmp, data, rep, iters, blas=True, model=None, report_every=None, tag="", adapters=None, replay=None
+):
+    """One run of train.train; replay: a config `replay` section to train with (none by default)."""
     model, report_every = model or plan["train_model"], report_every or plan["train_report"]
     a = adapters or bench_adapters(plan)
     name = f"ours{tag}-{'blas' if blas else 'noblas'}-{rep}"
     cfg = Path(tmp) / f"{name}.yaml"
-    cfg.write_text(
-        OURS_TRAIN_YAML.format(
-            model=model,
-            data=data,
-            layers=a["layers"],
-            rank=a["rank"],
-            mask=str(a["mask"]).lower(),
-            batch=plan["train_batch"],
-            iters=iters,
-            report=report_every,
-        )
+    yaml = OURS_TRAIN_YAML.format(
+        model=model,
+        data=data,
+        layers=a["layers"],
+        rank=a["rank"],
+        mask=str(a["mask"]).lower(),
+        batch=plan["train_batch"],
+        iters=iters,
+        report=report_every,
     )
+    cfg.write_text(yaml + (f"replay: {json.dumps(replay)}\n" if replay else ""))
     cmd = [sys.executable, "-m", "train.train", "--config", str(cfg), "--name", name]
     cmd += ["--model", str(model), "--data", str(data), "--iters", str(iters)]
     cmd += ["--batch-size", str(plan["train_batch"]), "--lora-rank", str(a["rank"])]
@@ -158,6 +163,14 @@ def demo_adapters():
 
     cfg = config.load_config(paths.ROOT / "train" / "demo.yaml")
     return {"layers": cfg["num_layers"], "rank": cfg["lora_parameters"]["rank"], "mask": cfg["mask_prompt"]}
+
+
+def demo_replay():
+    """train/demo.yaml's replay section (its folder made absolute), through the one config loader."""
+    from core import config
+
+    replay = dict(config.load_config(paths.ROOT / "train" / "demo.yaml")["replay"])
+    return {**replay, "data": str(paths.ROOT / replay["data"])}
 
 
 def train_lora(plan, tmp, folded, rep, iters, model=None, report_every=None, tag="", adapters=None):
@@ -235,12 +248,42 @@ def real_model(plan, tmp, data):
     }
     lora_data = data if _takes_system_role(model) else Path(tmp) / "data-folded"
     runs, every = (plan["train_real_reps"], plan["train_real_iters"]), plan["train_real_report"]
-    run = lambda tag, what, adapters: _pairing(
-        plan, tmp, (data, lora_data), (tag, what), runs, model=model, report_every=every, adapters=adapters
+    run = lambda tag, what, adapters, **kw: _pairing(
+        plan,
+        tmp,
+        (data, lora_data),
+        (tag, what),
+        runs,
+        model=model,
+        report_every=every,
+        adapters=adapters,
+        **kw,
     )
     out.update(run("-smollm2", "SmolLM2", bench_adapters(plan)))
-    demo = demo_adapters()
-    out["demo"] = {"adapters": demo, **run("-smollm2-demo", "SmolLM2 with the demo's adapters", demo)}
+    demo, replay, with_replay = demo_adapters(), demo_replay(), []
+
+    def replay_too(rep):  # after each pair, so it sees the same stretch of the machine
+        r = train_ours(
+            plan,
+            tmp,
+            data,
+            rep,
+            runs[1],
+            model=model,
+            report_every=every,
+            tag="-smollm2-demo-replay",
+            adapters=demo,
+            replay=replay,
+        )
+        with_replay.append(r)
+        log(
+            f"training on SmolLM2 with the demo's replay rep {rep + 1}: ours {report.fmt(r['tokens_per_s'])} tokens/s, peak {report.fmt(r['peak_mem_gb'])} GB ({r['wall_s']:.0f}s)"
+        )
+
+    pair = run("-smollm2-demo", "SmolLM2 with the demo's adapters", demo, after_rep=replay_too)
+    out["demo"] = {"adapters": demo, **pair, "replay": {"config": replay, "ours": with_replay}}
+    for key, value in (("summary", "tokens_per_s"), ("peak_summary", "peak_mem_gb")):
+        out["demo"]["replay"][key] = report.summarize([r[value] for r in with_replay])
     return out
 
 
@@ -322,7 +365,39 @@ def real_rows(res):
         a = demo["adapters"]
         note = f"{real['model']}, train/demo.yaml's top {a['layers']} blocks, rank {a['rank']}, prompts masked, batch {tr['batch_size']}, {runs}"
         rows += _pair_rows(demo, ("SmolLM2, the demo's adapters", " (answer tokens/s)"), note)
+        if demo.get("replay"):
+            rows += _replay_rows(demo, note)
     return rows
+
+
+def _replay_rows(demo, note):
+    """Ours with the demo's replay against ours without it (the demo pairing's runs): its cost."""
+    replay, r = demo["replay"], demo["replay"]["config"]
+    labels = dict(
+        ours_label="with replay",
+        anchor_label="without",
+        note=f"{note}; replay: {r['per_step']} window of 128 tokens a step, KL weight {r['weight']}",
+    )
+    samples = lambda k, v: [x.get(v) for x in (replay if k == "with" else demo)["ours"]]
+    paired = lambda v: report.paired_ratio(samples("with", v), samples("without", v))
+    return [
+        report.row(
+            "training tokens/s, SmolLM2 demo with its replay vs without (answer tokens/s)",
+            _median(replay, "summary"),
+            _median(demo, "ours_summary"),
+            "tok/s",
+            paired=paired("tokens_per_s"),
+            **labels,
+        ),
+        report.row(
+            "training peak memory, SmolLM2 demo with its replay vs without",
+            _median(replay, "peak_summary"),
+            _median(demo, "ours_peak_summary"),
+            "GB",
+            paired=paired("peak_mem_gb"),
+            **labels,
+        ),
+    ]
 
 
 def _pair_rows(pair, names, note):

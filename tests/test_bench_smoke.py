@@ -132,6 +132,21 @@ def test_training_on_smollm2_rows_side_by_side_or_skipped():
     assert demo_speed["ratio"] == pytest.approx(63 / 55) and demo_speed["paired_ratio"] == pytest.approx(1.15)
     assert demo_memory["name"] == "training peak memory (LoRA), SmolLM2, the demo's adapters"
     assert demo_memory["met"] is True and "top 16 blocks, rank 16, prompts masked" in demo_memory["note"]
+    # ours once more with the demo's replay, against the pairing's own runs without it
+    with_replay = pairing([(54.0, 1.2), (55.0, 1.2)], [])
+    tr["smollm2"]["demo"]["replay"] = {
+        "config": {"data": "/x/data/replay", "per_step": 1, "weight": 1.0, "repeat": 1},
+        "ours": with_replay["ours"],
+        "summary": with_replay["ours_summary"],
+        "peak_summary": with_replay["ours_peak_summary"],
+    }
+    *_, replay_speed, replay_memory = training.real_rows({"training": tr})
+    assert replay_speed["name"] == "training tokens/s, SmolLM2 demo with its replay vs without (answer tokens/s)"
+    assert replay_speed["ratio"] == pytest.approx(54.5 / 63) and replay_speed["paired_ratio"] == pytest.approx(
+        ((54 / 60) + (55 / 66)) / 2
+    )
+    assert replay_memory["ratio"] == pytest.approx(1.2 / 0.9) and replay_memory["met"] is None
+    assert "replay: 1 window of 128 tokens a step, KL weight 1.0" in replay_memory["note"]
     tr["smollm2"] = {
         "model": "models/smollm2-135m-instruct",
         "skipped": "models/smollm2-135m-instruct is missing",
