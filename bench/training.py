@@ -25,6 +25,7 @@ from pathlib import Path
 from bench import report
 from bench.common import TINY, log, rel, run_logged, sub_env
 from core import paths
+from core.config import REPLAY_WINDOW
 
 SECTION = "training"
 PLAN = {
@@ -157,20 +158,18 @@ def bench_adapters(plan):
     return {"layers": plan["lora_layers"], "rank": plan["lora_rank"], "mask": False}
 
 
-def demo_adapters():
-    """train/demo.yaml's adapted blocks, rank and prompt masking, through the one config loader."""
+def demo_settings():
+    """train/demo.yaml's adapted blocks, rank and prompt masking, and its replay section (the
+    folder made absolute), through the one config loader."""
     from core import config
 
     cfg = config.load_config(paths.ROOT / "train" / "demo.yaml")
-    return {"layers": cfg["num_layers"], "rank": cfg["lora_parameters"]["rank"], "mask": cfg["mask_prompt"]}
-
-
-def demo_replay():
-    """train/demo.yaml's replay section (its folder made absolute), through the one config loader."""
-    from core import config
-
-    replay = dict(config.load_config(paths.ROOT / "train" / "demo.yaml")["replay"])
-    return {**replay, "data": str(paths.ROOT / replay["data"])}
+    adapters = {
+        "layers": cfg["num_layers"],
+        "rank": cfg["lora_parameters"]["rank"],
+        "mask": cfg["mask_prompt"],
+    }
+    return adapters, {**cfg["replay"], "data": str(paths.ROOT / cfg["replay"]["data"])}
 
 
 def train_lora(plan, tmp, folded, rep, iters, model=None, report_every=None, tag="", adapters=None):
@@ -260,7 +259,7 @@ def real_model(plan, tmp, data):
         **kw,
     )
     out.update(run("-smollm2", "SmolLM2", bench_adapters(plan)))
-    demo, replay, with_replay = demo_adapters(), demo_replay(), []
+    (demo, replay), with_replay = demo_settings(), []
 
     def replay_too(rep):  # after each pair, so it sees the same stretch of the machine
         r = train_ours(
@@ -376,7 +375,7 @@ def _replay_rows(demo, note):
     labels = dict(
         ours_label="with replay",
         anchor_label="without",
-        note=f"{note}; replay: {r['per_step']} window of 128 tokens a step, KL weight {r['weight']}",
+        note=f"{note}; replay: {r['per_step']} window(s) of {REPLAY_WINDOW} tokens a step, KL weight {r['weight']}",
     )
     samples = lambda k, v: [x.get(v) for x in (replay if k == "with" else demo)["ours"]]
     paired = lambda v: report.paired_ratio(samples("with", v), samples("without", v))

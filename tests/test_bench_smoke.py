@@ -141,12 +141,14 @@ def test_training_on_smollm2_rows_side_by_side_or_skipped():
         "peak_summary": with_replay["ours_peak_summary"],
     }
     *_, replay_speed, replay_memory = training.real_rows({"training": tr})
-    assert replay_speed["name"] == "training tokens/s, SmolLM2 demo with its replay vs without (answer tokens/s)"
-    assert replay_speed["ratio"] == pytest.approx(54.5 / 63) and replay_speed["paired_ratio"] == pytest.approx(
-        ((54 / 60) + (55 / 66)) / 2
+    assert (
+        replay_speed["name"] == "training tokens/s, SmolLM2 demo with its replay vs without (answer tokens/s)"
     )
+    assert replay_speed["ratio"] == pytest.approx(54.5 / 63) and replay_speed[
+        "paired_ratio"
+    ] == pytest.approx(((54 / 60) + (55 / 66)) / 2)
     assert replay_memory["ratio"] == pytest.approx(1.2 / 0.9) and replay_memory["met"] is None
-    assert "replay: 1 window of 128 tokens a step, KL weight 1.0" in replay_memory["note"]
+    assert "replay: 1 window(s) of 128 tokens a step, KL weight 1.0" in replay_memory["note"]
     tr["smollm2"] = {
         "model": "models/smollm2-135m-instruct",
         "skipped": "models/smollm2-135m-instruct is missing",
