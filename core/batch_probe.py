@@ -49,15 +49,18 @@ def _measure(model, loss_and_grad, examples, collate, indices):
     return peak
 
 
-def _peak_of_batch(model, loss_and_grad, examples, collate, rows, replay):
+def _peak_of_batch(model, loss_and_grad, examples, collate, rows, replay, replay_peaks):
     """mlx's peak for a batch of these rows and, in a run with replay text, for its replay
     windows' pass: as many windows as rows (per_step 0), else per_step: the larger (the
-    windows' pass holds the base model's logits too)."""
+    windows' pass holds the base model's logits too). replay_peaks: {windows: peak} already
+    measured in this probe (per_step windows are the same pass at every batch size)."""
     peak = _measure(model, loss_and_grad, examples, collate, rows)
     if replay:
         replay_loss_and_grad, windows, per_step = replay
-        window_rows = list(range(min(per_step or len(rows), len(windows))))
-        peak = max(peak, _measure(model, replay_loss_and_grad, windows, collate, window_rows))
+        n = min(per_step or len(rows), len(windows))
+        if n not in replay_peaks:
+            replay_peaks[n] = _measure(model, replay_loss_and_grad, windows, collate, list(range(n)))
+        peak = max(peak, replay_peaks[n])
     return peak
 
 
@@ -129,10 +132,12 @@ def find_batch_size(
     seq_len = max(len(examples[i][0]) for i in longest[:1]) if examples else 1
     model.train()
 
-    def measure(b):
-        return _peak_of_batch(model, loss_and_grad, examples, collate, longest[:b], replay)
-
     def probe(gc):
+        replay_peaks = {}  # measured anew after checkpointing is turned on
+
+        def measure(b):
+            return _peak_of_batch(model, loss_and_grad, examples, collate, longest[:b], replay, replay_peaks)
+
         predict = (
             (lambda b: None)
             if shape is None

@@ -6,7 +6,7 @@ in bytes; the budget now is core/memory.py's, the measuring probe core/batch_pro
 
 from dataclasses import dataclass
 
-from core.config import REPLAY_WINDOW
+from core.config import DEFAULTS, REPLAY_WINDOW
 from core.memory_model import (
     GB,
     activation_bytes_per_token,
@@ -27,7 +27,8 @@ class TrainSettings:
     fine_tune_type: str = "lora"
     optimizer: str = "adamw"
     replay_window: int = 0  # tokens per replay window; 0: no replay text (config `replay`)
-    replay_per_step: int = 1  # windows in every step's pass of their own; 0: batches of B windows
+    # windows in every step's pass of their own; 0: batches of B windows (config `replay.per_step`)
+    replay_per_step: int = DEFAULTS["replay"]["per_step"]
 
     @classmethod
     def from_cfg(cls, cfg):
@@ -38,7 +39,7 @@ class TrainSettings:
             fine_tune_type=str(cfg.get("fine_tune_type", "lora")),
             optimizer=str(cfg.get("optimizer", "adamw")).lower(),
             replay_window=REPLAY_WINDOW if (cfg.get("replay") or {}).get("data") else 0,
-            replay_per_step=int((cfg.get("replay") or {}).get("per_step", 1)),
+            replay_per_step=int((cfg.get("replay") or {}).get("per_step", cls.replay_per_step)),
         )
 
 
