@@ -120,17 +120,19 @@ def window_rate(windows, skip_first=True):
     return sum(t for t, _ in ws) / sum(t / r for t, r in ws)
 
 
-def train_windows_ours(metrics_records, counter="tokens_seen"):
+def train_windows_ours(metrics_records, counter="tokens_seen", after_step=0):
     """[(tokens, tokens_per_s)] of train.train's metrics.jsonl records (report windows), the
     tokens by `counter`: tokens_seen (every token of the batches) or trained_tokens (the loss
-    targets, per second of the window's elapsed time)."""
+    targets, per second of the window's elapsed time); only the windows that end after
+    `after_step`."""
     out, prev, start = [], 0, 0.0
     for rec in metrics_records:
         if rec.get("tokens_per_s") is None:
             continue
         seen, now = rec.get(counter) or 0, rec.get("elapsed_s") or 0.0
         rate = rec["tokens_per_s"] if counter == "tokens_seen" else (seen - prev) / max(now - start, 1e-9)
-        out.append((seen - prev, rate))
+        if rec.get("step", 0) > after_step:
+            out.append((seen - prev, rate))
         prev, start = seen, now
     return out
 

@@ -117,9 +117,21 @@ def prepare_data(tmp):
 
 
 def train_ours(
-    plan, tmp, data, rep, iters, blas=True, model=None, report_every=None, tag="", adapters=None, replay=None
+    plan,
+    tmp,
+    data,
+    rep,
+    iters,
+    blas=True,
+    model=None,
+    report_every=None,
+    tag="",
+    adapters=None,
+    replay=None,
+    warm=0,
 ):
-    """One run of train.train; replay: a config `replay` section to train with (none by default)."""
+    """One run of train.train; replay: a config `replay` section to train with (none by default);
+    warm: steps run before the ones measured (their report windows left out)."""
     model, report_every = model or plan["train_model"], report_every or plan["train_report"]
     a = adapters or bench_adapters(plan)
     name = f"ours{tag}-{'blas' if blas else 'noblas'}-{rep}"
@@ -131,19 +143,19 @@ def train_ours(
         rank=a["rank"],
         mask=str(a["mask"]).lower(),
         batch=plan["train_batch"],
-        iters=iters,
+        iters=iters + warm,
         report=report_every,
     )
     cfg.write_text(yaml + (f"replay: {json.dumps(replay)}\n" if replay else ""))
     cmd = [sys.executable, "-m", "train.train", "--config", str(cfg), "--name", name]
-    cmd += ["--model", str(model), "--data", str(data), "--iters", str(iters)]
+    cmd += ["--model", str(model), "--data", str(data), "--iters", str(iters + warm)]
     cmd += ["--batch-size", str(plan["train_batch"]), "--lora-rank", str(a["rank"])]
     cmd += ["--lora-layers", str(a["layers"]), "--fresh"]
     extra = {} if blas else {"FAST_BLAS": "0"}
     wall = run_logged(cmd, sub_env(tmp, **extra), Path(tmp) / f"{name}.log")
     metrics = Path(tmp) / "logs" / name / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    windows = report.train_windows_ours(records, "trained_tokens" if a["mask"] else "tokens_seen")
+    windows = report.train_windows_ours(records, "trained_tokens" if a["mask"] else "tokens_seen", warm)
     return {
         "tokens_per_s": report.window_rate(windows),
         "windows": windows,
@@ -158,10 +170,14 @@ def bench_adapters(plan):
     return {"layers": plan["lora_layers"], "rank": plan["lora_rank"], "mask": False}
 
 
-def demo_settings():
-    """train/demo.yaml's adapted blocks, rank and prompt masking, and its replay section (the
-    folder made absolute), through the one config loader."""
+def demo_settings(model):
+    """train/demo.yaml's adapted blocks, rank and prompt masking, its replay section (the folder
+    made absolute), through the one config loader, and how many windows its replay text makes
+    for this model's tokenizer."""
+    from mlx_lm.utils import load_tokenizer
+
     from core import config
+    from train import replay
 
     cfg = config.load_config(paths.ROOT / "train" / "demo.yaml")
     adapters = {
@@ -169,7 +185,9 @@ def demo_settings():
         "rank": cfg["lora_parameters"]["rank"],
         "mask": cfg["mask_prompt"],
     }
-    return adapters, {**cfg["replay"], "data": str(paths.ROOT / cfg["replay"]["data"])}
+    text = replay.read_replay(paths.ROOT / cfg["replay"]["data"])
+    windows = replay.replay_windows(load_tokenizer(Path(model)), text)
+    return adapters, {**cfg["replay"], "data": text.path}, len(windows)
 
 
 def train_lora(plan, tmp, folded, rep, iters, model=None, report_every=None, tag="", adapters=None):
@@ -259,9 +277,12 @@ def real_model(plan, tmp, data):
         **kw,
     )
     out.update(run("-smollm2", "SmolLM2", bench_adapters(plan)))
-    (demo, replay), with_replay = demo_settings(), []
+    (demo, replay, n_windows), with_replay = demo_settings(model), []
+    warm = -(-n_windows // replay["per_step"]) if replay["per_step"] else 0
 
-    def replay_too(rep):  # after each pair, so it sees the same stretch of the machine
+    # after each pair, so it sees the same stretch of the machine; measured once every window
+    # has come once (the steps after train/loss.py keeps the base's part of each: a real run's)
+    def replay_too(rep):
         r = train_ours(
             plan,
             tmp,
@@ -273,6 +294,7 @@ def real_model(plan, tmp, data):
             tag="-smollm2-demo-replay",
             adapters=demo,
             replay=replay,
+            warm=warm,
         )
         with_replay.append(r)
         log(
@@ -280,7 +302,11 @@ def real_model(plan, tmp, data):
         )
 
     pair = run("-smollm2-demo", "SmolLM2 with the demo's adapters", demo, after_rep=replay_too)
-    out["demo"] = {"adapters": demo, **pair, "replay": {"config": replay, "ours": with_replay}}
+    out["demo"] = {
+        "adapters": demo,
+        **pair,
+        "replay": {"config": replay, "warm_steps": warm, "ours": with_replay},
+    }
     for key, value in (("summary", "tokens_per_s"), ("peak_summary", "peak_mem_gb")):
         out["demo"]["replay"][key] = report.summarize([r[value] for r in with_replay])
     return out

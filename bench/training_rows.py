@@ -65,7 +65,12 @@ def _replay_rows(demo, note):
     labels = dict(
         ours_label="with replay",
         anchor_label="without",
-        note=f"{note}; replay: {r['per_step']} window(s) of {REPLAY_WINDOW} tokens a step, KL weight {r['weight']}",
+        note=f"{note}; replay: {r['per_step']} window(s) of {REPLAY_WINDOW} tokens a step, KL weight {r['weight']}"
+        + (
+            f", measured after {replay['warm_steps']} steps (every window once)"
+            if replay.get("warm_steps")
+            else ""
+        ),
     )
     samples = lambda k, v: [x.get(v) for x in (replay if k == "with" else demo)["ours"]]
     paired = lambda v: report.paired_ratio(samples("with", v), samples("without", v))

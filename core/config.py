@@ -278,7 +278,8 @@ def check_config(cfg, keys=None):
             "replay.data needs fine_tune_type: lora (the base model's predictions come from "
             f"switching the LoRA adapters off), got {cfg.get('fine_tune_type')!r}"
         )
-    if (keys is None or "replay" in keys) and get(cfg, "replay.per_step") and get(cfg, "replay.repeat") != 1:
+    replay_on = (keys is None or "replay" in keys) and get(cfg, "replay.data")
+    if replay_on and get(cfg, "replay.per_step") and get(cfg, "replay.repeat") != 1:
         raise ConfigError(
             f"replay.repeat ({get(cfg, 'replay.repeat')}) puts replay batches in an epoch more often; "
             f"with replay.per_step ({get(cfg, 'replay.per_step')}) every step has replay windows: "

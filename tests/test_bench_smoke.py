@@ -54,6 +54,9 @@ def test_training_windows():
         {"step": 20, "tokens_per_s": 200.0, "tokens_seen": 3000, "trained_tokens": 500, "elapsed_s": 20.0},
     ]
     assert report.train_windows_ours(masked, "trained_tokens") == [(300, 30.0), (200, 20.0)]
+    # warm-up steps left out (the replay run's first pass over its windows): windows ending after
+    assert report.train_windows_ours(masked, "trained_tokens", after_step=10) == [(200, 20.0)]
+    assert report.train_windows_ours(ours, after_step=15) == [(2000, 200.0), (1000, 400.0)]
 
 
 def test_rows_tables_and_files(tmp_path):
@@ -149,6 +152,11 @@ def test_training_on_smollm2_rows_side_by_side_or_skipped():
     ] == pytest.approx(((54 / 60) + (55 / 66)) / 2)
     assert replay_memory["ratio"] == pytest.approx(1.2 / 0.9) and replay_memory["met"] is None
     assert "replay: 1 window(s) of 128 tokens a step, KL weight 1.0" in replay_memory["note"]
+    tr["smollm2"]["demo"]["replay"]["warm_steps"] = 13
+    assert (
+        "KL weight 1.0, measured after 13 steps (every window once)"
+        in training.real_rows({"training": tr})[-1]["note"]
+    )
     tr["smollm2"] = {
         "model": "models/smollm2-135m-instruct",
         "skipped": "models/smollm2-135m-instruct is missing",

@@ -210,3 +210,92 @@ def test_replay_kl_is_zero_with_fresh_adapters_and_the_scales_come_back(tiny_mod
             assert {m.scale for m in lora_modules(model)} == {0.0}
             raise RuntimeError("inside")
     assert [m.scale for m in lora_modules(model)] == scales
+
+
+# --------------------------------------------------------------------------- the base kept
+
+
+def replay_windows_of(vocab):
+    """Three raw-text windows of different lengths, every token but the first a target."""
+    rng = np.random.default_rng(3)
+    return [(rng.integers(3, vocab, n).tolist(), 0) for n in (33, 20, 27)]
+
+
+def loss_and_grads(model, loss, batch, lengths):
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    n = float(len(target_rows(lengths, batch.shape[1] - 1)))
+    (weighted, total), grads = nn.value_and_grad(model, loss.sum_loss)(model, batch, lengths, n)
+    mx.eval(weighted, total, grads)
+    return total.item(), {k: np.array(g) for k, g in tree_flatten(grads)}
+
+
+def compare_kept_with_full_base(model, vocab):
+    """A batch's base hidden states kept (ReplayLoss.keep_base) give the KL and gradients of
+    the base's full pass to the bit, one window a batch (the demo's replay.per_step 1) or several
+    padded together (replay batches), and with LoRA dropout on: the base's pass, kept or not,
+    draws no random numbers, so the adapted pass gets the same dropout masks."""
+    import mlx.core as mx
+
+    from train.batches import collate
+
+    examples = replay_windows_of(vocab)
+    full = ReplayLoss(TargetLoss(model), 2.5)
+    kept = ReplayLoss(TargetLoss(model), 2.5, kept_bytes=1)
+    assert full.kept is None and kept.kept == {}
+    model.train()  # as the trainer's: the base's pass turns dropout off, then back on
+    for indices in ([0], [1], [2], [2, 0, 1]):
+        batch, lengths, _ = collate(examples, indices)
+        kept.keep_base(model, batch, lengths)
+        assert model.training
+        mx.random.seed(7)
+        total, grads = loss_and_grads(model, full, batch, lengths)
+        after_full = np.array(mx.random.uniform(shape=(4,)))
+        mx.random.seed(7)
+        kept_total, kept_grads = loss_and_grads(model, kept, batch, lengths)
+        assert np.array_equal(np.array(mx.random.uniform(shape=(4,))), after_full)
+        assert kept_total == total > 1e-2, indices
+        assert all(np.array_equal(kept_grads[k], g) for k, g in grads.items()), indices
+    assert len(kept.kept) == 4
+    key = next(iter(kept.kept))  # the kept states are what the loss uses: spoil one, the KL moves
+    kept.kept[key] = mx.zeros_like(kept.kept[key])
+    batch, lengths, _ = collate(examples, [0])
+    assert loss_and_grads(model, kept, batch, lengths)[0] != loss_and_grads(model, full, batch, lengths)[0]
+
+
+def test_the_base_kept_equals_its_full_pass_on_the_toy_model(tiny_model):
+    compare_kept_with_full_base(lora_model(tiny_model, spread=0.1), 1000)
+
+
+def test_the_base_kept_equals_its_full_pass_on_smollm2(smollm_model):
+    compare_kept_with_full_base(lora_model(smollm_model, spread=0.1), 49152)
+
+
+def test_the_base_kept_equals_its_full_pass_with_lora_dropout(tiny_model):
+    import mlx.nn as nn
+
+    model = lora_model(tiny_model, spread=0.1)
+    for m in lora_modules(model):
+        m.dropout = nn.Dropout(p=0.5)
+    compare_kept_with_full_base(model, 1000)
+
+
+def test_what_is_kept_and_when(tiny_model):
+    """replay.kept_bytes counts the targets' hidden states; nothing is kept past MAX_KEPT_BYTES,
+    for K > 1 windows a step (never the same batch again), or where the output layer is not split
+    off (the full logits would be what to keep)."""
+    from train import replay
+    from train.loss import MAX_KEPT_BYTES
+
+    model = lora_model(tiny_model)
+    examples = replay_windows_of(1000)
+    assert replay.kept_bytes(model, examples, 1) == 4 * model.args.hidden_size * (32 + 19 + 26)
+    assert replay.kept_bytes(model, examples, 0) == replay.kept_bytes(model, examples, 1)
+    assert replay.kept_bytes(model, examples, 2) is None and replay.kept_bytes(model, [], 1) is None
+    assert ReplayLoss(TargetLoss(model), 1.0, MAX_KEPT_BYTES).kept == {}
+    assert ReplayLoss(TargetLoss(model), 1.0, MAX_KEPT_BYTES + 1).kept is None
+    capped = TargetLoss(model)
+    capped.targets_only = False
+    assert ReplayLoss(capped, 1.0, 1).kept is None

@@ -192,6 +192,8 @@ def test_a_run_with_replay_text_reports_its_kl_and_resumes_exactly(shared, tmp_p
     cfg = write_config(tmp_path / "replay.yaml", replay=replay)
     ref = ok(run_train(tmp_path / "ref", cfg, "run", shared / "data"))
     assert "replay: " in ref.stderr and "replay KL" in ref.stderr, ref.stderr[-3000:]
+    kept = "the base model's pass over each kept from its first step" in ref.stderr  # loss.keep_base
+    assert kept == (per_step < 2), ref.stderr[-3000:]  # per_step 2: a step's pair never comes again
     ref_m = metrics(tmp_path / "ref", "run")
     kls = [r["replay_kl"] for r in ref_m if r.get("replay_kl") is not None]
     assert kls and all(math.isfinite(k) and k >= 0 for k in kls) and max(kls) > 0

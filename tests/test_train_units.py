@@ -115,6 +115,12 @@ def test_checks_that_depend_on_other_values_and_notes():
     check_config(cfg)  # full: LoRA's parameters do not matter
     cfg = load_config(None, {"iters": 10, "lr_schedule.warmup": 10})
     assert any("never reaches its peak" in n for n in check_config(cfg))
+    # repeat with per_step is refused only where there is replay text to repeat
+    check_config(load_config(None, {"replay.repeat": 2, "replay.per_step": 1}))
+    with pytest.raises(ConfigError, match="leave repeat at 1"):
+        check_config(
+            load_config(None, {"replay.data": "data/replay", "replay.repeat": 2, "replay.per_step": 1})
+        )
     # a subset: what prepare_data needs
     cfg = load_config(None, {"seed": -1, "iters": 0})
     with pytest.raises(ConfigError, match="seed must be"):

@@ -15,7 +15,10 @@ an architecture that does something else after the body (a soft cap, a scale) st
 
 ReplayLoss is the other term a run can train with (config `replay`, train/replay.py): on raw
 text, the KL divergence from the base model's next-token distribution to the adapted model's,
-the base's taken from the same model with its LoRA adapters switched off (adapters_off)."""
+the base's taken from the same model with its LoRA adapters switched off (adapters_off). The
+base never changes, so where the replay text is small (MAX_KEPT_BYTES) the base's hidden states
+at a batch of windows' targets are computed once, outside the gradient (keep_base), and a batch
+met again runs only the output layer for the base's side."""
 
 from contextlib import contextmanager
 
@@ -126,14 +129,73 @@ def adapters_off(model):
             m.scale = scale
 
 
+MAX_KEPT_BYTES = 64 << 20  # the base's hidden states kept for at most this much replay text (not planned)
+
+
+def batch_key(batch, lengths):
+    """What identifies a batch of windows among the kept ones: its tokens, padding and targets."""
+    return np.asarray(batch, np.int32).tobytes() + np.asarray(lengths, np.int32).tobytes()
+
+
+@contextmanager
+def base_model(model):
+    """The base model as the replay's KL takes it: adapters off, dropout off. No random draws,
+    so whether a base pass is kept or run again leaves every later dropout mask as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        with adapters_off(model):
+            yield model
+    finally:
+        model.train(was_training)
+
+
 class ReplayLoss:
     """KL(base || adapted) per target token of raw-text windows: the adapted model's next-token
     distribution held to the base's where the text is not the club's. With fresh adapters
     (B = 0) it is 0. `sum_loss` has TargetLoss.sum_loss's signature: (weight x the share's KL
-    sum / the global batch's target count, the KL sum unweighted, as the loop reports it)."""
+    sum / the global batch's target count, the KL sum unweighted, as the loop reports it).
 
-    def __init__(self, target_loss, weight):
+    kept_bytes: the size of the base's hidden states at every target of the batches to come
+    (replay.kept_bytes); within MAX_KEPT_BYTES, and with the output layer split off
+    (TargetLoss.targets_only), keep_base keeps each batch's, and a batch met again runs only the
+    output layer for the base: the same computation on the same shapes, so the same numbers."""
+
+    def __init__(self, target_loss, weight, kept_bytes=None):
         self.target_loss, self.weight = target_loss, float(weight)
+        keeps = kept_bytes is not None and kept_bytes <= MAX_KEPT_BYTES and target_loss.targets_only
+        self.kept = {} if keeps else None  # batch_key -> the base's hidden states at its targets
+
+    def base_hidden(self, model, inputs, rows):
+        """The base's final hidden states at these rows of the flattened positions."""
+        body, _ = output_parts(model)
+        with base_model(model):
+            hidden = body(inputs)
+        return hidden.reshape(-1, hidden.shape[-1])[rows]
+
+    def keep_base(self, model, batch, lengths):
+        """Outside the gradient, before a step: this batch's base hidden states, if keeping and
+        not kept yet."""
+        import mlx.core as mx
+
+        key = batch_key(batch, lengths)
+        if self.kept is not None and key not in self.kept:
+            rows = mx.array(target_rows(lengths, batch.shape[1] - 1))
+            self.kept[key] = self.base_hidden(model, batch[:, :-1], rows)
+            mx.eval(self.kept[key])
+
+    def base_logits(self, model, batch, lengths, rows):
+        """The base's logits at the targets (float32, no gradient), from the kept hidden states
+        where the batch's are kept."""
+        import mlx.core as mx
+
+        kept = None if self.kept is None else self.kept.get(batch_key(batch, lengths))
+        with base_model(model):
+            if kept is None:
+                logits = self.target_loss.logits_at(model, batch[:, :-1], rows)
+            else:
+                logits = output_parts(model)[1](kept)
+        return mx.stop_gradient(logits.astype(mx.float32))
 
     def token_losses(self, model, batch, lengths):
         """float32 KL of each target, in row order."""
@@ -141,10 +203,8 @@ class ReplayLoss:
 
         inputs = batch[:, :-1]
         rows = mx.array(target_rows(lengths, inputs.shape[1]))
-        logits_at = self.target_loss.logits_at
-        with adapters_off(model):
-            base = mx.stop_gradient(logits_at(model, inputs, rows).astype(mx.float32))
-        tuned = logits_at(model, inputs, rows).astype(mx.float32)
+        base = self.base_logits(model, batch, lengths, rows)
+        tuned = self.target_loss.logits_at(model, inputs, rows).astype(mx.float32)
         base_logp = base - mx.logsumexp(base, axis=-1, keepdims=True)
         tuned_logp = tuned - mx.logsumexp(tuned, axis=-1, keepdims=True)
         return (mx.exp(base_logp) * (base_logp - tuned_logp)).sum(axis=-1)

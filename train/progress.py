@@ -34,8 +34,8 @@ class Progress:
         )
         self.log(
             f"{len(inputs.train_set)} training / {len(inputs.valid_set)} validation examples"
-            f"{f' + {len(inputs.replay_set)} replay windows' if inputs.replay_set else ''}"
-            f"{f' ({trainer.replay_per_step} in every step)' if trainer.replay_per_step else ''}, batch size "
+            f"{f' + {len(inputs.replay_set)} replay windows ({self.replay_plan(trainer)})' if inputs.replay_set else ''}"
+            f", batch size "
             f"{trainer.state.batch_size}{per_process}{f' x {accum} accumulated' if accum > 1 else ''}, "
             f"{len(trainer.train_batches)} batches per epoch, {cfg['iters']} steps, learning rate "
             f"{cfg['learning_rate']:g} ({(cfg['lr_schedule'] or {}).get('name') or 'constant'})"
@@ -43,6 +43,15 @@ class Progress:
         self.log(
             f"checkpoints every {cfg['save_every']} steps in {trainer.layout.checkpoints}; "
             f"metrics in {trainer.layout.metrics}"
+        )
+
+    @staticmethod
+    def replay_plan(trainer):
+        """How the replay windows are trained: per step or as batches; the base's part kept."""
+        per_step = trainer.replay_per_step
+        kept = trainer.replay_loss.kept is not None
+        return (f"{per_step} in every step" if per_step else "as batches") + (
+            "; the base model's pass over each kept from its first step" if kept else ""
         )
 
     def report(self, step, iters, lr, elapsed, train_loss, replay_kl=None):

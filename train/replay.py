@@ -24,7 +24,11 @@ steps without one; the KL at a replay batch was 0.6-1.8 per token, and 3 seeds o
 the limit of `make eval` (+21.6% to +43.1%; twice as often, N 2, held it at all four: the s and v
 rows of docs/RECIPES.md). One window in every step at weight 1 kept the KL at 0.02-0.3 and the
 general text within 1% of the base at all four seeds, and answered a median of 28.5 of the 58
-paraphrases against 25.5 (the q rows)."""
+paraphrases against 25.5 (the q rows).
+
+The base never changes: where the replay text is small and its batches repeat (per_step 1 or
+0), loss.ReplayLoss keeps the base's hidden states at a batch's targets after its first step
+(kept_bytes, keep_base), and the batch's later steps run only the output layer for the base."""
 
 import hashlib
 from dataclasses import dataclass
@@ -84,3 +88,14 @@ def windows_at(step, per_step, n_windows, seed):
 def replay_windows(tokenizer, replay):
     """[(ids, 0)]: every token of the replay text but a window's first is a target."""
     return batches.text_windows(tokenizer, [text for _, text in replay.texts], WINDOW)
+
+
+def kept_bytes(model, windows, per_step):
+    """What the base's hidden states at every target of these windows take, float32, for
+    loss.ReplayLoss to keep where that is small. None where nothing is worth keeping: no windows,
+    the model's width unknown, or per_step K > 1 (the K windows of a step are another set at each
+    pass, so a batch never comes again; K = 1 and replay batches repeat every pass)."""
+    width = getattr(getattr(model, "args", None), "hidden_size", None)
+    if not width or not windows or per_step > 1:
+        return None
+    return 4 * int(width) * sum(max(len(ids) - 1, 0) for ids, _ in windows)

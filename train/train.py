@@ -6,9 +6,8 @@
         [--set key=value ...] [--fresh] [--resume PATH] [--keep best|last]
         [--models-dir DIR] [--logs-dir DIR]
 
-(`make train` builds this command from its variables; train/options.py holds the options.)
-The config's keys are mlx_lm.lora's; the options above and --set override them. With a
-quantized base (e.g. 4-bit) LoRA is QLoRA.
+(`make train` builds this command; train/options.py holds the options.) The config's keys are
+mlx_lm.lora's; the options and --set override them. With a quantized base LoRA is QLoRA.
 
 This file is the run and its loop; each other part is a module of train/. run(), top to
 bottom: the config (options.py) -> the base and the data, adapters added (inputs.py,
@@ -34,13 +33,11 @@ writes checkpoints, logs, metrics and the bundle; every rank reads the same chec
 (models/NAME on one machine, or on storage all machines share). The number of processes is
 part of the resume fingerprint. A process that crashes or loses its peers stops them all.
 
-Outputs (paths.Layout): models/NAME/ (the shipped adapter: best/'s, or last/'s with KEEP=last;
-best/, last/, checkpoints/, metadata.json, ...), logs/NAME/metrics.jsonl.
-Exit codes (exits.py): 0 done; 2 bad configuration or refused resume; 3 non-finite loss; 4
-another process of a distributed run stopped or crashed (or its launcher is gone); 5 a
-checkpoint could not be written (disk full, read-only folder); 130 interrupted.
-Test hooks (environment): TRAIN_INJECT_NAN=train:STEP|val:STEP, TRAIN_STEP_DELAY_S=seconds.
-"""
+Outputs (paths.Layout): models/NAME/ (the adapter: best/'s, or last/'s with KEEP=last; best/,
+last/, checkpoints/, metadata.json, ...), logs/NAME/metrics.jsonl. Exit codes (exits.py): 0 done;
+2 bad configuration or refused resume; 3 non-finite loss; 4 another process of a distributed run
+stopped or crashed (or its launcher is gone); 5 a checkpoint could not be written; 130
+interrupted. Test hooks: TRAIN_INJECT_NAN=train:STEP|val:STEP, TRAIN_STEP_DELAY_S=seconds."""
 
 import math
 import os
@@ -125,8 +122,9 @@ class Trainer:
         self.accum = cfg["grad_accumulation_steps"]
         self.loss = TargetLoss(self.model)
         self.loss_and_grad = nn.value_and_grad(self.model, self.loss.sum_loss)
-        replay_loss = ReplayLoss(self.loss, cfg["replay"]["weight"])
-        self.replay_loss_and_grad = nn.value_and_grad(self.model, replay_loss.sum_loss)
+        kept = replay.kept_bytes(self.model, inputs.replay_set, self.replay_per_step)
+        self.replay_loss = ReplayLoss(self.loss, cfg["replay"]["weight"], kept)
+        self.replay_loss_and_grad = nn.value_and_grad(self.model, self.replay_loss.sum_loss)
         self.optimizer = make_optimizer(cfg)
         self.optimizer.init(self.model.trainable_parameters())
         self.adapter_config = dict(
@@ -290,6 +288,8 @@ class Trainer:
         if not mine:
             return None, mx.array(0.0), n
         batch, lengths, _ = batches.collate(examples, mine)
+        if loss_and_grad is self.replay_loss_and_grad:  # the base's part of these windows, once
+            self.replay_loss.keep_base(self.model, batch, lengths)
         (_, local_sum), g = loss_and_grad(self.model, batch, lengths, float(n))
         return g, local_sum, n
 
