@@ -129,7 +129,7 @@ def adapters_off(model):
             m.scale = scale
 
 
-MAX_KEPT_BYTES = 64 << 20  # the base's hidden states kept for at most this much replay text (not planned)
+MAX_KEPT_BYTES = 64 << 20  # kept only up to this: outside the memory plan (docs/MEMORY.md)
 
 
 def batch_key(batch, lengths):
