@@ -43,7 +43,7 @@ def rows(res):
     if not (bw and dec):
         return []
     lim = bw["limit_tokens_per_s"]
-    worker = (dec.get("worker_summary") or {}).get("median")
+    worker = report.median_of(dec, "worker_summary")
     # judged: the median decode over the run's best bandwidth pass (what the memory can do).
     # paired (shown only): each rep over a bandwidth probe taken right before it; under load
     # the 2-thread probe suffers more than the 1-thread decode, so it flatters the ratio.
@@ -63,7 +63,7 @@ def rows(res):
         ),
         report.row(
             "stream_generate vs bandwidth limit",
-            (dec.get("stream_generate_summary") or {}).get("median"),
+            report.median_of(dec, "stream_generate_summary"),
             lim,
             "tok/s",
             ours_label="stream_generate",

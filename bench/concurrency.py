@@ -163,8 +163,8 @@ def rows(res):
     out = [
         report.row(
             f"aggregate tokens/s, {n} concurrent",
-            (ws.get(str(n)) or {}).get("median"),
-            (ss.get(str(n)) or {}).get("median"),
+            report.median_of(ws, str(n)),
+            report.median_of(ss, str(n)),
             "tok/s",
             ours_label="worker",
             anchor_label="mlx_lm server",
@@ -196,7 +196,7 @@ def plot(res, stem, doc):
     png = Path(f"{stem}-concurrency.png")
     levels = cc["levels"]
     ours = [cc["worker_summary"][str(n)]["median"] for n in levels]
-    anchor = [(cc.get("server_summary", {}).get(str(n)) or {}).get("median") for n in levels]
+    anchor = [report.median_of(cc.get("server_summary", {}), str(n)) for n in levels]
     report.plot_concurrency(
         png,
         levels,

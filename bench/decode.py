@@ -110,10 +110,6 @@ def summarize(out):
     out["worker_noblas_summary"] = tps("worker_noblas")
 
 
-def _median(dec, key):
-    return (dec.get(key) or {}).get("median")
-
-
 def rows(res):
     dec = res.get(SECTION)
     if not dec:
@@ -122,8 +118,8 @@ def rows(res):
     return [
         report.row(
             "decode tokens/s, 1 stream",
-            _median(dec, "worker_summary"),
-            _median(dec, "stream_generate_summary"),
+            report.median_of(dec, "worker_summary"),
+            report.median_of(dec, "stream_generate_summary"),
             "tok/s",
             ours_label="worker, client",
             anchor_label="stream_generate",
@@ -133,8 +129,8 @@ def rows(res):
         ),
         report.row(
             "decode tokens/s, own timing",
-            _median(dec, "worker_own_summary"),
-            _median(dec, "stream_generate_own_summary"),
+            report.median_of(dec, "worker_own_summary"),
+            report.median_of(dec, "stream_generate_own_summary"),
             "tok/s",
             ours_label="done.timing",
             anchor_label="generation_tps",
@@ -150,8 +146,8 @@ def blas_rows(res):
     return [
         report.row(
             "optimised BLAS, decode",
-            _median(dec, "worker_summary"),
-            _median(dec, "worker_noblas_summary"),
+            report.median_of(dec, "worker_summary"),
+            report.median_of(dec, "worker_noblas_summary"),
             "tok/s",
             ours_label="BLAS on",
             anchor_label="FAST_BLAS=0",

@@ -256,24 +256,23 @@ def rows(res):
     out = res.get(SECTION)
     if not out:
         return []
-    med = lambda run, key: (run.get(key) or {}).get("median")  # noqa: E731
     rows = []
     for run in out["runs"]:
         label = f"llama.cpp {run['type']}"
         rows += [
             report.row(
                 f"{label} decode vs bandwidth",
-                med(run, "ours_tokens_per_s"),
-                med(run, "limit"),
+                report.median_of(run, "ours_tokens_per_s"),
+                report.median_of(run, "limit"),
                 "tok/s",
                 ours_label="llamacpp_seqs",
                 anchor_label="bandwidth limit",
-                note=f"{run['model']}; Python {report.fmt(med(run, 'python_ms_per_step'))} ms/step",
+                note=f"{run['model']}; Python {report.fmt(report.median_of(run, 'python_ms_per_step'))} ms/step",
             ),
             report.row(
                 f"{label} decode vs llama-server",
-                med(run, "ours_tokens_per_s"),
-                med(run, "server_tokens_per_s"),
+                report.median_of(run, "ours_tokens_per_s"),
+                report.median_of(run, "server_tokens_per_s"),
                 "tok/s",
                 ours_label="llamacpp_seqs",
                 anchor_label="llama-server",
@@ -282,12 +281,12 @@ def rows(res):
             ),
             report.row(
                 f"{label} prefill vs roofline",
-                med(run, "ours_prefill_tokens_per_s"),
+                report.median_of(run, "ours_prefill_tokens_per_s"),
                 run["roofline_tokens_per_s"],
                 "tok/s",
                 ours_label="llamacpp_seqs",
                 anchor_label="sgemm roofline",
-                note=f"llama-server {report.fmt(med(run, 'server_prefill_tokens_per_s'))} tok/s",
+                note=f"llama-server {report.fmt(report.median_of(run, 'server_prefill_tokens_per_s'))} tok/s",
             ),
         ]
     return rows

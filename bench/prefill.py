@@ -154,7 +154,7 @@ def rows(res):
     pf = res.get(SECTION)
     if not pf or not pf.get("reps"):
         return []
-    med = lambda k: (pf.get(k) or {}).get("median")
+    med = lambda k: report.median_of(pf, k)
     paired = report.median(
         [r["tokens_per_s"] / f["limit_tokens_per_s"] for r, f in zip(pf["reps"], pf["rooflines"])]
     )

@@ -40,6 +40,11 @@ def median(values):
     return statistics.median(vals) if vals else None
 
 
+def median_of(results, key):
+    """The median of a summary (summarize's dict) stored under key, None where there is none."""
+    return (results.get(key) or {}).get("median")
+
+
 def summarize(values):
     """{"n", "median", "min", "max", "samples"} of a list of samples."""
     vals = clean(values)

@@ -8,10 +8,6 @@ from core.config import REPLAY_WINDOW
 SECTION = "training"
 
 
-def _median(tr, key):
-    return (tr.get(key) or {}).get("median")
-
-
 def rows(res):
     tr = res.get(SECTION)
     if not tr:
@@ -20,8 +16,8 @@ def rows(res):
     return [
         report.row(
             "training tokens/s (LoRA)",
-            _median(tr, "ours_summary"),
-            _median(tr, "mlx_lm_lora_summary"),
+            report.median_of(tr, "ours_summary"),
+            report.median_of(tr, "mlx_lm_lora_summary"),
             "tok/s",
             ours_label="train.train",
             anchor_label="mlx_lm lora",
@@ -77,16 +73,16 @@ def _replay_rows(demo, note):
     return [
         report.row(
             "training tokens/s, SmolLM2 demo with its replay vs without (answer tokens/s)",
-            _median(replay, "summary"),
-            _median(demo, "ours_summary"),
+            report.median_of(replay, "summary"),
+            report.median_of(demo, "ours_summary"),
             "tok/s",
             paired=paired("tokens_per_s"),
             **labels,
         ),
         report.row(
             "training peak memory, SmolLM2 demo with its replay vs without",
-            _median(replay, "peak_summary"),
-            _median(demo, "ours_peak_summary"),
+            report.median_of(replay, "peak_summary"),
+            report.median_of(demo, "ours_peak_summary"),
             "GB",
             paired=paired("peak_mem_gb"),
             **labels,
@@ -103,8 +99,8 @@ def _pair_rows(pair, names, note):
     return [
         report.row(
             f"training tokens/s (LoRA), {what}{counted}",
-            _median(pair, "ours_summary"),
-            _median(pair, "mlx_lm_lora_summary"),
+            report.median_of(pair, "ours_summary"),
+            report.median_of(pair, "mlx_lm_lora_summary"),
             "tok/s",
             target_key="training",
             paired=paired("tokens_per_s"),
@@ -112,8 +108,8 @@ def _pair_rows(pair, names, note):
         ),
         report.row(
             f"training peak memory (LoRA), {what}",
-            _median(pair, "ours_peak_summary"),
-            _median(pair, "mlx_lm_lora_peak_summary"),
+            report.median_of(pair, "ours_peak_summary"),
+            report.median_of(pair, "mlx_lm_lora_peak_summary"),
             "GB",
             target_key="training_peak_memory",
             paired=paired("peak_mem_gb"),
@@ -130,8 +126,8 @@ def blas_rows(res):
     return [
         report.row(
             "optimised BLAS, training",
-            _median(tr, "ours_summary"),
-            _median(tr, "ours_noblas_summary"),
+            report.median_of(tr, "ours_summary"),
+            report.median_of(tr, "ours_noblas_summary"),
             "tok/s",
             ours_label="BLAS on",
             anchor_label="FAST_BLAS=0",

@@ -86,7 +86,7 @@ def rows(res):
     tt = res.get(SECTION)
     if not tt:
         return []
-    med = lambda k: (tt.get(k) or {}).get("median")
+    med = lambda k: report.median_of(tt, k)
     samples = lambda k: [r.get("client_ttft_ms") for r in (tt.get(k) or [])]
     return [
         report.row(

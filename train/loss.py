@@ -84,9 +84,14 @@ class TargetLoss:
         if not self.targets_only:
             logits = model(inputs)
             return logits.reshape(-1, logits.shape[-1])[rows]
-        body, head = output_parts(model)  # looked up at each call: a module replaced later is used
-        hidden = body(inputs)
-        return head(hidden.reshape(-1, hidden.shape[-1])[rows])
+        return output_parts(model)[1](self.hidden_at(model, inputs, rows))
+
+    @staticmethod
+    def hidden_at(model, inputs, rows):
+        """The body's final hidden states at these rows, what the output layer takes (a model
+        split by output_parts; looked up at each call: a module replaced later is used)."""
+        hidden = output_parts(model)[0](inputs)
+        return hidden.reshape(-1, hidden.shape[-1])[rows]
 
     def token_losses(self, model, batch, lengths):
         """float32 losses of the targets, in row order (padding and prompt left out)."""
@@ -166,22 +171,16 @@ class ReplayLoss:
         keeps = kept_bytes is not None and kept_bytes <= MAX_KEPT_BYTES and target_loss.targets_only
         self.kept = {} if keeps else None  # batch_key -> the base's hidden states at its targets
 
-    def base_hidden(self, model, inputs, rows):
-        """The base's final hidden states at these rows of the flattened positions."""
-        body, _ = output_parts(model)
-        with base_model(model):
-            hidden = body(inputs)
-        return hidden.reshape(-1, hidden.shape[-1])[rows]
-
     def keep_base(self, model, batch, lengths):
-        """Outside the gradient, before a step: this batch's base hidden states, if keeping and
-        not kept yet."""
+        """Outside the gradient, before a step: this batch's base hidden states at its targets
+        (TargetLoss.hidden_at, as logits_at computes them), if keeping and not kept yet."""
         import mlx.core as mx
 
         key = batch_key(batch, lengths)
         if self.kept is not None and key not in self.kept:
             rows = mx.array(target_rows(lengths, batch.shape[1] - 1))
-            self.kept[key] = self.base_hidden(model, batch[:, :-1], rows)
+            with base_model(model):
+                self.kept[key] = self.target_loss.hidden_at(model, batch[:, :-1], rows)
             mx.eval(self.kept[key])
 
     def base_logits(self, model, batch, lengths, rows):
