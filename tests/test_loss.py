@@ -269,6 +269,10 @@ def test_the_base_kept_equals_its_full_pass_on_the_toy_model(tiny_model):
     compare_kept_with_full_base(lora_model(tiny_model, spread=0.1), 1000)
 
 
+def test_the_base_kept_equals_its_full_pass_on_the_4bit_toy_model(tiny_model_4bit):
+    compare_kept_with_full_base(lora_model(tiny_model_4bit, spread=0.1), 1000)  # QLoRA, as the 7B's
+
+
 def test_the_base_kept_equals_its_full_pass_on_smollm2(smollm_model):
     compare_kept_with_full_base(lora_model(smollm_model, spread=0.1), 49152)
 
