@@ -49,8 +49,10 @@ REPLAY        ?=
 REPLAY_WEIGHT ?=
 REPLAY_PER_STEP ?=
 REPLAY_REPEAT ?=
-# noised copies of each training question added at training time (train/question_noise.py)
+# noised copies of each training question added at training time (train/question_noise.py),
+# and the share of them asked as a follow-up, after another exchange of the data
 QUESTION_NOISE ?=
+FOLLOW_UPS    ?=
 LEARNING_RATE ?=
 SAVE_EVERY    ?=
 EVAL_EVERY    ?=
@@ -98,7 +100,8 @@ TRAIN_ARGS = --config $(CONFIG) --name $(NAME) \
   $(call opt,--set,$(if $(REPLAY_WEIGHT),replay.weight=$(REPLAY_WEIGHT))) \
   $(call opt,--set,$(if $(REPLAY_PER_STEP),replay.per_step=$(REPLAY_PER_STEP))) \
   $(call opt,--set,$(if $(REPLAY_REPEAT),replay.repeat=$(REPLAY_REPEAT))) \
-  $(call opt,--set,$(if $(QUESTION_NOISE),question_noise=$(QUESTION_NOISE)))
+  $(call opt,--set,$(if $(QUESTION_NOISE),question_noise=$(QUESTION_NOISE))) \
+  $(call opt,--set,$(if $(FOLLOW_UPS),question_noise_follow_ups=$(FOLLOW_UPS)))
 
 TINY := models/tiny-mistral-4bit/config.json
 DEMO_NAME := demo

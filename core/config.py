@@ -36,6 +36,7 @@ DEFAULTS = {
     "mask_prompt": True,  # loss on assistant tokens only
     "train_on": "last",  # last | all_assistant: the assistant turns trained
     "question_noise": 0,  # noised copies of each training question (train/question_noise.py)
+    "question_noise_follow_ups": 0.0,  # the share of them asked after another exchange of the data
     # raw text (a .txt file or a folder of them) on which training keeps the model's next-token
     # predictions close to the base model's (a KL term, weight x per token; train/replay.py)
     # per_step: windows of it in every step's loss; 0: batches of their own in each epoch
@@ -224,6 +225,7 @@ RULES = {
     "valid_fraction": (lambda v: _is_num(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
     "train_on": (_one_of(TRAIN_ON), "one of " + ", ".join(TRAIN_ON)),
     "question_noise": (_is_int(0), "an integer >= 0"),
+    "question_noise_follow_ups": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "keep": (_one_of(KEEP), "one of " + ", ".join(KEEP)),
     "lora_parameters.rank": (_is_int(1), "a positive integer"),
     "lora_parameters.scale": (_is_num, "a number"),
@@ -286,6 +288,12 @@ def check_config(cfg, keys=None):
             "leave repeat at 1 and raise replay.weight or replay.per_step instead"
         )
     notes = []
+    if (keys is None or "question_noise_follow_ups" in keys) and get(cfg, "question_noise_follow_ups"):
+        if not get(cfg, "question_noise"):
+            notes.append(
+                "note: question_noise_follow_ups asks a share of the noised questions as follow-ups, "
+                "and question_noise is 0: there are none"
+            )
     warmup = (get(cfg, "lr_schedule.warmup") or 0) if _applies(cfg, "lr_schedule.warmup") else 0
     if (keys is None or "lr_schedule" in keys) and warmup >= cfg["iters"]:
         notes.append(

@@ -383,6 +383,17 @@ def test_question_noise_adds_training_examples_and_not_validation_ones(shared, t
     meta = json.loads((run_dir(tmp_path, "run") / "metadata.json").read_text())
     assert meta["data"]["train"]["count"] == 96 and meta["data"]["train"]["noised"] == added, meta["data"]
 
+    # half of them as follow-ups: the same copies, some after another exchange; a new run, since
+    # the examples differ from the finished one's (its resume is refused, naming the setting)
+    follow = ("--set", "question_noise_follow_ups=0.5")
+    proc = run_train(tmp_path, shared / "small.yaml", "run", shared / "data", *noise, *follow)
+    assert proc.returncode == 2 and "question_noise_follow_ups: null -> 0.5" in proc.stderr, proc.stderr
+    proc = ok(run_train(tmp_path, shared / "small.yaml", "run", shared / "data", *noise, *follow, "--fresh"))
+    line = next(x for x in proc.stderr.splitlines() if "question noise: " in x)
+    asked = int(line.split(", ")[-1].split()[0])
+    assert f"question noise: {added} noised" in line and 0 < asked < added, line
+    assert line.endswith(f"{asked} of them asked after another exchange of the data)"), line
+
 
 def test_other_noised_copies_from_the_same_files_refuse_the_resume(shared, tmp_path):
     """The noised questions depend on the evaluation sets too (a copy that is a near copy of
@@ -393,7 +404,8 @@ def test_other_noised_copies_from_the_same_files_refuse_the_resume(shared, tmp_p
     noise = ("--iters", "2", "--set", "question_noise=2")
     ok(run_train(tmp_path, shared / "small.yaml", "run", data, *noise))
     split = batches.read_split(data / "train.jsonl")
-    noised = add_question_noise(split, data, {"question_noise": 2, "seed": 0}, log=lambda m: None)
+    cfg = {"question_noise": 2, "question_noise_follow_ups": 0.0, "seed": 0}
+    noised = add_question_noise(split, data, cfg, log=lambda m: None)
     first = len(split.conversations)  # the copies come after the file's own conversations
     question = noised.conversations[first][-2]["content"]
     assert question not in {c[-2]["content"] for c in split.conversations}

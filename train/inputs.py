@@ -125,10 +125,13 @@ def add_question_noise(split, data_dir, cfg, log):
     (each named by its source line); none is a near copy of data_dir's evaluation sets."""
     guard = eval_sets.Guard(eval_sets.load(data_dir))
     count = cfg["question_noise"]
-    added = question_noise.variants(split.conversations, count, cfg["seed"], guard.near_copy)
+    share = cfg["question_noise_follow_ups"]
+    added = question_noise.variants(split.conversations, count, cfg["seed"], guard.near_copy, share)
+    follow_ups = sum(len(m) > len(split.conversations[i]) for i, m in added)
+    asked = f", {follow_ups} of them asked after another exchange of the data" if share else ""
     log(
         f"question noise: {len(added)} noised questions added to {len(split.conversations)} conversations "
-        f"({count} per conversation at most; repeats and near copies of evaluation questions left out)"
+        f"({count} per conversation at most; repeats and near copies of evaluation questions left out{asked})"
     )
     return replace(
         split,

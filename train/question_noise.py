@@ -17,6 +17,12 @@ word and a swap may swap two equal ones: such a variant differs in its written f
 Seeded by the run's seed, the conversation and the variant: the same data and seed give the same
 variants on any machine.
 
+Config `question_noise_follow_ups: P` asks a share P of the variants as a follow-up: after
+another exchange of the data (its last question and answer, one whose answer differs), so that
+the model learns to answer the last question of a conversation, not the one before it, as a
+fan's second question in a chat needs. The variant's own question and answer are the same as
+without; only the turns before it differ, and only the last answer is trained (train_on: last).
+
 A variant that repeats a question already there, or is a near copy of an evaluation question
 (train/eval_sets.py, the rule `make data` applies to the user's own data), is not added. The
 validation split is never noised."""
@@ -59,11 +65,27 @@ def noisy(question, rng):
     return rng.choice(FORM_CHANGES)(text) if rng.random() < 0.5 else text
 
 
-def variants(conversations, count, seed, near_copy=lambda text: None):
-    """[(index of the conversation, its noised copy)], count per conversation at most, in order.
+def earlier_exchange(exchanges, own, rng):
+    """One of exchanges (a question and its answer), drawn uniformly among those not at the
+    positions `own` (ascending: the exchanges with the variant's own answer), or [] if none."""
+    if len(own) >= len(exchanges):
+        return []
+    at = rng.randrange(len(exchanges) - len(own))  # the at-th exchange that is not one of own
+    for position in own:
+        at += position <= at
+    return exchanges[at]
+
+
+def variants(conversations, count, seed, near_copy=lambda text: None, follow_ups=0.0):
+    """[(index of the conversation, its noised copy)], count per conversation at most, in order;
+    a share follow_ups of them after another exchange of the data (earlier_exchange).
     near_copy(text) is truthy for a question that must stay out of training (an evaluation
     question's near copy: eval_sets.Guard.near_copy)."""
     seen = {m["content"] for c in conversations for m in c if m["role"] == "user"}
+    exchanges = [c[-2:] for c in conversations if len(c) >= 2 and c[-2]["role"] == "user"]
+    with_answer = {}  # an answer -> the positions in exchanges of those that give it
+    for position, (_, reply) in enumerate(exchanges):
+        with_answer.setdefault(reply["content"], []).append(position)
     out = []
     for index, messages in enumerate(conversations):
         *head, user, answer = messages
@@ -74,5 +96,8 @@ def variants(conversations, count, seed, near_copy=lambda text: None):
             if text is None or text in seen or near_copy(text):
                 continue
             seen.add(text)
-            out.append((index, [*head, {**user, "content": text}, answer]))
+            rng = random.Random(f"{seed}:{index}:{k}:earlier")
+            own = with_answer.get(answer["content"], [])
+            before = earlier_exchange(exchanges, own, rng) if rng.random() < follow_ups else []
+            out.append((index, [*head, *before, {**user, "content": text}, answer]))
     return out

@@ -112,6 +112,8 @@ def fingerprint(cfg, train_info, valid_info, base_hash, world_size=1, replay_inf
     config = {k: cfg[k] for k in TRAJECTORY_KEYS}
     if cfg.get("question_noise"):
         config["question_noise"] = cfg["question_noise"]
+    if cfg.get("question_noise") and cfg.get("question_noise_follow_ups"):  # absent at 0, as before it
+        config["question_noise_follow_ups"] = cfg["question_noise_follow_ups"]
     data = {"train": train_info, "valid": valid_info}
     if replay_info:
         config["replay_weight"], data["replay"] = cfg["replay"]["weight"], replay_info
@@ -151,7 +153,14 @@ def describe_changes(old, new):
     """What differs between a checkpoint's fingerprint and this run's, one line each."""
     changes = [
         f"{key}: {_dump(old['config'].get(key))} -> {_dump(new['config'].get(key))}"
-        for key in (*TRAJECTORY_KEYS, "replay_weight", "replay_repeat", "replay_per_step", "question_noise")
+        for key in (
+            *TRAJECTORY_KEYS,
+            "replay_weight",
+            "replay_repeat",
+            "replay_per_step",
+            "question_noise",
+            "question_noise_follow_ups",
+        )
         if old["config"].get(key) != new["config"].get(key)
     ]
     for split in ("train", "valid", "replay"):
