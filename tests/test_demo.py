@@ -19,10 +19,9 @@ GOAL, BASE_AT_MOST = 0.90, 0.25  # issue 22's goal: tuned >= 90% of the paraphra
 # blocks (2026-12-06, perplexity +1.8%), 29/58 with 4 noised copies of each question and replay
 # at weight 8 (2026-12-06, perplexity +11.2%; seeds 1-3: 23-26/58, the s rows), 30/58 with one
 # replay window in every step at weight 1 (2026-12-07, perplexity +0.7%; seeds 1-3: 21-30/58, the
-# q rows), 32/58 with half of the noised copies asked as follow-ups (2026-12-07, perplexity +1.9%;
-# seeds 1-3: SEEDS_K, the k rows of docs/RECIPES.md). Seed 0 is what the demo trains with: the
-# floor, 35% (21 of the 58 pass), is under every seed measured, so that another machine's
-# float rounding, which moves a run as another seed does, does not fail it.
+# q rows of docs/RECIPES.md). That is seed 0, which the demo trains with: the floor, 35% (21 of
+# the 58 pass), is under every seed measured, so that another machine's float rounding, which
+# moves a run as another seed does, does not fail it.
 LEARNED_AT_LEAST = 0.35
 # The general-text perplexity measured at seeds 0-3: -0.7% to +1.0% of the base's (the q rows);
 # make eval flags +15%. Past +5% the replay in every step no longer does what it did.

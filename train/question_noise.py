@@ -21,7 +21,8 @@ Config `question_noise_follow_ups: P` asks a share P of the variants as a follow
 another exchange of the data (its last question and answer, one whose answer differs), so that
 the model learns to answer the last question of a conversation, not the one before it, as a
 fan's second question in a chat needs. The variant's own question and answer are the same as
-without; only the turns before it differ, and only the last answer is trained (train_on: last).
+without; only the turns before it differ. With `train_on: last` (the default) only the last
+answer is trained; with all_assistant the earlier one is too, a right answer of the data.
 
 A variant that repeats a question already there, or is a near copy of an evaluation question
 (train/eval_sets.py, the rule `make data` applies to the user's own data), is not added. The
