@@ -232,6 +232,21 @@ def loss_and_grads(model, loss, batch, lengths):
     return total.item(), {k: np.array(g) for k, g in tree_flatten(grads)}
 
 
+def assert_same_step(model, full, kept, batch, lengths):
+    """The two losses give the same value and LoRA gradients to the bit, and leave the random
+    stream where the other left it (the same dropout masks after them)."""
+    import mlx.core as mx
+
+    mx.random.seed(7)
+    total, grads = loss_and_grads(model, full, batch, lengths)
+    after_full = np.array(mx.random.uniform(shape=(4,)))
+    mx.random.seed(7)
+    kept_total, kept_grads = loss_and_grads(model, kept, batch, lengths)
+    assert np.array_equal(np.array(mx.random.uniform(shape=(4,))), after_full)
+    assert kept_total == total > 1e-2
+    assert all(np.array_equal(kept_grads[k], g) for k, g in grads.items())
+
+
 def compare_kept_with_full_base(model, vocab):
     """A batch's base hidden states kept (ReplayLoss.keep_base) give the KL and gradients of
     the base's full pass to the bit, one window a batch (the demo's replay.per_step 1) or several
@@ -250,14 +265,7 @@ def compare_kept_with_full_base(model, vocab):
         batch, lengths, _ = collate(examples, indices)
         kept.keep_base(model, batch, lengths)
         assert model.training
-        mx.random.seed(7)
-        total, grads = loss_and_grads(model, full, batch, lengths)
-        after_full = np.array(mx.random.uniform(shape=(4,)))
-        mx.random.seed(7)
-        kept_total, kept_grads = loss_and_grads(model, kept, batch, lengths)
-        assert np.array_equal(np.array(mx.random.uniform(shape=(4,))), after_full)
-        assert kept_total == total > 1e-2, indices
-        assert all(np.array_equal(kept_grads[k], g) for k, g in grads.items()), indices
+        assert_same_step(model, full, kept, batch, lengths)
     assert len(kept.kept) == 4
     key = next(iter(kept.kept))  # the kept states are what the loss uses: spoil one, the KL moves
     kept.kept[key] = mx.zeros_like(kept.kept[key])
@@ -265,25 +273,29 @@ def compare_kept_with_full_base(model, vocab):
     assert loss_and_grads(model, kept, batch, lengths)[0] != loss_and_grads(model, full, batch, lengths)[0]
 
 
-def test_the_base_kept_equals_its_full_pass_on_the_toy_model(tiny_model):
-    compare_kept_with_full_base(lora_model(tiny_model, spread=0.1), 1000)
+# the models a kept pass is checked on: fixture, vocabulary, LoRA dropout on
+KEPT_CASES = {
+    "toy": ("tiny_model", 1000, False),
+    "4-bit toy": ("tiny_model_4bit", 1000, False),  # QLoRA, as the 7B's
+    "smollm2": ("smollm_model", 49152, False),
+    "toy with LoRA dropout": ("tiny_model", 1000, True),
+}
 
 
-def test_the_base_kept_equals_its_full_pass_on_the_4bit_toy_model(tiny_model_4bit):
-    compare_kept_with_full_base(lora_model(tiny_model_4bit, spread=0.1), 1000)  # QLoRA, as the 7B's
-
-
-def test_the_base_kept_equals_its_full_pass_on_smollm2(smollm_model):
-    compare_kept_with_full_base(lora_model(smollm_model, spread=0.1), 49152)
-
-
-def test_the_base_kept_equals_its_full_pass_with_lora_dropout(tiny_model):
+def kept_case(request, case):
+    """(model with random adapters, vocabulary) of a KEPT_CASES entry."""
     import mlx.nn as nn
 
-    model = lora_model(tiny_model, spread=0.1)
-    for m in lora_modules(model):
+    fixture, vocab, dropout = KEPT_CASES[case]
+    model = lora_model(request.getfixturevalue(fixture), spread=0.1)
+    for m in lora_modules(model) if dropout else []:
         m.dropout = nn.Dropout(p=0.5)
-    compare_kept_with_full_base(model, 1000)
+    return model, vocab
+
+
+@pytest.mark.parametrize("case", list(KEPT_CASES))
+def test_the_base_kept_equals_its_full_pass(request, case):
+    compare_kept_with_full_base(*kept_case(request, case))
 
 
 def test_what_is_kept_and_when(tiny_model):

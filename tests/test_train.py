@@ -227,6 +227,31 @@ def test_a_run_with_replay_text_reports_its_kl_and_resumes_exactly(shared, tmp_p
     assert refused.returncode == 2 and "replay data changed" in refused.stderr, refused.stderr[-3000:]
 
 
+def test_the_frozen_blocks_kept_change_no_number_and_resume_exactly(shared, tmp_path):
+    """The top 2 of the toy's 4 blocks adapted, the replay in every step, 30 steps (past one
+    epoch: every batch met again): the frozen blocks' output kept (train/frozen_blocks.py), or
+    not (TRAIN_KEEP_FROZEN_MB=0), gives the same losses and the same adapter file; Ctrl-C then a
+    rerun, which starts with nothing kept, ends there too."""
+    replay = {"data": str(ROOT / "data" / "replay"), "weight": 1.0, "per_step": 1}
+    cfg = write_config(tmp_path / "top2.yaml", num_layers=2, replay=replay)
+    kept = ok(run_train(tmp_path / "kept", cfg, "run", shared / "data"))
+    assert "the 2 blocks below the adapted ones are frozen: their output" in kept.stderr, kept.stderr[-3000:]
+    assert re.search(r"(\d+) batches per epoch", kept.stderr)[1] == "24"  # 30 steps: into the second
+    env = env_for(tmp_path / "full", TRAIN_KEEP_FROZEN_MB=0)
+    full = ok(run_train(tmp_path / "full", cfg, "run", shared / "data", env=env))
+    assert "are frozen" not in full.stderr, full.stderr[-3000:]
+    adapter = "adapters.safetensors"
+    a, b = (run_dir(tmp_path / x, "run") / adapter for x in ("kept", "full"))
+    assert a.read_bytes() == b.read_bytes()
+    fields = ("step", "train_loss", "val_loss", "replay_kl")
+    rows = [[[r.get(k) for k in fields] for r in metrics(tmp_path / x, "run")] for x in ("kept", "full")]
+    assert rows[0] == rows[1] and len(rows[0]) == 31
+
+    ctrl_c_at(cfg, shared / "data", tmp_path, 18)
+    ok(run_train(tmp_path, cfg, "run", shared / "data"))
+    assert (run_dir(tmp_path, "run") / adapter).read_bytes() == a.read_bytes()
+
+
 def test_batch_size_auto_probes_the_replay_windows_too(shared, tmp_path):
     """With replay text, batch_size auto measures the step's replay windows (per_step: 1, the
     default) beside the longest conversations (their base-model logits are the larger pass

@@ -6,7 +6,7 @@ machine share its memory and the run takes the smallest choice). Never more than
 training set allows."""
 
 from core import memory
-from train import batches
+from train import batches, frozen_blocks
 from train.exits import EXIT_CONFIG, Stop
 
 
@@ -56,6 +56,7 @@ def probe_batch_size(cfg, inputs, dist):
 
     model = inputs.model
     extra = memory.optimizer_state_bytes(model, str(cfg["optimizer"]).lower())
+    extra += frozen_blocks.planned_bytes(model, inputs.train_set + inputs.replay_set)  # loss.py keeps
     max_batch_size = cfg["auto_batch"]["max_batch_size"]
     memory_fraction = cfg["auto_batch"]["memory_fraction"]
     if dist.size > 1:

@@ -12,6 +12,8 @@ It needs the model split into body and output layer. mlx-lm's models are `model.
 blocks and the final norm) followed by `lm_head` or the tied embedding's `as_linear`; the split
 is taken only when it reproduces `model(inputs)` on a probe, else the full logits are used, so
 an architecture that does something else after the body (a soft cap, a scale) stays exact.
+The trainer's (keep_frozen) starts the body's pass over a batch met before from the kept
+output of the frozen blocks below the adapted ones (train/frozen_blocks.py), the same numbers.
 
 ReplayLoss is the other term a run can train with (config `replay`, train/replay.py): on raw
 text, the KL divergence from the base model's next-token distribution to the adapted model's,
@@ -20,9 +22,11 @@ base never changes, so where the replay text is small (MAX_KEPT_BYTES) the base'
 at a batch of windows' targets are computed once, outside the gradient (keep_base), and a batch
 met again runs only the output layer for the base's side."""
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
+
+from train.frozen_blocks import FrozenBottom
 
 PROBE_IDS = [[1, 2, 3, 4, 5, 6, 7, 8]]
 
@@ -76,22 +80,28 @@ class TargetLoss:
     trainer's (share's sum / the global batch's target count, the sum) and `mean_loss` has
     default_loss's signature and result ((mean, target count)) for evaluate_loss."""
 
-    def __init__(self, model):
+    def __init__(self, model, keep_frozen=False):
         self.targets_only = splits_exactly(model)
+        # keep_frozen: the frozen blocks' output kept per batch (keep), and passes start from it
+        self.frozen = FrozenBottom(model) if keep_frozen else None
 
     def logits_at(self, model, inputs, rows):
         """The logits at these rows of the flattened positions (target_rows), in row order."""
         if not self.targets_only:
-            logits = model(inputs)
+            with self.from_kept_bottom(model, inputs):
+                logits = model(inputs)
             return logits.reshape(-1, logits.shape[-1])[rows]
         return output_parts(model)[1](self.hidden_at(model, inputs, rows))
 
-    @staticmethod
-    def hidden_at(model, inputs, rows):
+    def hidden_at(self, model, inputs, rows):
         """The body's final hidden states at these rows, what the output layer takes (a model
         split by output_parts; looked up at each call: a module replaced later is used)."""
-        hidden = output_parts(model)[0](inputs)
+        with self.from_kept_bottom(model, inputs):
+            hidden = output_parts(model)[0](inputs)
         return hidden.reshape(-1, hidden.shape[-1])[rows]
+
+    def from_kept_bottom(self, model, inputs):
+        return self.frozen.reused(model, inputs) if self.frozen is not None else nullcontext()
 
     def token_losses(self, model, batch, lengths):
         """float32 losses of the targets, in row order (padding and prompt left out)."""

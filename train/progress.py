@@ -40,6 +40,12 @@ class Progress:
             f"{len(trainer.train_batches)} batches per epoch, {cfg['iters']} steps, learning rate "
             f"{cfg['learning_rate']:g} ({(cfg['lr_schedule'] or {}).get('name') or 'constant'})"
         )
+        frozen = trainer.loss.frozen
+        if frozen is not None and frozen.on:
+            self.log(
+                f"the {frozen.frozen} blocks below the adapted ones are frozen: their output for a batch "
+                f"is kept from its first pass (up to {frozen.budget / 2**20:g} MB, TRAIN_KEEP_FROZEN_MB)"
+            )
         self.log(
             f"checkpoints every {cfg['save_every']} steps in {trainer.layout.checkpoints}; "
             f"metrics in {trainer.layout.metrics}"

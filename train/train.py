@@ -14,12 +14,13 @@ bottom: the config (options.py) -> the base and the data, adapters added (inputs
 method.py) -> where to start: the newest intact checkpoint, --resume PATH, or step 0
 (resume.py) -> the batch size (batch_size.py) -> restore (Trainer.restore) -> fit: for each
 step seed the RNG from (seed, step), take the next batches of the epoch's fixed order
-(batches.py), forward/backward (loss.py: the output layer at the answer tokens only), stop
-on a non-finite loss, update (Trainer.train_step); report (progress.py), evaluate, keep the
-best and count patience (validate_and_track, state.RunState.record_val), checkpoint (save,
-checkpoint.py) -> write the bundle (write_outputs, bundle.py). Everything a step depends on
-is a function of the checkpoint, so an interrupted run (Ctrl-C, kill -9, power loss) rerun
-with the same command ends where an uninterrupted one ends.
+(batches.py), forward/backward (loss.py: the output layer at the answer tokens only;
+frozen_blocks.py: the frozen blocks' output kept per batch), stop on a non-finite loss,
+update (Trainer.train_step); report (progress.py), evaluate, keep the best and count patience
+(validate_and_track, state.RunState.record_val), checkpoint (save, checkpoint.py) -> write
+the bundle (write_outputs, bundle.py). Everything a step depends on is a function of the
+checkpoint, so an interrupted run (Ctrl-C, kill -9, power loss) rerun with the same command
+ends where an uninterrupted one ends.
 
 Several processes (`make train NPROC=2`, `HOSTFILE=hosts.json`; train.launch starts them
 through mlx.launch): each process (rank) takes its share of every batch (batches.shard), the
@@ -120,18 +121,15 @@ class Trainer:
             for indices in batches.make_batches(examples, self.global_batch_size)
         ]
         self.accum = cfg["grad_accumulation_steps"]
-        self.loss = TargetLoss(self.model)
+        self.loss = TargetLoss(self.model, keep_frozen=True)  # the frozen blocks' output kept per batch
         self.loss_and_grad = nn.value_and_grad(self.model, self.loss.sum_loss)
         kept = replay.kept_bytes(self.model, inputs.replay_set, self.replay_per_step)
         self.replay_loss = ReplayLoss(self.loss, cfg["replay"]["weight"], kept)
         self.replay_loss_and_grad = nn.value_and_grad(self.model, self.replay_loss.sum_loss)
         self.optimizer = make_optimizer(cfg)
         self.optimizer.init(self.model.trainable_parameters())
-        self.adapter_config = dict(
-            cfg,
-            batch_size=batch_size,
-            **{k: inputs.lora_info[k] for k in ("fine_tune_type", "num_layers", "lora_parameters")},
-        )
+        lora = {k: inputs.lora_info[k] for k in ("fine_tune_type", "num_layers", "lora_parameters")}
+        self.adapter_config = dict(cfg, batch_size=batch_size, **lora)
         self.state = RunState(batch_size=batch_size)
         self.order = batches.BatchOrder(len(self.train_batches), cfg["seed"])
         self.weight_names = {k for k, _ in tree_flatten(self.model.trainable_parameters())}
@@ -288,6 +286,7 @@ class Trainer:
         if not mine:
             return None, mx.array(0.0), n
         batch, lengths, _ = batches.collate(examples, mine)
+        self.loss.frozen.keep(self.model, batch[:, :-1])
         if loss_and_grad is self.replay_loss_and_grad:  # the base's part of these windows, once
             self.replay_loss.keep_base(self.model, batch, lengths)
         (_, local_sum), g = loss_and_grad(self.model, batch, lengths, float(n))
