@@ -19,7 +19,7 @@ off), which batch_size auto plans for (planned_bytes, docs/MEMORY.md); past it, 
 run in full."""
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -123,19 +123,18 @@ class FrozenBottom:
             model.model(inputs)
         return seen[0]
 
-    @contextmanager
     def reused(self, model, inputs):
         """Inside: a pass of the body over these inputs starts from their kept bottom, if kept."""
         kept = self.kept.get(self.key(inputs)) if self.kept else None
-        if kept is None:
-            yield
-            return
+        return nullcontext() if kept is None else self.starting_from(model, kept)
+
+    def starting_from(self, model, bottom):
+        """Inside: a pass of the body starts from this output of the frozen blocks."""
         layers = model.model.layers
         below = {
-            i: StandIn(layers[i], out=kept if i == self.frozen - 1 else None) for i in range(self.frozen)
+            i: StandIn(layers[i], out=bottom if i == self.frozen - 1 else None) for i in range(self.frozen)
         }
-        with standing_in(layers, below):
-            yield
+        return standing_in(layers, below)
 
     def keep(self, model, inputs):
         """Outside the gradient, before a step: these inputs' bottom, if on, not kept yet and
@@ -165,12 +164,10 @@ class FrozenBottom:
         model.eval()
         try:
             full = model.model(probe)
-            self.kept = {self.key(probe): self.bottom(model, probe)}
-            with self.reused(model, probe):
+            with self.starting_from(model, self.bottom(model, probe)):
                 again = model.model(probe)
             return full.shape == again.shape and mx.array_equal(full, again).item()
         except (AttributeError, TypeError, ValueError, IndexError):
             return False
         finally:
-            self.kept = {}
             model.train(was_training)
